@@ -1,0 +1,72 @@
+"""A prepared dataset on disk: meta.json plus one .npy array of token ids per split. Torch-free."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.cli import UsageError
+from model.text import CleaningOptions, Vocab
+
+DATASET_FORMAT = "speechbot-dataset/1"
+SPLITS = ("train", "val", "test")
+
+
+class DatasetError(UsageError):
+    """A dataset folder that is missing, incomplete or not ours."""
+
+
+@dataclass
+class Dataset:
+    vocab: Vocab
+    cleaning: CleaningOptions
+    meta: dict
+    splits: dict[str, np.ndarray]
+
+    @property
+    def sha256(self) -> list[str]:
+        return [source["sha256"] for source in self.meta.get("sources", [])]
+
+
+def split_sizes(total: int, val_frac: float, test_frac: float) -> dict[str, int]:
+    """Split lengths in file order, as torch-rnn does: train first, then val, then test."""
+    val = int(total * val_frac)
+    test = int(total * test_frac)
+    return {"train": total - val - test, "val": val, "test": test}
+
+
+def write_dataset(out_dir: Path, ids: np.ndarray, vocab: Vocab, meta: dict, sizes: dict[str, int]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint8 if len(vocab) <= 256 else np.uint16
+    start = 0
+    for name in SPLITS:
+        np.save(out_dir / f"{name}.npy", ids[start : start + sizes[name]].astype(dtype))
+        start += sizes[name]
+    full_meta = {"format": DATASET_FORMAT, **vocab.to_meta(), **meta, "split_sizes": sizes}
+    (out_dir / "meta.json").write_text(json.dumps(full_meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_dataset(data_dir: str | Path) -> Dataset:
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise DatasetError(
+            f"{data_dir} is not a prepared dataset (no meta.json); make one with "
+            "`python -m model prepare --input FILE --out DIR`"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{meta_path} is not valid JSON: {exc}") from exc
+    if meta.get("format") != DATASET_FORMAT:
+        raise DatasetError(f"{meta_path} has format {meta.get('format')!r}, expected {DATASET_FORMAT!r}")
+    splits = {}
+    for name in SPLITS:
+        path = data_dir / f"{name}.npy"
+        if not path.is_file():
+            raise DatasetError(f"{data_dir} has no {name}.npy; prepare the dataset again")
+        splits[name] = np.load(path)
+    return Dataset(Vocab.from_meta(meta), CleaningOptions.from_dict(meta.get("cleaning", {})), meta, splits)

@@ -1,0 +1,101 @@
+"""The character-level network: embedding -> LSTM / GRU / vanilla RNN -> linear decoder."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+INIT_SCHEMES = ("default", "xavier", "normal")
+
+State = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    model_type: str = "lstm"
+    rnn_size: int = 512
+    num_layers: int = 2
+    wordvec_size: int = 64
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.model_type not in RNN_TYPES:
+            raise ValueError(f"model type must be one of {', '.join(RNN_TYPES)}, not {self.model_type!r}")
+        for name in ("vocab_size", "rnn_size", "num_layers", "wordvec_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CharRNN(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.wordvec_size)
+        self.rnn = RNN_TYPES[config.model_type](
+            config.wordvec_size,
+            config.rnn_size,
+            num_layers=config.num_layers,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+            batch_first=True,
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.decoder = nn.Linear(config.rnn_size, config.vocab_size)
+
+    @property
+    def is_lstm(self) -> bool:
+        return self.config.model_type == "lstm"
+
+    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
+        shape = (self.config.num_layers, batch_size, self.config.rnn_size)
+        h = torch.zeros(shape, device=device)
+        return (h, torch.zeros_like(h)) if self.is_lstm else h
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        if state is None:
+            state = self.initial_state(tokens.shape[0], tokens.device)
+        output, state = self.rnn(self.embedding(tokens), state)
+        return self.decoder(self.drop(output)), state
+
+    def init_weights(self, scheme: str = "default", std: float = 0.05) -> None:
+        """PyTorch's default init, Xavier (Glorot) uniform, or N(0, std) as in the DL4J example."""
+        if scheme not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {', '.join(INIT_SCHEMES)}, not {scheme!r}")
+        if scheme == "default":
+            return
+        for name, param in self.named_parameters():
+            if name.endswith("bias") or "bias_" in name:
+                nn.init.zeros_(param)
+            elif scheme == "xavier":
+                nn.init.xavier_uniform_(param)
+            else:
+                nn.init.normal_(param, 0.0, std)
+        if self.is_lstm:
+            # A forget-gate bias of 1 lets gradients flow through time early in training.
+            for name, param in self.rnn.named_parameters():
+                if name.startswith("bias_ih"):
+                    size = self.config.rnn_size
+                    param.data[size : 2 * size] = 1.0
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph between consecutive batches (truncated BPTT) but keep the values."""
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)
+    return state.detach()
+
+
+def nats_to_bits(nats: float) -> float:
+    return nats / math.log(2)

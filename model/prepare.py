@@ -1,0 +1,118 @@
+"""`python -m model prepare`: clean one or more text files into a dataset of token ids."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from model.cli import UsageError
+from model.dataset import split_sizes, write_dataset
+from model.text import CAPS_POLICIES, UNKNOWN_POLICIES, CleaningOptions, Vocab, clean_text
+
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_SEQ_LENGTH = 128
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m model prepare",
+        description="Clean text files and write a dataset (meta.json + train/val/test .npy).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, in order")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the dataset")
+    p.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
+    p.add_argument("--val-frac", type=float, default=0.1, help="share of the text for validation")
+    p.add_argument("--test-frac", type=float, default=0.1, help="share of the text for test")
+    p.add_argument("--remove-headers", action=argparse.BooleanOptionalAction, default=True,
+                   help="remove 'SPEECH 12' header lines")
+    p.add_argument("--remove-stage-directions", action=argparse.BooleanOptionalAction, default=True,
+                   help="remove (APPLAUSE), [ CHEERING ] and other bracketed directions")
+    p.add_argument("--normalize-typography", action=argparse.BooleanOptionalAction, default=True,
+                   help="map ’ “ ” … and dashes to keyboard characters")
+    p.add_argument("--collapse-whitespace", action=argparse.BooleanOptionalAction, default=True,
+                   help="collapse runs of spaces and blank lines")
+    p.add_argument("--lowercase", action="store_true", help="lowercase everything (as the article did)")
+    p.add_argument("--caps-policy", choices=CAPS_POLICIES, default="sentence",
+                   help="what to do with lines typed in capitals: rewrite in sentence case, keep, "
+                        "lowercase or drop them")
+    p.add_argument("--unknown-policy", choices=UNKNOWN_POLICIES, default="nearest",
+                   help="characters outside the vocabulary at sampling/evaluation time: fold to the "
+                        "nearest ASCII character, replace with a space, or skip")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="the training batch size the corpus must be large enough for")
+    p.add_argument("--seq-length", type=int, default=DEFAULT_SEQ_LENGTH,
+                   help="the training sequence length the corpus must be large enough for")
+    return p
+
+
+def read_utf8(path: Path) -> tuple[str, str]:
+    """The text and its sha256; a clear error for a missing or non-UTF-8 file."""
+    if not path.is_file():
+        raise UsageError(f"input file {path} does not exist")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{path} is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} is invalid; "
+            "convert it, e.g. `iconv -f latin1 -t utf-8`"
+        ) from exc
+    return text, hashlib.sha256(data).hexdigest()
+
+
+def prepare(
+    inputs: list[Path],
+    out_dir: Path,
+    options: CleaningOptions,
+    unknown_policy: str = "nearest",
+    val_frac: float = 0.1,
+    test_frac: float = 0.1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seq_length: int = DEFAULT_SEQ_LENGTH,
+) -> dict:
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise UsageError("--val-frac and --test-frac must be in [0, 1) and add up to less than 1")
+    documents, sources = [], []
+    for path in inputs:
+        raw, digest = read_utf8(path)
+        documents.append(clean_text(raw, options))
+        sources.append({"path": path.name, "sha256": digest, "bytes": path.stat().st_size})
+    text = "\n".join(doc for doc in documents if doc.strip())
+    if not text.strip():
+        raise UsageError("the input is empty after cleaning; check the files or turn cleaning steps off")
+    sizes = split_sizes(len(text), val_frac, test_frac)
+    # One batch needs batch_size streams of seq_length + 1 characters.
+    needed = batch_size * (seq_length + 1)
+    if sizes["train"] < needed:
+        raise UsageError(
+            f"the training split has {sizes['train']:,} characters, fewer than one batch needs "
+            f"({batch_size} x ({seq_length} + 1) = {needed:,}); add text or lower --batch-size / --seq-length"
+        )
+    vocab = Vocab.from_text(text, unknown_policy)
+    ids = np.array(vocab.encode(text), dtype=np.int64)
+    write_dataset(out_dir, ids, vocab, {"cleaning": options.to_dict(), "sources": sources}, sizes)
+    return {"chars": len(text), "vocab_size": len(vocab), "split_sizes": sizes, "sources": sources}
+
+
+def main(args: argparse.Namespace) -> None:
+    options = CleaningOptions(
+        remove_headers=args.remove_headers,
+        remove_stage_directions=args.remove_stage_directions,
+        normalize_typography=args.normalize_typography,
+        collapse_whitespace=args.collapse_whitespace,
+        lowercase=args.lowercase,
+        caps_policy=args.caps_policy,
+    )
+    summary = prepare(
+        [Path(p) for p in args.input], Path(args.out), options, args.unknown_policy,
+        args.val_frac, args.test_frac, args.batch_size, args.seq_length,
+    )
+    sizes = summary["split_sizes"]
+    print(f"wrote {args.out}: {summary['chars']:,} characters, vocabulary of {summary['vocab_size']}")
+    print(f"  split: train {sizes['train']:,} / val {sizes['val']:,} / test {sizes['test']:,}")
+    for source in summary["sources"]:
+        print(f"  {source['path']}: {source['bytes']:,} bytes, sha256 {source['sha256']}")
