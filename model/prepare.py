@@ -27,25 +27,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
     p.add_argument("--val-frac", type=float, default=0.1, help="share of the text for validation")
     p.add_argument("--test-frac", type=float, default=0.1, help="share of the text for test")
-    p.add_argument("--remove-headers", action=argparse.BooleanOptionalAction, default=True,
-                   help="remove 'SPEECH 12' header lines")
-    p.add_argument("--remove-stage-directions", action=argparse.BooleanOptionalAction, default=True,
-                   help="remove (APPLAUSE), [ CHEERING ] and other bracketed directions")
-    p.add_argument("--normalize-typography", action=argparse.BooleanOptionalAction, default=True,
-                   help="map ’ “ ” … and dashes to keyboard characters")
-    p.add_argument("--collapse-whitespace", action=argparse.BooleanOptionalAction, default=True,
-                   help="collapse runs of spaces and blank lines")
+    p.add_argument(
+        "--remove-headers", action=argparse.BooleanOptionalAction, default=True, help="remove 'SPEECH 12' header lines"
+    )
+    p.add_argument(
+        "--remove-stage-directions",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="remove (APPLAUSE), [ CHEERING ] and other bracketed directions",
+    )
+    p.add_argument(
+        "--normalize-typography",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="map ’ “ ” … and dashes to keyboard characters",
+    )
+    p.add_argument(
+        "--collapse-whitespace",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="collapse runs of spaces and blank lines",
+    )
     p.add_argument("--lowercase", action="store_true", help="lowercase everything (as the article did)")
-    p.add_argument("--caps-policy", choices=CAPS_POLICIES, default="sentence",
-                   help="what to do with lines typed in capitals: rewrite in sentence case, keep, "
-                        "lowercase or drop them")
-    p.add_argument("--unknown-policy", choices=UNKNOWN_POLICIES, default="nearest",
-                   help="characters outside the vocabulary at sampling/evaluation time: fold to the "
-                        "nearest ASCII character, replace with a space, or skip")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help="the training batch size the corpus must be large enough for")
-    p.add_argument("--seq-length", type=int, default=DEFAULT_SEQ_LENGTH,
-                   help="the training sequence length the corpus must be large enough for")
+    p.add_argument(
+        "--caps-policy",
+        choices=CAPS_POLICIES,
+        default="sentence",
+        help="what to do with lines typed in capitals: rewrite in sentence case, keep, lowercase or drop them",
+    )
+    p.add_argument(
+        "--unknown-policy",
+        choices=UNKNOWN_POLICIES,
+        default="nearest",
+        help="characters outside the vocabulary at sampling/evaluation time: fold to the "
+        "nearest ASCII character, replace with a space, or skip",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="the training batch size the corpus must be large enough for",
+    )
+    p.add_argument(
+        "--seq-length",
+        type=int,
+        default=DEFAULT_SEQ_LENGTH,
+        help="the training sequence length the corpus must be large enough for",
+    )
     return p
 
 
@@ -108,8 +136,14 @@ def main(args: argparse.Namespace) -> None:
         caps_policy=args.caps_policy,
     )
     summary = prepare(
-        [Path(p) for p in args.input], Path(args.out), options, args.unknown_policy,
-        args.val_frac, args.test_frac, args.batch_size, args.seq_length,
+        [Path(p) for p in args.input],
+        Path(args.out),
+        options,
+        args.unknown_policy,
+        args.val_frac,
+        args.test_frac,
+        args.batch_size,
+        args.seq_length,
     )
     sizes = summary["split_sizes"]
     print(f"wrote {args.out}: {summary['chars']:,} characters, vocabulary of {summary['vocab_size']}")

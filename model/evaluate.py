@@ -1,0 +1,95 @@
+"""`python -m model evaluate`: loss in nats and bits per character on a split or any text file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import load_checkpoint
+from model.cli import UsageError
+from model.dataset import load_dataset
+from model.model import CharRNN, detach_state, nats_to_bits
+from model.prepare import read_utf8
+from model.text import CleaningOptions, Vocab, clean_text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m model evaluate",
+        description="Report loss (nats) and bits per character. Each character is predicted from all the "
+        "characters before it, starting from a zero state; the first character is not scored.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint to evaluate")
+    p.add_argument("--data", metavar="DIR", help="prepared dataset for --split")
+    p.add_argument("--split", choices=("train", "val", "test"), default="val", help="split of --data to score")
+    p.add_argument("--text", metavar="FILE", help="score this text file instead (cleaned like the training text)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
+    p.add_argument("--seq-length", type=int, default=512, help="characters per forward call (speed only)")
+    return p
+
+
+@torch.no_grad()
+def evaluate_ids(
+    net: CharRNN, ids: np.ndarray, streams: int = 1, seq_length: int = 512, device: str | torch.device = "cpu"
+) -> tuple[float, int]:
+    """Mean cross-entropy (nats) of predicting ids[t+1] from ids[..t], and how many were scored.
+
+    streams=1 scores every character after the first from its full left context; more streams
+    split the text into that many contiguous pieces (faster, used during training), each starting
+    from a zero state.
+    """
+    length = (len(ids) - 1) // streams
+    if length < 1:
+        raise UsageError(f"text of {len(ids)} characters is too short to evaluate (need at least {streams + 1})")
+    data = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+    x = data[: streams * length].view(streams, length)
+    y = data[1 : streams * length + 1].view(streams, length)
+    was_training = net.training
+    net.eval()
+    state = net.initial_state(streams, device)
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, length, seq_length):
+        xb = x[:, start : start + seq_length].to(device)
+        yb = y[:, start : start + seq_length].to(device)
+        logits, state = net(xb, state)
+        state = detach_state(state)
+        total += (
+            F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="sum")
+            .double()
+            .cpu()
+        )
+    net.train(was_training)
+    count = streams * length
+    return float(total) / count, count
+
+
+def text_to_ids(text: str, vocab: Vocab, cleaning: CleaningOptions) -> tuple[np.ndarray, int]:
+    """Clean text the way the training text was cleaned; returns ids and the out-of-vocabulary count."""
+    cleaned = clean_text(text, cleaning)
+    return np.array(vocab.encode(cleaned), dtype=np.int64), vocab.count_unknown(cleaned)
+
+
+def main(args: argparse.Namespace) -> None:
+    net, ckpt = load_checkpoint(args.checkpoint, args.device)
+    vocab = Vocab(ckpt["vocab"], ckpt.get("unknown_policy", "nearest"))
+    unknown = 0
+    if args.text:
+        text, _ = read_utf8(Path(args.text))
+        ids, unknown = text_to_ids(text, vocab, CleaningOptions.from_dict(ckpt["cleaning"]))
+        source = args.text
+    elif args.data:
+        dataset = load_dataset(args.data)
+        if dataset.vocab.chars != vocab.chars:
+            raise UsageError(f"{args.data} has a different vocabulary from the checkpoint")
+        ids, source = dataset.splits[args.split], f"{args.data} ({args.split} split)"
+    else:
+        raise UsageError("give --data DIR (with --split) or --text FILE")
+    nats, count = evaluate_ids(net, ids, streams=1, seq_length=args.seq_length, device=args.device)
+    print(f"{source}: {count:,} characters scored, {unknown:,} outside the vocabulary ({vocab.unknown_policy} policy)")
+    print(f"loss {nats:.4f} nats/char, {nats_to_bits(nats):.4f} bits/char")

@@ -1,0 +1,133 @@
+"""`python -m model lr-sweep`: the article's experiment, the same network under several learning rates.
+
+Trains one configuration per learning rate (and one decaying schedule), for the same number of
+iterations from the same seed, then writes one PNG comparing the loss curves and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from model import train as train_module
+from model.cli import UsageError
+from model.plot import read_metrics
+from model.schedule import parse_piecewise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m model lr-sweep",
+        description="Train the same network under several learning rates / schedules and compare them. "
+        "Any `python -m model train` flag after `--` is passed to every run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
+    p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset")
+    p.add_argument("--out", default="runs/lr-sweep", metavar="DIR", help="folder for the runs, plot and table")
+    p.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=["rmsprop"],
+        choices=train_module.OPTIMIZERS,
+        help="optimisers to sweep (the article used RMSprop)",
+    )
+    p.add_argument(
+        "--learning-rates", type=float, nargs="+", default=[0.1, 0.05, 0.01], help="constant learning rates to compare"
+    )
+    p.add_argument(
+        "--lr-steps",
+        default="0:0.1,4000:0.01,8000:0.002",
+        help="a decaying piecewise schedule to add ('' for none); its iterations are scaled to "
+        "--max-iters as a share of 10000, the DL4J run's length",
+    )
+    p.add_argument("--max-iters", type=int, default=1000, help="iterations per run")
+    p.add_argument("--eval-every", type=int, default=100, help="validate every N iterations")
+    p.add_argument("train_flags", nargs=argparse.REMAINDER, help="extra flags for every run, after --")
+    return p
+
+
+def scaled_steps(spec: str, max_iters: int) -> str:
+    """Rescale a schedule written for a 10,000-iteration run to max_iters iterations."""
+    table = parse_piecewise(spec)
+    return ",".join(f"{round(it * max_iters / 10000)}:{lr}" for it, lr in table.items())
+
+
+def candidates(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    runs = []
+    for opt in args.optimizers:
+        for lr in args.learning_rates:
+            runs.append(
+                (f"{opt}-lr{lr:g}", ["--optimizer", opt, "--learning-rate", str(lr), "--lr-schedule", "constant"])
+            )
+        if args.lr_steps:
+            steps = scaled_steps(args.lr_steps, args.max_iters)
+            runs.append((f"{opt}-decay", ["--optimizer", opt, "--lr-schedule", "piecewise", "--lr-steps", steps]))
+    return runs
+
+
+def main(args: argparse.Namespace) -> None:
+    extra = [f for f in args.train_flags if f != "--"]
+    out = Path(args.out)
+    results = []
+    for name, flags in candidates(args):
+        print(f"=== {name} ===")
+        argv = [
+            "--data",
+            args.data,
+            "--out",
+            str(out / name),
+            "--max-iters",
+            str(args.max_iters),
+            "--eval-every",
+            str(args.eval_every),
+            "--checkpoint-every",
+            str(args.max_iters),
+            "--sample-every",
+            "0",
+            "--no-plots",
+            "--no-tensorboard",
+            *flags,
+            *extra,
+        ]
+        try:
+            run_args = train_module.build_parser().parse_args(argv)
+        except SystemExit as exc:
+            raise UsageError(f"bad training flags for the sweep: {' '.join(extra)}") from exc
+        summary = train_module.train(run_args)
+        train, val = read_metrics(out / name)
+        results.append(
+            {
+                "name": name,
+                "final_train_loss": train[-1]["train_loss"] if train else None,
+                "best_val_bpc": summary["best_val_bpc"],
+                "final_val_bpc": summary["final_val_bpc"],
+                "seconds": summary["elapsed_sec"],
+            }
+        )
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for result in results:
+        train, val = read_metrics(out / result["name"])
+        axes[0].plot([r["iter"] for r in train], [r["train_loss"] for r in train], label=result["name"], lw=0.9)
+        axes[1].plot([r["iter"] for r in val], [r["val_bpc"] for r in val], "o-", ms=3, label=result["name"])
+    axes[0].set(xlabel="iteration", ylabel="train loss (nats/char)", title="Training loss")
+    axes[1].set(xlabel="iteration", ylabel="bits per character", title="Validation")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lr_sweep.png", dpi=110)
+    plt.close(fig)
+    (out / "lr_sweep.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"\n{'run':<20} {'train loss':>10} {'best val bpc':>13} {'seconds':>8}")
+    for r in results:
+        best = f"{r['best_val_bpc']:.4f}" if r["best_val_bpc"] is not None else "-"
+        print(f"{r['name']:<20} {r['final_train_loss']:>10.4f} {best:>13} {r['seconds']:>8.0f}")
+    print(f"wrote {out / 'lr_sweep.png'} and {out / 'lr_sweep.json'}")

@@ -1,0 +1,146 @@
+"""Corpus cleaning rules, the vocabulary and dataset preparation (torch-free parts of model/)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from model.__main__ import main as model_main
+from model.dataset import load_dataset, split_sizes
+from model.text import CleaningOptions, Vocab, clean_text, is_shouted, normalize_prompt
+
+OFF = CleaningOptions(
+    remove_headers=False,
+    remove_stage_directions=False,
+    normalize_typography=False,
+    collapse_whitespace=False,
+    caps_policy="keep",
+)
+
+
+def with_only(**on) -> CleaningOptions:
+    return CleaningOptions(**{**OFF.to_dict(), **on})
+
+
+def test_bom_and_crlf_always_normalised():
+    assert clean_text("\ufeffHello\r\nworld\r\n", OFF) == "Hello\nworld\n"
+
+
+def test_removes_speech_headers_only_when_asked():
+    raw = "SPEECH 12\nWe will win.\nSPEECH 3:\nSo much winning.\n"
+    assert "SPEECH" not in clean_text(raw, with_only(remove_headers=True))
+    assert clean_text(raw, OFF).count("SPEECH") == 2
+    # A sentence that merely mentions a speech stays.
+    assert "SPEECH 12 was long" in clean_text("SPEECH 12 was long\n", with_only(remove_headers=True))
+
+
+def test_removes_stage_directions():
+    raw = "Thank you. (APPLAUSE) We love Iowa. [ CHEERING ] Right? [Audience response inaudible]\n"
+    cleaned = clean_text(raw, with_only(remove_stage_directions=True, collapse_whitespace=True))
+    assert cleaned == "Thank you. We love Iowa. Right?\n"
+
+
+def test_normalises_typography_to_keyboard_characters():
+    raw = "It\u2019s \u201cgreat\u201d\u2026 \u2014 believe me\n"
+    assert clean_text(raw, with_only(normalize_typography=True)) == 'It\'s "great"...  -  believe me\n'
+
+
+def test_collapses_whitespace_and_blank_lines():
+    raw = "A   lot  of\n\n\n\n\npeople.   \n"
+    assert clean_text(raw, with_only(collapse_whitespace=True)) == "A lot of\n\npeople.\n"
+
+
+def test_lowercase():
+    assert clean_text("We Will WIN\n", with_only(lowercase=True)) == "we will win\n"
+
+
+def test_all_caps_policies():
+    shouted = "WE ARE GOING TO WIN IN INDIANA. I LOVE YOU."
+    normal = "I love the people of Indiana, they are great."
+    raw = f"{normal}\n{shouted}\n"
+    assert is_shouted(shouted) and not is_shouted(normal) and not is_shouted("USA! USA!")
+    assert clean_text(raw, with_only(caps_policy="keep")) == raw
+    assert clean_text(raw, with_only(caps_policy="lower")).split("\n")[1] == shouted.lower()
+    assert clean_text(raw, with_only(caps_policy="drop")) == f"{normal}\n"
+    # Sentence case restores sentence starts, the pronoun I, and names learnt from the normal text.
+    assert clean_text(raw, with_only(caps_policy="sentence")).split("\n")[1] == (
+        "We are going to win in Indiana. I love you."
+    )
+
+
+def test_prompt_normalisation_keeps_user_text():
+    options = CleaningOptions()
+    assert normalize_prompt("We\u2019ll  build (a wall)", options) == "We'll build (a wall)"
+
+
+def test_vocab_round_trip_and_unknown_policies():
+    vocab = Vocab.from_text("abc e\n")
+    assert vocab.decode(vocab.encode("a cab\n")) == "a cab\n"
+    assert Vocab.from_meta(json.loads(json.dumps(vocab.to_meta()))).chars == vocab.chars
+    # "nearest": é folds to e; f has no ASCII fold in the vocabulary, so the letter becomes a space.
+    assert vocab.decode(vocab.encode("café")) == "ca e"
+    assert vocab.count_unknown("café") == 2
+    assert vocab.decode(vocab.encode("a!b")) == "ab"  # punctuation outside the vocabulary is skipped
+
+
+def test_vocab_unknown_policy_space_and_skip():
+    assert Vocab.from_text("ab ", "space").decode(Vocab.from_text("ab ", "space").encode("axb")) == "a b"
+    assert Vocab.from_text("ab ", "skip").decode(Vocab.from_text("ab ", "skip").encode("axb")) == "ab"
+    with pytest.raises(ValueError, match="unknown-character policy must be one of"):
+        Vocab.from_text("ab", "guess")
+
+
+@pytest.mark.parametrize("total", [10, 999, 892_434])
+def test_split_sizes_in_file_order(total):
+    sizes = split_sizes(total, 0.1, 0.1)
+    assert sum(sizes.values()) == total
+    assert sizes["val"] == int(total * 0.1) == sizes["test"]
+
+
+def test_prepare_writes_dataset(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    text = "SPEECH 1\r\nWe will make it great (APPLAUSE) again.\r\n" * 200
+    corpus.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    model_main(
+        ["prepare", "--input", str(corpus), "--out", str(tmp_path / "ds"), "--batch-size", "2", "--seq-length", "8"]
+    )
+    ds = load_dataset(tmp_path / "ds")
+    decoded = ds.vocab.decode(np.concatenate([ds.splits[s] for s in ("train", "val", "test")]).tolist())
+    assert decoded == clean_text(text)
+    assert "SPEECH" not in decoded and "APPLAUSE" not in decoded
+    assert ds.meta["split_sizes"] == {k: len(v) for k, v in ds.splits.items()}
+    assert len(ds.meta["sources"][0]["sha256"]) == 64
+
+
+def run_cli_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        model_main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_prepare_bad_inputs(tmp_path, capsys):
+    out = str(tmp_path / "ds")
+    assert "does not exist" in run_cli_error(["prepare", "--input", str(tmp_path / "nope.txt"), "--out", out], capsys)
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"Caf\xe9 and more text")
+    err = run_cli_error(["prepare", "--input", str(latin1), "--out", out], capsys)
+    assert "not UTF-8" in err and "offset 3" in err
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("SPEECH 1\n(APPLAUSE)\n\n", encoding="utf-8")
+    assert "empty after cleaning" in run_cli_error(["prepare", "--input", str(empty), "--out", out], capsys)
+
+    small = tmp_path / "small.txt"
+    small.write_text("Make it great again. " * 20, encoding="utf-8")
+    err = run_cli_error(["prepare", "--input", str(small), "--out", out], capsys)
+    assert "fewer than one batch needs" in err and "--batch-size" in err
+
+
+def test_unknown_command_and_bad_config(tmp_path, capsys):
+    assert "valid commands" in run_cli_error(["bake"], capsys)
+    config = tmp_path / "c.toml"
+    config.write_text('input = ["x"]\nout = "y"\nbatch_sise = 3\n', encoding="utf-8")
+    err = run_cli_error(["prepare", "--input", "x", "--out", "y", "--config", str(config)], capsys)
+    assert "unknown settings: batch-sise" in err

@@ -1,0 +1,181 @@
+"""Training, resuming, sampling and evaluation of tiny models on tiny corpora."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.__main__ import main as model_main
+from model.checkpoint import load_checkpoint
+from model.dataset import load_dataset
+from model.evaluate import evaluate_ids
+from model.novel import copied_share
+from model.sample import sample_text
+from model.text import CleaningOptions, Vocab
+
+torch.set_num_threads(1)
+
+TINY = [
+    "--rnn-size",
+    "24",
+    "--num-layers",
+    "2",
+    "--wordvec-size",
+    "8",
+    "--batch-size",
+    "4",
+    "--seq-length",
+    "16",
+    "--print-every",
+    "1",
+    "--eval-every",
+    "10",
+    "--sample-every",
+    "0",
+    "--no-tensorboard",
+    "--no-plots",
+    "--no-progress",
+    "--threads",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = root / "corpus.txt"
+    corpus.write_text("We will make America great again. Believe me. " * 60, encoding="utf-8")
+    model_main(
+        ["prepare", "--input", str(corpus), "--out", str(root / "ds"), "--batch-size", "4", "--seq-length", "16"]
+    )
+    return root / "ds"
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in records if "train_loss" in r]
+
+
+def test_tiny_model_overfits_repetitive_corpus(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    model_main(
+        [
+            "train",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(out),
+            "--max-iters",
+            "150",
+            "--dropout",
+            "0",
+            "--learning-rate",
+            "0.01",
+            "--lr-schedule",
+            "constant",
+            *TINY,
+        ]
+    )
+    losses = train_losses(out)
+    vocab_size = len(load_dataset(tiny_data).vocab)
+    assert losses[0] > 0.8 * math.log(vocab_size)  # an untrained model is near-uniform
+    # A 47-character sentence repeated: the model should become nearly certain of every character.
+    assert sum(losses[-10:]) / 10 < 0.3
+    net, ckpt = load_checkpoint(out / "last.pt")
+    vocab = Vocab(ckpt["vocab"])
+    text = sample_text(net, vocab, CleaningOptions(), length=47, start_text="We will make", argmax=True)
+    assert "America great again" in text
+
+
+def test_resume_gives_the_same_losses_as_uninterrupted_training(tiny_data, tmp_path):
+    common = ["--data", str(tiny_data), "--dropout", "0.2", "--checkpoint-every", "12", *TINY]
+    model_main(["train", "--out", str(tmp_path / "straight"), "--max-iters", "24", *common])
+    model_main(["train", "--out", str(tmp_path / "split"), "--max-iters", "12", *common])
+    model_main(
+        [
+            "train",
+            "--out",
+            str(tmp_path / "split"),
+            "--max-iters",
+            "24",
+            "--resume",
+            str(tmp_path / "split" / "last.pt"),
+            *common,
+        ]
+    )
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
+    assert len(straight) == len(resumed) == 24
+    assert max(abs(a - b) for a, b in zip(straight, resumed, strict=True)) < 1e-5
+    # Checkpoint names carry the validation loss, as char-rnn's do.
+    assert any(p.name.startswith("ckpt_iter12_val") for p in (tmp_path / "split").iterdir())
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt")
+    fast = ["--max-iters", "60", "--learning-rate", "0.01"]
+    model_main(["train", "--data", str(tiny_data), "--out", str(out), *fast, *TINY])
+    return out / "last.pt"
+
+
+def test_same_seed_same_sample_and_low_temperature_is_argmax(tiny_checkpoint):
+    net, ckpt = load_checkpoint(tiny_checkpoint)
+    vocab, cleaning = Vocab(ckpt["vocab"]), CleaningOptions.from_dict(ckpt["cleaning"])
+    first = sample_text(net, vocab, cleaning, 80, "We", temperature=1.0, seed=7)
+    assert first == sample_text(net, vocab, cleaning, 80, "We", temperature=1.0, seed=7)
+    assert first != sample_text(net, vocab, cleaning, 80, "We", temperature=1.0, seed=8)
+    greedy = sample_text(net, vocab, cleaning, 80, "We", argmax=True)
+    assert sample_text(net, vocab, cleaning, 80, "We", temperature=1e-6, seed=3) == greedy
+
+
+def test_evaluate_matches_manual_cross_entropy(tiny_checkpoint, tiny_data):
+    net, _ = load_checkpoint(tiny_checkpoint)
+    ids = load_dataset(tiny_data).splits["val"][:50]
+    nats, count = evaluate_ids(net, ids, streams=1, seq_length=7)
+    with torch.no_grad():
+        logits, _ = net(torch.tensor(ids[None, :-1], dtype=torch.long))
+        manual = torch.nn.functional.cross_entropy(logits[0], torch.tensor(ids[1:], dtype=torch.long))
+    assert count == 49
+    assert abs(nats - manual.item()) < 1e-5
+
+
+def test_evaluate_text_reports_bpc_and_unknown(tiny_checkpoint, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("We will make Zimbabwe great again.", encoding="utf-8")
+    model_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--text", str(text)])
+    out = capsys.readouterr().out
+    assert "bits/char" in out and "outside the vocabulary" in out
+    unknown = int(out.split("characters scored, ")[1].split(" outside")[0])
+    assert unknown == sum(ch not in "We will make America great again. Believe me." for ch in "Zimbabwe")
+
+
+def test_copied_share():
+    assert copied_share("abcdef", "xxabcdefxx", 3) == 1.0
+    assert copied_share("abcxyz", "abc", 3) == 0.25
+
+
+def run_cli_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        model_main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_training_and_sampling_bad_inputs(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    assert "not a prepared dataset" in run_cli_error(["train", "--data", str(tmp_path), "--out", str(tmp_path)], capsys)
+    err = run_cli_error(
+        ["train", "--data", str(tiny_data), "--out", str(tmp_path), "--batch-size", "64", "--seq-length", "512"], capsys
+    )
+    assert "too small" in err
+    bad_steps = ["--lr-schedule", "piecewise", "--lr-steps", "0:0.1,abc"]
+    err = run_cli_error(["train", "--data", str(tiny_data), "--out", str(tmp_path), *bad_steps, *TINY], capsys)
+    assert "--lr-steps must look like" in err
+    assert "does not exist" in run_cli_error(["sample", "--checkpoint", str(tmp_path / "x.pt")], capsys)
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    assert "not a readable PyTorch checkpoint" in run_cli_error(["sample", "--checkpoint", str(bogus)], capsys)
+    assert "--temperature must be in (0, 2]" in run_cli_error(
+        ["sample", "--checkpoint", str(tiny_checkpoint), "--temperature", "0"], capsys
+    )
