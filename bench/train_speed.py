@@ -1,0 +1,152 @@
+"""Training-speed benchmark: the whole training loop against a bare LSTM step and the matmul peak.
+
+For 2-layer LSTMs of several sizes at the default batch and sequence length it measures, in one run:
+- this machine's fp32 matmul peak (GFLOP/s, best of a few square sizes);
+- the bare step: embedding + nn.LSTM + decoder forward, backward and an Adam step on fixed random data;
+- the whole loop: `model.train.train()` itself (data, state carry, clipping, logging and one validation
+  per --eval-every iterations, the default), timed from its own metrics after warm-up;
+and prints a table of chars/s, the share of the peak and whole/bare, and writes JSON.
+
+    python bench/train_speed.py --data data/speeches --json docs/bench/train_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import train as train_module
+from model.dataset import load_dataset
+from model.model import CharRNN, ModelConfig
+
+
+def matmul_peak_gflops(seconds: float = 1.0) -> float:
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.mm(a, b)
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def flops_per_char(config: ModelConfig) -> float:
+    """Forward multiply-adds of the LSTM layers and decoder, x2 for FLOPs, x3 for forward + backward."""
+    forward, inputs = 0, config.wordvec_size
+    for _ in range(config.num_layers):
+        forward += 2 * 4 * config.rnn_size * (inputs + config.rnn_size)
+        inputs = config.rnn_size
+    forward += 2 * config.rnn_size * config.vocab_size
+    return 3 * forward
+
+
+def bare_step_chars_per_sec(config: ModelConfig, batch: int, seq: int, iters: int, warmup: int = 5) -> float:
+    net = CharRNN(config)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    x = torch.randint(config.vocab_size, (batch, seq))
+    y = torch.randint(config.vocab_size, (batch, seq))
+    for i in range(warmup + iters):
+        if i == warmup:
+            start = time.perf_counter()
+        logits, _ = net(x)
+        loss = F.cross_entropy(logits.view(-1, config.vocab_size), y.view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return batch * seq * iters / (time.perf_counter() - start)
+
+
+def whole_loop_chars_per_sec(data: str, rnn_size: int, iters: int, warmup: int, threads: int) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        argv = [
+            "--data",
+            data,
+            "--out",
+            out,
+            "--rnn-size",
+            str(rnn_size),
+            "--max-iters",
+            str(iters),
+            "--print-every",
+            str(warmup),
+            "--sample-every",
+            "0",
+            "--no-plots",
+            "--no-tensorboard",
+            "--no-progress",
+            "--threads",
+            str(threads),
+        ]
+        args = train_module.build_parser().parse_args(argv)
+        train_module.train(args)
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r["iter"] == warmup and "train_loss" in r)
+    last = records[-1]  # the validation record written after the last iteration
+    return args.batch_size * args.seq_length * (iters - warmup) / (last["elapsed"] - first["elapsed"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="prepared dataset (python -m model prepare)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512], help="LSTM hidden sizes (2 layers)")
+    p.add_argument("--iters", type=int, default=200, help="whole-loop iterations (one validation at the end)")
+    p.add_argument("--bare-iters", type=int, default=30, help="bare-step iterations")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--json", default="docs/bench/train_speed.json", help="where to write the results")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    defaults = train_module.build_parser().parse_args(["--data", args.data])
+    vocab_size = len(load_dataset(args.data).vocab)
+    peak = matmul_peak_gflops()
+    rows = []
+    for size in args.sizes:
+        config = ModelConfig(
+            vocab_size=vocab_size,
+            rnn_size=size,
+            num_layers=2,
+            wordvec_size=defaults.wordvec_size,
+            dropout=defaults.dropout,
+        )
+        bare = bare_step_chars_per_sec(config, defaults.batch_size, defaults.seq_length, args.bare_iters)
+        whole = whole_loop_chars_per_sec(args.data, size, args.iters, 10, args.threads)
+        per_char = flops_per_char(config)
+        rows.append(
+            {
+                "model": f"2x{size}",
+                "batch": defaults.batch_size,
+                "seq": defaults.seq_length,
+                "bare_chars_per_sec": bare,
+                "whole_loop_chars_per_sec": whole,
+                "whole_over_bare": whole / bare,
+                "bare_share_of_peak": bare * per_char / 1e9 / peak,
+                "whole_share_of_peak": whole * per_char / 1e9 / peak,
+                "gflop_per_kchar": per_char / 1e6,
+            }
+        )
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s on {args.threads} threads")
+    print(
+        f"{'model':<7} {'bare chars/s':>13} {'whole chars/s':>14} {'whole/bare':>11} {'bare %peak':>11} "
+        f"{'whole %peak':>12}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:<7} {r['bare_chars_per_sec']:>13,.0f} {r['whole_loop_chars_per_sec']:>14,.0f} "
+            f"{r['whole_over_bare']:>11.2f} {r['bare_share_of_peak']:>11.0%} {r['whole_share_of_peak']:>12.0%}"
+        )
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"matmul_peak_gflops": peak, "threads": args.threads, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
