@@ -12,7 +12,7 @@ from model.cli import UsageError
 from model.dataset import split_sizes, write_dataset
 from model.text import CAPS_POLICIES, UNKNOWN_POLICIES, CleaningOptions, Vocab, clean_text
 
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 32
 DEFAULT_SEQ_LENGTH = 128
 
 
