@@ -1,0 +1,1 @@
+"""The Telegram bot: onnxruntime generation engine, chat commands, daily speeches. Never imports torch."""

@@ -1,0 +1,147 @@
+"""Settings from environment variables and an optional .env file, checked once at start.
+
+Every problem becomes a ConfigError whose message names the variable, what it was and what is
+valid, so `python -m bot` can print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from dotenv import dotenv_values
+
+BUNDLED_MODEL_PATH = Path(__file__).parent / "assets" / "speechbot.onnx"
+TOKEN_FORMAT = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
+WEBHOOK_SECRET_FORMAT = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+PROVIDERS = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Bounds that the commands and the configuration share.
+TEMPERATURE_MAX = 2.0
+LENGTH_MIN, LENGTH_MAX = 20, 3000
+
+
+class ConfigError(ValueError):
+    """A missing or invalid setting."""
+
+
+@dataclass(frozen=True)
+class Config:
+    telegram_bot_token: str | None = None
+    telegram_api_base_url: str | None = None
+    database_url: str = "sqlite:///data/bot.db"
+    model_path: Path = BUNDLED_MODEL_PATH
+    onnx_providers: str = "auto"
+    onnx_threads: int | None = None
+    log_level: str = "INFO"
+    webhook_url: str | None = None
+    webhook_port: int = 8443
+    webhook_secret: str | None = None
+    default_temperature: float = 0.8
+    default_length: int = 500
+    cooldown_seconds: float = 10.0
+    missed_post_grace_minutes: float = 60.0
+    heartbeat_file: Path | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | Path = ".env") -> Config:
+        """Read settings; variables in the environment win over the same names in `dotenv_path`."""
+        values = {key: value for key, value in dotenv_values(dotenv_path).items() if value is not None}
+        values.update(os.environ if environ is None else environ)
+        reader = _Reader({key: value.strip() for key, value in values.items() if value.strip()})
+        return cls(
+            telegram_bot_token=reader.token(),
+            telegram_api_base_url=reader.url("TELEGRAM_API_BASE_URL", schemes=("http", "https")),
+            database_url=reader.text("DATABASE_URL", cls.database_url),
+            model_path=Path(reader.text("MODEL_PATH", str(BUNDLED_MODEL_PATH))),
+            onnx_providers=reader.choice("ONNX_PROVIDERS", PROVIDERS, cls.onnx_providers, str.lower),
+            onnx_threads=reader.number("ONNX_THREADS", None, int, low=1, high=256),
+            log_level=reader.choice("LOG_LEVEL", LOG_LEVELS, cls.log_level, str.upper),
+            webhook_url=reader.url("WEBHOOK_URL", schemes=("https",)),
+            webhook_port=reader.number("WEBHOOK_PORT", cls.webhook_port, int, low=1, high=65535),
+            webhook_secret=reader.pattern("WEBHOOK_SECRET", WEBHOOK_SECRET_FORMAT, "1-256 of A-Z a-z 0-9 _ -"),
+            default_temperature=reader.number(
+                "DEFAULT_TEMPERATURE", cls.default_temperature, float, low=0, high=TEMPERATURE_MAX, open_low=True
+            ),
+            default_length=reader.number("DEFAULT_LENGTH", cls.default_length, int, low=LENGTH_MIN, high=LENGTH_MAX),
+            cooldown_seconds=reader.number("COOLDOWN_SECONDS", cls.cooldown_seconds, float, low=0, high=3600),
+            missed_post_grace_minutes=reader.number(
+                "MISSED_POST_GRACE_MINUTES", cls.missed_post_grace_minutes, float, low=0, high=1440
+            ),
+            heartbeat_file=Path(path) if (path := reader.text("HEARTBEAT_FILE", "")) else None,
+        )
+
+    def require_token(self) -> str:
+        if not self.telegram_bot_token:
+            raise ConfigError(
+                "TELEGRAM_BOT_TOKEN is not set; get a token from @BotFather and put "
+                "TELEGRAM_BOT_TOKEN=123456:ABC... in the environment or in .env "
+                "(or try the bot without Telegram: python -m bot console)"
+            )
+        return self.telegram_bot_token
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelNamesMapping()[self.log_level]
+
+
+class _Reader:
+    """Typed access to raw settings, raising ConfigError with the variable's name."""
+
+    def __init__(self, values: Mapping[str, str]):
+        self.values = values
+
+    def text(self, name: str, default: str) -> str:
+        return self.values.get(name, default)
+
+    def token(self) -> str | None:
+        token = self.values.get("TELEGRAM_BOT_TOKEN")
+        if token is not None and not TOKEN_FORMAT.match(token):
+            # Never echo the value: it may be a real token with a typo.
+            raise ConfigError(
+                "TELEGRAM_BOT_TOKEN does not look like a bot token (digits, a colon, then letters, "
+                "digits, _ or -, as @BotFather gives it)"
+            )
+        return token
+
+    def choice(self, name: str, valid: tuple[str, ...], default: str, normalise) -> str:
+        value = normalise(self.values.get(name, default))
+        if value not in valid:
+            raise ConfigError(f"{name}={self.values[name]!r} is not valid; use one of: {', '.join(valid)}")
+        return value
+
+    def number(self, name, default, kind, low, high, open_low=False):
+        raw = self.values.get(name)
+        if raw is None:
+            return default
+        bound = f"{'above' if open_low else 'at least'} {low} and at most {high}"
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{name}={raw!r} is not a{'n integer' if kind is int else ' number'}; use {bound}"
+            ) from None
+        if not (low < value if open_low else low <= value) or not value <= high:
+            raise ConfigError(f"{name}={raw!r} is out of range; use {bound}")
+        return value
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
+        raw = self.values.get(name)
+        if raw is None:
+            return None
+        parsed = urlparse(raw)
+        if parsed.scheme not in schemes or not parsed.netloc:
+            raise ConfigError(f"{name}={raw!r} is not a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return raw
+
+    def pattern(self, name: str, pattern: re.Pattern, description: str) -> str | None:
+        raw = self.values.get(name)
+        if raw is not None and not pattern.match(raw):
+            raise ConfigError(f"{name} is not valid; use {description}")
+        return raw

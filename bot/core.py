@@ -1,0 +1,318 @@
+"""What the bot does, without any transport: commands in, reply text out.
+
+Telegram (bot/telegram_app.py), the terminal (`python -m bot console`) and the tests all drive
+this one class. It parses and validates arguments, reads and writes chat settings, enforces the
+per-chat cooldown and asks the generation engine for speeches. It never sends anything itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+from bot.config import LENGTH_MAX, LENGTH_MIN, TEMPERATURE_MAX
+from bot.dailytime import latest_due, local_date, next_due, parse_daily_time, resolve_time_zone
+from db.store import ChatSettings, ChatStore
+
+PROMPT_MAX = 1000
+MESSAGE_MAX = 4096  # Telegram's limit for one text message
+SHOWN_ARGUMENT_MAX = 24  # how much of a bad argument a reply quotes back
+
+# Shown by /help and registered with setMyCommands, in this order.
+COMMANDS = {
+    "speech": "a speech: /speech [temperature] [prompt]",
+    "temperature": "show or set the temperature (0 < t ≤ 2)",
+    "length": f"show or set the speech length ({LENGTH_MIN}-{LENGTH_MAX} characters)",
+    "schedule": "a daily speech: /schedule HH:MM [time zone]",
+    "unschedule": "stop the daily speech",
+    "settings": "this chat's settings",
+    "help": "what this bot does and how to use it",
+    "start": "say hello",
+}
+# Commands that change a chat: in groups only administrators may use them with arguments.
+CHANGING_COMMANDS = {"temperature", "length", "schedule", "unschedule"}
+
+_COMMAND = re.compile(r"^/([A-Za-z0-9_]+)(?:@\S+)?(?:\s+(.*))?$", re.DOTALL)
+_NUMBER = re.compile(r"^[+-]?(\d+([.,]\d*)?|[.,]\d+)([eE][+-]?\d+)?$|^[+-]?(nan|inf|infinity)$", re.IGNORECASE)
+
+AdminCheck = Callable[[], Awaitable[bool]]
+Busy = Callable[[], contextlib.AbstractAsyncContextManager]
+
+
+class Engine(Protocol):
+    """The part of bot.engine.GenerationEngine the core uses."""
+
+    async def agenerate(self, prompt: str = "", length: int = 500, temperature: float = 0.9, **options) -> str: ...
+
+
+class ArgumentError(ValueError):
+    """A bad argument; the message is the reply, naming what was wrong and the valid form."""
+
+
+@dataclass(frozen=True)
+class ChatRef:
+    id: int
+    type: str  # "private", "group", "supergroup", "channel" or "console"
+
+
+async def _always() -> bool:
+    return True
+
+
+@contextlib.asynccontextmanager
+async def _not_shown() -> AsyncIterator[None]:
+    yield
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def split_command(text: str) -> tuple[str, str] | None:
+    """`/speech@Bot 0.5 We will` -> ("speech", "0.5 We will"); None if `text` is no command."""
+    match = _COMMAND.match(text.strip())
+    return (match[1].lower(), (match[2] or "").strip()) if match else None
+
+
+def _shown(argument: str) -> str:
+    return repr(argument if len(argument) <= SHOWN_ARGUMENT_MAX else argument[:SHOWN_ARGUMENT_MAX] + "…")
+
+
+def looks_like_number(word: str) -> bool:
+    return bool(_NUMBER.match(word))
+
+
+def parse_temperature(text: str) -> float:
+    example = "Use a number above 0 and at most 2, e.g. /temperature 0.8 or /speech 1.2"
+    if not looks_like_number(text):
+        raise ArgumentError(f"{_shown(text)} is not a temperature. {example}.")
+    value = float(text.replace(",", "."))
+    if not (math.isfinite(value) and 0 < value <= TEMPERATURE_MAX):
+        raise ArgumentError(f"Temperature {_shown(text)} is out of range. {example}.")
+    return value
+
+
+def parse_length(text: str) -> int:
+    example = f"Use a whole number of characters from {LENGTH_MIN} to {LENGTH_MAX}, e.g. /length 600"
+    if not re.fullmatch(r"[+-]?\d{1,9}", text):
+        raise ArgumentError(f"{_shown(text)} is not a length. {example}.")
+    value = int(text)
+    if not LENGTH_MIN <= value <= LENGTH_MAX:
+        raise ArgumentError(f"Length {value} is out of range. {example}.")
+    return value
+
+
+def compose_speech(prompt: str, generated: str) -> str:
+    """The reply: the prompt and its continuation, trimmed to what one Telegram message holds."""
+    text = generated if generated.startswith(prompt) else prompt + generated
+    text = text.strip()[:MESSAGE_MAX].strip()
+    return text or "…"  # Telegram rejects empty messages
+
+
+class SpeechBot:
+    def __init__(
+        self,
+        store: ChatStore,
+        engine: Engine,
+        cooldown_seconds: float = 10.0,
+        clock: Callable[[], datetime] = utc_now,
+        on_schedule_change: Callable[[ChatSettings], None] | None = None,
+    ):
+        self.store = store
+        self.engine = engine
+        self.cooldown = timedelta(seconds=cooldown_seconds)
+        self.clock = clock
+        self.on_schedule_change = on_schedule_change
+        self._ready_at: dict[int, datetime] = {}
+
+    # ---- entry points ----
+
+    async def handle_text(
+        self, chat: ChatRef, text: str, check_admin: AdminCheck = _always, busy: Busy = _not_shown
+    ) -> str | None:
+        """A command or, failing that, a prompt. None for an unknown command outside private chats."""
+        parsed = split_command(text)
+        if parsed is None:
+            return await self.prompt(chat, text, busy)
+        name, args = parsed
+        if name not in COMMANDS:
+            if chat.type in ("private", "console"):
+                return f"I don't know /{name}. {self.help_text()}"
+            return None
+        return await self.command(chat, name, args, check_admin, busy)
+
+    async def command(
+        self, chat: ChatRef, name: str, args: str, check_admin: AdminCheck = _always, busy: Busy = _not_shown
+    ) -> str:
+        if name in CHANGING_COMMANDS and (args or name == "unschedule") and not await check_admin():
+            return (
+                f"Sorry, only this group's administrators can use /{name} to change things. "
+                "Everyone can use /speech and /settings."
+            )
+        try:
+            if name == "speech":
+                return await self.speech(chat, args, busy)
+            return getattr(self, f"_{name}")(chat, args)
+        except ArgumentError as error:
+            return str(error)
+
+    async def prompt(self, chat: ChatRef, text: str, busy: Busy = _not_shown) -> str:
+        """A plain message: the speech continues it."""
+        try:
+            return await self._generate(chat, None, text.strip(), busy)
+        except ArgumentError as error:
+            return str(error)
+
+    async def speech(self, chat: ChatRef, args: str, busy: Busy = _not_shown) -> str:
+        first, _, rest = args.partition(" ")
+        if first and looks_like_number(first):
+            return await self._generate(chat, parse_temperature(first), rest.strip(), busy)
+        return await self._generate(chat, None, args, busy)
+
+    async def daily_speech(self, settings: ChatSettings) -> str:
+        """The scheduled post; no cooldown, since the schedule itself limits it."""
+        generated = await self.engine.agenerate(prompt="", length=settings.length, temperature=settings.temperature)
+        return compose_speech("", generated)
+
+    # ---- generation ----
+
+    async def _generate(self, chat: ChatRef, temperature: float | None, prompt: str, busy: Busy) -> str:
+        if len(prompt) > PROMPT_MAX:
+            raise ArgumentError(
+                f"That prompt has {len(prompt)} characters; the most I take is {PROMPT_MAX}. "
+                "Send the first few sentences and I'll continue from there."
+            )
+        now = self.clock()
+        ready_at = self._ready_at.get(chat.id)
+        if ready_at is not None and now < ready_at:
+            seconds = math.ceil((ready_at - now).total_seconds())
+            return f"One speech at a time, please. Try again in {seconds} second{'s' * (seconds != 1)}."
+        self._ready_at[chat.id] = now + self.cooldown
+        settings = self.store.get(chat.id, chat.type)
+        async with busy():
+            generated = await self.engine.agenerate(
+                prompt=prompt,
+                length=settings.length,
+                temperature=settings.temperature if temperature is None else temperature,
+            )
+        return compose_speech(prompt, generated)
+
+    # ---- commands that answer at once ----
+
+    def _start(self, chat: ChatRef, _args: str) -> str:
+        return (
+            "Hello! I write speeches in the style of Donald Trump's 2016 campaign, one character at a "
+            "time, with a small neural network. They are machine-made parody, not real quotes.\n\n" + self.help_text()
+        )
+
+    def _help(self, chat: ChatRef, _args: str) -> str:
+        return self.help_text()
+
+    @staticmethod
+    def help_text() -> str:
+        return (
+            "Commands:\n"
+            "/speech - a speech. /speech 0.5 - calmer; /speech 1.3 - wilder; "
+            "/speech 0.9 We will build - continues your words\n"
+            "/temperature 0.8 - this chat's default temperature (above 0, at most 2)\n"
+            f"/length 600 - speech length in characters ({LENGTH_MIN} to {LENGTH_MAX})\n"
+            "/schedule 08:30 Europe/Berlin - a speech every day at that local time (zone optional, default UTC)\n"
+            "/unschedule - stop the daily speech\n"
+            "/settings - this chat's settings\n\n"
+            "In a private chat, any text you send is a prompt. In a group, reply to one of my "
+            "messages or mention me. In groups only administrators can change settings."
+        )
+
+    def _settings(self, chat: ChatRef, _args: str) -> str:
+        settings = self.store.get(chat.id, chat.type)
+        return "\n".join(
+            [
+                "Settings for this chat:",
+                f"temperature: {settings.temperature:g} (change with /temperature, above 0 and at most 2)",
+                f"length: {settings.length} characters (change with /length, {LENGTH_MIN} to {LENGTH_MAX})",
+                f"daily speech: {self._schedule_text(settings)}",
+                f"cooldown between speeches: {self.cooldown.total_seconds():g} seconds",
+            ]
+        )
+
+    def _temperature(self, chat: ChatRef, args: str) -> str:
+        settings = self.store.get(chat.id, chat.type)
+        if not args:
+            return f"Temperature is {settings.temperature:g}. Change it with /temperature 0.8 (above 0, at most 2)."
+        if len(args.split()) > 1:
+            raise ArgumentError("/temperature takes one number, above 0 and at most 2, e.g. /temperature 0.8.")
+        value = parse_temperature(args)
+        self.store.update(chat.id, temperature=value)
+        return f"Temperature set to {value:g}."
+
+    def _length(self, chat: ChatRef, args: str) -> str:
+        settings = self.store.get(chat.id, chat.type)
+        if not args:
+            return (
+                f"Speeches are {settings.length} characters long. "
+                f"Change it with /length 600 ({LENGTH_MIN} to {LENGTH_MAX})."
+            )
+        if len(args.split()) > 1:
+            raise ArgumentError(f"/length takes one whole number from {LENGTH_MIN} to {LENGTH_MAX}, e.g. /length 600.")
+        value = parse_length(args)
+        self.store.update(chat.id, length=value)
+        return f"Speech length set to {value} characters."
+
+    def _schedule(self, chat: ChatRef, args: str) -> str:
+        settings = self.store.get(chat.id, chat.type)
+        usage = "Use /schedule HH:MM [time zone], e.g. /schedule 08:30 or /schedule 20:00 America/New_York."
+        words = args.split()
+        if not words:
+            return f"Daily speech: {self._schedule_text(settings)}. {usage}"
+        if len(words) > 2:
+            raise ArgumentError(f"/schedule takes a time and an optional time zone. {usage}")
+        daily_time = parse_daily_time(words[0])
+        if daily_time is None:
+            raise ArgumentError(f"{_shown(words[0])} is not a time of day (24-hour HH:MM, 00:00 to 23:59). {usage}")
+        zone = resolve_time_zone(words[1]) if len(words) == 2 else "UTC"
+        if zone is None:
+            raise ArgumentError(
+                f"{_shown(words[1])} is not a time zone I know. Use an IANA name such as UTC, Europe/London, "
+                "America/New_York or Asia/Tokyo."
+            )
+        now = self.clock()
+        # A time already past today starts tomorrow: mark today's occurrence as done, so a restart
+        # inside the missed-post grace window does not post it late.
+        already_due = local_date(latest_due(now, daily_time, zone), zone)
+        last = settings.last_daily_post
+        settings = self.store.update(
+            chat.id,
+            daily_time=daily_time,
+            time_zone=zone,
+            schedule_enabled=True,
+            last_daily_post=already_due if last is None or last < already_due else last,
+        )
+        self._schedule_changed(settings)
+        return f"Daily speech set for {self._schedule_text(settings)}."
+
+    def _unschedule(self, chat: ChatRef, _args: str) -> str:
+        settings = self.store.get(chat.id, chat.type)
+        if not settings.schedule_enabled:
+            return "There is no daily speech to remove. Set one with /schedule 08:30 Europe/Berlin."
+        self._schedule_changed(self.store.update(chat.id, schedule_enabled=False))
+        return "Daily speech removed."
+
+    def _schedule_changed(self, settings: ChatSettings) -> None:
+        if self.on_schedule_change is not None:
+            self.on_schedule_change(settings)
+
+    def _schedule_text(self, settings: ChatSettings) -> str:
+        if not settings.schedule_enabled or settings.daily_time is None:
+            return "off"
+        upcoming = next_due(self.clock(), settings.daily_time, settings.time_zone)
+        last = settings.last_daily_post
+        while last is not None and local_date(upcoming, settings.time_zone) <= last:
+            upcoming = next_due(upcoming, settings.daily_time, settings.time_zone)
+        local = upcoming.astimezone(ZoneInfo(settings.time_zone))
+        return f"{settings.daily_time:%H:%M} {settings.time_zone}, next on {local:%a %d %b %Y}"

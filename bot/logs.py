@@ -1,0 +1,59 @@
+"""Logging setup that never writes the bot token (or the webhook secret) anywhere.
+
+httpx logs every request URL, which carries the token, at INFO; exception texts carry it too.
+So the HTTP loggers are held at WARNING and every record passes a redaction filter on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable
+from typing import TextIO
+
+# Any bot token: numeric bot id, colon, secret. Also catches tokens of other bots in URLs.
+TOKEN_PATTERN = re.compile(r"\d{3,}:[A-Za-z0-9_-]{30,}")
+REDACTED = "[REDACTED]"
+QUIET_LOGGERS = ("httpx", "httpcore")
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites a record's message, exception and stack text with secrets replaced."""
+
+    def __init__(self, secrets: Iterable[str | None] = ()):
+        super().__init__()
+        self.secrets = [secret for secret in secrets if secret]
+        self._formatter = logging.Formatter()
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return TOKEN_PATTERN.sub(REDACTED, text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.redact(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            record.exc_text = self.redact(self._formatter.formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+def setup_logging(level: int | str, secrets: Iterable[str | None] = (), stream: TextIO | None = None) -> None:
+    """One redacting handler on the root logger; quiet HTTP client loggers."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactSecrets(secrets))
+    root = logging.getLogger()
+    # Calling this again (tests, console then run) replaces the handler instead of doubling output.
+    for old in [h for h in root.handlers if any(isinstance(f, RedactSecrets) for f in h.filters)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

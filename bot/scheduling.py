@@ -1,0 +1,116 @@
+"""Daily speeches: one JobQueue job per scheduled chat, rebuilt from the database at every start.
+
+The database is the source of truth (python-telegram-bot does not persist jobs). Each post first
+claims its day with one conditional UPDATE (ChatStore.claim_daily_post), so a chat gets at most
+one daily speech per local calendar day, even across restarts or overlapping timers.
+
+Missed posts: if the bot was down at a chat's due time and starts again within the grace window
+(MISSED_POST_GRACE_MINUTES, default 60), it posts that day's speech once, late. Later than that,
+the day is skipped. The same window is the scheduler's misfire_grace_time, so a job delayed by a
+busy event loop still runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from telegram.error import BadRequest, Forbidden
+from telegram.ext import ContextTypes, JobQueue
+
+from bot.core import SpeechBot
+from bot.dailytime import latest_due, local_date
+from db.store import ChatSettings
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[int, str], Awaitable[object]]
+
+
+def job_name(chat_id: int) -> str:
+    return f"daily:{chat_id}"
+
+
+class DailySpeeches:
+    def __init__(
+        self,
+        job_queue: JobQueue,
+        core: SpeechBot,
+        send: Send,
+        grace: timedelta,
+        clock: Callable[[], datetime],
+    ):
+        self.job_queue = job_queue
+        self.core = core
+        self.store = core.store
+        self.send = send
+        self.grace = grace
+        self.clock = clock
+
+    @property
+    def _job_kwargs(self) -> dict:
+        # APScheduler's own misfire_grace_time defaults to 1 s and silently drops later runs.
+        return {"misfire_grace_time": max(1, int(self.grace.total_seconds())), "coalesce": True}
+
+    def rebuild(self) -> int:
+        """Create the jobs for every enabled schedule and post missed speeches; returns the count."""
+        scheduled = self.store.scheduled()
+        now = self.clock()
+        for settings in scheduled:
+            self.sync(settings)
+            if self.due_day(settings, now) is not None:
+                self.job_queue.run_once(
+                    self._run, when=0, chat_id=settings.id, name=f"late:{settings.id}", job_kwargs=self._job_kwargs
+                )
+        log.info("Rebuilt %d daily speech jobs", len(scheduled))
+        return len(scheduled)
+
+    def sync(self, settings: ChatSettings) -> None:
+        """Make the chat's job match its row: replaced when scheduled, removed when not."""
+        self.remove(settings.id)
+        if settings.schedule_enabled and settings.daily_time is not None:
+            self.job_queue.run_daily(
+                self._run,
+                time=settings.daily_time.replace(tzinfo=ZoneInfo(settings.time_zone)),
+                chat_id=settings.id,
+                name=job_name(settings.id),
+                job_kwargs=self._job_kwargs,
+            )
+
+    def remove(self, chat_id: int) -> None:
+        for job in self.job_queue.get_jobs_by_name(job_name(chat_id)):
+            job.schedule_removal()
+
+    def due_day(self, settings: ChatSettings, now: datetime) -> date | None:
+        """The local day whose speech is due now and not yet posted, if any."""
+        if not settings.schedule_enabled or settings.daily_time is None:
+            return None
+        due = latest_due(now, settings.daily_time, settings.time_zone)
+        day = local_date(due, settings.time_zone)
+        if now - due > self.grace or (settings.last_daily_post is not None and settings.last_daily_post >= day):
+            return None
+        return day
+
+    async def _run(self, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self.post_if_due(context.job.chat_id)
+
+    async def post_if_due(self, chat_id: int) -> bool:
+        """Post the chat's daily speech if it is due and this call wins the day's claim."""
+        settings = self.store.find(chat_id)
+        day = None if settings is None else self.due_day(settings, self.clock())
+        if day is None or not self.store.claim_daily_post(chat_id, day):
+            return False
+        text = await self.core.daily_speech(settings)
+        try:
+            await self.send(chat_id, text)
+        except (Forbidden, BadRequest) as error:
+            if isinstance(error, BadRequest) and "chat not found" not in error.message.lower():
+                raise
+            # Blocked, removed from the group or the chat is gone: stop for good, no retry loop.
+            log.info("Disabling the daily speech of chat %s: %s", chat_id, error.message)
+            self.store.update(chat_id, schedule_enabled=False)
+            self.remove(chat_id)
+            return False
+        return True

@@ -1,0 +1,292 @@
+"""The Telegram adapter: python-telegram-bot 22 wired to the transport-free core in one place.
+
+Handlers stay small: they turn an update into a ChatRef and text, ask SpeechBot for the reply and
+send it as plain text. Around them: admin checks for groups (anonymous admins included), a typing
+action while generating, ChatMigrated handling, retries for 429, 5xx and network errors, a global
+error handler and the daily-speech scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
+from urllib.parse import urlparse
+
+from telegram import BotCommand, Message, MessageEntity, ReplyParameters, Update
+from telegram.constants import ChatAction, ChatMemberStatus, ChatType
+from telegram.error import BadRequest, ChatMigrated, NetworkError, TelegramError
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    ApplicationBuilder,
+    ChatMemberHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
+
+from bot.config import Config
+from bot.core import COMMANDS, ChatRef, Engine, SpeechBot, utc_now
+from bot.scheduling import DailySpeeches
+from db.database import create_db_engine, migrate
+from db.store import ChatStore
+
+log = logging.getLogger(__name__)
+
+ADMIN_CACHE_SECONDS = 60.0
+TYPING_REFRESH_SECONDS = 4.5  # Telegram shows "typing" for 5 s per action
+HEARTBEAT_SECONDS = 30.0
+CONCURRENT_UPDATES = 16
+SORRY = "Sorry, something went wrong while handling that. Please try again in a moment."
+
+
+class RetryingRateLimiter(AIORateLimiter):
+    """AIORateLimiter (flood limits, 429 retried after retry_after) plus backoff on 5xx and network errors."""
+
+    def __init__(self, retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0), max_retries: int = 3):
+        super().__init__(max_retries=max_retries)
+        self.retry_delays = retry_delays
+
+    async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):
+        if endpoint == "sendChatAction":
+            # Best effort, and it must not use up the 20-messages-a-minute budget of a group.
+            return await callback(*args, **kwargs)
+        for delay in (*self.retry_delays, None):
+            try:
+                return await super().process_request(callback, args, kwargs, endpoint, data, rate_limit_args)
+            except BadRequest:
+                raise  # the request itself is wrong (BadRequest derives from NetworkError)
+            except NetworkError as error:
+                if delay is None:
+                    raise
+                log.warning("Bot API %s failed (%s); retrying in %.1f s", endpoint, error.message, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+class TelegramFrontend:
+    """The handlers and lifecycle hooks; one instance per Application."""
+
+    def __init__(self, config: Config, core: SpeechBot, clock: Callable[[], datetime]):
+        self.config = config
+        self.core = core
+        self.store = core.store
+        self.clock = clock
+        self.daily: DailySpeeches | None = None
+        self._admins: dict[int, tuple[float, frozenset[int]]] = {}
+
+    # ---- lifecycle ----
+
+    async def post_init(self, application: Application) -> None:
+        await application.bot.set_my_commands([BotCommand(name, text) for name, text in COMMANDS.items()])
+        self.daily = DailySpeeches(
+            application.job_queue,
+            self.core,
+            send=lambda chat_id, text: self.send(application.bot, chat_id, text),
+            grace=timedelta(minutes=self.config.missed_post_grace_minutes),
+            clock=self.clock,
+        )
+        self.core.on_schedule_change = self.daily.sync
+        self.daily.rebuild()
+        if self.config.heartbeat_file is not None:
+            application.job_queue.run_repeating(self._heartbeat, interval=HEARTBEAT_SECONDS, first=0)
+        log.info("Bot @%s is up", application.bot.username)
+
+    async def _heartbeat(self, _context: ContextTypes.DEFAULT_TYPE) -> None:
+        # Proves to the container's healthcheck that the event loop is alive.
+        self.config.heartbeat_file.write_text(f"{time.time():.0f}\n")
+
+    # ---- sending ----
+
+    async def send(self, bot, chat_id: int, text: str, reply_to: Message | None = None) -> Message:
+        """Plain text (no parse mode, so prompts cannot inject markup); follows a group's migration."""
+        reply = None if reply_to is None else ReplyParameters(reply_to.message_id, allow_sending_without_reply=True)
+        try:
+            return await bot.send_message(chat_id, text, reply_parameters=reply)
+        except ChatMigrated as moved:
+            self.chat_moved(chat_id, moved.new_chat_id)
+            return await bot.send_message(moved.new_chat_id, text)
+
+    def chat_moved(self, old_id: int, new_id: int) -> None:
+        settings = self.store.migrate_chat(old_id, new_id)
+        log.info("Chat %s became supergroup %s", old_id, new_id)
+        if settings is not None and self.daily is not None:
+            self.daily.remove(old_id)
+            self.daily.sync(settings)
+
+    @contextlib.asynccontextmanager
+    async def typing(self, bot, chat_id: int) -> AsyncIterator[None]:
+        """Show "typing…" in the chat until the block ends."""
+
+        async def keep_typing() -> None:
+            while True:
+                with contextlib.suppress(TelegramError):
+                    await bot.send_chat_action(chat_id, ChatAction.TYPING)
+                await asyncio.sleep(TYPING_REFRESH_SECONDS)
+
+        task = asyncio.create_task(keep_typing())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # ---- who may change things ----
+
+    async def is_admin(self, update: Update, bot) -> bool:
+        chat, message = update.effective_chat, update.effective_message
+        if chat.type == ChatType.PRIVATE:
+            return True
+        if message.sender_chat is not None:
+            # Anonymous admins post as GroupAnonymousBot with the group itself as sender_chat.
+            # A linked channel or a user posting as a channel has another sender_chat: not admin.
+            return message.sender_chat.id == chat.id
+        user = update.effective_user
+        return user is not None and user.id in await self._admin_ids(bot, chat.id)
+
+    async def _admin_ids(self, bot, chat_id: int) -> frozenset[int]:
+        # getChatAdministrators is cheap for Telegram but not free for flood limits: cache it briefly.
+        # A demoted admin can therefore still change settings for up to a minute.
+        cached = self._admins.get(chat_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        try:
+            members = await bot.get_chat_administrators(chat_id)
+        except TelegramError as error:
+            log.warning("Could not list the administrators of chat %s: %s", chat_id, error)
+            return frozenset()
+        ids = frozenset(member.user.id for member in members)
+        self._admins[chat_id] = (time.monotonic() + ADMIN_CACHE_SECONDS, ids)
+        return ids
+
+    # ---- handlers ----
+
+    def _chat(self, update: Update) -> ChatRef:
+        return ChatRef(update.effective_chat.id, update.effective_chat.type)
+
+    async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        reply = await self.core.handle_text(
+            self._chat(update),
+            message.text,
+            check_admin=lambda: self.is_admin(update, context.bot),
+            busy=lambda: self.typing(context.bot, message.chat_id),
+        )
+        if reply is not None:
+            await self.send(context.bot, message.chat_id, reply, reply_to=message)
+
+    async def on_private_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._answer_prompt(update, context, update.effective_message.text)
+
+    async def on_group_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """In groups only replies to the bot and mentions of it are prompts; other chatter is not ours."""
+        message, me = update.effective_message, context.bot
+        replied = message.reply_to_message
+        if replied is not None and replied.from_user is not None and replied.from_user.id == me.id:
+            await self._answer_prompt(update, context, message.text)
+            return
+        mention = f"@{me.username}".lower()
+        mentions = message.parse_entities([MessageEntity.MENTION, MessageEntity.TEXT_MENTION])
+        if any(
+            text.lower() == mention or (entity.user is not None and entity.user.id == me.id)
+            for entity, text in mentions.items()
+        ):
+            prompt = " ".join(word for word in message.text.split(" ") if word.lower() != mention)
+            await self._answer_prompt(update, context, prompt)
+
+    async def _answer_prompt(self, update: Update, context: ContextTypes.DEFAULT_TYPE, prompt: str) -> None:
+        message = update.effective_message
+        reply = await self.core.prompt(
+            self._chat(update), prompt, busy=lambda: self.typing(context.bot, message.chat_id)
+        )
+        await self.send(context.bot, message.chat_id, reply, reply_to=message)
+
+    async def on_migration(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message.migrate_to_chat_id:
+            self.chat_moved(message.chat_id, message.migrate_to_chat_id)
+        elif message.migrate_from_chat_id:
+            self.chat_moved(message.migrate_from_chat_id, message.chat_id)
+
+    async def on_my_chat_member(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Removed from a group or blocked in private: its daily speech stops."""
+        change = update.my_chat_member
+        if change.new_chat_member.status in (ChatMemberStatus.LEFT, ChatMemberStatus.BANNED):
+            settings = self.store.find(change.chat.id)
+            if settings is not None and settings.schedule_enabled:
+                self.store.update(change.chat.id, schedule_enabled=False)
+                if self.daily is not None:
+                    self.daily.remove(change.chat.id)
+
+    async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        log.error("Error while handling an update", exc_info=context.error)
+        if isinstance(update, Update) and update.message is not None:
+            with contextlib.suppress(TelegramError):
+                await self.send(context.bot, update.message.chat_id, SORRY)
+
+
+def build_application(
+    config: Config,
+    engine: Engine,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+    retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
+    read_timeout: float = 10.0,
+) -> Application:
+    """The whole bot: database migrated, core, handlers, scheduler hooks. Does not start it."""
+    db_engine = create_db_engine(config.database_url)
+    migrate(db_engine)
+    store = ChatStore(db_engine, config.default_temperature, config.default_length)
+    core = SpeechBot(store, engine, cooldown_seconds=config.cooldown_seconds, clock=clock)
+    frontend = TelegramFrontend(config, core, clock)
+
+    async def post_shutdown(_application: Application) -> None:
+        db_engine.dispose()
+
+    builder = (
+        ApplicationBuilder()
+        .token(config.require_token())
+        .rate_limiter(RetryingRateLimiter(retry_delays))
+        .concurrent_updates(CONCURRENT_UPDATES)
+        .read_timeout(read_timeout)
+        .write_timeout(read_timeout)
+        .connection_pool_size(CONCURRENT_UPDATES + 4)
+        .post_init(frontend.post_init)
+        .post_shutdown(post_shutdown)
+    )
+    if config.telegram_api_base_url:
+        builder = builder.base_url(config.telegram_api_base_url)
+    application = builder.build()
+    application.bot_data["frontend"] = frontend
+
+    only_new = filters.UpdateType.MESSAGE  # edited messages and channel posts are not ours
+    application.add_handler(CommandHandler(list(COMMANDS), frontend.on_command, filters=only_new))
+    application.add_handler(MessageHandler(only_new & filters.COMMAND & filters.ChatType.PRIVATE, frontend.on_command))
+    text = only_new & filters.TEXT & ~filters.COMMAND
+    application.add_handler(MessageHandler(text & filters.ChatType.PRIVATE, frontend.on_private_text))
+    application.add_handler(MessageHandler(text & filters.ChatType.GROUPS, frontend.on_group_text))
+    application.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, frontend.on_migration))
+    application.add_handler(ChatMemberHandler(frontend.on_my_chat_member, ChatMemberHandler.MY_CHAT_MEMBER))
+    application.add_error_handler(frontend.on_error)
+    return application
+
+
+def run(config: Config, engine: Engine) -> None:
+    """Serve until SIGINT or SIGTERM (python-telegram-bot stops gracefully on both)."""
+    application = build_application(config, engine)
+    if config.webhook_url:
+        application.run_webhook(
+            listen="0.0.0.0",
+            port=config.webhook_port,
+            url_path=urlparse(config.webhook_url).path.lstrip("/"),
+            webhook_url=config.webhook_url,
+            secret_token=config.webhook_secret,
+        )
+    else:
+        application.run_polling()

@@ -1,0 +1,355 @@
+"""A Telegram Bot API emulator on 127.0.0.1 for tests: the bot's real HTTP stack talks to it.
+
+It checks method names and parameters against the machine-readable Bot API spec
+(../shared/data/telegram-bot-api.json from the repository root) when that file is present,
+accepts form, JSON and multipart bodies, long-polls getUpdates with offsets, answers the calls
+the bot makes with plausible objects, records every call, and can inject 429s, 5xx answers,
+timeouts, blocked chats (403) and group-to-supergroup migrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "telegram-bot-api.json"
+TEXT_LIMIT = 4096
+# The Boolean fields a ChatMemberAdministrator must carry (Bot API 10.1).
+ADMIN_FLAGS = (
+    "can_be_edited",
+    "is_anonymous",
+    "can_manage_chat",
+    "can_delete_messages",
+    "can_manage_video_chats",
+    "can_restrict_members",
+    "can_promote_members",
+    "can_change_info",
+    "can_invite_users",
+    "can_post_stories",
+    "can_edit_stories",
+    "can_delete_stories",
+)
+ANONYMOUS_ADMIN = {"id": 1087968824, "is_bot": True, "first_name": "Group", "username": "GroupAnonymousBot"}
+
+
+@dataclass
+class Call:
+    """One request as the emulator saw it. `failure` names what was injected, if anything."""
+
+    method: str
+    params: dict
+    status: int = 200
+    result: object = None
+    failure: str | None = None
+
+
+@dataclass
+class Fault:
+    method: str
+    kind: str  # "429", "5xx", "timeout", "forbidden"
+    times: int
+    status: int = 500
+    retry_after: int = 1
+    delay: float = 0.0
+    chat_id: int | None = None
+
+
+@dataclass
+class _Spec:
+    methods: dict[str, dict] = field(default_factory=dict)
+    types: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> _Spec | None:
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(methods=data["methods"], types=data["types"])
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, description: str, parameters: dict | None = None):
+        super().__init__(description)
+        self.status, self.description, self.parameters = status, description, parameters
+
+
+def _decode(value, types: list[str]):
+    """Turn a form value (always a string) into what its declared types say it is."""
+    if not isinstance(value, str):
+        return value
+    if "String" in types or "InputFile" in types:
+        if "Integer" in types and value.lstrip("-").isdigit():
+            return int(value)
+        return value
+    if types == ["Integer"]:
+        return int(value)
+    if types == ["Float"]:
+        return float(value)
+    if types == ["Boolean"]:
+        return {"true": True, "false": False}[value.lower()]
+    return json.loads(value)
+
+
+class TelegramEmulator:
+    """Serve with `async with TelegramEmulator(token) as emulator:`; point the bot at `.base_url`."""
+
+    def __init__(self, token: str, bot_username: str = "SpeechTestBot", spec_path: Path = SPEC_PATH):
+        self.token = token
+        self.bot_user = {
+            "id": int(token.split(":")[0]),
+            "is_bot": True,
+            "first_name": "Speech Bot",
+            "username": bot_username,
+            "can_join_groups": True,
+            "can_read_all_group_messages": False,
+            "supports_inline_queries": False,
+        }
+        self.spec = _Spec.load(spec_path)
+        self.calls: list[Call] = []
+        self.faults: list[Fault] = []
+        self.admins: dict[int, list[dict]] = {}
+        self.blocked: set[int] = set()
+        self.migrated: dict[int, int] = {}
+        self.commands: list[dict] = []
+        self._updates: list[dict] = []
+        self._update_ids = itertools.count(1)
+        self._message_ids = itertools.count(1000)
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    async def __aenter__(self) -> TelegramEmulator:
+        app = web.Application()
+        app.router.add_route("*", "/bot{token}/{method}", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}/bot"
+        return self
+
+    async def __aexit__(self, *_exc) -> None:
+        await self._runner.cleanup()
+
+    # ---- what tests do to the emulated world ----
+
+    def inject(self, method: str, kind: str, times: int = 1, **options) -> None:
+        """Make the next `times` calls of `method` fail as `kind`: 429, 5xx, timeout or forbidden."""
+        self.faults.append(Fault(method=method, kind=kind, times=times, **options))
+
+    def push_update(self, payload: dict) -> int:
+        """Queue an update (`payload` is everything but update_id); returns its update_id."""
+        update_id = next(self._update_ids)
+        self._updates.append({"update_id": update_id, **payload})
+        asyncio.get_running_loop().create_task(self._notify())
+        return update_id
+
+    def message(self, chat: dict, sender: dict | None, text: str, **extra) -> dict:
+        """A text message as Telegram would deliver it, with command and mention entities."""
+        message = {"message_id": next(self._message_ids), "date": int(time.time()), "chat": chat, "text": text}
+        if sender is not None:
+            message["from"] = sender
+        entities = []
+        if text.startswith("/"):
+            entities.append({"type": "bot_command", "offset": 0, "length": len(text.split()[0])})
+        mention = "@" + self.bot_user["username"]
+        if mention in text and not text.startswith("/"):
+            entities.append({"type": "mention", "offset": text.index(mention), "length": len(mention)})
+        if entities:
+            message["entities"] = entities
+        return message | extra
+
+    def send_text(self, chat: dict, sender: dict | None, text: str, **extra) -> dict:
+        message = self.message(chat, sender, text, **extra)
+        self.push_update({"message": message})
+        return message
+
+    def sent(self, method: str = "sendMessage", chat_id: int | None = None) -> list[Call]:
+        """Calls of `method` that succeeded, optionally only those to `chat_id`."""
+        return [
+            call
+            for call in self.calls
+            if call.method == method
+            and call.status == 200
+            and (chat_id is None or int(call.params.get("chat_id", 0)) == chat_id)
+        ]
+
+    async def wait_for(self, predicate: Callable[[Call], bool], since: int = 0, timeout: float = 15.0) -> Call:
+        """The first call recorded at index `since` or later that matches `predicate`, waiting if needed."""
+
+        def find() -> Call | None:
+            return next((call for call in self.calls[since:] if predicate(call)), None)
+
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(find), timeout)
+            return find()
+
+    async def ask(self, chat: dict, sender: dict | None, text: str, **extra) -> str:
+        """Send a text message and return the text of the bot's answer in that chat."""
+        since = len(self.calls)
+        self.send_text(chat, sender, text, **extra)
+        answer = await self.wait_for(
+            lambda call: (
+                call.method == "sendMessage" and call.status == 200 and int(call.params["chat_id"]) == chat["id"]
+            ),
+            since,
+        )
+        return answer.params["text"]
+
+    async def settle(self, seconds: float = 0.3) -> None:
+        """Let the bot work for a moment (used where a test checks that nothing happened)."""
+        await asyncio.sleep(seconds)
+
+    # ---- the HTTP side ----
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        params = await self._read_params(request)
+        call = Call(method=method, params=params)
+        try:
+            if request.match_info["token"] != self.token:
+                raise ApiError(401, "Unauthorized")
+            self._check(method, params)
+            await self._apply_faults(call)
+            call.result = await self._answer(method, params)
+            body = {"ok": True, "result": call.result}
+        except ApiError as error:
+            call.status = error.status
+            body = {"ok": False, "error_code": error.status, "description": error.description}
+            if error.parameters:
+                body["parameters"] = error.parameters
+        finally:
+            self.calls.append(call)
+            await self._notify()
+        return web.json_response(body, status=call.status)
+
+    async def _read_params(self, request: web.Request) -> dict:
+        params: dict = dict(request.query)
+        if request.content_type == "application/json":
+            params.update(await request.json())
+        elif request.can_read_body:
+            for name, value in (await request.post()).items():
+                params[name] = value if isinstance(value, str) else value.file.read()
+        return params
+
+    def _check(self, method: str, params: dict) -> None:
+        if self.spec is None:
+            return
+        spec = self.spec.methods.get(method)
+        if spec is None:
+            raise ApiError(404, "Not Found: method not found")
+        fields = {entry["name"]: entry for entry in spec.get("fields", [])}
+        for name in params:
+            if name not in fields:
+                raise ApiError(400, f"Bad Request: {method} has no parameter {name!r}")
+        for name, entry in fields.items():
+            if entry["required"] and name not in params:
+                raise ApiError(400, f"Bad Request: {method} needs parameter {name!r}")
+            if name in params:
+                try:
+                    params[name] = _decode(params[name], entry["types"])
+                except (ValueError, KeyError) as error:
+                    raise ApiError(400, f"Bad Request: {name!r} is not {entry['types']}: {error}") from None
+
+    async def _apply_faults(self, call: Call) -> None:
+        for fault in self.faults:
+            if fault.method != call.method or fault.times <= 0:
+                continue
+            if fault.chat_id is not None and int(call.params.get("chat_id", 0)) != fault.chat_id:
+                continue
+            fault.times -= 1
+            call.failure = fault.kind
+            if fault.kind == "429":
+                raise ApiError(
+                    429,
+                    f"Too Many Requests: retry after {fault.retry_after}",
+                    {"retry_after": fault.retry_after},
+                )
+            if fault.kind == "5xx":
+                raise ApiError(fault.status, "Internal Server Error")
+            if fault.kind == "timeout":
+                # Hold the connection past the client's read timeout; the client gives up first.
+                await asyncio.sleep(fault.delay)
+                raise ApiError(504, "Gateway Timeout")
+            raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    async def _answer(self, method: str, params: dict):
+        if method == "getMe":
+            return self.bot_user
+        if method == "getUpdates":
+            return await self._get_updates(params)
+        if method == "sendMessage":
+            return self._send_message(params)
+        if method == "getChatAdministrators":
+            return [
+                self._administrator(user, owner=index == 0)
+                for index, user in enumerate(self.admins.get(int(params["chat_id"]), []))
+            ]
+        if method == "setMyCommands":
+            self.commands = params["commands"]
+            return True
+        if method == "getMyCommands":
+            return self.commands
+        return True
+
+    async def _get_updates(self, params: dict) -> list[dict]:
+        offset = int(params.get("offset", 0))
+        limit = int(params.get("limit", 100))
+        timeout = float(params.get("timeout", 0))
+        allowed = params.get("allowed_updates") or None
+        # An offset confirms (forgets) every update before it, as Telegram does.
+        self._updates = [update for update in self._updates if update["update_id"] >= offset]
+
+        def pending() -> list[dict]:
+            return [update for update in self._updates if allowed is None or any(kind in update for kind in allowed)][
+                :limit
+            ]
+
+        if not pending() and timeout > 0:
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait_for(pending), timeout)
+        return pending()
+
+    def _send_message(self, params: dict) -> dict:
+        chat_id = int(params["chat_id"])
+        if chat_id in self.migrated:
+            raise ApiError(
+                400,
+                "Bad Request: group chat was upgraded to a supergroup chat",
+                {"migrate_to_chat_id": self.migrated[chat_id]},
+            )
+        if chat_id in self.blocked:
+            raise ApiError(403, "Forbidden: bot was blocked by the user")
+        text = str(params["text"]).strip()
+        if not text:
+            raise ApiError(400, "Bad Request: message text is empty")
+        if len(text) > TEXT_LIMIT:
+            raise ApiError(400, "Bad Request: message is too long")
+        chat_type = "private" if chat_id > 0 else ("supergroup" if chat_id < -(10**12) else "group")
+        return {
+            "message_id": next(self._message_ids),
+            "date": int(time.time()),
+            "chat": {"id": chat_id, "type": chat_type},
+            "from": self.bot_user,
+            "text": text,
+        }
+
+    @staticmethod
+    def _administrator(user: dict, owner: bool) -> dict:
+        if owner:
+            return {"status": "creator", "user": user, "is_anonymous": False}
+        return {"status": "administrator", "user": user} | dict.fromkeys(ADMIN_FLAGS, False)
