@@ -46,7 +46,7 @@ class Call:
 
     method: str
     params: dict
-    status: int = 200
+    status: int | None = None  # None while the request is still being answered
     result: object = None
     failure: str | None = None
 
@@ -219,6 +219,7 @@ class TelegramEmulator:
         method = request.match_info["method"]
         params = await self._read_params(request)
         call = Call(method=method, params=params)
+        self.calls.append(call)  # recorded on arrival, so a test sees calls the client gave up on
         try:
             if request.match_info["token"] != self.token:
                 raise ApiError(401, "Unauthorized")
@@ -226,13 +227,13 @@ class TelegramEmulator:
             await self._apply_faults(call)
             call.result = await self._answer(method, params)
             body = {"ok": True, "result": call.result}
+            call.status = 200
         except ApiError as error:
             call.status = error.status
             body = {"ok": False, "error_code": error.status, "description": error.description}
             if error.parameters:
                 body["parameters"] = error.parameters
         finally:
-            self.calls.append(call)
             await self._notify()
         return web.json_response(body, status=call.status)
 

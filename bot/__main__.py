@@ -1,0 +1,162 @@
+"""`python -m bot` (or `speechbot`): run, console, migrate, generate and healthcheck commands.
+
+Every user error (configuration, database URL, model file, arguments) ends as one line on stderr
+and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy.exc import OperationalError
+from telegram.error import InvalidToken, TelegramError
+
+from bot.config import Config, ConfigError
+from bot.logs import setup_logging
+from db.database import DatabaseConfigError, create_db_engine, migrate
+
+CONSOLE_CHAT_ID = 0  # never a Telegram chat id, so the console's settings live beside real chats
+HEALTHY_HEARTBEAT_AGE = 120.0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see python -m bot {self.prog.split()[-1]} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m bot", description="A Telegram bot that talks like Donald Trump.")
+    commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
+    commands.add_parser("run", help="run the Telegram bot (the default)")
+    commands.add_parser("console", help="talk to the bot in this terminal, without Telegram")
+    commands.add_parser("migrate", help="create or update the database schema")
+    generate = commands.add_parser("generate", help="print one speech from the model")
+    generate.add_argument("--model", type=Path, help="ONNX model file (default: MODEL_PATH or the bundled one)")
+    generate.add_argument("--prompt", default="", help="text the speech continues")
+    generate.add_argument("--length", type=int, default=500, help="characters to generate")
+    generate.add_argument("--temperature", type=float, default=0.8, help="above 0, at most 2")
+    generate.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest characters")
+    generate.add_argument("--seed", type=int, default=None, help="for a repeatable speech")
+    health = commands.add_parser("healthcheck", help="exit 0 if the running bot's heartbeat is fresh")
+    health.add_argument("--max-age", type=float, default=HEALTHY_HEARTBEAT_AGE, help="seconds")
+    return parser
+
+
+def open_engine(config: Config, model_path: Path | None = None):
+    from bot.engine import GenerationEngine  # onnxruntime loads only for commands that generate
+
+    return GenerationEngine(
+        model_path or config.model_path, providers=config.onnx_providers, threads=config.onnx_threads
+    )
+
+
+def run_telegram(config: Config) -> None:
+    from bot.telegram_app import run
+
+    config.require_token()
+    engine = open_engine(config)
+    try:
+        run(config, engine)
+    finally:
+        engine.close()
+
+
+async def console(config: Config) -> None:
+    from bot.core import ChatRef, SpeechBot
+    from db.store import ChatStore
+
+    db_engine = create_db_engine(config.database_url)
+    migrate(db_engine)
+    store = ChatStore(db_engine, config.default_temperature, config.default_length)
+    engine = open_engine(config)
+    core = SpeechBot(store, engine, cooldown_seconds=0)
+    chat = ChatRef(CONSOLE_CHAT_ID, "console")
+    print("Talk to the bot: commands such as /speech 0.9 We will or plain text as a prompt. /quit or Ctrl-D ends.")
+    try:
+        while True:
+            try:
+                line = await asyncio.to_thread(input, "> ")
+            except EOFError:
+                break
+            if line.strip() in ("/quit", "/exit"):
+                break
+            if line.strip():
+                print(await core.handle_text(chat, line) or "")
+    finally:
+        engine.close()
+        db_engine.dispose()
+
+
+def generate(config: Config, args: argparse.Namespace) -> None:
+    engine = open_engine(config, args.model)
+    try:
+        print(
+            engine.generate(
+                prompt=args.prompt,
+                length=args.length,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                seed=args.seed,
+            )
+        )
+    finally:
+        engine.close()
+
+
+def healthcheck(config: Config, max_age: float) -> int:
+    if config.heartbeat_file is None:
+        raise ConfigError("HEARTBEAT_FILE is not set, so there is no heartbeat to check")
+    try:
+        age = time.time() - config.heartbeat_file.stat().st_mtime
+    except FileNotFoundError:
+        print(f"unhealthy: no heartbeat file at {config.heartbeat_file}", file=sys.stderr)
+        return 1
+    if age > max_age:
+        print(f"unhealthy: last heartbeat {age:.0f} s ago", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bot.errors import ModelFileError
+
+    try:
+        args = build_parser().parse_args(argv)
+        config = Config.from_env()
+        setup_logging(config.log_level, secrets=[config.telegram_bot_token, config.webhook_secret])
+        command = args.command or "run"
+        if command == "run":
+            run_telegram(config)
+        elif command == "console":
+            asyncio.run(console(config))
+        elif command == "migrate":
+            migrate(create_db_engine(config.database_url))
+            logging.getLogger(__name__).info("Database %s is up to date", config.database_url)
+        elif command == "generate":
+            generate(config, args)
+        else:
+            return healthcheck(config, args.max_age)
+    except (ConfigError, DatabaseConfigError, ModelFileError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except InvalidToken:
+        print("error: Telegram rejected TELEGRAM_BOT_TOKEN; check it with @BotFather", file=sys.stderr)
+        return 2
+    except OperationalError as error:
+        print(f"error: the database at DATABASE_URL cannot be used: {error.orig}", file=sys.stderr)
+        return 2
+    except TelegramError as error:
+        print(f"error: Telegram could not be reached: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Running the real bot (python-telegram-bot's HTTP stack, real engine, SQLite) against the emulator."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from telegram.ext import Application
+from telegram_emulator import TelegramEmulator
+
+from bot.config import Config
+from bot.telegram_app import build_application
+
+TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
+ALICE = {"id": 111, "is_bot": False, "first_name": "Alice"}
+BOB = {"id": 222, "is_bot": False, "first_name": "Bob"}
+
+
+def private_chat(user: dict) -> dict:
+    return {"id": user["id"], "type": "private", "first_name": user["first_name"]}
+
+
+def group_chat(chat_id: int, kind: str = "group") -> dict:
+    return {"id": chat_id, "type": kind, "title": f"Group {chat_id}"}
+
+
+class Clock:
+    """The bot's wall clock in tests: moves only when told to."""
+
+    def __init__(self, now: datetime = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)):
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta) -> None:
+        self.now += timedelta(**delta)
+
+
+def bot_config(emulator: TelegramEmulator, db_path, **overrides) -> Config:
+    config = Config(
+        telegram_bot_token=TOKEN,
+        telegram_api_base_url=emulator.base_url,
+        database_url=f"sqlite:///{db_path}",
+        default_length=40,  # short speeches keep the suite fast on two shared cores
+        cooldown_seconds=0,
+    )
+    return replace(config, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running_bot(
+    emulator: TelegramEmulator, engine, config: Config, clock: Clock, **build_options
+) -> AsyncIterator[Application]:
+    """Start the bot as run_polling would (post_init included), polling the emulator; stop it after."""
+    build_options = {"retry_delays": (0.05, 0.1), "read_timeout": 2.0} | build_options
+    application = build_application(config, engine, clock=clock, **build_options)
+    async with application:
+        await application.post_init(application)
+        await application.updater.start_polling(poll_interval=0, timeout=1)
+        await application.start()
+        try:
+            yield application
+        finally:
+            await application.updater.stop()
+            await application.stop()
+            await application.post_shutdown(application)
+
+
+def open_test_engine():
+    """The real engine on the bundled model, on one thread so parallel work elsewhere is not starved."""
+    from bot.engine import DEFAULT_MODEL_PATH, GenerationEngine
+
+    return GenerationEngine(DEFAULT_MODEL_PATH, providers="cpu", threads=1)

@@ -1,0 +1,61 @@
+"""Configuration from the environment and .env: defaults, precedence and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import BUNDLED_MODEL_PATH, Config, ConfigError
+
+TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
+
+
+def test_defaults_without_anything(tmp_path):
+    config = Config.from_env({}, dotenv_path=tmp_path / "missing.env")
+    assert config.database_url == "sqlite:///data/bot.db"
+    assert config.model_path == BUNDLED_MODEL_PATH
+    assert (config.onnx_providers, config.log_level, config.webhook_url) == ("auto", "INFO", None)
+    with pytest.raises(ConfigError, match=r"TELEGRAM_BOT_TOKEN is not set.*@BotFather"):
+        config.require_token()
+
+
+def test_dotenv_is_read_and_environment_wins(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"TELEGRAM_BOT_TOKEN={TOKEN}\nLOG_LEVEL=debug\nONNX_PROVIDERS=CPU\nDEFAULT_LENGTH=300\n")
+    config = Config.from_env({"DEFAULT_LENGTH": "120", "MODEL_PATH": "m.onnx"}, dotenv_path=dotenv)
+    assert config.require_token() == TOKEN
+    assert (config.log_level, config.onnx_providers, config.default_length) == ("DEBUG", "cpu", 120)
+    assert config.model_path == Path("m.onnx")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("TELEGRAM_BOT_TOKEN", "not-a-token", "does not look like a bot token"),
+        ("ONNX_PROVIDERS", "tpu", "use one of: auto, cpu, cuda"),
+        ("LOG_LEVEL", "loud", "use one of: DEBUG"),
+        ("WEBHOOK_PORT", "http", "not an integer; use at least 1 and at most 65535"),
+        ("WEBHOOK_PORT", "70000", "out of range"),
+        ("WEBHOOK_URL", "http://example.com/hook", "starting with https://"),
+        ("WEBHOOK_SECRET", "has spaces", "WEBHOOK_SECRET is not valid"),
+        ("TELEGRAM_API_BASE_URL", "localhost:8081", "starting with http:// or https://"),
+        ("DEFAULT_TEMPERATURE", "0", "use above 0 and at most 2.0"),
+        ("DEFAULT_TEMPERATURE", "nan", "out of range"),
+        ("DEFAULT_LENGTH", "1e309", "not an integer"),
+        ("COOLDOWN_SECONDS", "-1", "out of range"),
+        ("ONNX_THREADS", "0", "out of range"),
+    ],
+)
+def test_invalid_values_name_the_variable_and_the_valid_form(tmp_path, name, value, expected):
+    with pytest.raises(ConfigError, match=expected) as error:
+        Config.from_env({name: value}, dotenv_path=tmp_path / "none")
+    assert name in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_bad_token_is_never_echoed(tmp_path):
+    secret = "123:" + "x" * 10 + " oops"
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({"TELEGRAM_BOT_TOKEN": secret}, dotenv_path=tmp_path / "none")
+    assert secret not in str(error.value)

@@ -1,0 +1,222 @@
+"""The bot over python-telegram-bot's real HTTP stack, talking to the Bot API emulator on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+from bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, group_chat, open_test_engine, private_chat, running_bot
+from telegram_emulator import ANONYMOUS_ADMIN, TelegramEmulator
+
+from bot.core import COMMANDS
+
+ALICE_CHAT = private_chat(ALICE)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = open_test_engine()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+async def emulator():
+    async with TelegramEmulator(TOKEN) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def bot(emulator, engine, tmp_path):
+    async with running_bot(emulator, engine, bot_config(emulator, tmp_path / "bot.db"), Clock()) as application:
+        yield application
+
+
+async def test_commands_are_registered_for_the_menu(bot, emulator):
+    assert [command["command"] for command in emulator.commands] == list(COMMANDS)
+    assert emulator.spec is not None, "../shared/data/telegram-bot-api.json validates every call"
+
+
+async def test_every_command_in_a_private_chat(bot, emulator):
+    assert "parody" in await emulator.ask(ALICE_CHAT, ALICE, "/start")
+    assert "/schedule 08:30" in await emulator.ask(ALICE_CHAT, ALICE, "/help")
+    assert await emulator.ask(ALICE_CHAT, ALICE, "/temperature 1.1") == "Temperature set to 1.1."
+    assert "Temperature is 1.1" in await emulator.ask(ALICE_CHAT, ALICE, "/temperature")
+    assert await emulator.ask(ALICE_CHAT, ALICE, "/length 60") == "Speech length set to 60 characters."
+    assert "60 characters" in await emulator.ask(ALICE_CHAT, ALICE, "/length")
+    assert "Daily speech set for 09:15 Asia/Tokyo" in await emulator.ask(
+        ALICE_CHAT, ALICE, "/schedule 09:15 Asia/Tokyo"
+    )
+    assert "09:15 Asia/Tokyo" in await emulator.ask(ALICE_CHAT, ALICE, "/settings")
+    assert await emulator.ask(ALICE_CHAT, ALICE, "/unschedule") == "Daily speech removed."
+    speech = await emulator.ask(ALICE_CHAT, ALICE, "/speech 0.7 We will build")
+    assert speech.startswith("We will build") and len(speech) > len("We will build")
+    assert "I don't know /dance" in await emulator.ask(ALICE_CHAT, ALICE, "/dance")
+
+
+async def test_plain_text_in_private_is_a_prompt_answered_as_plain_text(bot, emulator):
+    prompt = "<b>We</b> *will* _win_"
+    reply_call_count = len(emulator.sent())
+    assert (await emulator.ask(ALICE_CHAT, ALICE, prompt)).startswith(prompt)
+    call = emulator.sent()[reply_call_count]
+    assert "parse_mode" not in call.params, "no parse mode, so prompts cannot inject markup"
+    assert call.params["reply_parameters"]["message_id"] > 0
+    assert emulator.sent("sendChatAction", ALICE_CHAT["id"]), "typing is shown while generating"
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("/speech -1", "out of range"),
+        ("/speech nan", "out of range"),
+        ("/speech 1e309", "out of range"),
+        ("/temperature 0", "out of range"),
+        ("/temperature abc", "is not a temperature"),
+        ("/length -1", "out of range"),
+        ("/length " + "8" * 5000, "is not a length"),
+        ("/schedule 25:61", "not a time of day"),
+        ("/schedule 10:00 Atlantis/Capital", "not a time zone I know"),
+    ],
+)
+async def test_bad_arguments_are_answered(bot, emulator, command, expected):
+    assert expected in await emulator.ask(ALICE_CHAT, ALICE, command)
+
+
+async def test_group_admins_change_settings_others_are_refused(bot, emulator):
+    group = group_chat(-4001)
+    emulator.admins[group["id"]] = [ALICE]
+    assert await emulator.ask(group, ALICE, "/temperature@SpeechTestBot 0.4") == "Temperature set to 0.4."
+    refusal = await emulator.ask(group, BOB, "/temperature 1.9")
+    assert "only this group's administrators" in refusal
+    assert "Temperature is 0.4" in await emulator.ask(group, BOB, "/temperature")
+    assert "only this group's administrators" in await emulator.ask(group, BOB, "/unschedule")
+    # Bob may still ask for speeches.
+    assert len(await emulator.ask(group, BOB, "/speech@SpeechTestBot 0.5")) > 0
+
+
+async def test_anonymous_admin_posting_as_the_group_is_an_admin(bot, emulator):
+    group = group_chat(-1009990001, "supergroup")
+    emulator.admins[group["id"]] = [BOB]  # the anonymous admin is not in the list by user id
+    reply = await emulator.ask(group, ANONYMOUS_ADMIN, "/length 90", sender_chat=group)
+    assert reply == "Speech length set to 90 characters."
+    # A channel speaking in the group is not an admin of it.
+    channel = {"id": -1007770001, "type": "channel", "title": "Some channel"}
+    refusal = await emulator.ask(
+        group, {"id": 136817688, "is_bot": True, "first_name": "Channel"}, "/length 50", sender_chat=channel
+    )
+    assert "only this group's administrators" in refusal
+
+
+async def test_in_groups_only_replies_and_mentions_are_prompts(bot, emulator):
+    group = group_chat(-4002)
+    emulator.send_text(group, BOB, "just chatting about lunch")
+    await emulator.settle()
+    assert not emulator.sent(chat_id=group["id"])
+    mention = await emulator.ask(group, BOB, "@SpeechTestBot We will win")
+    assert mention.startswith("We will win")
+    bot_message = emulator.sent(chat_id=group["id"])[-1].result
+    reply = await emulator.ask(group, BOB, "Tell me more", reply_to_message=bot_message)
+    assert reply.startswith("Tell me more")
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"message": {"message_id": 1, "date": 0, "chat": ALICE_CHAT, "from": ALICE,
+                     "sticker": {"file_id": "s", "file_unique_id": "s", "type": "regular", "width": 512,
+                                 "height": 512, "is_animated": False, "is_video": False}}},
+        {"message": {"message_id": 2, "date": 0, "chat": ALICE_CHAT, "from": ALICE,
+                     "photo": [{"file_id": "p", "file_unique_id": "p", "width": 90, "height": 90}]}},
+        {"edited_message": {"message_id": 3, "date": 0, "edit_date": 1, "chat": ALICE_CHAT, "from": ALICE,
+                            "text": "/speech"}},
+        {"channel_post": {"message_id": 4, "date": 0, "chat": {"id": -1005, "type": "channel", "title": "c"},
+                          "text": "/speech"}},
+        {"message": {"message_id": 5, "date": 0, "chat": group_chat(-4003), "from": ALICE,
+                     "new_chat_members": [BOB]}},
+        {"message": {"message_id": 6, "date": 0, "chat": group_chat(-4003), "from": ALICE,
+                     "left_chat_member": BOB}},
+        {"message": {"message_id": 7, "date": 0, "chat": group_chat(-4003), "from": ALICE,
+                     "new_chat_title": "renamed"}},
+    ],
+    ids=["sticker", "photo", "edited", "channel_post", "joined", "left", "title"],
+)  # fmt: skip
+async def test_updates_not_handled_are_ignored_quietly(bot, emulator, update, caplog):
+    emulator.push_update(update)
+    await emulator.settle()
+    assert not emulator.sent()
+    assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
+    # The bot is still alive afterwards.
+    assert "parody" in await emulator.ask(ALICE_CHAT, ALICE, "/start")
+
+
+async def test_429_is_waited_out_and_the_reply_delivered(bot, emulator):
+    emulator.inject("sendMessage", "429", retry_after=1)
+    assert "Temperature is" in await emulator.ask(ALICE_CHAT, ALICE, "/temperature")
+    assert [call.failure for call in emulator.calls if call.method == "sendMessage"] == ["429", None]
+
+
+async def test_5xx_and_timeouts_are_retried(bot, emulator):
+    emulator.inject("sendMessage", "5xx", status=502)
+    emulator.inject("sendMessage", "5xx", status=500)
+    assert "Temperature is" in await emulator.ask(ALICE_CHAT, ALICE, "/temperature")
+    emulator.inject("sendMessage", "timeout", delay=3.0)
+    assert "Speeches are" in await emulator.ask(ALICE_CHAT, ALICE, "/length")
+    failures = [call.failure for call in emulator.calls if call.method == "sendMessage"]
+    assert failures == ["5xx", "5xx", None, "timeout", None]
+
+
+async def test_getupdates_errors_do_not_stop_polling(bot, emulator):
+    emulator.inject("getUpdates", "5xx", times=2, status=503)
+    assert "parody" in await emulator.ask(
+        ALICE_CHAT,
+        ALICE,
+        "/start",
+    )
+
+
+async def test_settings_survive_a_restart(emulator, engine, tmp_path):
+    config = bot_config(emulator, tmp_path / "bot.db")
+    group = group_chat(-4004)
+    emulator.admins[group["id"]] = [ALICE]
+    async with running_bot(emulator, engine, config, Clock()):
+        await emulator.ask(ALICE_CHAT, ALICE, "/temperature 1.7")
+        await emulator.ask(group, ALICE, "/length 33")
+    async with running_bot(emulator, engine, config, Clock()):
+        assert "temperature: 1.7" in await emulator.ask(ALICE_CHAT, ALICE, "/settings")
+        assert "length: 33 characters" in await emulator.ask(group, BOB, "/settings")
+
+
+async def test_group_upgraded_to_supergroup_keeps_its_settings(bot, emulator):
+    group, supergroup = group_chat(-4005), group_chat(-1004005, "supergroup")
+    emulator.admins[group["id"]] = [ALICE]
+    emulator.admins[supergroup["id"]] = [ALICE]
+    await emulator.ask(group, ALICE, "/temperature 0.3")
+    # Sending to the old id now fails with migrate_to_chat_id; the reply goes to the new id.
+    emulator.migrated[group["id"]] = supergroup["id"]
+    since = len(emulator.calls)
+    emulator.send_text(group, ALICE, "/settings")
+    moved = await emulator.wait_for(
+        lambda call: (
+            call.method == "sendMessage" and call.status == 200 and int(call.params["chat_id"]) == supergroup["id"]
+        ),
+        since,
+    )
+    assert "temperature: 0.3" in moved.params["text"]
+    assert "temperature: 0.3" in await emulator.ask(supergroup, ALICE, "/settings")
+
+
+async def test_migration_service_message_moves_the_row(bot, emulator):
+    group, supergroup = group_chat(-4006), group_chat(-1004006, "supergroup")
+    emulator.admins[group["id"]] = [ALICE]
+    await emulator.ask(group, ALICE, "/length 77")
+    emulator.push_update(
+        {
+            "message": {
+                "message_id": 9,
+                "date": 0,
+                "chat": supergroup,
+                "from": ALICE,
+                "migrate_from_chat_id": group["id"],
+            }
+        }
+    )
+    await emulator.settle()
+    assert "length: 77 characters" in await emulator.ask(supergroup, BOB, "/settings")
