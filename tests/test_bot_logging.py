@@ -1,0 +1,69 @@
+"""The bot token never reaches the logs, even at DEBUG level where python-telegram-bot prints its URL."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+from bot_harness import ALICE, TOKEN, Clock, bot_config, open_test_engine, private_chat, running_bot
+from telegram_emulator import TelegramEmulator
+
+from bot.logs import REDACTED, RedactSecrets, setup_logging
+
+OTHER_TOKEN = "987654321:BBAnotherFakeToken_0123456789abcdefgh"
+
+
+@pytest.fixture
+def root_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield root
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_filter_redacts_message_arguments_and_tracebacks():
+    stream = io.StringIO()
+    logger = logging.getLogger("speechbot.test.redact")
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactSecrets([TOKEN, "hook-secret"]))
+    logger.addHandler(handler)
+    try:
+        logger.warning("POST %s/sendMessage with %s", f"https://api.telegram.org/bot{TOKEN}", "hook-secret")
+        try:
+            raise ConnectionError(f"cannot reach https://api.telegram.org/bot{OTHER_TOKEN}/getMe")
+        except ConnectionError:
+            logger.exception("request failed")
+        logger.error("stack", stack_info=True, extra={})
+    finally:
+        logger.removeHandler(handler)
+    output = stream.getvalue()
+    assert TOKEN not in output and OTHER_TOKEN not in output and "hook-secret" not in output
+    assert output.count(REDACTED) >= 3
+    assert "ConnectionError" in output, "the traceback itself is kept"
+
+
+async def test_a_debug_session_never_logs_the_token(root_logging, tmp_path):
+    leaky, redacted = io.StringIO(), io.StringIO()
+    # Runs before the redacting handler, so it shows what python-telegram-bot really logs.
+    root_logging.addHandler(logging.StreamHandler(leaky))
+    setup_logging(logging.DEBUG, secrets=[TOKEN], stream=redacted)
+    assert logging.getLogger("httpx").level == logging.WARNING
+    engine = open_test_engine()
+    try:
+        async with TelegramEmulator(TOKEN) as emulator:
+            config = bot_config(emulator, tmp_path / "bot.db")
+            async with running_bot(emulator, engine, config, Clock()):
+                chat = private_chat(ALICE)
+                emulator.inject("sendMessage", "5xx", status=502)
+                await emulator.ask(chat, ALICE, "/settings")
+                emulator.inject("sendMessage", "429", retry_after=1)
+                await emulator.ask(chat, ALICE, "/speech 0.5 Hello")
+    finally:
+        engine.close()
+    assert TOKEN in leaky.getvalue(), "the scenario does log the token without the filter"
+    output = redacted.getvalue()
+    assert "DEBUG" in output and "sendMessage" in output
+    assert TOKEN not in output
+    assert TOKEN.split(":")[1] not in output
