@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from telegram.error import InvalidToken, TelegramError
 
 from bot.config import Config, ConfigError
-from bot.logs import setup_logging
+from bot.logs import redact, setup_logging
 from db.database import DatabaseConfigError, create_db_engine, migrate
 
 CONSOLE_CHAT_ID = 0  # never a Telegram chat id, so the console's settings live beside real chats
@@ -122,6 +121,12 @@ def healthcheck(config: Config, max_age: float) -> int:
     return 0
 
 
+def fail(message: str, code: int = 2) -> int:
+    # Error texts can quote request URLs, which carry the token.
+    print(f"error: {redact(message)}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     from bot.errors import ModelFileError
 
@@ -136,23 +141,19 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(console(config))
         elif command == "migrate":
             migrate(create_db_engine(config.database_url))
-            logging.getLogger(__name__).info("Database %s is up to date", config.database_url)
+            print("The database schema is up to date.")
         elif command == "generate":
             generate(config, args)
         else:
             return healthcheck(config, args.max_age)
     except (ConfigError, DatabaseConfigError, ModelFileError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(str(error))
     except InvalidToken:
-        print("error: Telegram rejected TELEGRAM_BOT_TOKEN; check it with @BotFather", file=sys.stderr)
-        return 2
+        return fail("Telegram rejected TELEGRAM_BOT_TOKEN; check it with @BotFather")
     except OperationalError as error:
-        print(f"error: the database at DATABASE_URL cannot be used: {error.orig}", file=sys.stderr)
-        return 2
+        return fail(f"the database at DATABASE_URL cannot be used: {error.orig}")
     except TelegramError as error:
-        print(f"error: Telegram could not be reached: {error}", file=sys.stderr)
-        return 1
+        return fail(f"Telegram could not be reached: {error}", code=1)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -18,6 +18,14 @@ REDACTED = "[REDACTED]"
 QUIET_LOGGERS = ("httpx", "httpcore")
 
 
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """`text` with every bot token and each of `secrets` replaced by [REDACTED]."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return TOKEN_PATTERN.sub(REDACTED, text)
+
+
 class RedactSecrets(logging.Filter):
     """Rewrites a record's message, exception and stack text with secrets replaced."""
 
@@ -27,9 +35,7 @@ class RedactSecrets(logging.Filter):
         self._formatter = logging.Formatter()
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        return TOKEN_PATTERN.sub(REDACTED, text)
+        return redact(text, self.secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = self.redact(record.getMessage())

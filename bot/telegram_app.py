@@ -277,16 +277,21 @@ def build_application(
     return application
 
 
+def webhook_options(config: Config) -> dict:
+    """Where python-telegram-bot's webhook server listens and what it registers with Telegram."""
+    return {
+        "listen": "0.0.0.0",
+        "port": config.webhook_port,
+        "url_path": urlparse(config.webhook_url).path.lstrip("/"),
+        "webhook_url": config.webhook_url,
+        "secret_token": config.webhook_secret,
+    }
+
+
 def run(config: Config, engine: Engine) -> None:
     """Serve until SIGINT or SIGTERM (python-telegram-bot stops gracefully on both)."""
     application = build_application(config, engine)
     if config.webhook_url:
-        application.run_webhook(
-            listen="0.0.0.0",
-            port=config.webhook_port,
-            url_path=urlparse(config.webhook_url).path.lstrip("/"),
-            webhook_url=config.webhook_url,
-            secret_token=config.webhook_secret,
-        )
+        application.run_webhook(**webhook_options(config))
     else:
         application.run_polling()

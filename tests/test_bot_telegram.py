@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+
+import aiohttp
 import pytest
 from bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, group_chat, open_test_engine, private_chat, running_bot
 from telegram_emulator import ANONYMOUS_ADMIN, TelegramEmulator
 
 from bot.core import COMMANDS
+from bot.telegram_app import build_application, webhook_options
 
 ALICE_CHAT = private_chat(ALICE)
 
@@ -220,3 +224,40 @@ async def test_migration_service_message_moves_the_row(bot, emulator):
     )
     await emulator.settle()
     assert "length: 77 characters" in await emulator.ask(supergroup, BOB, "/settings")
+
+
+async def test_webhook_mode_checks_the_secret_and_answers(emulator, engine, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = bot_config(
+        emulator,
+        tmp_path / "bot.db",
+        webhook_url="https://bot.example.org/telegram/hook",
+        webhook_port=port,
+        webhook_secret="s3cret-Value",
+    )
+    application = build_application(config, engine, clock=Clock())
+    async with application:
+        await application.post_init(application)
+        await application.updater.start_webhook(**webhook_options(config) | {"listen": "127.0.0.1"})
+        await application.start()
+        try:
+            registered = emulator.sent("setWebhook")[-1].params
+            assert registered["url"] == "https://bot.example.org/telegram/hook"
+            assert registered["secret_token"] == "s3cret-Value"
+            message = emulator.message(ALICE_CHAT, ALICE, "/temperature")
+            url = f"http://127.0.0.1:{port}/telegram/hook"
+            async with aiohttp.ClientSession() as session:
+                forged = {"X-Telegram-Bot-Api-Secret-Token": "wrong"}
+                async with session.post(url, json={"update_id": 1, "message": message}, headers=forged) as response:
+                    assert response.status == 403
+                genuine = {"X-Telegram-Bot-Api-Secret-Token": "s3cret-Value"}
+                async with session.post(url, json={"update_id": 2, "message": message}, headers=genuine) as response:
+                    assert response.status == 200
+            answer = await emulator.wait_for(lambda call: call.method == "sendMessage" and call.status == 200)
+            assert "Temperature is 0.8" in answer.params["text"]
+            assert len(emulator.sent()) == 1, "the forged update was not handled"
+        finally:
+            await application.updater.stop()
+            await application.stop()
