@@ -123,12 +123,16 @@ class TelegramFrontend:
     async def typing(self, bot, chat_id: int) -> AsyncIterator[None]:
         """Show "typing…" in the chat until the block ends."""
 
+        async def show() -> None:
+            with contextlib.suppress(TelegramError):
+                await bot.send_chat_action(chat_id, ChatAction.TYPING)
+
         async def keep_typing() -> None:
             while True:
-                with contextlib.suppress(TelegramError):
-                    await bot.send_chat_action(chat_id, ChatAction.TYPING)
                 await asyncio.sleep(TYPING_REFRESH_SECONDS)
+                await show()
 
+        await show()  # at once, however short the generation turns out to be
         task = asyncio.create_task(keep_typing())
         try:
             yield

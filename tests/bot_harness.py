@@ -1,4 +1,7 @@
-"""Running the real bot (python-telegram-bot's HTTP stack, real engine, SQLite) against the emulator."""
+"""Running the real bot (python-telegram-bot's HTTP stack, real engine, SQLite) against the emulator.
+
+Test modules load this as a pytest plugin (`pytest_plugins = ["bot_harness"]`) for its fixtures.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from telegram.ext import Application
 from telegram_emulator import TelegramEmulator
 
@@ -74,3 +78,16 @@ def open_test_engine():
     from bot.engine import DEFAULT_MODEL_PATH, GenerationEngine
 
     return GenerationEngine(DEFAULT_MODEL_PATH, providers="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = open_test_engine()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+async def emulator():
+    async with TelegramEmulator(TOKEN) as emulator:
+        yield emulator

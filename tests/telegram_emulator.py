@@ -124,6 +124,7 @@ class TelegramEmulator:
         self._message_ids = itertools.count(1000)
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
+        self._closing = False
         self.base_url = ""
 
     async def __aenter__(self) -> TelegramEmulator:
@@ -138,6 +139,8 @@ class TelegramEmulator:
         return self
 
     async def __aexit__(self, *_exc) -> None:
+        self._closing = True
+        await self._notify()  # pending long polls answer now instead of at their timeout
         await self._runner.cleanup()
 
     # ---- what tests do to the emulated world ----
@@ -322,7 +325,7 @@ class TelegramEmulator:
         if not pending() and timeout > 0:
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait_for(pending), timeout)
+                    await asyncio.wait_for(self._changed.wait_for(lambda: pending() or self._closing), timeout)
         return pending()
 
     def _send_message(self, params: dict) -> dict:

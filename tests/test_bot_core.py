@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, time
 
 import pytest
-from bot_harness import Clock, open_test_engine
+from bot_harness import Clock
 
 from bot.core import (
     LENGTH_MAX,
@@ -22,15 +22,10 @@ from bot.dailytime import latest_due, next_due, parse_daily_time, resolve_time_z
 from db.database import create_db_engine, migrate
 from db.store import ChatStore
 
+pytest_plugins = ["bot_harness"]
+
 PRIVATE = ChatRef(7, "private")
 GROUP = ChatRef(-70, "group")
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = open_test_engine()
-    yield engine
-    engine.close()
 
 
 def make_bot(tmp_path, engine, clock=None, cooldown=0.0) -> SpeechBot:

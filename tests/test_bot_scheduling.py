@@ -8,27 +8,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import pytest
-from bot_harness import ALICE, TOKEN, Clock, bot_config, group_chat, open_test_engine, private_chat, running_bot
-from telegram_emulator import TelegramEmulator
+from bot_harness import ALICE, Clock, bot_config, group_chat, private_chat, running_bot
 
 from bot.scheduling import job_name
 
+pytest_plugins = ["bot_harness"]
+
 CHAT = private_chat(ALICE)
 NOON = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = open_test_engine()
-    yield engine
-    engine.close()
-
-
-@pytest.fixture
-async def emulator():
-    async with TelegramEmulator(TOKEN) as emulator:
-        yield emulator
 
 
 def daily_job(application, chat_id: int):

@@ -6,26 +6,15 @@ import socket
 
 import aiohttp
 import pytest
-from bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, group_chat, open_test_engine, private_chat, running_bot
-from telegram_emulator import ANONYMOUS_ADMIN, TelegramEmulator
+from bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat, running_bot
+from telegram_emulator import ANONYMOUS_ADMIN
 
 from bot.core import COMMANDS
 from bot.telegram_app import build_application, webhook_options
 
+pytest_plugins = ["bot_harness"]
+
 ALICE_CHAT = private_chat(ALICE)
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = open_test_engine()
-    yield engine
-    engine.close()
-
-
-@pytest.fixture
-async def emulator():
-    async with TelegramEmulator(TOKEN) as emulator:
-        yield emulator
 
 
 @pytest.fixture
