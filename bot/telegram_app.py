@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from telegram import BotCommand, Message, MessageEntity, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType
-from telegram.error import BadRequest, ChatMigrated, NetworkError, TelegramError
+from telegram.error import BadRequest, ChatMigrated, Forbidden, NetworkError, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -229,6 +229,10 @@ class TelegramFrontend:
                     self.daily.remove(change.chat.id)
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if isinstance(context.error, Forbidden):
+            # The user blocked the bot or it left the chat: nothing to answer, nothing to fix.
+            log.info("Cannot write to the chat: %s", context.error.message)
+            return
         log.error("Error while handling an update", exc_info=context.error)
         if isinstance(update, Update) and update.message is not None:
             with contextlib.suppress(TelegramError):

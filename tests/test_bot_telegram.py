@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
 
 import aiohttp
 import pytest
@@ -10,7 +11,7 @@ from bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat,
 from telegram_emulator import ANONYMOUS_ADMIN
 
 from bot.core import COMMANDS
-from bot.telegram_app import build_application, webhook_options
+from bot.telegram_app import SORRY, build_application, webhook_options
 
 pytest_plugins = ["bot_harness"]
 
@@ -158,11 +159,8 @@ async def test_5xx_and_timeouts_are_retried(bot, emulator):
 
 async def test_getupdates_errors_do_not_stop_polling(bot, emulator):
     emulator.inject("getUpdates", "5xx", times=2, status=503)
-    assert "parody" in await emulator.ask(
-        ALICE_CHAT,
-        ALICE,
-        "/start",
-    )
+    assert "parody" in await emulator.ask(ALICE_CHAT, ALICE, "/start")
+    assert [call.status for call in emulator.calls if call.method == "getUpdates"][:2] == [503, 503]
 
 
 async def test_settings_survive_a_restart(emulator, engine, tmp_path):
@@ -250,3 +248,23 @@ async def test_webhook_mode_checks_the_secret_and_answers(emulator, engine, tmp_
         finally:
             await application.updater.stop()
             await application.stop()
+
+
+async def test_a_failing_handler_is_reported_and_the_bot_keeps_running(bot, emulator, tmp_path, caplog):
+    with sqlite3.connect(tmp_path / "bot.db") as db:
+        db.execute("ALTER TABLE chats RENAME TO chats_elsewhere")
+    assert await emulator.ask(ALICE_CHAT, ALICE, "/settings") == SORRY
+    assert any(record.levelname == "ERROR" and record.exc_info for record in caplog.records)
+    with sqlite3.connect(tmp_path / "bot.db") as db:
+        db.execute("ALTER TABLE chats_elsewhere RENAME TO chats")
+    assert "Settings for this chat" in await emulator.ask(ALICE_CHAT, ALICE, "/settings")
+
+
+async def test_a_user_who_blocked_the_bot_is_not_an_error(bot, emulator, caplog):
+    emulator.blocked.add(ALICE_CHAT["id"])
+    emulator.send_text(ALICE_CHAT, ALICE, "/start")
+    await emulator.wait_for(lambda call: call.method == "sendMessage" and call.status == 403)
+    await emulator.settle(0.2)
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+    emulator.blocked.clear()
+    assert "parody" in await emulator.ask(ALICE_CHAT, ALICE, "/start")
