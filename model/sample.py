@@ -42,6 +42,29 @@ def validate_sampling(length: int, temperature: float, top_k: int) -> None:
 
 
 @torch.no_grad()
+def paragraph_start(net: CharRNN, vocab: Vocab, device: str | torch.device = "cpu", max_chars: int = 300):
+    """Logits and state at the start of a sentence that the model wrote itself.
+
+    Training sees a zero state once an epoch, so text sampled straight from it starts with odd
+    characters ("éFire, that"). Instead the model reads a newline and writes greedily until it ends
+    a sentence (". ", "? ", "! " or a newline; at most max_chars), and generation starts there.
+    The bot's engine does the same.
+    """
+    newline = vocab.encode("\n")[:1] or [0]
+    enders = set(vocab.encode(".!?"))
+    breaks = set(vocab.encode(" ")) | set(newline)
+    logits, state = net(torch.tensor([newline], device=device))
+    previous = newline[0]
+    for _ in range(max_chars):
+        token = int(logits[0, -1].argmax())
+        logits, state = net(torch.tensor([[token]], device=device), state)
+        if token in breaks and previous in enders:
+            break
+        previous = token
+    return logits, state
+
+
+@torch.no_grad()
 def sample_text(
     net: CharRNN,
     vocab: Vocab,
@@ -59,9 +82,10 @@ def sample_text(
     generator.manual_seed(seed if seed is not None else torch.seed())
     was_training = net.training
     net.eval()
-    # An empty prompt starts after a newline, like the beginning of a paragraph.
-    prompt_ids = vocab.encode(normalize_prompt(start_text, cleaning)) or vocab.encode("\n") or [0]
-    logits, state = net(torch.tensor([prompt_ids], device=device))
+    logits, state = paragraph_start(net, vocab, device)
+    prompt_ids = vocab.encode(normalize_prompt(start_text, cleaning))
+    if prompt_ids:
+        logits, state = net(torch.tensor([prompt_ids], device=device), state)
     out: list[int] = []
     for _ in range(length):
         last = logits[0, -1].float().cpu()
