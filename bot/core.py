@@ -170,9 +170,9 @@ class SpeechBot:
             return str(error)
 
     async def speech(self, chat: ChatRef, args: str, busy: Busy = _not_shown) -> str:
-        first, _, rest = args.partition(" ")
-        if first and looks_like_number(first):
-            return await self._generate(chat, parse_temperature(first), rest.strip(), busy)
+        first, *rest = args.split(maxsplit=1) or [""]
+        if looks_like_number(first):
+            return await self._generate(chat, parse_temperature(first), "".join(rest), busy)
         return await self._generate(chat, None, args, busy)
 
     async def daily_speech(self, settings: ChatSettings) -> str:

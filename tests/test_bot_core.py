@@ -211,3 +211,9 @@ async def test_cooldown_says_when_to_try_again(tmp_path, engine):
     assert "One speech at a time" not in other, "the cooldown is per chat"
     clock.advance(seconds=7)
     assert "One speech at a time" not in await bot.handle_text(PRIVATE, "/speech")
+
+
+async def test_speech_temperature_may_be_followed_by_a_new_line(tmp_path, engine):
+    bot = make_bot(tmp_path, engine)
+    assert (await bot.handle_text(PRIVATE, "/speech 0.6\nWe will")).startswith("We will")
+    assert "out of range" in await bot.handle_text(PRIVATE, "/speech 7\nWe will")
