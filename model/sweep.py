@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-iters", type=int, default=1000, help="iterations per run")
     p.add_argument("--eval-every", type=int, default=100, help="validate every N iterations")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot of a finished sweep in --out")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="extra flags for every run, after --")
     return p
 
@@ -72,9 +74,35 @@ def candidates(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return runs
 
 
+def plot_sweep(out: Path, results: list[dict]) -> None:
+    """One PNG with every run's training and validation curves, read back from their metrics."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for result in results:
+        train, val = read_metrics(out / result["name"])
+        axes[0].plot(
+            [r["iter"] for r in train], [r["train_loss"] / math.log(2) for r in train], label=result["name"], lw=0.9
+        )
+        axes[1].plot([r["iter"] for r in val], [r["val_bpc"] for r in val], "o-", ms=3, label=result["name"])
+    # Log scale: a diverging learning rate's early spike would otherwise flatten every other curve.
+    axes[0].set(xlabel="iteration", ylabel="train bits per character", title="Training loss", yscale="log")
+    axes[1].set(xlabel="iteration", ylabel="bits per character", title="Validation")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lr_sweep.png", dpi=110)
+    plt.close(fig)
+
+
 def main(args: argparse.Namespace) -> None:
     extra = [f for f in args.train_flags if f != "--"]
     out = Path(args.out)
+    if args.replot:
+        summary = out / "lr_sweep.json"
+        if not summary.is_file():
+            raise UsageError(f"{out} holds no finished sweep (no lr_sweep.json)")
+        plot_sweep(out, json.loads(summary.read_text(encoding="utf-8")))
+        return
     results = []
     for name, flags in candidates(args):
         print(f"=== {name} ===")
@@ -101,7 +129,7 @@ def main(args: argparse.Namespace) -> None:
         except SystemExit as exc:
             raise UsageError(f"bad training flags for the sweep: {' '.join(extra)}") from exc
         summary = train_module.train(run_args)
-        train, val = read_metrics(out / name)
+        train, _ = read_metrics(out / name)
         results.append(
             {
                 "name": name,
@@ -112,20 +140,8 @@ def main(args: argparse.Namespace) -> None:
             }
         )
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for result in results:
-        train, val = read_metrics(out / result["name"])
-        axes[0].plot([r["iter"] for r in train], [r["train_loss"] for r in train], label=result["name"], lw=0.9)
-        axes[1].plot([r["iter"] for r in val], [r["val_bpc"] for r in val], "o-", ms=3, label=result["name"])
-    axes[0].set(xlabel="iteration", ylabel="train loss (nats/char)", title="Training loss")
-    axes[1].set(xlabel="iteration", ylabel="bits per character", title="Validation")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "lr_sweep.png", dpi=110)
-    plt.close(fig)
     (out / "lr_sweep.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    plot_sweep(out, results)
     print(f"\n{'run':<20} {'train loss':>10} {'best val bpc':>13} {'seconds':>8}")
     for r in results:
         best = f"{r['best_val_bpc']:.4f}" if r["best_val_bpc"] is not None else "-"
