@@ -1,0 +1,453 @@
+"""Text generation with onnxruntime: one model file, one session, continuous batching. Never imports torch.
+
+A background worker owns the session. Each request is primed alone (its whole prompt in one call),
+then joins the batch that the worker advances one character per call; a finished request leaves at
+once and a new one joins at the next step. Every request samples with its own temperature, top-k and
+numpy Generator, and a row's logits do not depend on its batch mates (fp32: same kernels per row;
+int8: exact integer matmuls with fixed activation scales), so a seed gives the same text alone or in
+a batch of any size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from export.metadata import MetadataError, ModelInfo, parse_props
+from model.text import CleaningOptions, Vocab, normalize_prompt
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PATH = Path(__file__).parent / "assets" / "speechbot.onnx"
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+TEMPERATURE_MAX = 2.0
+MAX_LENGTH = 20_000
+MAX_PROMPT_CHARS = 20_000
+SENTENCE_ENDERS = frozenset(".!?")
+# The greedy walk from a newline to the first sentence end, done once at load (see paragraph_start).
+PARAGRAPH_START_MAX_CHARS = 300
+CHUNK_STEPS = 16  # characters per streamed chunk
+_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_STOP = object()
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, unreadable, or not a speechbot export."""
+
+
+class ProviderError(ValueError):
+    """An execution provider that is unavailable or cannot run this model."""
+
+
+class EngineBusy(RuntimeError):
+    """The request queue is full; try again later."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine was closed before or while the request ran."""
+
+
+class InvalidTemperature(ValueError):
+    pass
+
+
+class InvalidLength(ValueError):
+    pass
+
+
+class InvalidTopK(ValueError):
+    pass
+
+
+class InvalidSeed(ValueError):
+    pass
+
+
+def choose_provider(choice: str, precision: str) -> str:
+    """The provider name to use, or a ProviderError that says what to do instead."""
+    if choice not in PROVIDER_CHOICES:
+        raise ProviderError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}, not {choice!r}")
+    has_cuda = _PROVIDER_NAMES["cuda"] in ort.get_available_providers()
+    if choice == "cuda" and not has_cuda:
+        raise ProviderError(
+            "the CUDA provider was asked for, but this onnxruntime has none; install onnxruntime-gpu "
+            "on a machine with an NVIDIA GPU, or use providers 'cpu'"
+        )
+    if precision == "int8" and choice == "cuda":
+        raise ProviderError("int8 models run on the CPU provider; use an fp32 or fp16 export with 'cuda'")
+    use_cuda = choice == "cuda" or (choice == "auto" and has_cuda and precision != "int8")
+    if precision == "fp16" and not use_cuda:
+        # onnxruntime has no fp16 LSTM kernel on CPU; opening such a graph there can crash the process.
+        raise ProviderError(
+            "this is an fp16 model, which runs only on the CUDA provider and none is available; "
+            "use an fp32 or int8 export (`python -m export CKPT -o model.onnx --int8`) on CPU"
+        )
+    return _PROVIDER_NAMES["cuda" if use_cuda else "cpu"]
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Settings for a server process: a fixed number of threads that sleep when idle."""
+    options = ort.SessionOptions()
+    # One thread is fastest for a single stream of a small model; more help large batches.
+    options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Spinning threads would burn the cores that the bot's event loop and the database need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+def read_model_info(path: str | Path) -> tuple[bytes, ModelInfo]:
+    """The file's bytes and validated metadata, or a ModelFileError naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(
+            f"model file {path} does not exist; export one with `python -m export CHECKPOINT -o {path}`"
+        )
+    data = path.read_bytes()
+    if not data:
+        raise ModelFileError(f"model file {path} is empty")
+    probe_options = ort.SessionOptions()
+    # Without graph optimisation the CPU provider can open any graph, fp16 included, just to read it.
+    probe_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    probe_options.log_severity_level = 4
+    try:
+        probe = ort.InferenceSession(data, probe_options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several types for a bad file
+        reason = str(exc).strip().splitlines()[0][:300]
+        raise ModelFileError(f"{path} is not a readable ONNX model (truncated or corrupt?): {reason}") from exc
+    try:
+        info = parse_props(probe.get_modelmeta().custom_metadata_map)
+    except MetadataError as exc:
+        raise ModelFileError(f"{path} is not a speechbot model: {exc}") from exc
+    state = ["h0", "c0"] if info.is_lstm else ["h0"]
+    inputs = [i.name for i in probe.get_inputs()]
+    outputs = [o.name for o in probe.get_outputs()]
+    if inputs != ["tokens", *state] or outputs != ["logits", *[s[:-1] for s in state]]:
+        raise ModelFileError(f"{path} has inputs {inputs} and outputs {outputs}, not those of a speechbot model")
+    return data, info
+
+
+def load_model(
+    path: str | Path, providers: str = "auto", threads: int | None = None
+) -> tuple[ort.InferenceSession, ModelInfo, str]:
+    """A validated model: its session, its metadata and the provider that runs it."""
+    data, info = read_model_info(path)
+    provider = choose_provider(providers, info.precision)
+    session = ort.InferenceSession(data, session_options(threads), providers=[provider])
+    chosen = session.get_providers()[0]
+    log.info("loaded %s (%s, %s) on %s", path, info.model_config["model_type"], info.precision, chosen)
+    return session, info, chosen
+
+
+def sample_rows(logits: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """One token per row by inverse-CDF sampling; each row uses only its own values.
+
+    top_ks holds the vocabulary size for rows without a top-k limit.
+    """
+    scores = logits.astype(np.float64) / temperatures[:, None]
+    rows = np.arange(len(scores))
+    if (top_ks < scores.shape[1]).any():
+        kth = -np.sort(-scores, axis=1)[rows, top_ks - 1]
+        scores = np.where(scores >= kth[:, None], scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+    cdf = np.cumsum(weights, axis=1)
+    choice = (cdf < uniforms[:, None] * cdf[:, -1:]).sum(axis=1)
+    return np.minimum(choice, scores.shape[1] - 1)
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt_ids: list[int]
+    length: int
+    temperature: float
+    top_k: int
+    rng: np.random.Generator
+    stop_at_sentence_end: bool
+    # Called from the worker with a text chunk, then once with None (done) or an exception.
+    deliver: Callable[[str | BaseException | None], None]
+    chars: list[str] = field(default_factory=list)
+    sent: int = 0  # characters already delivered
+    sentence_end: int = 0  # length of the text up to its last sentence end
+    cancelled: bool = False
+
+    def add(self, ch: str) -> None:
+        self.chars.append(ch)
+        if ch in SENTENCE_ENDERS:
+            self.sentence_end = len(self.chars)
+
+    @property
+    def done(self) -> bool:
+        return len(self.chars) >= self.length
+
+    def flush(self, final: bool = False) -> None:
+        upto = len(self.chars)
+        if self.stop_at_sentence_end and (self.sentence_end or not final):
+            upto = self.sentence_end
+        if upto > self.sent:
+            self.deliver("".join(self.chars[self.sent : upto]))
+            self.sent = upto
+        if final:
+            self.deliver(None)
+
+
+class GenerationEngine:
+    """Thread-safe, asyncio-friendly text generation from one exported model file."""
+
+    def __init__(
+        self,
+        model_path: str | Path = DEFAULT_MODEL_PATH,
+        providers: str = "auto",
+        threads: int | None = None,
+        max_batch: int = 64,
+        max_queue: int = 256,
+    ) -> None:
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be positive")
+        self.session, self.info, self.provider = load_model(model_path, providers, threads)
+        self.vocab = Vocab(self.info.vocab, self.info.unknown_policy)
+        self.cleaning = CleaningOptions.from_dict(self.info.cleaning)
+        self.max_batch = max_batch
+        self._state_names = ["h0", "c0"] if self.info.is_lstm else ["h0"]
+        self._start_logits, self._start_state = self._paragraph_start()
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        self._worker.start()
+
+    # ---- public API ----
+
+    def stream(
+        self,
+        prompt: str = "",
+        length: int = 500,
+        temperature: float = 0.9,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop_at_sentence_end: bool = False,
+    ) -> Iterator[str]:
+        """Chunks of the continuation of `prompt` (not including it) as they are produced."""
+        chunks: queue.SimpleQueue = queue.SimpleQueue()
+        request = self._submit(chunks.put, prompt, length, temperature, top_k, seed, stop_at_sentence_end)
+        return self._drain(request, chunks)
+
+    def generate(self, prompt: str = "", length: int = 500, **options) -> str:
+        """The continuation of `prompt` (not including it); blocks until it is complete."""
+        return "".join(self.stream(prompt, length, **options))
+
+    async def astream(self, prompt: str = "", length: int = 500, **options) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+        request = self._submit(
+            lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item), prompt, length, **options
+        )
+        try:
+            while (item := await chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled = True
+
+    async def agenerate(self, prompt: str = "", length: int = 500, **options) -> str:
+        return "".join([chunk async for chunk in self.astream(prompt, length, **options)])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._worker.join()
+
+    def __enter__(self) -> GenerationEngine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---- request handling (caller's thread) ----
+
+    def _submit(
+        self,
+        deliver: Callable[[str | BaseException | None], None],
+        prompt: str,
+        length: int,
+        temperature: float = 0.9,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop_at_sentence_end: bool = False,
+    ) -> _Request:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+        if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= MAX_LENGTH:
+            raise InvalidLength(f"length must be a whole number from 1 to {MAX_LENGTH}, not {length!r}")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not 0 < temperature <= TEMPERATURE_MAX
+        ):
+            raise InvalidTemperature(f"temperature must be above 0 and at most {TEMPERATURE_MAX}, not {temperature!r}")
+        vocab_size = len(self.vocab)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise InvalidTopK(f"top_k must be a whole number from 1 to {vocab_size} (0 or None: off), not {top_k!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise InvalidSeed(f"seed must be a non-negative whole number or None, not {seed!r}")
+        if self._closed:
+            raise EngineClosed("the generation engine is closed")
+        request = _Request(
+            prompt_ids=self.vocab.encode(normalize_prompt(prompt, self.cleaning)),
+            length=length,
+            temperature=float(temperature),
+            top_k=min(top_k, vocab_size) if top_k else vocab_size,
+            rng=np.random.default_rng(seed),
+            stop_at_sentence_end=stop_at_sentence_end,
+            deliver=deliver,
+        )
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise EngineBusy(
+                f"the generation engine is busy ({self._queue.maxsize} requests waiting); try again in a moment"
+            ) from None
+        return request
+
+    @staticmethod
+    def _drain(request: _Request, chunks: queue.SimpleQueue) -> Iterator[str]:
+        try:
+            while (item := chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled = True
+
+    # ---- the worker ----
+
+    def _feed(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        logits, *new_state = self.session.run(None, {"tokens": tokens, **dict(zip(self._state_names, state, strict=True))})
+        return logits, new_state
+
+    def _paragraph_start(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits and state at the end of the first sentence the model writes greedily after a newline.
+
+        Training sees a zero state once an epoch, so text sampled straight from it starts oddly; this
+        matches `python -m model sample`. It is deterministic, so it is computed once.
+        """
+        start = self.vocab.encode("\n")[:1] or [0]
+        enders = set(self.vocab.encode("".join(SENTENCE_ENDERS)))
+        breaks = set(self.vocab.encode(" ")) | set(start)
+        shape = (self.info.num_layers, 1, self.info.rnn_size)
+        logits, state = self._feed(
+            np.array([start], np.int64), [np.zeros(shape, np.float32) for _ in self._state_names]
+        )
+        previous = start[0]
+        for _ in range(PARAGRAPH_START_MAX_CHARS):
+            token = int(logits[0, -1].argmax())
+            logits, state = self._feed(np.array([[token]], np.int64), state)
+            if token in breaks and previous in enders:
+                break
+            previous = token
+        return logits[0, -1], state
+
+    def _prime(self, request: _Request) -> tuple[np.ndarray, list[np.ndarray]]:
+        if not request.prompt_ids:
+            return self._start_logits, self._start_state
+        logits, state = self._feed(np.array([request.prompt_ids], np.int64), self._start_state)
+        return logits[0, -1], state
+
+    def _run(self) -> None:
+        active: list[_Request] = []
+        tokens = np.zeros(0, np.int64)
+        state: list[np.ndarray] = []
+        stopping = False
+        while not stopping or active:
+            joined, stopping = self._admit(len(active), block=not active and not stopping, stopping=stopping)
+            try:
+                if joined:
+                    logits = [logit for logit, _ in joined.values()]
+                    first = self._sample(list(joined), np.stack(logits))
+                    rows = [s for _, s in joined.values()]
+                    state = [
+                        np.concatenate([*([state[i]] if active else []), *(r[i] for r in rows)], axis=1)
+                        for i in range(len(self._state_names))
+                    ]
+                    tokens = np.concatenate([tokens, first])
+                    active += list(joined)
+                if not active:
+                    continue
+                keep = self._advance(active, tokens)
+                if not keep.all():
+                    active = [r for r, k in zip(active, keep, strict=True) if k]
+                    tokens = tokens[keep]
+                    state = [s[:, keep] for s in state]
+                if active:
+                    logits, state = self._feed(tokens[:, None], state)
+                    tokens = self._sample(active, logits[:, 0])
+            except Exception as exc:  # a failed run must not kill the worker; fail the requests it held
+                log.exception("generation step failed")
+                for request in dict.fromkeys(active + list(joined)):
+                    request.deliver(exc)
+                active, tokens, state = [], np.zeros(0, np.int64), []
+        self._fail_waiting()
+
+    def _admit(self, running: int, block: bool, stopping: bool) -> tuple[dict, bool]:
+        """Prime waiting requests (up to max_batch in all); blocks only when nothing is running."""
+        joined: dict[_Request, tuple[np.ndarray, list[np.ndarray]]] = {}
+        while not stopping and running + len(joined) < self.max_batch:
+            try:
+                request = self._queue.get(block=block and not joined)
+            except queue.Empty:
+                break
+            if request is _STOP:
+                stopping = True
+            elif not request.cancelled:
+                try:
+                    joined[request] = self._prime(request)
+                except Exception as exc:
+                    log.exception("priming a prompt failed")
+                    request.deliver(exc)
+        return joined, stopping
+
+    def _sample(self, requests: list[_Request], logits: np.ndarray) -> np.ndarray:
+        return sample_rows(
+            logits,
+            np.array([r.temperature for r in requests]),
+            np.array([r.top_k for r in requests]),
+            np.array([r.rng.random() for r in requests]),
+        )
+
+    def _advance(self, active: list[_Request], tokens: np.ndarray) -> np.ndarray:
+        """Append each request's new character; returns which requests go on."""
+        keep = np.ones(len(active), bool)
+        for row, (request, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
+            request.add(self.vocab.chars[token])
+            if request.cancelled:
+                keep[row] = False
+            elif request.done:
+                request.flush(final=True)
+                keep[row] = False
+            elif len(request.chars) % CHUNK_STEPS == 0:
+                request.flush()
+        return keep
+
+    def _fail_waiting(self) -> None:
+        while True:
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if request is not _STOP:
+                request.deliver(EngineClosed("the generation engine was closed before this request ran"))

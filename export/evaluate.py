@@ -1,0 +1,78 @@
+"""`python -m export evaluate MODEL.onnx --text FILE`: bits per character of an exported model. Torch-free.
+
+Same protocol as `python -m model evaluate`: the text is cleaned with the model's own options, every
+character after the first is predicted from all characters before it, starting from a zero state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from bot.engine import PROVIDER_CHOICES, load_model
+from export.metadata import ModelInfo
+from model.cli import UsageError
+from model.prepare import read_utf8
+from model.text import CleaningOptions, Vocab, clean_text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export evaluate",
+        description="Report an exported model's bits per character on a text file, after the model's own cleaning.",
+    )
+    p.add_argument("model", metavar="MODEL.onnx", help="model written by `python -m export`")
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")
+    p.add_argument("--providers", choices=PROVIDER_CHOICES, default="auto", help="onnxruntime execution provider")
+    p.add_argument("--seq-length", type=int, default=512, help="characters per call (speed only)")
+    return p
+
+
+def zero_state(info: ModelInfo, batch: int) -> dict[str, np.ndarray]:
+    shape = (info.num_layers, batch, info.rnn_size)
+    names = ("h0", "c0") if info.is_lstm else ("h0",)
+    return {name: np.zeros(shape, np.float32) for name in names}
+
+
+def text_ids(text: str, info: ModelInfo) -> tuple[np.ndarray, int]:
+    """Token ids of `text` cleaned like the training text, and how many characters were outside the vocabulary."""
+    vocab = Vocab(info.vocab, info.unknown_policy)
+    cleaned = clean_text(text, CleaningOptions.from_dict(info.cleaning))
+    return np.array(vocab.encode(cleaned), dtype=np.int64), vocab.count_unknown(cleaned)
+
+
+def onnx_nats(session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, seq_length: int = 512) -> float:
+    """Mean cross-entropy in nats of predicting ids[t+1] from ids[..t]."""
+    if len(ids) < 2:
+        raise ValueError(f"text of {len(ids)} characters is too short to evaluate (need at least 2)")
+    state = zero_state(info, 1)
+    state_out = [name[:-1] for name in state]
+    total = 0.0
+    for start in range(0, len(ids) - 1, seq_length):
+        chunk = ids[start : min(start + seq_length, len(ids) - 1)]
+        targets = ids[start + 1 : start + 1 + len(chunk)]
+        logits, *new_state = session.run(["logits", *state_out], {"tokens": chunk[None, :], **state})
+        state = dict(zip(state, new_state, strict=True))
+        scores = logits[0].astype(np.float64)
+        top = scores.max(axis=1)
+        log_norm = top + np.log(np.exp(scores - top[:, None]).sum(axis=1))
+        total += float((log_norm - scores[np.arange(len(chunk)), targets]).sum())
+    return total / (len(ids) - 1)
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.seq_length < 1:
+        raise UsageError(f"--seq-length must be a positive number, not {args.seq_length}")
+    session, info, provider = load_model(args.model, args.providers)
+    text, _ = read_utf8(Path(args.text))
+    ids, unknown = text_ids(text, info)
+    if len(ids) < 2:
+        raise UsageError(f"{args.text} has fewer than 2 characters after cleaning; nothing to score")
+    nats = onnx_nats(session, info, ids, args.seq_length)
+    vocab_note = f"{unknown:,} outside the vocabulary ({info.unknown_policy} policy)"
+    print(f"{args.text}: {len(ids) - 1:,} characters scored, {vocab_note}; {info.precision} model on {provider}")
+    print(f"loss {nats:.4f} nats/char, {nats / math.log(2):.4f} bits/char")

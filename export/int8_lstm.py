@@ -1,0 +1,176 @@
+"""An int8 LSTM graph built by hand: one Loop over the sequence whose body is a fused, quantized LSTM step.
+
+Why not onnxruntime's `quantize_dynamic`: its DynamicQuantizeLSTM picks one activation scale for the
+whole batch, so a request's output depends on the requests batched with it, and the same seed would
+give different text alone and in a batch. Here every LSTM input is a hidden state h = o * tanh(c),
+which lies in (-1, 1), so activations are quantized with the fixed scale 1/127 and the integer matmuls
+are exact: a row's result never depends on its batch mates. Weights are int8 per output column.
+The quantized h is carried from step to step next to the float state, so each h is quantized once.
+
+Other savings: the embedding and layer 0's input weights and biases fold into one [vocab, 4H] table
+(a Gather instead of a matmul), and each layer's input and recurrent weights are one matmul.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+from onnx import helper as oh
+
+OPSET = 17
+
+
+def _ifog(weights: np.ndarray) -> np.ndarray:
+    """PyTorch stores gates as i, f, g, o; put the three sigmoid gates first so one Sigmoid covers them."""
+    i, f, g, o = np.split(weights, 4, axis=0)
+    return np.concatenate([i, f, o, g], axis=0)
+
+
+def _quantize_columns(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column of a [in, out] matrix."""
+    scale = np.maximum(np.abs(weights).max(axis=0), 1e-12) / 127.0
+    quantized = np.clip(np.round(weights / scale), -127, 127).astype(np.int8)
+    return quantized, scale.astype(np.float32)
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.require(value, requirements="C"), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], output: str | list[str], **attrs) -> str:
+        outputs = [output] if isinstance(output, str) else output
+        self.nodes.append(oh.make_node(op_type, inputs, outputs, **attrs))
+        return outputs[0]
+
+    def quantize(self, h: str, out: str) -> str:
+        """uint8 with the fixed scale 1/127 and zero point 128; saturates values outside (-1, 1)."""
+        return self.op("QuantizeLinear", [h, "act_scale", "act_zero"], out)
+
+    def int8_matmul(self, x_q: str, weight: str, out: str, bias: str | None = None) -> str:
+        """Integer matmul, scaling and bias in one onnxruntime kernel."""
+        inputs = [x_q, f"{weight}_q", "act_scale", f"{weight}_scale", "act_zero", "", *([bias] if bias else [])]
+        return self.op("MatMulIntegerToFloat", inputs, out, domain="com.microsoft")
+
+
+def _step(b: _Builder, token: str, cs: list[str], hqs: list[str], hidden: int) -> tuple[str, ...]:
+    """One step of every layer: token [B], c and quantized h [B, H] -> logits [B, V], new h, c, quantized h."""
+    new_h, new_c, new_hq = [], [], []
+    for layer, (c, h_q) in enumerate(zip(cs, hqs, strict=True)):
+        p = f"l{layer}"
+        if layer == 0:
+            projected = b.op("Gather", ["table0", token], f"{p}_x", axis=0)
+            gates = b.op("Add", [projected, b.int8_matmul(h_q, "w0", f"{p}_rec")], f"{p}_gates")
+        else:
+            joined = b.op("Concat", [new_hq[-1], h_q], f"{p}_in", axis=1)
+            gates = b.int8_matmul(joined, f"w{layer}", f"{p}_gates", bias=f"b{layer}")
+        b.op("Split", [gates, "split_sig_tanh"], [f"{p}_s", f"{p}_t"], axis=1)
+        sig = b.op("Sigmoid", [f"{p}_s"], f"{p}_sig")
+        candidate = b.op("Tanh", [f"{p}_t"], f"{p}_cand")
+        b.op("Split", [sig], [f"{p}_i", f"{p}_f", f"{p}_o"], axis=1)
+        kept = b.op("Mul", [f"{p}_f", c], f"{p}_kept")
+        written = b.op("Mul", [f"{p}_i", candidate], f"{p}_written")
+        c_new = b.op("Add", [kept, written], f"{p}_c")
+        h_new = b.op("Mul", [f"{p}_o", b.op("Tanh", [c_new], f"{p}_ctanh")], f"{p}_h")
+        new_h.append(h_new)
+        new_c.append(c_new)
+        new_hq.append(b.quantize(h_new, f"{p}_hq"))
+    logits = b.int8_matmul(new_hq[-1], "wd", "step_logits", bias="bd")
+    return logits, new_h, new_c, new_hq
+
+
+def _weights(b: _Builder, weights: dict[str, np.ndarray], num_layers: int, hidden: int) -> None:
+    table0 = weights["embedding.weight"] @ _ifog(weights["rnn.weight_ih_l0"]).T + _ifog(
+        weights["rnn.bias_ih_l0"] + weights["rnn.bias_hh_l0"]
+    )
+    b.const("table0", table0.astype(np.float32))
+    for layer in range(num_layers):
+        matrix = _ifog(weights[f"rnn.weight_hh_l{layer}"]).T
+        if layer > 0:
+            matrix = np.concatenate([_ifog(weights[f"rnn.weight_ih_l{layer}"]).T, matrix], axis=0)
+            bias = _ifog(weights[f"rnn.bias_ih_l{layer}"] + weights[f"rnn.bias_hh_l{layer}"])
+            b.const(f"b{layer}", bias.astype(np.float32))
+        q, scale = _quantize_columns(matrix)
+        b.const(f"w{layer}_q", q)
+        b.const(f"w{layer}_scale", scale)
+    q, scale = _quantize_columns(weights["decoder.weight"].T)
+    b.const("wd_q", q)
+    b.const("wd_scale", scale)
+    b.const("bd", weights["decoder.bias"].astype(np.float32))
+    b.const("split_sig_tanh", np.array([3 * hidden, hidden], np.int64))
+    b.const("act_scale", np.array(1 / 127, np.float32))
+    b.const("act_zero", np.array(128, np.uint8))
+    b.const("axis0", np.array([0], np.int64))
+    b.const("axis1", np.array([1], np.int64))
+    b.const("keep_going", np.array(True))
+
+
+def _info(name: str, elem_type: int, shape: list) -> onnx.ValueInfoProto:
+    return oh.make_tensor_value_info(name, elem_type, shape)
+
+
+def build_int8_lstm(weights: dict[str, np.ndarray], num_layers: int, hidden: int, vocab_size: int) -> onnx.ModelProto:
+    """The contract graph (tokens, h0, c0) -> (logits, h, c) from a CharRNN state_dict as numpy arrays."""
+    layers = range(num_layers)
+    outer = _Builder()
+    _weights(outer, weights, num_layers, hidden)
+
+    # The Loop body reads the tokens and weights from the outer scope.
+    body = _Builder()
+    hs, cs, hqs = [f"h_in{i}" for i in layers], [f"c_in{i}" for i in layers], [f"hq_in{i}" for i in layers]
+    token = body.op("Gather", ["tokens", "t"], "token", axis=1)
+    logits, new_h, new_c, new_hq = _step(body, token, cs, hqs, hidden)
+    body.op("Identity", ["cond_in"], "cond_out")
+    row = ["batch", hidden]
+    body_graph = oh.make_graph(
+        body.nodes,
+        "lstm_step",
+        [_info("t", TensorProto.INT64, []), _info("cond_in", TensorProto.BOOL, [])]
+        + [_info(n, TensorProto.FLOAT, row) for n in hs + cs]
+        + [_info(n, TensorProto.UINT8, row) for n in hqs],
+        [_info("cond_out", TensorProto.BOOL, [])]
+        + [_info(n, TensorProto.FLOAT, row) for n in new_h + new_c]
+        + [_info(n, TensorProto.UINT8, row) for n in new_hq]
+        + [_info(logits, TensorProto.FLOAT, ["batch", vocab_size])],
+    )
+
+    seq_len_1d = outer.op("Gather", [outer.op("Shape", ["tokens"], "tokens_shape"), "axis1"], "seq_len_1d", axis=0)
+    seq_len = outer.op("Squeeze", [seq_len_1d], "seq_len")
+    for name in ("h0", "c0"):
+        outer.op("Split", [name], [f"{name}_{i}_3d" for i in layers], axis=0)
+        for i in layers:
+            outer.op("Squeeze", [f"{name}_{i}_3d", "axis0"], f"{name}_{i}")
+    start_hq = [outer.quantize(f"h0_{i}", f"hq0_{i}") for i in layers]
+    h_last, c_last = [f"h_last{i}" for i in layers], [f"c_last{i}" for i in layers]
+    outer.op(
+        "Loop",
+        [seq_len, "keep_going", *[f"h0_{i}" for i in layers], *[f"c0_{i}" for i in layers], *start_hq],
+        [*h_last, *c_last, *[f"hq_last{i}" for i in layers], "logits_tbv"],
+        body=body_graph,
+    )
+    outer.op("Transpose", ["logits_tbv"], "logits", perm=[1, 0, 2])
+    for name, parts in (("h", h_last), ("c", c_last)):
+        outer.op("Concat", [outer.op("Unsqueeze", [p, "axis0"], f"{p}_3d") for p in parts], name, axis=0)
+
+    state = [num_layers, "batch", hidden]
+    graph = oh.make_graph(
+        outer.nodes,
+        "speechbot_int8_lstm",
+        [
+            _info("tokens", TensorProto.INT64, ["batch", "seq"]),
+            _info("h0", TensorProto.FLOAT, state),
+            _info("c0", TensorProto.FLOAT, state),
+        ],
+        [
+            _info("logits", TensorProto.FLOAT, ["batch", "seq", vocab_size]),
+            _info("h", TensorProto.FLOAT, state),
+            _info("c", TensorProto.FLOAT, state),
+        ],
+        outer.initializers,
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", OPSET), oh.make_opsetid("com.microsoft", 1)])

@@ -1,0 +1,132 @@
+"""The metadata an exported model carries, and its validation. Torch- and onnx-free: the bot reads it too.
+
+Everything the bot needs to turn a prompt into token ids and back travels inside the .onnx file as
+`metadata_props`, so a model file can never be paired with the wrong vocabulary or normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+FORMAT_VERSION = "1"
+EXPORTER_VERSION = "speechbot-export/1"
+PRECISIONS = ("fp32", "int8", "fp16")
+REQUIRED_KEYS = (
+    "speechbot_format",
+    "vocab",
+    "cleaning",
+    "unknown_policy",
+    "model_config",
+    "corpus_sha256",
+    "val_bpc",
+    "exporter_version",
+)
+
+
+class MetadataError(ValueError):
+    """Metadata that is missing or malformed: the file is not a speechbot model."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    vocab: list[str]
+    cleaning: dict
+    unknown_policy: str
+    model_config: dict
+    corpus_sha256: list[str]
+    val_bpc: float | None
+    exporter_version: str
+    precision: str = "fp32"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_lstm(self) -> bool:
+        return self.model_config["model_type"] == "lstm"
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model_config["num_layers"])
+
+    @property
+    def rnn_size(self) -> int:
+        return int(self.model_config["rnn_size"])
+
+    def to_props(self) -> dict[str, str]:
+        """The string key/value pairs stored as ONNX metadata_props."""
+        return {
+            "speechbot_format": FORMAT_VERSION,
+            "vocab": json.dumps(self.vocab, ensure_ascii=False),
+            "cleaning": json.dumps(self.cleaning, sort_keys=True),
+            "unknown_policy": self.unknown_policy,
+            "model_config": json.dumps(self.model_config, sort_keys=True),
+            "corpus_sha256": json.dumps(self.corpus_sha256),
+            "val_bpc": "" if self.val_bpc is None else repr(float(self.val_bpc)),
+            "exporter_version": self.exporter_version,
+            "precision": self.precision,
+            **self.extra,
+        }
+
+
+def info_from_checkpoint(ckpt: dict, precision: str = "fp32") -> ModelInfo:
+    return ModelInfo(
+        vocab=list(ckpt["vocab"]),
+        cleaning=dict(ckpt.get("cleaning", {})),
+        unknown_policy=ckpt.get("unknown_policy", "nearest"),
+        model_config=dict(ckpt["model_config"]),
+        corpus_sha256=list(ckpt.get("dataset_sha256", [])),
+        val_bpc=ckpt.get("val_bpc"),
+        exporter_version=EXPORTER_VERSION,
+        precision=precision,
+    )
+
+
+def _json_field(props: dict[str, str], key: str, kind: type):
+    try:
+        value = json.loads(props[key])
+    except json.JSONDecodeError as exc:
+        raise MetadataError(f"metadata field {key!r} is not valid JSON ({exc})") from exc
+    if not isinstance(value, kind):
+        raise MetadataError(f"metadata field {key!r} must be a JSON {kind.__name__}")
+    return value
+
+
+def parse_props(props: dict[str, str]) -> ModelInfo:
+    """Validate metadata_props read from a file and turn them into a ModelInfo."""
+    if "speechbot_format" not in props:
+        raise MetadataError("it has no speechbot metadata, so it was not made by `python -m export`")
+    if props["speechbot_format"] != FORMAT_VERSION:
+        raise MetadataError(
+            f"its speechbot format is {props['speechbot_format']!r}; this version reads format {FORMAT_VERSION!r}"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in props]
+    if missing:
+        raise MetadataError(f"its metadata lacks {', '.join(missing)}")
+    vocab = _json_field(props, "vocab", list)
+    if not vocab or any(not isinstance(ch, str) or len(ch) != 1 for ch in vocab) or len(set(vocab)) != len(vocab):
+        raise MetadataError("its vocabulary must be a non-empty list of distinct single characters")
+    config = _json_field(props, "model_config", dict)
+    for key in ("model_type", "num_layers", "rnn_size", "vocab_size"):
+        if key not in config:
+            raise MetadataError(f"its model_config lacks {key!r}")
+    if config["vocab_size"] != len(vocab):
+        raise MetadataError(f"its model_config says {config['vocab_size']} tokens but the vocabulary has {len(vocab)}")
+    precision = props.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise MetadataError(f"its precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    try:
+        val_bpc = float(props["val_bpc"]) if props["val_bpc"] else None
+    except ValueError as exc:
+        raise MetadataError(f"its val_bpc {props['val_bpc']!r} is not a number") from exc
+    known = {*REQUIRED_KEYS, "precision"}
+    return ModelInfo(
+        vocab=vocab,
+        cleaning=_json_field(props, "cleaning", dict),
+        unknown_policy=props["unknown_policy"],
+        model_config=config,
+        corpus_sha256=_json_field(props, "corpus_sha256", list),
+        val_bpc=val_bpc,
+        exporter_version=props["exporter_version"],
+        precision=precision,
+        extra={k: v for k, v in props.items() if k not in known},
+    )

@@ -1,0 +1,116 @@
+"""`python -m export CHECKPOINT -o model.onnx`: build, verify, then write one self-contained file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from export.evaluate import text_ids
+from export.int8_lstm import build_int8_lstm
+from export.metadata import ModelInfo, info_from_checkpoint
+from export.torch_graph import fp16_graph, fp32_graph
+from export.verify import SAMPLE_TEXT, Verification, verify
+from model.checkpoint import load_checkpoint
+from model.cli import UsageError
+from model.model import CharRNN
+from model.prepare import read_utf8
+
+MIN_CORPUS_CHARS = 200
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a checkpoint to one .onnx file (graph, weights and metadata), verified against "
+        "PyTorch before it is written. `python -m export evaluate MODEL.onnx --text FILE` scores a model.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint written by `python -m model train`")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="file to write")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--int8", action="store_true", help="int8 weights for CPU (LSTM models)")
+    precision.add_argument("--fp16", action="store_true", help="fp16 for the CUDA provider only")
+    p.add_argument(
+        "--text",
+        metavar="FILE",
+        help="text for the corpus inputs of the check and for the bits/char change (e.g. the validation text)",
+    )
+    return p
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    precision: str
+    size_bytes: int
+    check: Verification | None
+
+
+def build_graph(net: CharRNN, precision: str) -> onnx.ModelProto:
+    if precision == "int8":
+        if not net.is_lstm:
+            raise UsageError(f"--int8 supports LSTM models; this one is a {net.config.model_type}, export it as fp32")
+        weights = {name: t.detach().cpu().numpy() for name, t in net.state_dict().items()}
+        config = net.config
+        return build_int8_lstm(weights, config.num_layers, config.rnn_size, config.vocab_size)
+    graph = fp32_graph(net)
+    return fp16_graph(graph) if precision == "fp16" else graph
+
+
+def serialize(model: onnx.ModelProto, info: ModelInfo) -> bytes:
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, info.to_props())
+    model.producer_name = "speechbot"
+    onnx.checker.check_model(model, full_check=True)
+    # Serialising the whole proto ourselves keeps every weight inside the one file (no external data).
+    return model.SerializeToString()
+
+
+def corpus_ids(text_path: str | None, info: ModelInfo) -> np.ndarray:
+    text = read_utf8(Path(text_path))[0] if text_path else SAMPLE_TEXT
+    ids, _ = text_ids(text, info)
+    if len(ids) < MIN_CORPUS_CHARS:
+        ids = np.resize(ids, MIN_CORPUS_CHARS) if len(ids) else np.zeros(MIN_CORPUS_CHARS, np.int64)
+    return ids
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, precision: str = "fp32", text: str | None = None):
+    net, ckpt = load_checkpoint(checkpoint)
+    info = info_from_checkpoint(ckpt, precision)
+    data = serialize(build_graph(net, precision), info)
+    check = None
+    if precision != "fp16":
+        check = verify(net, data, info, corpus_ids(text, info), ["CPUExecutionProvider"])
+    elif "CUDAExecutionProvider" in ort.get_available_providers():
+        check = verify(net.cuda().float(), data, info, corpus_ids(text, info), ["CUDAExecutionProvider"])
+    output = Path(output)
+    write_atomically(output, data)
+    return ExportResult(output, precision, len(data), check)
+
+
+def main(args: argparse.Namespace) -> None:
+    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    result = export_checkpoint(args.checkpoint, args.output, precision, args.text)
+    print(f"wrote {result.path} ({result.precision}, {result.size_bytes / 1e6:.2f} MB, one file)")
+    if result.check is None:
+        print("not verified: fp16 runs on the CUDA provider only and none is available here")
+        return
+    check = result.check
+    print(f"max |logit difference| vs PyTorch: {check.max_logit_diff:.3g}")
+    source = args.text or "built-in sample text"
+    print(
+        f"bits/char on {source}: PyTorch {check.torch_bpc:.4f}, ONNX {check.onnx_bpc:.4f} "
+        f"(change {check.bpc_change:+.4f})"
+    )

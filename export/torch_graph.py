@@ -1,0 +1,57 @@
+"""The fp32 graph traced from PyTorch (one ONNX LSTM/GRU/RNN node per layer) and its fp16 conversion."""
+
+from __future__ import annotations
+
+import io
+
+import onnx
+import torch
+from torch import nn
+
+from model.model import CharRNN
+
+OPSET = 17
+
+
+class _ContractWrapper(nn.Module):
+    """Explicit state tensors in and out, with the names of the ONNX contract."""
+
+    def __init__(self, net: CharRNN) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, tokens: torch.Tensor, *state: torch.Tensor):
+        logits, new_state = self.net(tokens, tuple(state) if self.net.is_lstm else state[0])
+        return (logits, *new_state) if self.net.is_lstm else (logits, new_state)
+
+
+def state_names(is_lstm: bool) -> tuple[list[str], list[str]]:
+    return (["h0", "c0"], ["h", "c"]) if is_lstm else (["h0"], ["h"])
+
+
+def fp32_graph(net: CharRNN) -> onnx.ModelProto:
+    # The dynamo exporter froze the sequence length of nn.LSTM here; the TorchScript one keeps it dynamic.
+    state_in, state_out = state_names(net.is_lstm)
+    state = net.initial_state(1)
+    example = (torch.zeros(1, 3, dtype=torch.long), *(state if net.is_lstm else (state,)))
+    dynamic = {"tokens": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+    dynamic |= {name: {1: "batch"} for name in state_in + state_out}
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        _ContractWrapper(net).eval(),
+        example,
+        buffer,
+        dynamo=False,
+        opset_version=OPSET,
+        input_names=["tokens", *state_in],
+        output_names=["logits", *state_out],
+        dynamic_axes=dynamic,
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def fp16_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights and arithmetic in fp16, inputs and outputs still fp32 so callers need not change."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=True)

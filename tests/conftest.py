@@ -1,0 +1,82 @@
+"""Shared fixtures for export and engine tests: a tiny LSTM trained briefly on a tiny corpus, and its exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.pipeline import export_checkpoint
+from model.checkpoint import save_checkpoint
+from model.model import CharRNN, ModelConfig
+from model.text import CleaningOptions, Vocab, clean_text
+
+torch.set_num_threads(1)
+
+TINY_CORPUS = (
+    "SPEECH 1\nThank you very much. We are going to make America great again! (APPLAUSE)\n"
+    "We will win so much, you'll get tired of winning. Believe me, folks. Who pays for the wall? Mexico.\n"
+    "Our jobs are leaving; our trade deals are terrible. It’s true. We're going to bring them back.\n"
+) * 8
+
+
+def train_tiny(path: Path, text: str = TINY_CORPUS, model_type: str = "lstm", iterations: int = 80) -> Path:
+    """A 2x16 network trained for a few iterations with plain torch, saved as a real checkpoint."""
+    cleaning = CleaningOptions()
+    cleaned = clean_text(text, cleaning)
+    vocab = Vocab.from_text(cleaned)
+    ids = torch.tensor(vocab.encode(cleaned))
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=len(vocab), model_type=model_type, rnn_size=16, num_layers=2, wordvec_size=8)
+    net = CharRNN(config)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.02)
+    seq = 32
+    for _ in range(iterations):
+        starts = torch.randint(0, len(ids) - seq - 1, (8,))
+        x = torch.stack([ids[s : s + seq] for s in starts])
+        y = torch.stack([ids[s + 1 : s + seq + 1] for s in starts])
+        logits, _ = net(x)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), y.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_checkpoint(
+        path,
+        {
+            "model_config": config.to_dict(),
+            "model": net.state_dict(),
+            "vocab": vocab.chars,
+            "unknown_policy": vocab.unknown_policy,
+            "cleaning": cleaning.to_dict(),
+            "dataset_sha256": ["0" * 64],
+            "val_bpc": float(loss) / np.log(2),
+            "iteration": iterations,
+        },
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    (root / "corpus.txt").write_text(TINY_CORPUS, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_dir) -> Path:
+    return train_tiny(tiny_dir / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_dir, tiny_checkpoint) -> Path:
+    export_checkpoint(tiny_checkpoint, tiny_dir / "tiny.onnx", "fp32", str(tiny_dir / "corpus.txt"))
+    return tiny_dir / "tiny.onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_int8(tiny_dir, tiny_checkpoint) -> Path:
+    export_checkpoint(tiny_checkpoint, tiny_dir / "tiny-int8.onnx", "int8", str(tiny_dir / "corpus.txt"))
+    return tiny_dir / "tiny-int8.onnx"
