@@ -223,6 +223,7 @@ class GenerationEngine:
         self._start_logits, self._start_state = self._paragraph_start()
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = False
+        self.peak_batch = 0  # the most requests stepped together so far
         self._worker = threading.Thread(target=self._run, name="generation-engine", daemon=True)
         self._worker.start()
 
@@ -337,7 +338,9 @@ class GenerationEngine:
     # ---- the worker ----
 
     def _feed(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        logits, *new_state = self.session.run(None, {"tokens": tokens, **dict(zip(self._state_names, state, strict=True))})
+        logits, *new_state = self.session.run(
+            None, {"tokens": tokens, **dict(zip(self._state_names, state, strict=True))}
+        )
         return logits, new_state
 
     def _paragraph_start(self) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -394,6 +397,7 @@ class GenerationEngine:
                     tokens = tokens[keep]
                     state = [s[:, keep] for s in state]
                 if active:
+                    self.peak_batch = max(self.peak_batch, len(active))
                     logits, state = self._feed(tokens[:, None], state)
                     tokens = self._sample(active, logits[:, 0])
             except Exception as exc:  # a failed run must not kill the worker; fail the requests it held

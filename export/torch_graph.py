@@ -53,5 +53,8 @@ def fp32_graph(net: CharRNN) -> onnx.ModelProto:
 def fp16_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """Weights and arithmetic in fp16, inputs and outputs still fp32 so callers need not change."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    return convert_float_to_float16(model, keep_io_types=True)
+    converted = OnnxModel(convert_float_to_float16(model, keep_io_types=True))
+    converted.topological_sort()  # the converter appends its input casts at the end of the node list
+    return converted.model

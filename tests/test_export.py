@@ -1,0 +1,214 @@
+"""Export to one ONNX file: parity with PyTorch, metadata, int8/fp16 variants, refusals, and `export evaluate`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import TINY_CORPUS, train_tiny
+
+from bot.engine import ModelFileError, ProviderError, read_model_info
+from export.__main__ import main as export_main
+from export.evaluate import text_ids
+from export.metadata import MetadataError, info_from_checkpoint, parse_props
+from export.pipeline import export_checkpoint, serialize
+from export.torch_graph import fp32_graph
+from export.verify import VerificationError, verify
+from model.checkpoint import load_checkpoint
+from model.evaluate import evaluate_ids
+
+
+def torch_and_onnx_logits(net, session, tokens: np.ndarray, state: list[np.ndarray]):
+    torch_state = tuple(torch.from_numpy(s) for s in state)
+    with torch.no_grad():
+        expected, _ = net(torch.from_numpy(tokens), torch_state if net.is_lstm else torch_state[0])
+    names = ["h0", "c0"][: len(state)]
+    (got,) = session.run(["logits"], {"tokens": tokens, **dict(zip(names, state, strict=True))})
+    return expected.numpy(), got
+
+
+@pytest.mark.parametrize("batch,seq", [(1, 1), (1, 100), (8, 1), (8, 100)])
+def test_fp32_export_matches_pytorch(tiny_checkpoint, tiny_onnx, batch, seq):
+    net, _ = load_checkpoint(tiny_checkpoint)
+    session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(batch * 1000 + seq)
+    tokens = rng.integers(0, net.config.vocab_size, (batch, seq))
+    state = [np.tanh(rng.standard_normal((2, batch, 16))).astype(np.float32) for _ in range(2)]
+    expected, got = torch_and_onnx_logits(net, session, tokens, state)
+    assert got.shape == (batch, seq, net.config.vocab_size)
+    assert np.abs(expected - got).max() <= 1e-4
+
+
+def test_export_is_one_valid_file_with_contract_io(tiny_onnx):
+    assert [p.name for p in tiny_onnx.parent.iterdir() if p.name.startswith(tiny_onnx.name)] == [tiny_onnx.name]
+    model = onnx.load(str(tiny_onnx), load_external_data=False)
+    onnx.checker.check_model(model, full_check=True)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert [i.name for i in model.graph.input] == ["tokens", "h0", "c0"]
+    assert [o.name for o in model.graph.output] == ["logits", "h", "c"]
+    dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+
+
+def test_metadata_round_trip(tiny_checkpoint, tiny_onnx):
+    _, ckpt = load_checkpoint(tiny_checkpoint)
+    _, info = read_model_info(tiny_onnx)
+    assert info.vocab == ckpt["vocab"]
+    assert info.cleaning == ckpt["cleaning"]
+    assert info.unknown_policy == ckpt["unknown_policy"]
+    assert info.model_config == ckpt["model_config"]
+    assert info.corpus_sha256 == ckpt["dataset_sha256"]
+    assert info.val_bpc == pytest.approx(ckpt["val_bpc"])
+    assert info.precision == "fp32"
+    assert parse_props(info.to_props()) == info
+
+
+def test_metadata_validation_names_the_problem(tiny_checkpoint):
+    _, ckpt = load_checkpoint(tiny_checkpoint)
+    props = info_from_checkpoint(ckpt).to_props()
+    with pytest.raises(MetadataError, match="not made by"):
+        parse_props({})
+    with pytest.raises(MetadataError, match="vocab"):
+        parse_props({**props, "vocab": "[1, 2"})
+    with pytest.raises(MetadataError, match="tokens but the vocabulary has"):
+        parse_props({**props, "vocab": '["a", "b"]'})
+    with pytest.raises(MetadataError, match="format"):
+        parse_props({**props, "speechbot_format": "99"})
+
+
+def test_export_evaluate_agrees_with_pytorch(tiny_dir, tiny_checkpoint, tiny_onnx, capsys):
+    export_main(["evaluate", str(tiny_onnx), "--text", str(tiny_dir / "corpus.txt"), "--providers", "cpu"])
+    out = capsys.readouterr().out
+    onnx_bpc = float(out.split("nats/char, ")[1].split(" bits")[0])
+    net, _ = load_checkpoint(tiny_checkpoint)
+    ids, _ = text_ids(TINY_CORPUS, read_model_info(tiny_onnx)[1])
+    torch_bpc = evaluate_ids(net, ids)[0] / math.log(2)
+    assert abs(onnx_bpc - torch_bpc) <= 1e-3
+    assert "0 outside the vocabulary" in out
+
+
+def test_export_evaluate_counts_unknown_characters(tiny_dir, tiny_onnx, capsys):
+    odd = tiny_dir / "odd.txt"
+    odd.write_text("We will win — 漢字 and Zürich 😀 again.\n", encoding="utf-8")
+    export_main(["evaluate", str(tiny_onnx), "--text", str(odd)])
+    out = capsys.readouterr().out
+    assert "outside the vocabulary" in out and "0 outside" not in out
+
+
+def test_int8_is_close_and_batch_invariant(tiny_checkpoint, tiny_int8, capsys):
+    net, _ = load_checkpoint(tiny_checkpoint)
+    session = ort.InferenceSession(str(tiny_int8), providers=["CPUExecutionProvider"])
+    assert read_model_info(tiny_int8)[1].precision == "int8"
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, net.config.vocab_size, (8, 20))
+    state = [np.tanh(rng.standard_normal((2, 8, 16))).astype(np.float32) for _ in range(2)]
+    expected, batched = torch_and_onnx_logits(net, session, tokens, state)
+    assert np.abs(expected - batched).max() < 0.2
+    for row in range(8):
+        (alone,) = session.run(
+            ["logits"],
+            {"tokens": tokens[row : row + 1], "h0": state[0][:, row : row + 1], "c0": state[1][:, row : row + 1]},
+        )
+        assert np.array_equal(alone[0], batched[row])
+
+
+def test_cli_export_reports_size_and_bpc_change(tiny_dir, tiny_checkpoint, capsys):
+    out_path = tiny_dir / "cli-int8.onnx"
+    export_main([str(tiny_checkpoint), "-o", str(out_path), "--int8", "--text", str(tiny_dir / "corpus.txt")])
+    out = capsys.readouterr().out
+    assert out_path.is_file() and "int8" in out and "MB" in out
+    change = float(out.split("change ")[1].split(")")[0])
+    assert abs(change) < 0.05
+
+
+def test_gru_exports_and_int8_is_refused_for_it(tiny_dir, capsys):
+    ckpt = train_tiny(tiny_dir / "gru.pt", model_type="gru", iterations=5)
+    result = export_checkpoint(ckpt, tiny_dir / "gru.onnx")
+    assert result.check.max_logit_diff <= 1e-4
+    assert [i.name for i in ort.InferenceSession(str(result.path)).get_inputs()] == ["tokens", "h0"]
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(ckpt), "-o", str(tiny_dir / "gru8.onnx"), "--int8"])
+    assert exit_info.value.code == 2
+    assert "--int8 supports LSTM" in capsys.readouterr().err
+    assert not (tiny_dir / "gru8.onnx").exists()
+
+
+def test_a_wrong_graph_is_refused(tiny_checkpoint):
+    net, ckpt = load_checkpoint(tiny_checkpoint)
+    info = info_from_checkpoint(ckpt)
+    data = serialize(fp32_graph(net), info)
+    with torch.no_grad():
+        net.decoder.bias.add_(0.01)  # the network now differs from the exported graph
+    with pytest.raises(VerificationError, match="differ from PyTorch"):
+        verify(net, data, info, np.arange(200) % net.config.vocab_size, ["CPUExecutionProvider"])
+
+
+def test_fp16_is_never_opened_on_cpu(tiny_dir, tiny_checkpoint, capsys):
+    out_path = tiny_dir / "fp16.onnx"
+    export_main([str(tiny_checkpoint), "-o", str(out_path), "--fp16"])
+    assert out_path.is_file()
+    _, info = read_model_info(out_path)
+    assert info.precision == "fp16"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert "not verified" in capsys.readouterr().out
+        from bot.engine import GenerationEngine
+
+        with pytest.raises(ProviderError, match="fp16"):
+            GenerationEngine(out_path, providers="auto")
+
+
+def foreign_model(path):
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "foreign",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    onnx.save(onnx.helper.make_model(graph), str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "garbage", "foreign", "tampered"])
+def test_bad_model_files_are_refused_clearly(tiny_dir, tiny_onnx, kind, capsys):
+    path = tiny_dir / f"bad-{kind}.onnx"
+    data = tiny_onnx.read_bytes()
+    expected = {
+        "missing": "does not exist",
+        "empty": "is empty",
+        "truncated": "not a readable ONNX model",
+        "garbage": "not a readable ONNX model",
+        "foreign": "not a speechbot model",
+        "tampered": "not a speechbot model",
+    }[kind]
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif kind == "foreign":
+        foreign_model(path)
+    elif kind == "tampered":
+        model = onnx.load(str(tiny_onnx))
+        for prop in model.metadata_props:
+            if prop.key == "vocab":
+                prop.value = '["a", "b"]'
+        onnx.save(model, str(path))
+    with pytest.raises(ModelFileError, match=expected):
+        read_model_info(path)
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["evaluate", str(path), "--text", str(tiny_dir / "corpus.txt")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and "Traceback" not in err
+
+
+def test_cli_bad_checkpoint_is_one_line_exit_2(tiny_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(tiny_dir / "nope.pt"), "-o", str(tiny_dir / "nope.onnx")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
