@@ -154,17 +154,16 @@ def load_model(
 def sample_rows(logits: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """One token per row by inverse-CDF sampling; each row uses only its own values.
 
-    top_ks holds the vocabulary size for rows without a top-k limit.
+    temperatures are float64 (so the arithmetic is); top_ks is None when no row has a top-k limit,
+    else holds each row's k (the vocabulary size for rows without a limit); uniforms are in [0, 1).
     """
-    scores = logits.astype(np.float64) / temperatures[:, None]
-    rows = np.arange(len(scores))
-    if (top_ks < scores.shape[1]).any():
-        kth = -np.sort(-scores, axis=1)[rows, top_ks - 1]
+    scores = logits / temperatures[:, None]
+    if top_ks is not None:
+        kth = -np.sort(-scores, axis=1)[np.arange(len(scores)), top_ks - 1]
         scores = np.where(scores >= kth[:, None], scores, -np.inf)
-    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
-    cdf = np.cumsum(weights, axis=1)
-    choice = (cdf < uniforms[:, None] * cdf[:, -1:]).sum(axis=1)
-    return np.minimum(choice, scores.shape[1] - 1)
+    cdf = np.exp(scores - scores.max(axis=1, keepdims=True)).cumsum(axis=1)
+    # u < 1 keeps the threshold below the total, so the count is at most vocab - 1.
+    return (cdf < uniforms[:, None] * cdf[:, -1:]).sum(axis=1)
 
 
 @dataclass(eq=False)
@@ -177,6 +176,7 @@ class _Request:
     stop_at_sentence_end: bool
     # Called from the worker with a text chunk, then once with None (done) or an exception.
     deliver: Callable[[str | BaseException | None], None]
+    streaming: bool  # deliver chunks as they come, not only the whole text at the end
     chars: list[str] = field(default_factory=list)
     sent: int = 0  # characters already delivered
     sentence_end: int = 0  # length of the text up to its last sentence end
@@ -200,6 +200,60 @@ class _Request:
             self.sent = upto
         if final:
             self.deliver(None)
+
+
+@dataclass
+class _Batch:
+    """The requests stepped together, and their rows: next input token, recurrent state, sampling settings."""
+
+    requests: list[_Request]
+    tokens: np.ndarray
+    state: list[np.ndarray]  # each [layers, batch, hidden]
+    temperatures: np.ndarray
+    top_ks: np.ndarray
+
+    @classmethod
+    def empty(cls, state_tensors: int) -> _Batch:
+        return cls([], np.zeros(0, np.int64), [None] * state_tensors, np.zeros(0), np.zeros(0, np.int64))
+
+    @classmethod
+    def of(cls, requests: list[_Request], states: list[list[np.ndarray]]) -> _Batch:
+        return cls(
+            requests,
+            np.zeros(len(requests), np.int64),
+            [np.concatenate(parts, axis=1) for parts in zip(*states, strict=True)],
+            np.array([r.temperature for r in requests], np.float64),
+            np.array([r.top_k for r in requests], np.int64),
+        )
+
+    def joined(self, other: _Batch) -> _Batch:
+        if not self.requests:
+            return other
+        return _Batch(
+            self.requests + other.requests,
+            np.concatenate([self.tokens, other.tokens]),
+            [np.concatenate([a, b], axis=1) for a, b in zip(self.state, other.state, strict=True)],
+            np.concatenate([self.temperatures, other.temperatures]),
+            np.concatenate([self.top_ks, other.top_ks]),
+        )
+
+    def kept(self, keep: np.ndarray) -> _Batch:
+        return _Batch(
+            [r for r, k in zip(self.requests, keep, strict=True) if k],
+            self.tokens[keep],
+            [s[:, keep] for s in self.state],
+            self.temperatures[keep],
+            self.top_ks[keep],
+        )
+
+
+def _settle(future: asyncio.Future, result: str | BaseException) -> None:
+    if future.done():  # the caller was cancelled
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 class GenerationEngine:
@@ -245,9 +299,31 @@ class GenerationEngine:
 
     def generate(self, prompt: str = "", length: int = 500, **options) -> str:
         """The continuation of `prompt` (not including it); blocks until it is complete."""
-        return "".join(self.stream(prompt, length, **options))
+        done = threading.Event()
+        outcome: list[str | BaseException] = []
+        request = self._collect(lambda result: (outcome.append(result), done.set()), prompt, length, **options)
+        try:
+            done.wait()
+        finally:
+            request.cancelled = True  # no effect once finished; stops the work if the wait was interrupted
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    async def agenerate(self, prompt: str = "", length: int = 500, **options) -> str:
+        """generate() for asyncio: waits without holding a thread, so many requests can batch together."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        request = self._collect(
+            lambda result: loop.call_soon_threadsafe(_settle, future, result), prompt, length, **options
+        )
+        try:
+            return await future
+        finally:
+            request.cancelled = True
 
     async def astream(self, prompt: str = "", length: int = 500, **options) -> AsyncIterator[str]:
+        """stream() for asyncio."""
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
         request = self._submit(
@@ -260,9 +336,6 @@ class GenerationEngine:
                 yield item
         finally:
             request.cancelled = True
-
-    async def agenerate(self, prompt: str = "", length: int = 500, **options) -> str:
-        return "".join([chunk async for chunk in self.astream(prompt, length, **options)])
 
     def close(self) -> None:
         if self._closed:
@@ -288,6 +361,7 @@ class GenerationEngine:
         top_k: int | None = None,
         seed: int | None = None,
         stop_at_sentence_end: bool = False,
+        streaming: bool = True,
     ) -> _Request:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
@@ -316,6 +390,7 @@ class GenerationEngine:
             rng=np.random.default_rng(seed),
             stop_at_sentence_end=stop_at_sentence_end,
             deliver=deliver,
+            streaming=streaming,
         )
         try:
             self._queue.put_nowait(request)
@@ -324,6 +399,20 @@ class GenerationEngine:
                 f"the generation engine is busy ({self._queue.maxsize} requests waiting); try again in a moment"
             ) from None
         return request
+
+    def _collect(self, on_done: Callable[[str | BaseException], None], prompt: str, length: int, **options) -> _Request:
+        """Submit a request whose text is handed over once, when complete (no wake-ups per chunk)."""
+        parts: list[str] = []
+
+        def deliver(item: str | BaseException | None) -> None:
+            if item is None:
+                on_done("".join(parts))
+            elif isinstance(item, BaseException):
+                on_done(item)
+            else:
+                parts.append(item)
+
+        return self._submit(deliver, prompt, length, streaming=False, **options)
 
     @staticmethod
     def _drain(request: _Request, chunks: queue.SimpleQueue) -> Iterator[str]:
@@ -372,47 +461,42 @@ class GenerationEngine:
         return logits[0, -1], state
 
     def _run(self) -> None:
-        active: list[_Request] = []
-        tokens = np.zeros(0, np.int64)
-        state: list[np.ndarray] = []
+        batch = _Batch.empty(len(self._state_names))
         stopping = False
-        while not stopping or active:
-            joined, stopping = self._admit(len(active), block=not active and not stopping, stopping=stopping)
+        while not stopping or batch.requests:
+            joined, stopping = self._admit(
+                len(batch.requests), block=not batch.requests and not stopping, stopping=stopping
+            )
             try:
                 if joined:
-                    logits = [logit for logit, _ in joined.values()]
-                    first = self._sample(list(joined), np.stack(logits))
-                    rows = [s for _, s in joined.values()]
-                    state = [
-                        np.concatenate([*([state[i]] if active else []), *(r[i] for r in rows)], axis=1)
-                        for i in range(len(self._state_names))
-                    ]
-                    tokens = np.concatenate([tokens, first])
-                    active += list(joined)
-                if not active:
+                    newcomers = _Batch.of(list(joined), [state for _, state in joined.values()])
+                    newcomers.tokens = self._sample(newcomers, np.stack([logits for logits, _ in joined.values()]))
+                    batch = batch.joined(newcomers)
+                if not batch.requests:
                     continue
-                keep = self._advance(active, tokens)
+                keep = self._advance(batch)
                 if not keep.all():
-                    active = [r for r, k in zip(active, keep, strict=True) if k]
-                    tokens = tokens[keep]
-                    state = [s[:, keep] for s in state]
-                if active:
-                    self.peak_batch = max(self.peak_batch, len(active))
-                    logits, state = self._feed(tokens[:, None], state)
-                    tokens = self._sample(active, logits[:, 0])
+                    batch = batch.kept(keep)
+                if batch.requests:
+                    self.peak_batch = max(self.peak_batch, len(batch.requests))
+                    logits, batch.state = self._feed(batch.tokens[:, None], batch.state)
+                    batch.tokens = self._sample(batch, logits[:, 0])
             except Exception as exc:  # a failed run must not kill the worker; fail the requests it held
                 log.exception("generation step failed")
-                for request in dict.fromkeys(active + list(joined)):
+                for request in dict.fromkeys(batch.requests + list(joined)):
                     request.deliver(exc)
-                active, tokens, state = [], np.zeros(0, np.int64), []
+                batch = _Batch.empty(len(self._state_names))
         self._fail_waiting()
 
     def _admit(self, running: int, block: bool, stopping: bool) -> tuple[dict, bool]:
         """Prime waiting requests (up to max_batch in all); blocks only when nothing is running."""
         joined: dict[_Request, tuple[np.ndarray, list[np.ndarray]]] = {}
         while not stopping and running + len(joined) < self.max_batch:
+            wait = block and not joined
+            if not wait and self._queue.empty():
+                break  # the common case while a batch runs; cheaper than a get that raises
             try:
-                request = self._queue.get(block=block and not joined)
+                request = self._queue.get(block=wait)
             except queue.Empty:
                 break
             if request is _STOP:
@@ -425,25 +509,24 @@ class GenerationEngine:
                     request.deliver(exc)
         return joined, stopping
 
-    def _sample(self, requests: list[_Request], logits: np.ndarray) -> np.ndarray:
-        return sample_rows(
-            logits,
-            np.array([r.temperature for r in requests]),
-            np.array([r.top_k for r in requests]),
-            np.array([r.rng.random() for r in requests]),
-        )
+    @staticmethod
+    def _sample(batch: _Batch, logits: np.ndarray) -> np.ndarray:
+        uniforms = np.fromiter((r.rng.random() for r in batch.requests), np.float64, len(batch.requests))
+        limited = batch.top_ks if (batch.top_ks < logits.shape[1]).any() else None
+        return sample_rows(logits, batch.temperatures, limited, uniforms)
 
-    def _advance(self, active: list[_Request], tokens: np.ndarray) -> np.ndarray:
+    def _advance(self, batch: _Batch) -> np.ndarray:
         """Append each request's new character; returns which requests go on."""
-        keep = np.ones(len(active), bool)
-        for row, (request, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
-            request.add(self.vocab.chars[token])
+        keep = np.ones(len(batch.requests), bool)
+        chars = self.vocab.chars
+        for row, (request, token) in enumerate(zip(batch.requests, batch.tokens.tolist(), strict=True)):
+            request.add(chars[token])
             if request.cancelled:
                 keep[row] = False
             elif request.done:
                 request.flush(final=True)
                 keep[row] = False
-            elif len(request.chars) % CHUNK_STEPS == 0:
+            elif request.streaming and len(request.chars) % CHUNK_STEPS == 0:
                 request.flush()
         return keep
 

@@ -164,5 +164,6 @@ def test_provider_choice(tiny_onnx):
 def test_sample_rows_follows_the_distribution():
     logits = np.log(np.array([[0.1, 0.2, 0.7]] * 3, np.float32))
     uniforms = np.array([0.05, 0.25, 0.95])
+    assert sample_rows(logits, np.ones(3), None, uniforms).tolist() == [0, 1, 2]
     assert sample_rows(logits, np.ones(3), np.full(3, 3), uniforms).tolist() == [0, 1, 2]
     assert sample_rows(logits, np.ones(3), np.full(3, 1), uniforms).tolist() == [2, 2, 2]
