@@ -8,7 +8,8 @@ Single stream: µs per character and the latency of one 500-character speech (em
 each path's real sampling loop (model.sample for PyTorch, bot.engine for onnxruntime; PyTorch without
 the paragraph-start walk that the engine does once at load). Batched:
 characters per second with N concurrent streams through the engine's continuous batching, and the
-ratio to one stream. Prints a table and writes JSON.
+ratio to one stream. "step µs" is a bare session.run of one character at batch 1 (the graph alone).
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -95,6 +97,14 @@ def engine_single(engine: GenerationEngine, length: int, repeats: int) -> float:
     return best_of(repeats, lambda: engine.generate("", length=length, seed=1))
 
 
+def graph_step(engine: GenerationEngine, repeats: int) -> float:
+    """Seconds per bare session.run of one character at batch 1: the graph without the engine around it."""
+    shape = (engine.info.num_layers, 1, engine.info.rnn_size)
+    feed = {"tokens": np.zeros((1, 1), np.int64), **{name: np.zeros(shape, np.float32) for name in engine._state_names}}
+    steps = 200
+    return best_of(repeats, lambda: [engine.session.run(None, feed) for _ in range(steps)]) / steps
+
+
 def engine_batched(engine: GenerationEngine, streams: int, length: int) -> float:
     """Characters per second with `streams` requests submitted together."""
 
@@ -104,7 +114,7 @@ def engine_batched(engine: GenerationEngine, streams: int, length: int) -> float
             for _ in stream:
                 pass
 
-    return streams * length / best_of(1, run)
+    return streams * length / best_of(2, run)
 
 
 def main() -> None:
@@ -144,6 +154,7 @@ def main() -> None:
                 ) as engine:
                     latency = engine_single(engine, args.length, args.repeats)
                     row = {
+                        "step_us": graph_step(engine, args.repeats) * 1e6,
                         "path": f"onnxruntime {precision}",
                         "threads": threads,
                         "us_per_char": latency / args.length * 1e6,
@@ -156,10 +167,11 @@ def main() -> None:
     baseline = rows[0]["us_per_char"]
     print(
         f"model: {label}; {args.length}-character speeches; CPU: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores; onnxruntime {ort.__version__}, torch {torch.__version__}"
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
+        f"onnxruntime {ort.__version__}, torch {torch.__version__}"
     )
     header = (
-        f"{'path':<18} {'thr':>3} {'µs/char':>8} {'speech ms':>9} {'vs first':>8}"
+        f"{'path':<18} {'thr':>3} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'step µs':>8}"
         + "".join(f" {f'{n} str c/s':>12}" for n in streams)
         + f" {'64÷1':>6}"
     )
@@ -167,7 +179,7 @@ def main() -> None:
     for row in rows:
         line = (
             f"{row['path']:<18} {row['threads']:>3} {row['us_per_char']:>8.1f} {row['speech_ms']:>9.1f} "
-            f"{baseline / row['us_per_char']:>7.1f}×"
+            f"{baseline / row['us_per_char']:>7.1f}× {row.get('step_us', float('nan')):>8.1f}"
         )
         if "chars_per_s_1" in row:
             line += "".join(f" {row[f'chars_per_s_{n}']:>12,.0f}" for n in streams)
@@ -185,6 +197,7 @@ def main() -> None:
                 "cpu_count": os.cpu_count(),
                 "onnxruntime": ort.__version__,
                 "torch": torch.__version__,
+                "load_average": os.getloadavg()[0],
                 "rows": rows,
             },
             indent=2,

@@ -51,7 +51,7 @@ def train_tiny(path: Path, text: str = TINY_CORPUS, model_type: str = "lstm", it
             "unknown_policy": vocab.unknown_policy,
             "cleaning": cleaning.to_dict(),
             "dataset_sha256": ["0" * 64],
-            "val_bpc": float(loss) / np.log(2),
+            "val_bpc": loss.item() / np.log(2),
             "iteration": iterations,
         },
     )
