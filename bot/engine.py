@@ -182,6 +182,14 @@ class _Request:
     sentence_end: int = 0  # length of the text up to its last sentence end
     cancelled: bool = False
 
+    def send(self, item: str | BaseException | None) -> None:
+        """Hand an item to the caller; a caller that has gone away (closed event loop) only loses its request."""
+        try:
+            self.deliver(item)
+        except Exception:
+            log.warning("a caller stopped listening; its request is dropped", exc_info=True)
+            self.cancelled = True
+
     def add(self, ch: str) -> None:
         self.chars.append(ch)
         if ch in SENTENCE_ENDERS:
@@ -196,10 +204,10 @@ class _Request:
         if self.stop_at_sentence_end and (self.sentence_end or not final):
             upto = self.sentence_end
         if upto > self.sent:
-            self.deliver("".join(self.chars[self.sent : upto]))
+            self.send("".join(self.chars[self.sent : upto]))
             self.sent = upto
         if final:
-            self.deliver(None)
+            self.send(None)
 
 
 @dataclass
@@ -484,7 +492,7 @@ class GenerationEngine:
             except Exception as exc:  # a failed run must not kill the worker; fail the requests it held
                 log.exception("generation step failed")
                 for request in dict.fromkeys(batch.requests + list(joined)):
-                    request.deliver(exc)
+                    request.send(exc)
                 batch = _Batch.empty(len(self._state_names))
         self._fail_waiting()
 
@@ -506,7 +514,7 @@ class GenerationEngine:
                     joined[request] = self._prime(request)
                 except Exception as exc:
                     log.exception("priming a prompt failed")
-                    request.deliver(exc)
+                    request.send(exc)
         return joined, stopping
 
     @staticmethod
@@ -537,4 +545,4 @@ class GenerationEngine:
             except queue.Empty:
                 return
             if request is not _STOP:
-                request.deliver(EngineClosed("the generation engine was closed before this request ran"))
+                request.send(EngineClosed("the generation engine was closed before this request ran"))

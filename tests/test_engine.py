@@ -167,3 +167,12 @@ def test_sample_rows_follows_the_distribution():
     assert sample_rows(logits, np.ones(3), None, uniforms).tolist() == [0, 1, 2]
     assert sample_rows(logits, np.ones(3), np.full(3, 3), uniforms).tolist() == [0, 1, 2]
     assert sample_rows(logits, np.ones(3), np.full(3, 1), uniforms).tolist() == [2, 2, 2]
+
+
+def test_a_caller_that_went_away_does_not_break_the_batch(engine):
+    expected = engine.generate("We will", length=80, seed=5)
+    loop = asyncio.new_event_loop()
+    loop.close()  # delivering to this loop raises, as for a caller whose event loop has ended
+    broken = engine._submit(lambda item: loop.call_soon_threadsafe(print, item), "We", 80, seed=1)
+    assert engine.generate("We will", length=80, seed=5) == expected
+    assert broken.cancelled
