@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from telegram.error import InvalidToken, TelegramError
 
 from bot.config import Config, ConfigError
+from bot.engine import GenerationEngine, ModelFileError
 from bot.logs import redact, setup_logging
 from db.database import DatabaseConfigError, create_db_engine, migrate
 
@@ -46,9 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def open_engine(config: Config, model_path: Path | None = None):
-    from bot.engine import GenerationEngine  # onnxruntime loads only for commands that generate
-
+def open_engine(config: Config, model_path: Path | None = None) -> GenerationEngine:
     return GenerationEngine(
         model_path or config.model_path, providers=config.onnx_providers, threads=config.onnx_threads
     )
@@ -95,7 +95,8 @@ def generate(config: Config, args: argparse.Namespace) -> None:
     engine = open_engine(config, args.model)
     try:
         print(
-            engine.generate(
+            args.prompt
+            + engine.generate(
                 prompt=args.prompt,
                 length=args.length,
                 temperature=args.temperature,
@@ -122,19 +123,19 @@ def healthcheck(config: Config, max_age: float) -> int:
 
 
 def fail(message: str, code: int = 2) -> int:
-    # Error texts can quote request URLs, which carry the token.
-    print(f"error: {redact(message)}", file=sys.stderr)
+    # Error texts can quote request URLs, which carry the token, and drivers' texts span lines.
+    print(f"error: {redact(' '.join(message.split()))}", file=sys.stderr)
     return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bot.errors import ModelFileError
-
     try:
         args = build_parser().parse_args(argv)
         config = Config.from_env()
-        setup_logging(config.log_level, secrets=[config.telegram_bot_token, config.webhook_secret])
         command = args.command or "run"
+        # One-shot commands print their result; INFO chatter would bury it (and stderr's error line).
+        level = config.log_level_number if command == "run" else max(config.log_level_number, logging.WARNING)
+        setup_logging(level, secrets=[config.telegram_bot_token, config.webhook_secret])
         if command == "run":
             run_telegram(config)
         elif command == "console":

@@ -16,7 +16,8 @@ from urllib.parse import urlparse
 
 from dotenv import dotenv_values
 
-BUNDLED_MODEL_PATH = Path(__file__).parent / "assets" / "speechbot.onnx"
+from bot.engine import DEFAULT_MODEL_PATH
+
 TOKEN_FORMAT = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
 WEBHOOK_SECRET_FORMAT = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -36,7 +37,7 @@ class Config:
     telegram_bot_token: str | None = None
     telegram_api_base_url: str | None = None
     database_url: str = "sqlite:///data/bot.db"
-    model_path: Path = BUNDLED_MODEL_PATH
+    model_path: Path = DEFAULT_MODEL_PATH
     onnx_providers: str = "auto"
     onnx_threads: int | None = None
     log_level: str = "INFO"
@@ -59,7 +60,7 @@ class Config:
             telegram_bot_token=reader.token(),
             telegram_api_base_url=reader.url("TELEGRAM_API_BASE_URL", schemes=("http", "https")),
             database_url=reader.text("DATABASE_URL", cls.database_url),
-            model_path=Path(reader.text("MODEL_PATH", str(BUNDLED_MODEL_PATH))),
+            model_path=Path(reader.text("MODEL_PATH", str(DEFAULT_MODEL_PATH))),
             onnx_providers=reader.choice("ONNX_PROVIDERS", PROVIDERS, cls.onnx_providers, str.lower),
             onnx_threads=reader.number("ONNX_THREADS", None, int, low=1, high=256),
             log_level=reader.choice("LOG_LEVEL", LOG_LEVELS, cls.log_level, str.upper),

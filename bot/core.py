@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 from bot.config import LENGTH_MAX, LENGTH_MIN, TEMPERATURE_MAX
 from bot.dailytime import latest_due, local_date, next_due, parse_daily_time, resolve_time_zone
+from bot.engine import EngineBusy
 from db.store import ChatSettings, ChatStore
 
 PROMPT_MAX = 1000
@@ -108,10 +109,9 @@ def parse_length(text: str) -> int:
     return value
 
 
-def compose_speech(prompt: str, generated: str) -> str:
+def compose_speech(prompt: str, continuation: str) -> str:
     """The reply: the prompt and its continuation, trimmed to what one Telegram message holds."""
-    text = generated if generated.startswith(prompt) else prompt + generated
-    text = text.strip()[:MESSAGE_MAX].strip()
+    text = (prompt + continuation).strip()[:MESSAGE_MAX].strip()
     return text or "…"  # Telegram rejects empty messages
 
 
@@ -177,8 +177,8 @@ class SpeechBot:
 
     async def daily_speech(self, settings: ChatSettings) -> str:
         """The scheduled post; no cooldown, since the schedule itself limits it."""
-        generated = await self.engine.agenerate(prompt="", length=settings.length, temperature=settings.temperature)
-        return compose_speech("", generated)
+        continuation = await self.engine.agenerate(length=settings.length, temperature=settings.temperature)
+        return compose_speech("", continuation)
 
     # ---- generation ----
 
@@ -195,13 +195,17 @@ class SpeechBot:
             return f"One speech at a time, please. Try again in {seconds} second{'s' * (seconds != 1)}."
         self._ready_at[chat.id] = now + self.cooldown
         settings = self.store.get(chat.id, chat.type)
-        async with busy():
-            generated = await self.engine.agenerate(
-                prompt=prompt,
-                length=settings.length,
-                temperature=settings.temperature if temperature is None else temperature,
-            )
-        return compose_speech(prompt, generated)
+        try:
+            async with busy():
+                continuation = await self.engine.agenerate(
+                    prompt=prompt,
+                    length=settings.length,
+                    temperature=settings.temperature if temperature is None else temperature,
+                )
+        except EngineBusy:
+            del self._ready_at[chat.id]  # nothing was made, so no cooldown either
+            return "I'm writing a lot of speeches right now. Please try again in a few seconds."
+        return compose_speech(prompt, continuation)
 
     # ---- commands that answer at once ----
 

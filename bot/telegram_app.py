@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 ADMIN_CACHE_SECONDS = 60.0
 TYPING_REFRESH_SECONDS = 4.5  # Telegram shows "typing" for 5 s per action
-HEARTBEAT_SECONDS = 30.0
+HEARTBEAT_SECONDS = 30
 CONCURRENT_UPDATES = 16
 SORRY = "Sorry, something went wrong while handling that. Please try again in a moment."
 
@@ -94,10 +94,13 @@ class TelegramFrontend:
         self.core.on_schedule_change = self.daily.sync
         self.daily.rebuild()
         if self.config.heartbeat_file is not None:
-            application.job_queue.run_repeating(self._heartbeat, interval=HEARTBEAT_SECONDS, first=0)
+            await self._heartbeat(None)
+            application.job_queue.run_repeating(
+                self._heartbeat, interval=HEARTBEAT_SECONDS, job_kwargs={"misfire_grace_time": HEARTBEAT_SECONDS}
+            )
         log.info("Bot @%s is up", application.bot.username)
 
-    async def _heartbeat(self, _context: ContextTypes.DEFAULT_TYPE) -> None:
+    async def _heartbeat(self, _context: ContextTypes.DEFAULT_TYPE | None) -> None:
         # Proves to the container's healthcheck that the event loop is alive.
         self.config.heartbeat_file.write_text(f"{time.time():.0f}\n")
 

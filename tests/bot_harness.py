@@ -9,12 +9,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from telegram.ext import Application
 from telegram_emulator import TelegramEmulator
 
 from bot.config import Config
+from bot.engine import GenerationEngine
 from bot.telegram_app import build_application
 
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
@@ -73,16 +75,16 @@ async def running_bot(
             await application.post_shutdown(application)
 
 
-def open_test_engine():
-    """The real engine on the bundled model, on one thread so parallel work elsewhere is not starved."""
-    from bot.engine import DEFAULT_MODEL_PATH, GenerationEngine
+@pytest.fixture(scope="session")
+def model_path(tiny_onnx) -> Path:
+    """A real exported model (tests/conftest.py trains and exports it once per session)."""
+    return tiny_onnx
 
-    return GenerationEngine(DEFAULT_MODEL_PATH, providers="cpu", threads=1)
 
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = open_test_engine()
+@pytest.fixture(scope="session")
+def engine(model_path):
+    """The real engine, on one thread so parallel work elsewhere is not starved."""
+    engine = GenerationEngine(model_path, providers="cpu", threads=1)
     yield engine
     engine.close()
 

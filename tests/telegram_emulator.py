@@ -223,6 +223,7 @@ class TelegramEmulator:
         params = await self._read_params(request)
         call = Call(method=method, params=params)
         self.calls.append(call)  # recorded on arrival, so a test sees calls the client gave up on
+        await self._notify()
         try:
             if request.match_info["token"] != self.token:
                 raise ApiError(401, "Unauthorized")

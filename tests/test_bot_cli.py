@@ -17,6 +17,8 @@ from telegram_emulator import TelegramEmulator
 
 from bot.__main__ import main
 
+pytest_plugins = ["bot_harness"]
+
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = (
     "TELEGRAM_BOT_TOKEN", "TELEGRAM_API_BASE_URL", "DATABASE_URL", "MODEL_PATH", "ONNX_PROVIDERS", "ONNX_THREADS",
@@ -26,12 +28,13 @@ SETTINGS = (
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(tmp_path, monkeypatch, model_path):
     """A clean working directory (no .env) and no bot settings inherited from the machine."""
     monkeypatch.chdir(tmp_path)
     for name in SETTINGS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ONNX_PROVIDERS", "cpu")
+    monkeypatch.setenv("MODEL_PATH", str(model_path))
     monkeypatch.setenv("ONNX_THREADS", "1")
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
@@ -95,13 +98,13 @@ def test_console_uses_the_same_commands_and_database(env, tmp_path, capsys):
     assert main(["console"]) == 0
     out = capsys.readouterr().out
     assert "Temperature set to 1.5." in out and "Speech length set to 30 characters." in out
-    assert "\nWe will" in out
+    assert "> We will" in out
     env.setattr("sys.stdin", io.StringIO("/settings\n"))
     assert main(["console"]) == 0
     assert "temperature: 1.5" in capsys.readouterr().out, "kept in data/bot.db"
 
 
-async def test_run_serves_telegram_and_stops_gracefully_on_sigterm(tmp_path):
+async def test_run_serves_telegram_and_stops_gracefully_on_sigterm(tmp_path, model_path):
     async with TelegramEmulator(TOKEN) as emulator:
         environment = {name: value for name, value in os.environ.items() if name not in SETTINGS} | {
             "TELEGRAM_BOT_TOKEN": TOKEN,
@@ -109,17 +112,19 @@ async def test_run_serves_telegram_and_stops_gracefully_on_sigterm(tmp_path):
             "DATABASE_URL": f"sqlite:///{tmp_path / 'bot.db'}",
             "ONNX_PROVIDERS": "cpu",
             "ONNX_THREADS": "1",
+            "MODEL_PATH": str(model_path),
             "DEFAULT_LENGTH": "30",
             "HEARTBEAT_FILE": str(tmp_path / "heartbeat"),
             "LOG_LEVEL": "DEBUG",
             "PYTHONPATH": str(REPO),
         }
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", cwd=tmp_path, env=environment,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
+        log = tmp_path / "bot.log"  # a file, not a pipe: a full pipe would block the bot's logging
+        with log.open("w") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bot", cwd=tmp_path, env=environment, stdout=log_file, stderr=log_file
+            )
         try:
-            await emulator.wait_for(lambda call: call.method == "getUpdates", timeout=60)
+            await emulator.wait_for(lambda call: call.method == "getUpdates", timeout=30)
             answer = await emulator.ask(private_chat(ALICE), ALICE, "/speech 0.6 We will")
             assert answer.startswith("We will")
             healthcheck = await asyncio.create_subprocess_exec(
@@ -127,11 +132,12 @@ async def test_run_serves_telegram_and_stops_gracefully_on_sigterm(tmp_path):
             )
             assert await healthcheck.wait() == 0
             process.send_signal(signal.SIGTERM)
-            output = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+            await asyncio.wait_for(process.wait(), 30)
         finally:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+    output = log.read_text()
     assert process.returncode == 0, output
     assert "Traceback" not in output
     assert "DEBUG" in output and TOKEN not in output

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import BUNDLED_MODEL_PATH, Config, ConfigError
+from bot.config import Config, ConfigError
+from bot.engine import DEFAULT_MODEL_PATH
 
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
 
@@ -14,7 +15,7 @@ TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
 def test_defaults_without_anything(tmp_path):
     config = Config.from_env({}, dotenv_path=tmp_path / "missing.env")
     assert config.database_url == "sqlite:///data/bot.db"
-    assert config.model_path == BUNDLED_MODEL_PATH
+    assert config.model_path == DEFAULT_MODEL_PATH
     assert (config.onnx_providers, config.log_level, config.webhook_url) == ("auto", "INFO", None)
     with pytest.raises(ConfigError, match=r"TELEGRAM_BOT_TOKEN is not set.*@BotFather"):
         config.require_token()

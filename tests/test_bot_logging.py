@@ -6,10 +6,12 @@ import io
 import logging
 
 import pytest
-from bot_harness import ALICE, TOKEN, Clock, bot_config, open_test_engine, private_chat, running_bot
+from bot_harness import ALICE, TOKEN, Clock, bot_config, private_chat, running_bot
 from telegram_emulator import TelegramEmulator
 
 from bot.logs import REDACTED, RedactSecrets, setup_logging
+
+pytest_plugins = ["bot_harness"]
 
 OTHER_TOKEN = "987654321:BBAnotherFakeToken_0123456789abcdefgh"
 
@@ -44,24 +46,20 @@ def test_filter_redacts_message_arguments_and_tracebacks():
     assert "ConnectionError" in output, "the traceback itself is kept"
 
 
-async def test_a_debug_session_never_logs_the_token(root_logging, tmp_path):
+async def test_a_debug_session_never_logs_the_token(root_logging, engine, tmp_path):
     leaky, redacted = io.StringIO(), io.StringIO()
     # Runs before the redacting handler, so it shows what python-telegram-bot really logs.
     root_logging.addHandler(logging.StreamHandler(leaky))
     setup_logging(logging.DEBUG, secrets=[TOKEN], stream=redacted)
     assert logging.getLogger("httpx").level == logging.WARNING
-    engine = open_test_engine()
-    try:
-        async with TelegramEmulator(TOKEN) as emulator:
-            config = bot_config(emulator, tmp_path / "bot.db")
-            async with running_bot(emulator, engine, config, Clock()):
-                chat = private_chat(ALICE)
-                emulator.inject("sendMessage", "5xx", status=502)
-                await emulator.ask(chat, ALICE, "/settings")
-                emulator.inject("sendMessage", "429", retry_after=1)
-                await emulator.ask(chat, ALICE, "/speech 0.5 Hello")
-    finally:
-        engine.close()
+    async with TelegramEmulator(TOKEN) as emulator:
+        config = bot_config(emulator, tmp_path / "bot.db")
+        async with running_bot(emulator, engine, config, Clock()):
+            chat = private_chat(ALICE)
+            emulator.inject("sendMessage", "5xx", status=502)
+            await emulator.ask(chat, ALICE, "/settings")
+            emulator.inject("sendMessage", "429", retry_after=1)
+            await emulator.ask(chat, ALICE, "/speech 0.5 Hello")
     assert TOKEN in leaky.getvalue(), "the scenario does log the token without the filter"
     output = redacted.getvalue()
     assert "DEBUG" in output and "sendMessage" in output
