@@ -16,7 +16,7 @@ from telegram.ext import Application
 from telegram_emulator import TelegramEmulator
 
 from bot.config import Config
-from bot.engine import GenerationEngine
+from bot.engine import DEFAULT_MODEL_PATH, GenerationEngine
 from bot.telegram_app import build_application
 
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
@@ -76,9 +76,9 @@ async def running_bot(
 
 
 @pytest.fixture(scope="session")
-def model_path(tiny_onnx) -> Path:
-    """A real exported model (tests/conftest.py trains and exports it once per session)."""
-    return tiny_onnx
+def model_path() -> Path:
+    """The model the bot ships and serves by default."""
+    return DEFAULT_MODEL_PATH
 
 
 @pytest.fixture(scope="session")
