@@ -56,7 +56,8 @@ class DailySpeeches:
 
     def rebuild(self) -> int:
         """Create the jobs for every enabled schedule and post missed speeches; returns the count."""
-        scheduled = self.store.scheduled()
+        # The terminal's chat (python -m bot console) shares the database but is no Telegram chat.
+        scheduled = [settings for settings in self.store.scheduled() if settings.type != "console"]
         now = self.clock()
         for settings in scheduled:
             self.sync(settings)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from bot_harness import ALICE, Clock, bot_config, group_chat, private_chat, running_bot
 
+from bot.core import ChatRef
 from bot.scheduling import job_name
 
 pytest_plugins = ["bot_harness"]
@@ -138,3 +139,12 @@ async def test_bot_removed_from_a_group_stops_its_schedule(emulator, engine, tmp
         await emulator.settle(0.5)
         assert not app.job_queue.get_jobs_by_name(job_name(group["id"]))
         assert "daily speech: off" in await emulator.ask(group, ALICE, "/settings")
+
+
+async def test_the_console_chat_is_never_scheduled_on_telegram(emulator, engine, tmp_path):
+    config = bot_config(emulator, tmp_path / "bot.db")
+    async with running_bot(emulator, engine, config, Clock(NOON)) as app:
+        core = app.bot_data["frontend"].core
+        assert "Daily speech set" in await core.handle_text(ChatRef(0, "console"), "/schedule 12:10")
+    async with running_bot(emulator, engine, config, Clock(NOON)) as app:
+        assert not app.job_queue.get_jobs_by_name(job_name(0))
