@@ -17,7 +17,6 @@ from bot.engine import PROVIDER_CHOICES, load_model
 from export.metadata import ModelInfo
 from model.cli import UsageError
 from model.prepare import read_utf8
-from model.text import CleaningOptions, Vocab, clean_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,13 +35,6 @@ def zero_state(info: ModelInfo, batch: int) -> dict[str, np.ndarray]:
     shape = (info.num_layers, batch, info.rnn_size)
     names = ("h0", "c0") if info.is_lstm else ("h0",)
     return {name: np.zeros(shape, np.float32) for name in names}
-
-
-def text_ids(text: str, info: ModelInfo) -> tuple[np.ndarray, int]:
-    """Token ids of `text` cleaned like the training text, and how many characters were outside the vocabulary."""
-    vocab = Vocab(info.vocab, info.unknown_policy)
-    cleaned = clean_text(text, CleaningOptions.from_dict(info.cleaning))
-    return np.array(vocab.encode(cleaned), dtype=np.int64), vocab.count_unknown(cleaned)
 
 
 def onnx_nats(session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, seq_length: int = 512) -> float:
@@ -69,7 +61,7 @@ def main(args: argparse.Namespace) -> None:
         raise UsageError(f"--seq-length must be a positive number, not {args.seq_length}")
     session, info, provider = load_model(args.model, args.providers)
     text, _ = read_utf8(Path(args.text))
-    ids, unknown = text_ids(text, info)
+    ids, unknown = info.text_ids(text)
     if len(ids) < 2:
         raise UsageError(f"{args.text} has fewer than 2 characters after cleaning; nothing to score")
     nats = onnx_nats(session, info, ids, args.seq_length)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from model.text import CleaningOptions, Vocab, text_to_ids
+
 FORMAT_VERSION = "1"
 EXPORTER_VERSION = "speechbot-export/1"
 PRECISIONS = ("fp32", "int8", "fp16")
@@ -51,6 +55,12 @@ class ModelInfo:
     @property
     def rnn_size(self) -> int:
         return int(self.model_config["rnn_size"])
+
+    def text_ids(self, text: str) -> tuple[np.ndarray, int]:
+        """Token ids of `text` cleaned like the training text, and how many characters were outside the vocabulary."""
+        vocab = Vocab(self.vocab, self.unknown_policy)
+        ids, unknown = text_to_ids(text, vocab, CleaningOptions.from_dict(self.cleaning))
+        return np.array(ids, dtype=np.int64), unknown
 
     def to_props(self) -> dict[str, str]:
         """The string key/value pairs stored as ONNX metadata_props."""

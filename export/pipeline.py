@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from export.evaluate import text_ids
 from export.int8_lstm import build_int8_lstm
 from export.metadata import ModelInfo, info_from_checkpoint
 from export.torch_graph import fp16_graph, fp32_graph
@@ -73,7 +72,7 @@ def serialize(model: onnx.ModelProto, info: ModelInfo) -> bytes:
 
 def corpus_ids(text_path: str | None, info: ModelInfo) -> np.ndarray:
     text = read_utf8(Path(text_path))[0] if text_path else SAMPLE_TEXT
-    ids, _ = text_ids(text, info)
+    ids, _ = info.text_ids(text)
     if len(ids) < MIN_CORPUS_CHARS:
         ids = np.resize(ids, MIN_CORPUS_CHARS) if len(ids) else np.zeros(MIN_CORPUS_CHARS, np.int64)
     return ids

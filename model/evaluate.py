@@ -14,7 +14,7 @@ from model.cli import UsageError
 from model.dataset import load_dataset
 from model.model import CharRNN, detach_state, nats_to_bits
 from model.prepare import read_utf8
-from model.text import CleaningOptions, Vocab, clean_text
+from model.text import CleaningOptions, Vocab, text_to_ids
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,19 +69,14 @@ def evaluate_ids(
     return float(total) / count, count
 
 
-def text_to_ids(text: str, vocab: Vocab, cleaning: CleaningOptions) -> tuple[np.ndarray, int]:
-    """Clean text the way the training text was cleaned; returns ids and the out-of-vocabulary count."""
-    cleaned = clean_text(text, cleaning)
-    return np.array(vocab.encode(cleaned), dtype=np.int64), vocab.count_unknown(cleaned)
-
-
 def main(args: argparse.Namespace) -> None:
     net, ckpt = load_checkpoint(args.checkpoint, args.device)
     vocab = Vocab(ckpt["vocab"], ckpt.get("unknown_policy", "nearest"))
     unknown = 0
     if args.text:
         text, _ = read_utf8(Path(args.text))
-        ids, unknown = text_to_ids(text, vocab, CleaningOptions.from_dict(ckpt["cleaning"]))
+        token_ids, unknown = text_to_ids(text, vocab, CleaningOptions.from_dict(ckpt["cleaning"]))
+        ids = np.array(token_ids, dtype=np.int64)
         source = args.text
     elif args.data:
         dataset = load_dataset(args.data)

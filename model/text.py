@@ -263,3 +263,9 @@ class Vocab:
     @classmethod
     def from_meta(cls, meta: dict) -> Vocab:
         return cls(meta["vocab"], meta.get("unknown_policy", "nearest"))
+
+
+def text_to_ids(text: str, vocab: Vocab, cleaning: CleaningOptions) -> tuple[list[int], int]:
+    """Clean text the way the training text was cleaned; returns token ids and the out-of-vocabulary count."""
+    cleaned = clean_text(text, cleaning)
+    return vocab.encode(cleaned), vocab.count_unknown(cleaned)

@@ -13,7 +13,6 @@ from conftest import TINY_CORPUS, train_tiny
 
 from bot.engine import ModelFileError, ProviderError, read_model_info
 from export.__main__ import main as export_main
-from export.evaluate import text_ids
 from export.metadata import MetadataError, info_from_checkpoint, parse_props
 from export.pipeline import export_checkpoint, serialize
 from export.torch_graph import fp32_graph
@@ -85,7 +84,7 @@ def test_export_evaluate_agrees_with_pytorch(tiny_dir, tiny_checkpoint, tiny_onn
     out = capsys.readouterr().out
     onnx_bpc = float(out.split("nats/char, ")[1].split(" bits")[0])
     net, _ = load_checkpoint(tiny_checkpoint)
-    ids, _ = text_ids(TINY_CORPUS, read_model_info(tiny_onnx)[1])
+    ids, _ = read_model_info(tiny_onnx)[1].text_ids(TINY_CORPUS)
     torch_bpc = evaluate_ids(net, ids)[0] / math.log(2)
     assert abs(onnx_bpc - torch_bpc) <= 1e-3
     assert "0 outside the vocabulary" in out
