@@ -1,0 +1,141 @@
+"""The classic baselines of bench/quality.py: Kneser-Ney, unigram, conditional compression, the by-case split."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from bench import quality
+from bench.baselines import (
+    KneserNey,
+    compressors,
+    conditional_bits,
+    ppmd,
+    shouted_mask,
+    unigram_bits,
+)
+from model.prepare import prepare
+from model.text import CleaningOptions
+
+PHRASES = ["we will win. ", "make it great. ", "believe me, folks. ", "so much winning. ", "the wall! "]
+
+
+def speech(words: int, seed: int) -> str:
+    """Text with real structure: known phrases in a random order."""
+    rng = np.random.default_rng(seed)
+    return "".join(PHRASES[i] for i in rng.integers(len(PHRASES), size=words))
+
+
+def encode(text: str, alphabet: str) -> np.ndarray:
+    return np.array([alphabet.index(ch) for ch in text], dtype=np.int64)
+
+
+def test_kneser_ney_is_a_distribution_at_every_context_and_order() -> None:
+    text = speech(300, seed=1)
+    alphabet = "".join(sorted(set(text))) + "XYZ"  # characters never seen in training get mass too
+    kn = KneserNey(encode(text, alphabet), len(alphabet), max_order=8)
+    contexts = ["", "w", "we will", "believe me, fo", "XYXY", "XYZ", "so much winning. the wall! "]
+    for order in (1, 2, 4, 8):
+        for context in contexts:
+            probs = kn.distribution(encode(context, alphabet), order)
+            assert probs.shape == (len(alphabet),)
+            assert (probs > 0).all()
+            assert probs.sum() == pytest.approx(1.0, abs=1e-9), (order, context)
+
+
+def test_kneser_ney_bits_agree_with_its_distribution() -> None:
+    text = speech(200, seed=2)
+    alphabet = "".join(sorted(set(text)))
+    kn = KneserNey(encode(text[:2000], alphabet), len(alphabet), max_order=6)
+    ids = encode(text[2000:2100], alphabet)
+    bits = kn.bits(ids, order=6)
+    assert bits.shape == (len(ids) - 1,)
+    for t in (1, 3, 5, 40, 99):
+        expected = -math.log2(kn.distribution(ids[:t], order=6)[ids[t]])
+        assert bits[t - 1] == pytest.approx(expected, rel=1e-12)
+
+
+def test_kneser_ney_beats_unigram_on_repetitive_text() -> None:
+    train, held_out = speech(400, seed=3), speech(60, seed=4)
+    alphabet = "".join(sorted(set(train + held_out)))
+    train_ids, held_ids = encode(train, alphabet), encode(held_out, alphabet)
+    kn = KneserNey(train_ids, len(alphabet), max_order=6)
+    kn_bpc = kn.bits(held_ids, order=6).mean()
+    unigram_bpc = unigram_bits(train_ids, held_ids[1:], len(alphabet)).mean()
+    assert kn_bpc < 0.5 * unigram_bpc
+    # Order 1 is unigram frequencies, so the gain comes from the context.
+    assert kn.bits(held_ids, order=1).mean() == pytest.approx(unigram_bpc, abs=0.05)
+
+
+def test_unigram_bits_are_the_add_one_cross_entropy() -> None:
+    train, held_out, vocab_size = "aaaabbbcc\n", "abcabcaad", 5  # d and one more symbol are unseen in train
+    alphabet = "\nabcd"
+    counts = Counter(train)
+    expected = -sum(math.log2((counts[ch] + 1) / (len(train) + vocab_size)) for ch in held_out) / len(held_out)
+    bits = unigram_bits(encode(train, alphabet), encode(held_out, alphabet), vocab_size)
+    assert bits.mean() == pytest.approx(expected, rel=1e-12)
+
+
+def test_conditional_compression_charges_little_for_text_already_in_train() -> None:
+    rng = np.random.default_rng(5)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz .,"))
+    train = "".join(rng.choice(letters, size=20_000)).encode()
+    repeated = train[5_000:9_000]
+    fresh = "".join(rng.choice(letters, size=4_000)).encode()
+    for name, compress in {**compressors(), "PPMd order 4": ppmd(4, mem_size=16 << 20)}.items():
+        seen = conditional_bits(compress, train, repeated, len(repeated))
+        unseen = conditional_bits(compress, train, fresh, len(fresh))
+        assert unseen > 4.0, name  # 29 equally likely symbols cost about log2(29) = 4.9 bits
+        # bzip2's block sort only pairs each context with its repeat, which about halves the cost.
+        assert seen < (0.75 if name.startswith("bzip2") else 0.25) * unseen, (name, seen, unseen)
+
+
+def test_shouted_mask_marks_whole_lines_typed_in_capitals() -> None:
+    text = "We win.\nTHIS IS A SHOUTED LINE, FOLKS!\nUSA is great, folks.\n"
+    mask = shouted_mask(text)
+    assert mask.shape == (len(text),)
+    first, second, _ = text.split("\n", 2)
+    assert not mask[: len(first) + 1].any()
+    assert mask[len(first) + 1 : len(first) + len(second) + 2].all()
+    assert not mask[len(first) + len(second) + 2 :].any()
+
+
+def test_quality_script_reports_both_modes(tmp_path) -> None:
+    shouted = "WE WILL WIN. MAKE IT GREAT. BELIEVE ME, FOLKS. SO MUCH WINNING.\n" * 12
+    raw = tmp_path / "speeches.txt"
+    raw.write_text("\ufeff" + speech(1000, seed=6).replace(". ", ".\r\n") + shouted, encoding="utf-8")
+    data_dir = tmp_path / "data"
+    prepare([raw], data_dir, CleaningOptions(), batch_size=2, seq_length=16)
+    out_json, out_md = tmp_path / "quality.json", tmp_path / "quality.md"
+    args = ["--data", str(data_dir), "--source", str(raw), "--text", str(raw), "--max-order", "5"]
+    args += ["--ppmd-orders", "3,5", "--json", str(out_json), "--markdown", str(out_md)]
+    quality.main(args)
+    results = json.loads(out_json.read_text())
+    cleaned, raw_text = results["corpora"]
+    assert [c["mode"] for c in results["corpora"]] == ["data", "text"]
+    for corpus in results["corpora"]:
+        names = {row["name"] for row in corpus["rows"]}
+        assert {"unigram (add-one)", "PPMd order 3", "PPMd order 5", "xz -9e", "zstd -22"} <= names
+        assert sorted(corpus["kn_val_by_order"]) == ["2", "3", "4", "5"]
+        assert corpus["test_shouted_share"] > 0.3
+    # Sentence-cased in the dataset, the shouted lines are ordinary text; raw, they are capitals
+    # that the static models never saw in training.
+    kn_cleaned, kn_raw = (next(row for row in c["rows"] if row["name"].startswith("KN")) for c in (cleaned, raw_text))
+    assert kn_raw["test_shouted"] > 2 * kn_raw["test_rest"]
+    assert kn_cleaned["test_shouted"] < 0.5 * kn_raw["test_shouted"]
+    page = out_md.read_text()
+    assert "| Model | Kind | Val BPC | Test BPC |" in page
+    assert "Best baseline on val" in page
+
+
+def test_quality_script_rejects_a_source_the_dataset_was_not_made_from(tmp_path) -> None:
+    raw, other = tmp_path / "speeches.txt", tmp_path / "other.txt"
+    raw.write_text(speech(300, seed=7), encoding="utf-8")
+    other.write_text(speech(300, seed=8), encoding="utf-8")
+    prepare([raw], tmp_path / "data", CleaningOptions(), batch_size=2, seq_length=16)
+    with pytest.raises(quality.UsageError, match="not the file"):
+        quality.main(["--data", str(tmp_path / "data"), "--source", str(other)])
