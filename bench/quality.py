@@ -126,9 +126,9 @@ def per_char_row(corpus: Corpus, name: str, kind: str, bits: dict[str, np.ndarra
 
 def model_bits(checkpoint: str, corpus: Corpus) -> dict[str, np.ndarray]:
     import torch  # only the model rows need it
-    import torch.nn.functional as F
 
     from model.checkpoint import load_checkpoint
+    from model.evaluate import char_nats
 
     # One stream is a chain of small matrix-vector products: a second thread only adds waiting, and on
     # this shared 2-core CPU it measured 2-25x slower than one.
@@ -136,21 +136,9 @@ def model_bits(checkpoint: str, corpus: Corpus) -> dict[str, np.ndarray]:
     net, ckpt = load_checkpoint(checkpoint)
     if ckpt["vocab"] != corpus.vocab:
         raise UsageError(f"{checkpoint} has a different vocabulary from the dataset")
-    bits = {}
-    with torch.no_grad():
-        for split in EVAL_SPLITS:
-            # One stream carrying its state: each character is predicted from its full left context,
-            # exactly as model.evaluate.evaluate_ids(streams=1) scores it.
-            data = torch.from_numpy(corpus.splits[split])[None]
-            state = net.initial_state(1, "cpu")
-            pieces = []
-            for start in range(0, data.shape[1] - 1, 4096):
-                targets = data[:, start + 1 : start + 4097]
-                logits, state = net(data[:, start : start + targets.shape[1]], state)
-                log_probs = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])
-                pieces.append(-log_probs.flatten().double().numpy() / math.log(2))
-            bits[split] = np.concatenate(pieces)
-    return bits
+    # One stream carrying its state: each character is predicted from its full left context,
+    # exactly as `python -m model evaluate` scores it.
+    return {split: char_nats(net, corpus.splits[split], seq_length=4096).numpy() / math.log(2) for split in EVAL_SPLITS}
 
 
 def score(corpus: Corpus, args: argparse.Namespace) -> None:

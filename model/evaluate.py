@@ -35,10 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @torch.no_grad()
-def evaluate_ids(
+def char_nats(
     net: CharRNN, ids: np.ndarray, streams: int = 1, seq_length: int = 512, device: str | torch.device = "cpu"
-) -> tuple[float, int]:
-    """Mean cross-entropy (nats) of predicting ids[t+1] from ids[..t], and how many were scored.
+) -> torch.Tensor:
+    """Cross-entropy (nats, float64) of predicting each ids[t+1] from ids[..t], stream after stream.
 
     streams=1 scores every character after the first from its full left context; more streams
     split the text into that many contiguous pieces (faster, used during training), each starting
@@ -53,20 +53,23 @@ def evaluate_ids(
     was_training = net.training
     net.eval()
     state = net.initial_state(streams, device)
-    total = torch.zeros((), dtype=torch.float64)
+    pieces = []
     for start in range(0, length, seq_length):
         xb = x[:, start : start + seq_length].to(device)
         yb = y[:, start : start + seq_length].to(device)
         logits, state = net(xb, state)
         state = detach_state(state)
-        total += (
-            F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="sum")
-            .double()
-            .cpu()
-        )
+        pieces.append(F.cross_entropy(logits.float().transpose(1, 2), yb, reduction="none").double().cpu())
     net.train(was_training)
-    count = streams * length
-    return float(total) / count, count
+    return torch.cat(pieces, dim=1).flatten()
+
+
+def evaluate_ids(
+    net: CharRNN, ids: np.ndarray, streams: int = 1, seq_length: int = 512, device: str | torch.device = "cpu"
+) -> tuple[float, int]:
+    """Mean cross-entropy (nats) over the scored characters (see char_nats), and how many were scored."""
+    nats = char_nats(net, ids, streams, seq_length, device)
+    return float(nats.mean()), nats.numel()
 
 
 def main(args: argparse.Namespace) -> None:
