@@ -170,8 +170,12 @@ def compressors() -> dict[str, Compressor]:
 
 
 def ppmd(order: int, mem_size: int = 256 << 20) -> Compressor:
-    """PPMd variant H (7-Zip's) of the given order."""
-    return lambda data: pyppmd.compress(data, max_order=order, mem_size=mem_size, variant="H")
+    """PPMd variant I rev. 2 (Shkarin's PPMd8, as in ZIP) of the given order.
+
+    On this corpus it beat variant H (7-Zip's PPMd7) at every order from 6 to 24, by 0.006 bits per
+    character at order 12, the best; memory beyond 256 MB changed nothing. The strongest PPMd is the bar.
+    """
+    return lambda data: pyppmd.compress(data, max_order=order, mem_size=mem_size, variant="I")
 
 
 def conditional_bits(

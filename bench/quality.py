@@ -1,15 +1,16 @@
 """Bits per character of the model against classic baselines, on the same split of the same text.
 
     python -m bench.quality --data data/speeches --source ../shared/data/speeches.txt \
-        --checkpoint runs/default/best.pt --text ../shared/data/speeches.txt
+        --checkpoint runs/default/best.pt --onnx bot/assets/speechbot.onnx --text ../shared/data/speeches.txt
 
 --data scores the model's own prepared dataset (cleaned text, the model's exact split); --source is
 the raw file it was prepared from, needed only to mark which characters were typed in capitals
 before cleaning rewrote them in sentence case. --text scores a raw file (BOM removed, CRLF -> LF,
 the same 0.8/0.1/0.1 split in file order), to compare with numbers measured on the raw corpus.
 
-Rows: the network (--checkpoint, --data only), unigram, interpolated modified Kneser-Ney with its
-order chosen on val, PPMd at several orders, and zlib, bzip2, xz, zstd as conditional compression
+Rows: the network as a PyTorch checkpoint (--checkpoint) and as the exported file the bot runs
+(--onnx; both --data only), unigram, interpolated modified Kneser-Ney with its order chosen on val,
+PPMd at several orders, and zlib, bzip2, xz, zstd as conditional compression
 8 * (|C(train + split)| - |C(train)|) / chars(split). Test is also reported split by case: the
 characters on lines that were shouted (model.text.is_shouted on the raw line) and the rest.
 Prints a table and writes JSON and a markdown page.
@@ -37,6 +38,8 @@ from bench.baselines import (
     shouted_mask,
     unigram_bits,
 )
+from bot.engine import ModelFileError, load_model
+from export.evaluate import onnx_char_nats
 from model.cli import UsageError, fail
 from model.dataset import SPLITS, load_dataset, split_sizes
 from model.prepare import read_utf8
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="prepared dataset (default data/speeches unless --text is given)")
     p.add_argument("--source", metavar="FILE", help="raw file --data was prepared from, for the by-case split")
     p.add_argument("--checkpoint", metavar="CKPT", help="trained model to score on --data")
+    p.add_argument("--onnx", metavar="MODEL.onnx", help="exported model (the bot's file) to score on --data")
     p.add_argument("--text", metavar="FILE", help="also score this raw text file")
     p.add_argument("--max-order", type=int, default=20, help="Kneser-Ney orders 2..this are tried on val")
     p.add_argument("--ppmd-orders", type=parse_orders, default="4,6,8,12,16", help="PPMd orders, comma-separated")
@@ -141,6 +145,18 @@ def model_bits(checkpoint: str, corpus: Corpus) -> dict[str, np.ndarray]:
     return {split: char_nats(net, corpus.splits[split], seq_length=4096).numpy() / math.log(2) for split in EVAL_SPLITS}
 
 
+def onnx_bits(path: str, corpus: Corpus) -> tuple[str, dict[str, np.ndarray]]:
+    """The exported model's row name and per-character bits, scored by onnxruntime on one CPU thread."""
+    try:
+        session, info, _ = load_model(path, "cpu", threads=1)
+    except ModelFileError as exc:
+        raise UsageError(str(exc)) from exc
+    if info.vocab != corpus.vocab:
+        raise UsageError(f"{path} has a different vocabulary from the dataset")
+    bits = {split: onnx_char_nats(session, info, corpus.splits[split]) / math.log(2) for split in EVAL_SPLITS}
+    return f"LSTM, ONNX {info.precision}", bits
+
+
 def score(corpus: Corpus, args: argparse.Namespace) -> None:
     timings = {}
     vocab_size = len(corpus.vocab)
@@ -148,6 +164,11 @@ def score(corpus: Corpus, args: argparse.Namespace) -> None:
     if args.checkpoint and corpus.mode == "data":
         corpus.rows.append(per_char_row(corpus, "LSTM (this model)", "model", model_bits(args.checkpoint, corpus)))
         timings["model"] = time.perf_counter() - started
+    if args.onnx and corpus.mode == "data":
+        started = time.perf_counter()
+        name, bits = onnx_bits(args.onnx, corpus)
+        corpus.rows.append(per_char_row(corpus, name, "model", bits))
+        timings["onnx"] = time.perf_counter() - started
 
     train = corpus.splits["train"]
     uni = {split: unigram_bits(train, corpus.splits[split][1:], vocab_size) for split in EVAL_SPLITS}
@@ -295,8 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.max_order < 2:
         raise UsageError(f"--max-order must be at least 2, not {args.max_order}")
-    if args.checkpoint and not args.data and args.text:
-        raise UsageError("--checkpoint needs --data: the model reads cleaned text, not the raw --text file")
+    for flag, value in (("--checkpoint", args.checkpoint), ("--onnx", args.onnx)):
+        if value and not args.data and args.text:
+            raise UsageError(f"{flag} needs --data: the model reads cleaned text, not the raw --text file")
     corpora = []
     if args.data or not args.text:
         corpora.append(dataset_corpus(args.data or "data/speeches", args.source))

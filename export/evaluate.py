@@ -37,13 +37,15 @@ def zero_state(info: ModelInfo, batch: int) -> dict[str, np.ndarray]:
     return {name: np.zeros(shape, np.float32) for name in names}
 
 
-def onnx_nats(session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, seq_length: int = 512) -> float:
-    """Mean cross-entropy in nats of predicting ids[t+1] from ids[..t]."""
+def onnx_char_nats(
+    session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, seq_length: int = 512
+) -> np.ndarray:
+    """Cross-entropy in nats of predicting each ids[t+1] from ids[..t]: one value per scored character."""
     if len(ids) < 2:
         raise ValueError(f"text of {len(ids)} characters is too short to evaluate (need at least 2)")
     state = zero_state(info, 1)
     state_out = [name[:-1] for name in state]
-    total = 0.0
+    pieces = []
     for start in range(0, len(ids) - 1, seq_length):
         chunk = ids[start : min(start + seq_length, len(ids) - 1)]
         targets = ids[start + 1 : start + 1 + len(chunk)]
@@ -52,8 +54,13 @@ def onnx_nats(session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, s
         scores = logits[0].astype(np.float64)
         top = scores.max(axis=1)
         log_norm = top + np.log(np.exp(scores - top[:, None]).sum(axis=1))
-        total += float((log_norm - scores[np.arange(len(chunk)), targets]).sum())
-    return total / (len(ids) - 1)
+        pieces.append(log_norm - scores[np.arange(len(chunk)), targets])
+    return np.concatenate(pieces)
+
+
+def onnx_nats(session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, seq_length: int = 512) -> float:
+    """Mean cross-entropy in nats of predicting ids[t+1] from ids[..t]."""
+    return float(onnx_char_nats(session, info, ids, seq_length).mean())
 
 
 def main(args: argparse.Namespace) -> None:

@@ -18,6 +18,9 @@ from bench.baselines import (
     shouted_mask,
     unigram_bits,
 )
+from model.checkpoint import load_checkpoint
+from model.dataset import load_dataset
+from model.evaluate import evaluate_ids
 from model.prepare import prepare
 from model.text import CleaningOptions
 
@@ -139,3 +142,29 @@ def test_quality_script_rejects_a_source_the_dataset_was_not_made_from(tmp_path)
     prepare([raw], tmp_path / "data", CleaningOptions(), batch_size=2, seq_length=16)
     with pytest.raises(quality.UsageError, match="not the file"):
         quality.main(["--data", str(tmp_path / "data"), "--source", str(other)])
+
+
+def test_quality_script_scores_the_checkpoint_and_its_onnx_export_like_the_evaluators(
+    tmp_path, tiny_dir, tiny_checkpoint, tiny_onnx
+) -> None:
+    data_dir = tmp_path / "data"
+    prepare([tiny_dir / "corpus.txt"], data_dir, CleaningOptions(), batch_size=2, seq_length=16)
+    out_json = tmp_path / "quality.json"
+    args = ["--data", str(data_dir), "--checkpoint", str(tiny_checkpoint), "--onnx", str(tiny_onnx)]
+    args += ["--max-order", "3", "--ppmd-orders", "3", "--json", str(out_json), "--markdown", str(tmp_path / "q.md")]
+    quality.main(args)
+    rows = {row["name"]: row for row in json.loads(out_json.read_text())["corpora"][0]["rows"]}
+    net, _ = load_checkpoint(tiny_checkpoint)
+    splits = load_dataset(data_dir).splits
+    for split in ("val", "test"):
+        expected = evaluate_ids(net, splits[split])[0] / math.log(2)
+        assert rows["LSTM (this model)"][split] == pytest.approx(expected, rel=1e-6)
+        assert rows["LSTM, ONNX fp32"][split] == pytest.approx(expected, abs=1e-4)
+
+
+def test_quality_script_names_a_bad_onnx_file(tmp_path) -> None:
+    raw = tmp_path / "speeches.txt"
+    raw.write_text(speech(300, seed=9), encoding="utf-8")
+    prepare([raw], tmp_path / "data", CleaningOptions(), batch_size=2, seq_length=16)
+    with pytest.raises(quality.UsageError, match="not a readable ONNX model"):
+        quality.main(["--data", str(tmp_path / "data"), "--onnx", str(raw)])
