@@ -5,7 +5,9 @@ then joins the batch that the worker advances one character per call; a finished
 once and a new one joins at the next step. Every request samples with its own temperature, top-k and
 numpy Generator, and a row's logits do not depend on its batch mates (fp32: same kernels per row;
 int8: exact integer matmuls with fixed activation scales), so a seed gives the same text alone or in
-a batch of any size.
+a batch of any size. The per-step bookkeeping is vectorised over the batch (uniforms drawn in blocks
+per request, tokens decoded every CHUNK_STEPS characters), so Python work per step barely grows
+with the number of requests.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ MAX_PROMPT_CHARS = 20_000
 SENTENCE_ENDERS = frozenset(".!?")
 # The greedy walk from a newline to the first sentence end, done once at load (see paragraph_start).
 PARAGRAPH_START_MAX_CHARS = 300
-CHUNK_STEPS = 16  # characters per streamed chunk
+CHUNK_STEPS = 16  # characters per streamed chunk; also how often a cancelled request is noticed
+# Uniforms each request draws from its Generator at a time (a multiple of CHUNK_STEPS, so blocks are
+# refilled when chunks are delivered). A block of draws is the same stream as single draws.
+UNIFORM_BLOCK = 4 * CHUNK_STEPS
 _PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _STOP = object()
 
@@ -154,14 +159,15 @@ def load_model(
 def sample_rows(logits: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """One token per row by inverse-CDF sampling; each row uses only its own values.
 
-    temperatures are float64 (so the arithmetic is); top_ks is None when no row has a top-k limit,
-    else holds each row's k (the vocabulary size for rows without a limit); uniforms are in [0, 1).
+    top_ks is None when no row has a top-k limit, else holds each row's k (the vocabulary size for
+    rows without a limit); uniforms are in [0, 1). It runs once per step for the whole batch, in the
+    logits' float32, with as few numpy calls as possible.
     """
-    scores = logits / temperatures[:, None]
+    scores = (logits - logits.max(axis=1, keepdims=True)) / temperatures[:, None]
     if top_ks is not None:
         kth = -np.sort(-scores, axis=1)[np.arange(len(scores)), top_ks - 1]
-        scores = np.where(scores >= kth[:, None], scores, -np.inf)
-    cdf = np.exp(scores - scores.max(axis=1, keepdims=True)).cumsum(axis=1)
+        scores[scores < kth[:, None]] = -np.inf
+    cdf = np.exp(scores).cumsum(axis=1)
     # u < 1 keeps the threshold below the total, so the count is at most vocab - 1.
     return (cdf < uniforms[:, None] * cdf[:, -1:]).sum(axis=1)
 
@@ -177,9 +183,8 @@ class _Request:
     # Called from the worker with a text chunk, then once with None (done) or an exception.
     deliver: Callable[[str | BaseException | None], None]
     streaming: bool  # deliver chunks as they come, not only the whole text at the end
-    chars: list[str] = field(default_factory=list)
-    sent: int = 0  # characters already delivered
-    sentence_end: int = 0  # length of the text up to its last sentence end
+    unsent: list[str] = field(default_factory=list)
+    ended_a_sentence: bool = False  # some text up to a sentence end was already delivered
     cancelled: bool = False
 
     def send(self, item: str | BaseException | None) -> None:
@@ -190,48 +195,77 @@ class _Request:
             log.warning("a caller stopped listening; its request is dropped", exc_info=True)
             self.cancelled = True
 
-    def add(self, ch: str) -> None:
-        self.chars.append(ch)
-        if ch in SENTENCE_ENDERS:
-            self.sentence_end = len(self.chars)
-
-    @property
-    def done(self) -> bool:
-        return len(self.chars) >= self.length
-
-    def flush(self, final: bool = False) -> None:
-        upto = len(self.chars)
-        if self.stop_at_sentence_end and (self.sentence_end or not final):
-            upto = self.sentence_end
-        if upto > self.sent:
-            self.send("".join(self.chars[self.sent : upto]))
-            self.sent = upto
+    def add(self, text: str, final: bool) -> None:
+        """Take the next characters and pass on what the caller may see now (then None if final)."""
+        self.unsent.append(text)
+        if not (final or self.streaming):
+            return
+        pending = "".join(self.unsent)
+        self.unsent.clear()
+        if self.stop_at_sentence_end:
+            end = max(pending.rfind(ch) for ch in SENTENCE_ENDERS) + 1
+            if end:
+                self.ended_a_sentence = True
+            elif final and not self.ended_a_sentence:
+                end = len(pending)  # no sentence ended at all: all of it
+            if not final:
+                self.unsent.append(pending[end:])
+            pending = pending[:end]
+        if pending:
+            self.send(pending)
         if final:
             self.send(None)
+
+    def uniforms(self, start: int) -> np.ndarray:
+        """The next block of uniforms, rotated so that its first one sits at the batch's column for `start`."""
+        return np.roll(self.rng.random(UNIFORM_BLOCK), start % UNIFORM_BLOCK)
 
 
 @dataclass
 class _Batch:
-    """The requests stepped together, and their rows: next input token, recurrent state, sampling settings."""
+    """The requests stepped together and their rows: recurrent state, next input token, sampling settings.
+
+    `step` counts the batch's steps. A request that joined at step `start` makes its k-th character at
+    step start + k; its tokens and uniforms live in ring buffers indexed by the step, so a step
+    reads and writes one column for all rows, and the rows are only looked at one by one at
+    `next_event`, when some request has a chunk to deliver or is done.
+    """
 
     requests: list[_Request]
-    tokens: np.ndarray
     state: list[np.ndarray]  # each [layers, batch, hidden]
+    step: int
+    vocab_size: int
+    tokens: np.ndarray
     temperatures: np.ndarray
-    top_ks: np.ndarray
+    top_ks: np.ndarray  # vocab_size for rows without a limit
+    lengths: np.ndarray
+    starts: np.ndarray
+    history: np.ndarray  # [batch, CHUNK_STEPS] tokens by step
+    uniform_ring: np.ndarray  # [batch, UNIFORM_BLOCK] uniforms by step
+    next_event: int = field(init=False)
+    limited: bool = field(init=False)  # some row has a top-k limit
+
+    ROWS = ("tokens", "temperatures", "top_ks", "lengths", "starts", "history", "uniform_ring")
+
+    def __post_init__(self) -> None:
+        self.limited = bool((self.top_ks < self.vocab_size).any())
+        self.schedule()
 
     @classmethod
-    def empty(cls, state_tensors: int) -> _Batch:
-        return cls([], np.zeros(0, np.int64), [None] * state_tensors, np.zeros(0), np.zeros(0, np.int64))
-
-    @classmethod
-    def of(cls, requests: list[_Request], states: list[list[np.ndarray]]) -> _Batch:
+    def of(cls, requests: list[_Request], states: list[list[np.ndarray]], step: int, vocab_size: int) -> _Batch:
+        n = len(requests)
         return cls(
             requests,
-            np.zeros(len(requests), np.int64),
-            [np.concatenate(parts, axis=1) for parts in zip(*states, strict=True)],
-            np.array([r.temperature for r in requests], np.float64),
-            np.array([r.top_k for r in requests], np.int64),
+            [np.concatenate(parts, axis=1) for parts in zip(*states, strict=True)] if n else [],
+            step,
+            vocab_size,
+            tokens=np.zeros(n, np.int64),
+            temperatures=np.array([r.temperature for r in requests], np.float32),
+            top_ks=np.array([r.top_k for r in requests], np.int64),
+            lengths=np.array([r.length for r in requests], np.int64),
+            starts=np.full(n, step, np.int64),
+            history=np.zeros((n, CHUNK_STEPS), np.int64),
+            uniform_ring=np.array([r.uniforms(step) for r in requests]).reshape(n, UNIFORM_BLOCK),
         )
 
     def joined(self, other: _Batch) -> _Batch:
@@ -239,20 +273,30 @@ class _Batch:
             return other
         return _Batch(
             self.requests + other.requests,
-            np.concatenate([self.tokens, other.tokens]),
             [np.concatenate([a, b], axis=1) for a, b in zip(self.state, other.state, strict=True)],
-            np.concatenate([self.temperatures, other.temperatures]),
-            np.concatenate([self.top_ks, other.top_ks]),
+            self.step,
+            self.vocab_size,
+            **{name: np.concatenate([getattr(self, name), getattr(other, name)]) for name in self.ROWS},
         )
 
     def kept(self, keep: np.ndarray) -> _Batch:
         return _Batch(
             [r for r, k in zip(self.requests, keep, strict=True) if k],
-            self.tokens[keep],
             [s[:, keep] for s in self.state],
-            self.temperatures[keep],
-            self.top_ks[keep],
+            self.step,
+            self.vocab_size,
+            **{name: getattr(self, name)[keep] for name in self.ROWS},
         )
+
+    def schedule(self) -> None:
+        """The next step at which a request has a full chunk or is done."""
+        made = self.step - self.starts
+        until = np.minimum(CHUNK_STEPS - made % CHUNK_STEPS, self.lengths - made)
+        self.next_event = self.step + int(until.min()) if len(until) else self.step
+
+    def uniforms(self) -> np.ndarray:
+        """The uniform for each row's next character, from its request's own Generator."""
+        return self.uniform_ring[:, self.step % UNIFORM_BLOCK]
 
 
 def _settle(future: asyncio.Future, result: str | BaseException) -> None:
@@ -469,7 +513,7 @@ class GenerationEngine:
         return logits[0, -1], state
 
     def _run(self) -> None:
-        batch = _Batch.empty(len(self._state_names))
+        batch = _Batch.of([], [], 0, len(self.vocab))
         stopping = False
         while not stopping or batch.requests:
             joined, stopping = self._admit(
@@ -477,13 +521,14 @@ class GenerationEngine:
             )
             try:
                 if joined:
-                    newcomers = _Batch.of(list(joined), [state for _, state in joined.values()])
+                    states = [state for _, state in joined.values()]
+                    newcomers = _Batch.of(list(joined), states, batch.step, len(self.vocab))
                     newcomers.tokens = self._sample(newcomers, np.stack([logits for logits, _ in joined.values()]))
                     batch = batch.joined(newcomers)
                 if not batch.requests:
                     continue
                 keep = self._advance(batch)
-                if not keep.all():
+                if keep is not None and not keep.all():
                     batch = batch.kept(keep)
                 if batch.requests:
                     self.peak_batch = max(self.peak_batch, len(batch.requests))
@@ -493,7 +538,7 @@ class GenerationEngine:
                 log.exception("generation step failed")
                 for request in dict.fromkeys(batch.requests + list(joined)):
                     request.send(exc)
-                batch = _Batch.empty(len(self._state_names))
+                batch = _Batch.of([], [], batch.step, len(self.vocab))
         self._fail_waiting()
 
     def _admit(self, running: int, block: bool, stopping: bool) -> tuple[dict, bool]:
@@ -519,23 +564,30 @@ class GenerationEngine:
 
     @staticmethod
     def _sample(batch: _Batch, logits: np.ndarray) -> np.ndarray:
-        uniforms = np.fromiter((r.rng.random() for r in batch.requests), np.float64, len(batch.requests))
-        limited = batch.top_ks if (batch.top_ks < logits.shape[1]).any() else None
-        return sample_rows(logits, batch.temperatures, limited, uniforms)
+        return sample_rows(logits, batch.temperatures, batch.top_ks if batch.limited else None, batch.uniforms())
 
-    def _advance(self, batch: _Batch) -> np.ndarray:
-        """Append each request's new character; returns which requests go on."""
-        keep = np.ones(len(batch.requests), bool)
+    def _advance(self, batch: _Batch) -> np.ndarray | None:
+        """Record each request's new token; deliver full chunks and finished texts.
+
+        Returns which requests go on, or None when all do (every step but the event steps).
+        """
+        batch.history[:, batch.step % CHUNK_STEPS] = batch.tokens
+        batch.step += 1
+        if batch.step < batch.next_event:
+            return None
+        made = batch.step - batch.starts
+        done = made == batch.lengths
+        keep = ~done
         chars = self.vocab.chars
-        for row, (request, token) in enumerate(zip(batch.requests, batch.tokens.tolist(), strict=True)):
-            request.add(chars[token])
-            if request.cancelled:
-                keep[row] = False
-            elif request.done:
-                request.flush(final=True)
-                keep[row] = False
-            elif request.streaming and len(request.chars) % CHUNK_STEPS == 0:
-                request.flush()
+        for row in np.flatnonzero(done | (made % CHUNK_STEPS == 0)).tolist():
+            request, count = batch.requests[row], int(made[row])
+            if not request.cancelled:
+                columns = np.arange(batch.step - (count - 1) % CHUNK_STEPS - 1, batch.step) % CHUNK_STEPS
+                request.add("".join([chars[t] for t in batch.history[row, columns].tolist()]), final=bool(done[row]))
+            if count % UNIFORM_BLOCK == 0:
+                batch.uniform_ring[row] = request.uniforms(int(batch.starts[row]))
+            keep[row] &= not request.cancelled  # cancelled by its caller, or its caller went away
+        batch.schedule()
         return keep
 
     def _fail_waiting(self) -> None:
