@@ -9,6 +9,8 @@ each path's real sampling loop (model.sample for PyTorch, bot.engine for onnxrun
 the paragraph-start walk that the engine does once at load). Batched:
 characters per second with N concurrent streams through the engine's continuous batching, and the
 ratio to one stream. "step µs" is a bare session.run of one character at batch 1 (the graph alone).
+The machine is shared, so candidates are timed in rounds, each round running every candidate once
+(interleaved, so a burst of someone else's load hits them alike), and each keeps its best round.
 Prints a table and writes JSON.
 """
 
@@ -20,19 +22,21 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from bot.engine import GenerationEngine
+from bot.engine import GenerationEngine, read_model_info
 from export.pipeline import export_checkpoint
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.model import CharRNN, ModelConfig
 from model.sample import sample_text
 from model.text import CleaningOptions, Vocab
 
+GRAPH_STEPS = 200
 VOCAB_81 = Vocab(list("\n !\"$%&'()*,-./0123456789:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
 
 
@@ -68,45 +72,45 @@ def random_checkpoint(path: Path, rnn_size: int, num_layers: int) -> Path:
     return path
 
 
-def best_of(repeats: int, run) -> float:
-    run()  # warm-up: primitive creation, first allocations
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        timings.append(time.perf_counter() - start)
-    return min(timings)
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
-def torch_single(checkpoint: Path, length: int, repeats: int) -> float:
-    """Seconds per character of model.sample's loop, without its paragraph-start walk.
+def best_in_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Seconds of each run's best round; every round runs all of them, after one warm-up round."""
+    for run in runs.values():
+        run()  # primitive creation, first allocations
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, run in runs.items():
+            best[name] = min(best[name], timed(run))
+    return best
 
-    The engine walks to a paragraph start once at load; sample_text does it on every call, so it is
-    timed at `length` and at 1 character and the difference is divided by length - 1.
-    """
+
+def torch_runs(checkpoint: Path, length: int) -> dict[str, Callable[[], object]]:
+    """model.sample's loop at `length` and at 1 character: it walks to a paragraph start on every call
+    (the engine does that once at load), so the difference over length - 1 is its time per character."""
     torch.set_num_threads(1)
     net, ckpt = load_checkpoint(checkpoint)
     vocab = Vocab(ckpt["vocab"], ckpt["unknown_policy"])
     cleaning = CleaningOptions.from_dict(ckpt["cleaning"])
-    full = best_of(repeats, lambda: sample_text(net, vocab, cleaning, length, seed=1))
-    walk = best_of(repeats, lambda: sample_text(net, vocab, cleaning, 1, seed=1))
-    return (full - walk) / (length - 1)
+    return {
+        "torch_full": lambda: sample_text(net, vocab, cleaning, length, seed=1),
+        "torch_walk": lambda: sample_text(net, vocab, cleaning, 1, seed=1),
+    }
 
 
-def engine_single(engine: GenerationEngine, length: int, repeats: int) -> float:
-    return best_of(repeats, lambda: engine.generate("", length=length, seed=1))
-
-
-def graph_step(engine: GenerationEngine, repeats: int) -> float:
-    """Seconds per bare session.run of one character at batch 1: the graph without the engine around it."""
+def graph_steps(engine: GenerationEngine) -> Callable[[], object]:
+    """Bare session.run of one character at batch 1, GRAPH_STEPS times: the graph without the engine around it."""
     shape = (engine.info.num_layers, 1, engine.info.rnn_size)
     feed = {"tokens": np.zeros((1, 1), np.int64), **{name: np.zeros(shape, np.float32) for name in engine._state_names}}
-    steps = 200
-    return best_of(repeats, lambda: [engine.session.run(None, feed) for _ in range(steps)]) / steps
+    return lambda: [engine.session.run(None, feed) for _ in range(GRAPH_STEPS)]
 
 
-def engine_batched(engine: GenerationEngine, streams: int, length: int) -> float:
-    """Characters per second with `streams` requests submitted together."""
+def concurrent_streams(engine: GenerationEngine, streams: int, length: int) -> Callable[[], object]:
+    """`streams` requests submitted together, read to the end."""
 
     def run() -> None:
         pending = [engine.stream("", length=length, seed=i) for i in range(streams)]
@@ -114,7 +118,7 @@ def engine_batched(engine: GenerationEngine, streams: int, length: int) -> float
             for _ in stream:
                 pass
 
-    return streams * length / best_of(2, run)
+    return run
 
 
 def main() -> None:
@@ -126,7 +130,7 @@ def main() -> None:
         models: dict[str, Path] = {}
         checkpoint = None
         if args.model:
-            models[GenerationEngine(args.model, providers="cpu").info.precision] = Path(args.model)
+            models[read_model_info(args.model)[1].precision] = Path(args.model)
             label = args.model
         else:
             checkpoint = (
@@ -137,33 +141,52 @@ def main() -> None:
             label = args.checkpoint or f"random {args.num_layers}x{args.rnn_size} LSTM"
             for precision in ("fp32", "int8"):
                 models[precision] = export_checkpoint(checkpoint, Path(tmp) / f"{precision}.onnx", precision).path
+        engines = {
+            (precision, threads): GenerationEngine(
+                path, providers="cpu", threads=threads, max_batch=max(streams), max_queue=max(streams)
+            )
+            for precision, path in models.items()
+            for threads in thread_counts
+        }
+        try:
+            singles = {
+                key: lambda e=engine: e.generate("", length=args.length, seed=1) for key, engine in engines.items()
+            }
+            if checkpoint is not None:
+                singles |= torch_runs(checkpoint, args.length)
+            single = best_in_rounds(singles, args.repeats)
+            step = best_in_rounds({key: graph_steps(engine) for key, engine in engines.items()}, args.repeats)
+            batched = {
+                n: best_in_rounds(
+                    {key: concurrent_streams(engine, n, args.length) for key, engine in engines.items()}, 2
+                )
+                for n in streams
+            }
+        finally:
+            for engine in engines.values():
+                engine.close()
         if checkpoint is not None:
-            latency = torch_single(checkpoint, args.length, args.repeats) * args.length
+            per_char = (single["torch_full"] - single["torch_walk"]) / (args.length - 1)
             rows.append(
                 {
                     "path": "pytorch eager",
                     "threads": 1,
-                    "us_per_char": latency / args.length * 1e6,
-                    "speech_ms": latency * 1e3,
+                    "us_per_char": per_char * 1e6,
+                    "speech_ms": per_char * args.length * 1e3,
                 }
             )
-        for precision, path in models.items():
-            for threads in thread_counts:
-                with GenerationEngine(
-                    path, providers="cpu", threads=threads, max_batch=max(streams), max_queue=max(streams)
-                ) as engine:
-                    latency = engine_single(engine, args.length, args.repeats)
-                    row = {
-                        "step_us": graph_step(engine, args.repeats) * 1e6,
-                        "path": f"onnxruntime {precision}",
-                        "threads": threads,
-                        "us_per_char": latency / args.length * 1e6,
-                        "speech_ms": latency * 1e3,
-                        "size_mb": path.stat().st_size / 1e6,
-                    }
-                    for n in streams:
-                        row[f"chars_per_s_{n}"] = engine_batched(engine, n, args.length)
-                    rows.append(row)
+        for precision, threads in engines:
+            row = {
+                "path": f"onnxruntime {precision}",
+                "threads": threads,
+                "us_per_char": single[precision, threads] / args.length * 1e6,
+                "speech_ms": single[precision, threads] * 1e3,
+                "step_us": step[precision, threads] / GRAPH_STEPS * 1e6,
+                "size_mb": models[precision].stat().st_size / 1e6,
+            }
+            for n in streams:
+                row[f"chars_per_s_{n}"] = n * args.length / batched[n][precision, threads]
+            rows.append(row)
     baseline = rows[0]["us_per_char"]
     print(
         f"model: {label}; {args.length}-character speeches; CPU: {platform.processor() or platform.machine()}, "
