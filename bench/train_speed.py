@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from model import train as train_module
 from model.dataset import load_dataset
 from model.model import CharRNN, ModelConfig
+from model.plot import read_metrics
 
 
 def matmul_peak_gflops(seconds: float = 1.0) -> float:
@@ -88,9 +89,9 @@ def whole_loop_chars_per_sec(data: str, rnn_size: int, iters: int, warmup: int, 
         ]
         args = train_module.build_parser().parse_args(argv)
         train_module.train(args)
-        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    first = next(r for r in records if r["iter"] == warmup and "train_loss" in r)
-    last = records[-1]  # the validation record written after the last iteration
+        train, val = read_metrics(Path(out))
+    first = next(r for r in train if r["iter"] == warmup)
+    last = val[-1]  # the validation after the last iteration, so its cost is included
     return args.batch_size * args.seq_length * (iters - warmup) / (last["elapsed"] - first["elapsed"])
 
 

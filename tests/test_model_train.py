@@ -1,6 +1,5 @@
 """Training, resuming, sampling and evaluation of tiny models on tiny corpora."""
 
-import json
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from model.checkpoint import load_checkpoint
 from model.dataset import load_dataset
 from model.evaluate import evaluate_ids
 from model.novel import copied_share
+from model.plot import read_metrics
 from model.sample import sample_text
 from model.text import CleaningOptions, Vocab
 
@@ -54,8 +54,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def train_losses(run_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train_loss"] for r in records if "train_loss" in r]
+    return [r["train_loss"] for r in read_metrics(run_dir)[0]]
 
 
 def test_tiny_model_overfits_repetitive_corpus(tiny_data, tmp_path):
