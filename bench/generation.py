@@ -6,9 +6,11 @@
 
 Single stream: µs per character and the latency of one 500-character speech (empty prompt), through
 each path's real sampling loop (model.sample for PyTorch, bot.engine for onnxruntime; PyTorch without
-the paragraph-start walk that the engine does once at load). Batched:
-characters per second with N concurrent streams through the engine's continuous batching, and the
-ratio to one stream. "step µs" is a bare session.run of one character at batch 1 (the graph alone).
+the paragraph-start walk that the engine does once at load). int8 runs twice: stepping with the
+step graph (the engine's default, bot/runner.py) and with the contract graph's Loop. Batched:
+characters per second with N concurrent requests (agenerate from one asyncio loop, as the bot
+awaits them) through the engine's continuous batching, and the ratio to one stream. "step µs" is
+a bare ModelRunner.step of one character at batch 1 (the graph alone).
 The machine is shared, so candidates are timed in rounds, each round running every candidate once
 (interleaved, so a burst of someone else's load hits them alike), and each keeps its best round.
 Prints a table and writes JSON.
@@ -17,6 +19,7 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -29,7 +32,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from bot.engine import GenerationEngine, read_model_info
+from bot.engine import GenerationEngine
+from bot.runner import read_model_info
 from export.pipeline import export_checkpoint
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.model import CharRNN, ModelConfig
@@ -53,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default="1,2", help="onnxruntime intra-op threads to compare")
     p.add_argument("--json", default="docs/bench/generation.json", help="where to write the results")
     return p
+
+
+def path_name(precision: str, fast_step: bool) -> str:
+    if precision != "int8":
+        return f"onnxruntime {precision}"
+    return f"onnxruntime int8 {'step' if fast_step else 'loop'}"
 
 
 def random_checkpoint(path: Path, rnn_size: int, num_layers: int) -> Path:
@@ -103,22 +113,19 @@ def torch_runs(checkpoint: Path, length: int) -> dict[str, Callable[[], object]]
 
 
 def graph_steps(engine: GenerationEngine) -> Callable[[], object]:
-    """Bare session.run of one character at batch 1, GRAPH_STEPS times: the graph without the engine around it."""
-    shape = (engine.info.num_layers, 1, engine.info.rnn_size)
-    feed = {"tokens": np.zeros((1, 1), np.int64), **{name: np.zeros(shape, np.float32) for name in engine._state_names}}
-    return lambda: [engine.session.run(None, feed) for _ in range(GRAPH_STEPS)]
+    """ModelRunner.step of one character at batch 1, GRAPH_STEPS times: the graph without the engine around it."""
+    runner = engine.runner
+    tokens, state = np.zeros(1, np.int64), runner.step_state(runner.zero_state(1))
+    return lambda: [runner.step(tokens, state) for _ in range(GRAPH_STEPS)]
 
 
 def concurrent_streams(engine: GenerationEngine, streams: int, length: int) -> Callable[[], object]:
-    """`streams` requests submitted together, read to the end."""
+    """`streams` requests awaited together from one asyncio loop, as the bot's handlers await them."""
 
-    def run() -> None:
-        pending = [engine.stream("", length=length, seed=i) for i in range(streams)]
-        for stream in pending:
-            for _ in stream:
-                pass
+    async def together() -> None:
+        await asyncio.gather(*(engine.agenerate("", length=length, seed=i) for i in range(streams)))
 
-    return run
+    return lambda: asyncio.run(together())
 
 
 def main() -> None:
@@ -141,11 +148,17 @@ def main() -> None:
             label = args.checkpoint or f"random {args.num_layers}x{args.rnn_size} LSTM"
             for precision in ("fp32", "int8"):
                 models[precision] = export_checkpoint(checkpoint, Path(tmp) / f"{precision}.onnx", precision).path
+        variants = [(p, fast) for p in models for fast in ((True, False) if p == "int8" else (False,))]
         engines = {
-            (precision, threads): GenerationEngine(
-                path, providers="cpu", threads=threads, max_batch=max(streams), max_queue=max(streams)
+            (path_name(precision, fast), threads): GenerationEngine(
+                models[precision],
+                providers="cpu",
+                threads=threads,
+                max_batch=max(streams),
+                max_queue=max(streams),
+                fast_step=fast,
             )
-            for precision, path in models.items()
+            for precision, fast in variants
             for threads in thread_counts
         }
         try:
@@ -175,17 +188,18 @@ def main() -> None:
                     "speech_ms": per_char * args.length * 1e3,
                 }
             )
-        for precision, threads in engines:
+        for name, threads in engines:
+            key = name, threads
             row = {
-                "path": f"onnxruntime {precision}",
+                "path": name,
                 "threads": threads,
-                "us_per_char": single[precision, threads] / args.length * 1e6,
-                "speech_ms": single[precision, threads] * 1e3,
-                "step_us": step[precision, threads] / GRAPH_STEPS * 1e6,
-                "size_mb": models[precision].stat().st_size / 1e6,
+                "us_per_char": single[key] / args.length * 1e6,
+                "speech_ms": single[key] * 1e3,
+                "step_us": step[key] / GRAPH_STEPS * 1e6,
+                "size_mb": models[engines[key].info.precision].stat().st_size / 1e6,
             }
             for n in streams:
-                row[f"chars_per_s_{n}"] = n * args.length / batched[n][precision, threads]
+                row[f"chars_per_s_{n}"] = n * args.length / batched[n][key]
             rows.append(row)
     baseline = rows[0]["us_per_char"]
     print(
@@ -194,14 +208,14 @@ def main() -> None:
         f"onnxruntime {ort.__version__}, torch {torch.__version__}"
     )
     header = (
-        f"{'path':<18} {'thr':>3} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'step µs':>8}"
+        f"{'path':<22} {'thr':>3} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'step µs':>8}"
         + "".join(f" {f'{n} str c/s':>12}" for n in streams)
         + f" {'64÷1':>6}"
     )
     print(header)
     for row in rows:
         line = (
-            f"{row['path']:<18} {row['threads']:>3} {row['us_per_char']:>8.1f} {row['speech_ms']:>9.1f} "
+            f"{row['path']:<22} {row['threads']:>3} {row['us_per_char']:>8.1f} {row['speech_ms']:>9.1f} "
             f"{baseline / row['us_per_char']:>7.1f}× {row.get('step_us', float('nan')):>8.1f}"
         )
         if "chars_per_s_1" in row:

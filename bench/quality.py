@@ -38,7 +38,7 @@ from bench.baselines import (
     shouted_mask,
     unigram_bits,
 )
-from bot.engine import ModelFileError, load_model
+from bot.runner import ModelFileError, ModelRunner
 from export.evaluate import onnx_char_nats
 from model.cli import UsageError, fail
 from model.dataset import SPLITS, load_dataset, split_sizes
@@ -148,9 +148,10 @@ def model_bits(checkpoint: str, corpus: Corpus) -> dict[str, np.ndarray]:
 def onnx_bits(path: str, corpus: Corpus) -> tuple[str, dict[str, np.ndarray]]:
     """The exported model's row name and per-character bits, scored by onnxruntime on one CPU thread."""
     try:
-        session, info, _ = load_model(path, "cpu", threads=1)
+        runner = ModelRunner(path, "cpu", threads=1, fast_step=False)
     except ModelFileError as exc:
         raise UsageError(str(exc)) from exc
+    session, info = runner.session, runner.info
     if info.vocab != corpus.vocab:
         raise UsageError(f"{path} has a different vocabulary from the dataset")
     bits = {split: onnx_char_nats(session, info, corpus.splits[split]) / math.log(2) for split in EVAL_SPLITS}

@@ -17,8 +17,9 @@ from sqlalchemy.exc import OperationalError
 from telegram.error import InvalidToken, TelegramError
 
 from bot.config import Config, ConfigError
-from bot.engine import GenerationEngine, ModelFileError
+from bot.engine import GenerationEngine
 from bot.logs import redact, setup_logging
+from bot.runner import ModelFileError
 from db.database import DatabaseConfigError, create_db_engine, migrate
 
 CONSOLE_CHAT_ID = 0  # never a Telegram chat id, so the console's settings live beside real chats

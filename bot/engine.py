@@ -1,7 +1,7 @@
-"""Text generation with onnxruntime: one model file, one session, continuous batching. Never imports torch.
+"""Text generation with onnxruntime: one model file, continuous batching. Never imports torch.
 
-A background worker owns the session. Each request is primed alone (its whole prompt in one call),
-then joins the batch that the worker advances one character per call; a finished request leaves at
+A background worker owns the model (bot.runner.ModelRunner). Each request is primed alone (its whole
+prompt in one call), then joins the batch that the worker advances one character per call; a finished request leaves at
 once and a new one joins at the next step. Every request samples with its own temperature, top-k and
 numpy Generator, and a row's logits do not depend on its batch mates (fp32: same kernels per row;
 int8: exact integer matmuls with fixed activation scales), so a seed gives the same text alone or in
@@ -21,15 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from export.metadata import MetadataError, ModelInfo, parse_props
+from bot.runner import DEFAULT_MODEL_PATH, ModelRunner
 from model.text import CleaningOptions, Vocab, normalize_prompt
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PATH = Path(__file__).parent / "assets" / "speechbot.onnx"
-PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 TEMPERATURE_MAX = 2.0
 MAX_LENGTH = 20_000
 MAX_PROMPT_CHARS = 20_000
@@ -40,16 +37,7 @@ CHUNK_STEPS = 16  # characters per streamed chunk; also how often a cancelled re
 # Uniforms each request draws from its Generator at a time (a multiple of CHUNK_STEPS, so blocks are
 # refilled when chunks are delivered). A block of draws is the same stream as single draws.
 UNIFORM_BLOCK = 4 * CHUNK_STEPS
-_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _STOP = object()
-
-
-class ModelFileError(ValueError):
-    """A model file that is missing, unreadable, or not a speechbot export."""
-
-
-class ProviderError(ValueError):
-    """An execution provider that is unavailable or cannot run this model."""
 
 
 class EngineBusy(RuntimeError):
@@ -74,86 +62,6 @@ class InvalidTopK(ValueError):
 
 class InvalidSeed(ValueError):
     pass
-
-
-def choose_provider(choice: str, precision: str) -> str:
-    """The provider name to use, or a ProviderError that says what to do instead."""
-    if choice not in PROVIDER_CHOICES:
-        raise ProviderError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}, not {choice!r}")
-    has_cuda = _PROVIDER_NAMES["cuda"] in ort.get_available_providers()
-    if choice == "cuda" and not has_cuda:
-        raise ProviderError(
-            "the CUDA provider was asked for, but this onnxruntime has none; install onnxruntime-gpu "
-            "on a machine with an NVIDIA GPU, or use providers 'cpu'"
-        )
-    if precision == "int8" and choice == "cuda":
-        raise ProviderError("int8 models run on the CPU provider; use an fp32 or fp16 export with 'cuda'")
-    use_cuda = choice == "cuda" or (choice == "auto" and has_cuda and precision != "int8")
-    if precision == "fp16" and not use_cuda:
-        # onnxruntime has no fp16 LSTM kernel on CPU; opening such a graph there can crash the process.
-        raise ProviderError(
-            "this is an fp16 model, which runs only on the CUDA provider and none is available; "
-            "use an fp32 or int8 export (`python -m export CKPT -o model.onnx --int8`) on CPU"
-        )
-    return _PROVIDER_NAMES["cuda" if use_cuda else "cpu"]
-
-
-def session_options(threads: int | None) -> ort.SessionOptions:
-    """Settings for a server process: a fixed number of threads that sleep when idle."""
-    options = ort.SessionOptions()
-    # One thread measured fastest for a single int8 stream and as fast for batches on 2 cores;
-    # fp32 models on bigger machines may gain from more.
-    options.intra_op_num_threads = threads or 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Spinning threads would burn the cores that the bot's event loop and the database need.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return options
-
-
-def read_model_info(path: str | Path) -> tuple[bytes, ModelInfo]:
-    """The file's bytes and validated metadata, or a ModelFileError naming what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(
-            f"model file {path} does not exist; export one with `python -m export CHECKPOINT -o {path}`"
-        )
-    data = path.read_bytes()
-    if not data:
-        raise ModelFileError(f"model file {path} is empty")
-    probe_options = ort.SessionOptions()
-    # Without graph optimisation the CPU provider can open any graph, fp16 included, just to read it.
-    probe_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    probe_options.log_severity_level = 4
-    try:
-        probe = ort.InferenceSession(data, probe_options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises several types for a bad file
-        reason = str(exc).strip().splitlines()[0][:300]
-        raise ModelFileError(f"{path} is not a readable ONNX model (truncated or corrupt?): {reason}") from exc
-    try:
-        info = parse_props(probe.get_modelmeta().custom_metadata_map)
-    except MetadataError as exc:
-        raise ModelFileError(f"{path} is not a speechbot model: {exc}") from exc
-    state = ["h0", "c0"] if info.is_lstm else ["h0"]
-    inputs = [i.name for i in probe.get_inputs()]
-    outputs = [o.name for o in probe.get_outputs()]
-    if inputs != ["tokens", *state] or outputs != ["logits", *[s[:-1] for s in state]]:
-        raise ModelFileError(f"{path} has inputs {inputs} and outputs {outputs}, not those of a speechbot model")
-    return data, info
-
-
-def load_model(
-    path: str | Path, providers: str = "auto", threads: int | None = None
-) -> tuple[ort.InferenceSession, ModelInfo, str]:
-    """A validated model: its session, its metadata and the provider that runs it."""
-    data, info = read_model_info(path)
-    provider = choose_provider(providers, info.precision)
-    session = ort.InferenceSession(data, session_options(threads), providers=[provider])
-    chosen = session.get_providers()[0]
-    log.info("loaded %s (%s, %s) on %s", path, info.model_config["model_type"], info.precision, chosen)
-    return session, info, chosen
 
 
 def sample_rows(logits: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
@@ -318,15 +226,17 @@ class GenerationEngine:
         threads: int | None = None,
         max_batch: int = 64,
         max_queue: int = 256,
+        fast_step: bool = True,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be positive")
-        self.session, self.info, self.provider = load_model(model_path, providers, threads)
+        self.runner = ModelRunner(model_path, providers, threads, fast_step)
+        self.info, self.provider = self.runner.info, self.runner.provider
         self.vocab = Vocab(self.info.vocab, self.info.unknown_policy)
         self.cleaning = CleaningOptions.from_dict(self.info.cleaning)
         self.max_batch = max_batch
-        self._state_names = ["h0", "c0"] if self.info.is_lstm else ["h0"]
         self._start_logits, self._start_state = self._paragraph_start()
+        self._start_step_state = self.runner.step_state(self._start_state)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = False
         self.peak_batch = 0  # the most requests stepped together so far
@@ -478,12 +388,6 @@ class GenerationEngine:
 
     # ---- the worker ----
 
-    def _feed(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        logits, *new_state = self.session.run(
-            None, {"tokens": tokens, **dict(zip(self._state_names, state, strict=True))}
-        )
-        return logits, new_state
-
     def _paragraph_start(self) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits and state at the end of the first sentence the model writes greedily after a newline.
 
@@ -493,24 +397,22 @@ class GenerationEngine:
         start = self.vocab.encode("\n")[:1] or [0]
         enders = set(self.vocab.encode("".join(SENTENCE_ENDERS)))
         breaks = set(self.vocab.encode(" ")) | set(start)
-        shape = (self.info.num_layers, 1, self.info.rnn_size)
-        logits, state = self._feed(
-            np.array([start], np.int64), [np.zeros(shape, np.float32) for _ in self._state_names]
-        )
+        logits, state = self.runner.prime(np.array([start], np.int64), self.runner.zero_state(1))
         previous = start[0]
         for _ in range(PARAGRAPH_START_MAX_CHARS):
             token = int(logits[0, -1].argmax())
-            logits, state = self._feed(np.array([[token]], np.int64), state)
+            logits, state = self.runner.prime(np.array([[token]], np.int64), state)
             if token in breaks and previous in enders:
                 break
             previous = token
         return logits[0, -1], state
 
     def _prime(self, request: _Request) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The request's next-character logits and its state in step form."""
         if not request.prompt_ids:
-            return self._start_logits, self._start_state
-        logits, state = self._feed(np.array([request.prompt_ids], np.int64), self._start_state)
-        return logits[0, -1], state
+            return self._start_logits, self._start_step_state
+        logits, state = self.runner.prime(np.array([request.prompt_ids], np.int64), self._start_state)
+        return logits[0, -1], self.runner.step_state(state)
 
     def _run(self) -> None:
         batch = _Batch.of([], [], 0, len(self.vocab))
@@ -532,8 +434,8 @@ class GenerationEngine:
                     batch = batch.kept(keep)
                 if batch.requests:
                     self.peak_batch = max(self.peak_batch, len(batch.requests))
-                    logits, batch.state = self._feed(batch.tokens[:, None], batch.state)
-                    batch.tokens = self._sample(batch, logits[:, 0])
+                    logits, batch.state = self.runner.step(batch.tokens, batch.state)
+                    batch.tokens = self._sample(batch, logits)
             except Exception as exc:  # a failed run must not kill the worker; fail the requests it held
                 log.exception("generation step failed")
                 for request in dict.fromkeys(batch.requests + list(joined)):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from bot.engine import PROVIDER_CHOICES, load_model
+from bot.runner import PROVIDER_CHOICES, ModelRunner
 from export.metadata import ModelInfo
 from model.cli import UsageError
 from model.prepare import read_utf8
@@ -66,7 +66,8 @@ def onnx_nats(session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, s
 def main(args: argparse.Namespace) -> None:
     if args.seq_length < 1:
         raise UsageError(f"--seq-length must be a positive number, not {args.seq_length}")
-    session, info, provider = load_model(args.model, args.providers)
+    runner = ModelRunner(args.model, args.providers, fast_step=False)
+    session, info, provider = runner.session, runner.info, runner.provider
     text, _ = read_utf8(Path(args.text))
     ids, unknown = info.text_ids(text)
     if len(ids) < 2:

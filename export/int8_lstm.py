@@ -174,3 +174,53 @@ def build_int8_lstm(weights: dict[str, np.ndarray], num_layers: int, hidden: int
         outer.initializers,
     )
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", OPSET), oh.make_opsetid("com.microsoft", 1)])
+
+
+def step_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The Loop body of a build_int8_lstm graph as a standalone one-character step.
+
+    Inputs: token [batch] and each layer's c and quantized h ([batch, hidden], float32 and uint8);
+    outputs: logits [batch, vocab] and the new c and quantized h. It runs the very same nodes as the
+    contract graph's Loop, so its results are bitwise equal, without the Loop, state Split/Squeeze
+    and Concat around it (about a quarter of a batch-1 step). The engine builds it at load time, so
+    the model stays one file with one contract.
+    """
+    loops = [node for node in model.graph.node if node.op_type == "Loop"]
+    if len(loops) != 1:
+        raise ValueError("not an int8 LSTM graph: expected exactly one Loop node")
+    body = next(attr.g for attr in loops[0].attribute if attr.name == "body")
+    layers = (len(body.input) - 2) // 3
+    # Body inputs: t, cond, h*, c*, hq*; outputs: cond, h*, c*, hq*, logits.
+    state_inputs = list(body.input[2 + layers :])
+    outputs = [body.output[-1], *body.output[1 + layers : 1 + 3 * layers]]
+    token_gather = [n for n in body.node if n.op_type == "Gather" and list(n.input) == ["tokens", body.input[0].name]]
+    if len(token_gather) != 1 or body.node[0] != token_gather[0]:
+        raise ValueError("not an int8 LSTM graph: the Loop body does not start by reading the token")
+    token = token_gather[0].output[0]
+    nodes = [n for n in body.node[1:] if n.op_type != "Identity"]  # Identity only passes the loop condition
+    graph = oh.make_graph(
+        nodes,
+        "speechbot_int8_lstm_step",
+        [_info(token, TensorProto.INT64, ["batch"]), *state_inputs],
+        outputs,
+        list(model.graph.initializer),
+    )
+    return oh.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def quantize_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """h [layers, batch, hidden] -> uint8 with the contract graph's own QuantizeLinear and constants.
+
+    The engine primes a prompt with the contract graph, which returns float h; this turns it into
+    the step graph's quantized h with the same kernel, so priming then stepping equals the Loop.
+    """
+    constants = [t for t in model.graph.initializer if t.name in ("act_scale", "act_zero")]
+    node = oh.make_node("QuantizeLinear", ["h", "act_scale", "act_zero"], ["hq"])
+    graph = oh.make_graph(
+        [node],
+        "speechbot_quantize_h",
+        [_info("h", TensorProto.FLOAT, ["layers", "batch", "hidden"])],
+        [_info("hq", TensorProto.UINT8, ["layers", "batch", "hidden"])],
+        constants,
+    )
+    return oh.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)

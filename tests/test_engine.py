@@ -8,6 +8,7 @@ import sys
 import threading
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -18,9 +19,10 @@ from bot.engine import (
     InvalidLength,
     InvalidTemperature,
     InvalidTopK,
-    ProviderError,
     sample_rows,
 )
+from bot.runner import ModelRunner, ProviderError
+from export.int8_lstm import step_graph
 
 
 @pytest.fixture(scope="module", params=["fp32", "int8"])
@@ -50,6 +52,41 @@ def test_same_seed_same_text_alone_and_batched_with_63_others(engine):
         "".join(other)
     assert engine.peak_batch >= 32  # it really ran in a batch
     assert len(alone) == 120
+
+
+def test_int8_step_graph_gives_the_contract_graphs_logits_bit_for_bit(tiny_int8):
+    runner = ModelRunner(tiny_int8, "cpu", threads=1)
+    assert runner.uses_step_graph
+    tokens = np.random.default_rng(0).integers(len(runner.info.vocab), size=(8, 40))
+    whole, (h, c) = runner.prime(tokens, runner.zero_state(8))
+    # Prime the first 10 characters with the contract graph, as the engine does with a prompt, then step.
+    primed, state = runner.prime(tokens[:, :10], runner.zero_state(8))
+    state = runner.step_state(state)
+    stepped = [primed[:, -1]]
+    for t in range(10, 40):
+        logits, state = runner.step(tokens[:, t], state)
+        stepped.append(logits)
+    assert np.array_equal(np.stack(stepped[:-1], axis=1), whole[:, 9:39])
+    assert np.array_equal(stepped[-1], whole[:, 39])
+    assert np.array_equal(state[0], c)
+    assert np.array_equal(state[1], runner.step_state([h, c])[1])
+
+
+def test_step_graph_and_contract_graph_engines_write_the_same_text(tiny_int8):
+    with (
+        GenerationEngine(tiny_int8, providers="cpu", threads=1) as fast,
+        GenerationEngine(tiny_int8, providers="cpu", threads=1, fast_step=False) as plain,
+    ):
+        assert fast.runner.uses_step_graph and not plain.runner.uses_step_graph
+        for seed, prompt in enumerate(["", "We will", "Make Am"]):
+            options = {"length": 150, "temperature": 1.0, "seed": seed}
+            assert fast.generate(prompt, **options) == plain.generate(prompt, **options)
+
+
+def test_models_without_the_int8_loop_step_through_the_contract_graph(tiny_onnx):
+    with pytest.raises(ValueError, match="Loop"):
+        step_graph(onnx.load(tiny_onnx))
+    assert not ModelRunner(tiny_onnx, "cpu").uses_step_graph
 
 
 def test_requests_that_join_later_keep_their_text(engine):

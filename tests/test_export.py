@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_CORPUS, train_tiny
 
-from bot.engine import ModelFileError, ProviderError, read_model_info
+from bot.runner import ModelFileError, ProviderError, read_model_info
 from export.__main__ import main as export_main
 from export.metadata import MetadataError, info_from_checkpoint, parse_props
 from export.pipeline import export_checkpoint, serialize
