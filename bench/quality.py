@@ -47,6 +47,7 @@ from model.text import clean_text, normalize_newlines
 
 EVAL_SPLITS = ("val", "test")
 # Measured on the raw corpus when the issue was filed (val bits per character).
+DYNAMIC_ROW = "LSTM, dynamic evaluation"
 ISSUE_REFERENCE = {"PPMd order 16": 1.49, "KN order 12": 1.55, "xz -9e": 1.92}
 
 
@@ -60,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", metavar="FILE", help="raw file --data was prepared from, for the by-case split")
     p.add_argument("--checkpoint", metavar="CKPT", help="trained model to score on --data")
     p.add_argument("--onnx", metavar="MODEL.onnx", help="exported model (the bot's file) to score on --data")
+    p.add_argument(
+        "--dynamic-lr",
+        type=float,
+        default=0.0,
+        help="also score --checkpoint with dynamic evaluation at this SGD step size (0: off; see model.evaluate)",
+    )
+    p.add_argument("--dynamic-segment", type=int, default=50, help="dynamic evaluation: characters per step")
     p.add_argument("--text", metavar="FILE", help="also score this raw text file")
     p.add_argument("--max-order", type=int, default=20, help="Kneser-Ney orders 2..this are tried on val")
     p.add_argument("--ppmd-orders", type=parse_orders, default="4,6,8,12,16", help="PPMd orders, comma-separated")
@@ -128,11 +136,12 @@ def per_char_row(corpus: Corpus, name: str, kind: str, bits: dict[str, np.ndarra
     return row
 
 
-def model_bits(checkpoint: str, corpus: Corpus) -> dict[str, np.ndarray]:
+def model_bits(checkpoint: str, corpus: Corpus, dynamic_lr: float = 0.0, segment: int = 50) -> dict[str, np.ndarray]:
+    """Per-character bits of the checkpoint, static or (dynamic_lr > 0) with dynamic evaluation."""
     import torch  # only the model rows need it
 
     from model.checkpoint import load_checkpoint
-    from model.evaluate import char_nats
+    from model.evaluate import char_nats, dynamic_char_nats
 
     # One stream is a chain of small matrix-vector products: a second thread only adds waiting, and on
     # this shared 2-core CPU it measured 2-25x slower than one.
@@ -142,6 +151,11 @@ def model_bits(checkpoint: str, corpus: Corpus) -> dict[str, np.ndarray]:
         raise UsageError(f"{checkpoint} has a different vocabulary from the dataset")
     # One stream carrying its state: each character is predicted from its full left context,
     # exactly as `python -m model evaluate` scores it.
+    if dynamic_lr:
+        return {
+            split: dynamic_char_nats(net, corpus.splits[split], dynamic_lr, segment=segment).numpy() / math.log(2)
+            for split in EVAL_SPLITS
+        }
     return {split: char_nats(net, corpus.splits[split], seq_length=4096).numpy() / math.log(2) for split in EVAL_SPLITS}
 
 
@@ -165,6 +179,13 @@ def score(corpus: Corpus, args: argparse.Namespace) -> None:
     if args.checkpoint and corpus.mode == "data":
         corpus.rows.append(per_char_row(corpus, "LSTM (this model)", "model", model_bits(args.checkpoint, corpus)))
         timings["model"] = time.perf_counter() - started
+    if args.checkpoint and args.dynamic_lr and corpus.mode == "data":
+        started = time.perf_counter()
+        bits = model_bits(args.checkpoint, corpus, args.dynamic_lr, args.dynamic_segment)
+        # It keeps learning while it reads the split, as the compressors do: it is compared with them.
+        corpus.rows.append(per_char_row(corpus, DYNAMIC_ROW, "adaptive", bits))
+        corpus.notes["dynamic_evaluation"] = {"lr": args.dynamic_lr, "segment": args.dynamic_segment, "decay": 0.0}
+        timings["dynamic"] = time.perf_counter() - started
     if args.onnx and corpus.mode == "data":
         started = time.perf_counter()
         name, bits = onnx_bits(args.onnx, corpus)
@@ -229,27 +250,34 @@ def print_table(corpus: Corpus) -> None:
 
 
 def verdict(corpus: Corpus) -> str:
-    """One sentence: how the network compares on val with the best baseline and with the best PPMd."""
+    """How the network compares on val with the best baseline, the best PPMd and the best static model."""
     model = next((r for r in corpus.rows if r["kind"] == "model"), None)
-    baselines = [r for r in corpus.rows if r["kind"] != "model"]
+    dynamic = next((r for r in corpus.rows if r["name"] == DYNAMIC_ROW), None)
+    baselines = [r for r in corpus.rows if r["kind"] != "model" and r is not dynamic]
     best = min(baselines, key=lambda r: r["val"])
     best_ppmd = min((r for r in baselines if r["name"].startswith("PPMd")), key=lambda r: r["val"])
     if model is None:
         return f"Best baseline on val: {best['name']} at {best['val']:.3f} bits per character."
 
-    def against(row: dict) -> str:
-        gap = model["val"] - row["val"]
+    def against(subject: dict, row: dict) -> str:
+        gap = subject["val"] - row["val"]
         if gap < 0:
             return f"beats {row['name']} ({row['val']:.3f}) by {-gap:.3f} bits per character ({-gap / row['val']:.1%})"
         share = gap / row["val"]
         return f"does not beat {row['name']} ({row['val']:.3f}): it is {gap:.3f} bits per character worse ({share:.1%})"
 
-    text = f"On val the model scores {model['val']:.3f} bits per character and {against(best)}"
+    text = f"On val the model scores {model['val']:.3f} bits per character and {against(model, best)}"
     if best is not best_ppmd:
-        text += f"; it {against(best_ppmd)}"
+        text += f"; it {against(model, best_ppmd)}"
     best_static = min((r for r in baselines if r["kind"] == "static"), key=lambda r: r["val"])
     if best_static is not best:
-        text += f". Among static models, fit on train like it, it {against(best_static)}"
+        text += f". Among static models, fit on train like it, it {against(model, best_static)}"
+    if dynamic is not None:
+        best_adaptive = min((r for r in baselines if r["kind"] == "adaptive"), key=lambda r: r["val"])
+        text += (
+            f". With dynamic evaluation, learning from the split while it reads it as the compressors do, "
+            f"it scores {dynamic['val']:.3f} and {against(dynamic, best_adaptive)}"
+        )
     return text + "."
 
 
@@ -268,6 +296,9 @@ def markdown(corpora: list[Corpus], command: str) -> str:
         "  learning while they read the split, an advantage the static models do not have. zlib's window is 32 KB, so",
         "  it sees almost none of the training text: its number is effectively unconditional. A compressor gives",
         "  one size per split, so it has no by-case numbers.",
+        "- **LSTM, dynamic evaluation** (when `--dynamic-lr` is given): the same network, scoring each segment of the",
+        "  split and then taking one SGD step on it (Krause et al., 2018), so it too learns from the split as it",
+        "  reads it: the like-for-like comparison with the compressors. The bot serves the static network.",
         "- Kneser-Ney: interpolated modified Kneser-Ney (Chen & Goodman discounts per order), order chosen on val.",
         "- **shouted / rest**: test bits on the characters of lines typed in capitals in the raw text",
         "  (`model.text.is_shouted`), and on all the others. The test split is dominated by one speech typed in",

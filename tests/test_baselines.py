@@ -20,7 +20,7 @@ from bench.baselines import (
 )
 from model.checkpoint import load_checkpoint
 from model.dataset import load_dataset
-from model.evaluate import evaluate_ids
+from model.evaluate import dynamic_char_nats, evaluate_ids
 from model.prepare import prepare
 from model.text import CleaningOptions
 
@@ -152,14 +152,19 @@ def test_quality_script_scores_the_checkpoint_and_its_onnx_export_like_the_evalu
     out_json = tmp_path / "quality.json"
     args = ["--data", str(data_dir), "--checkpoint", str(tiny_checkpoint), "--onnx", str(tiny_onnx)]
     args += ["--max-order", "3", "--ppmd-orders", "3", "--json", str(out_json), "--markdown", str(tmp_path / "q.md")]
-    quality.main(args)
-    rows = {row["name"]: row for row in json.loads(out_json.read_text())["corpora"][0]["rows"]}
+    quality.main([*args, "--dynamic-lr", "0.05"])
+    corpus = json.loads(out_json.read_text())["corpora"][0]
+    rows = {row["name"]: row for row in corpus["rows"]}
     net, _ = load_checkpoint(tiny_checkpoint)
     splits = load_dataset(data_dir).splits
     for split in ("val", "test"):
         expected = evaluate_ids(net, splits[split])[0] / math.log(2)
         assert rows["LSTM (this model)"][split] == pytest.approx(expected, rel=1e-6)
         assert rows["LSTM, ONNX fp32"][split] == pytest.approx(expected, abs=1e-4)
+        dynamic = dynamic_char_nats(net, splits[split], 0.05).mean().item() / math.log(2)
+        assert rows["LSTM, dynamic evaluation"][split] == pytest.approx(dynamic, rel=1e-6)
+    assert rows["LSTM, dynamic evaluation"]["kind"] == "adaptive"
+    assert "With dynamic evaluation" in corpus["verdict"]
 
 
 def test_quality_script_names_a_bad_onnx_file(tmp_path) -> None:
