@@ -94,6 +94,17 @@ def plot_sweep(out: Path, results: list[dict]) -> None:
     plt.close(fig)
 
 
+def sweep_result(out: Path, name: str, summary: dict) -> dict:
+    train, _ = read_metrics(out / name)
+    return {
+        "name": name,
+        "final_train_loss": train[-1]["train_loss"] if train else None,
+        "best_val_bpc": summary["best_val_bpc"],
+        "final_val_bpc": summary["final_val_bpc"],
+        "seconds": summary["elapsed_sec"],
+    }
+
+
 def main(args: argparse.Namespace) -> None:
     extra = [f for f in args.train_flags if f != "--"]
     out = Path(args.out)
@@ -105,6 +116,14 @@ def main(args: argparse.Namespace) -> None:
         return
     results = []
     for name, flags in candidates(args):
+        finished = out / name / "summary.json"
+        if finished.is_file():
+            # An interrupted sweep is run again with the same command: runs that finished are kept.
+            summary = json.loads(finished.read_text(encoding="utf-8"))
+            if summary.get("iterations") == args.max_iters:
+                print(f"=== {name}: finished earlier, kept ===")
+                results.append(sweep_result(out, name, summary))
+                continue
         print(f"=== {name} ===")
         argv = [
             "--data",
@@ -128,17 +147,7 @@ def main(args: argparse.Namespace) -> None:
             run_args = train_module.build_parser().parse_args(argv)
         except SystemExit as exc:
             raise UsageError(f"bad training flags for the sweep: {' '.join(extra)}") from exc
-        summary = train_module.train(run_args)
-        train, _ = read_metrics(out / name)
-        results.append(
-            {
-                "name": name,
-                "final_train_loss": train[-1]["train_loss"] if train else None,
-                "best_val_bpc": summary["best_val_bpc"],
-                "final_val_bpc": summary["final_val_bpc"],
-                "seconds": summary["elapsed_sec"],
-            }
-        )
+        results.append(sweep_result(out, name, train_module.train(run_args)))
 
     (out / "lr_sweep.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot_sweep(out, results)

@@ -1,6 +1,8 @@
 """Training, resuming, sampling and evaluation of tiny models on tiny corpora."""
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +167,25 @@ def test_evaluate_text_reports_bpc_and_unknown(tiny_checkpoint, tmp_path, capsys
     assert "dynamic evaluation (lr 0.1, decay 0, segment 50)" in capsys.readouterr().out
     unknown = int(out.split("characters scored, ")[1].split(" outside")[0])
     assert unknown == sum(ch not in "We will make America great again. Believe me." for ch in "Zimbabwe")
+
+
+def test_lr_sweep_compares_runs_and_an_interrupted_sweep_keeps_finished_runs(tiny_data, tmp_path, capsys):
+    argv = ["lr-sweep", "--data", str(tiny_data), "--out", str(tmp_path), "--learning-rates", "0.05", "0.01"]
+    argv += ["--max-iters", "6", "--eval-every", "3", "--", *TINY]
+    model_main(argv)
+    results = json.loads((tmp_path / "lr_sweep.json").read_text())
+    assert [r["name"] for r in results] == ["rmsprop-lr0.05", "rmsprop-lr0.01", "rmsprop-decay"]
+    assert all(r["best_val_bpc"] > 0 for r in results) and (tmp_path / "lr_sweep.png").stat().st_size > 0
+    capsys.readouterr()
+    # As if the last run had been killed: only it is trained again.
+    shutil.rmtree(tmp_path / "rmsprop-decay")
+    kept_metrics = (tmp_path / "rmsprop-lr0.05" / "metrics.jsonl").read_bytes()
+    model_main(argv)
+    out = capsys.readouterr().out
+    assert "rmsprop-lr0.05: finished earlier, kept" in out and "=== rmsprop-decay ===" in out
+    assert (tmp_path / "rmsprop-lr0.05" / "metrics.jsonl").read_bytes() == kept_metrics
+    again = json.loads((tmp_path / "lr_sweep.json").read_text())
+    assert again[:2] == results[:2] and again[2]["best_val_bpc"] == pytest.approx(results[2]["best_val_bpc"])
 
 
 def test_copied_share():
