@@ -170,13 +170,26 @@ def weight_names(net: CharRNN) -> list[str]:
 class MetricsLog:
     """metrics.jsonl (always) and TensorBoard (optional), written only by rank 0."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool, append: bool) -> None:
-        self.file = (out_dir / "metrics.jsonl").open("a" if append else "w", encoding="utf-8")
+    def __init__(self, out_dir: Path, tensorboard: bool, resume_iter: int | None) -> None:
+        """resume_iter: continue the log of a run resumed at this iteration (None: a new log).
+
+        A run killed after its last checkpoint logged iterations that the resumed run does again;
+        those records are dropped, so every iteration appears once.
+        """
+        path = out_dir / "metrics.jsonl"
+        if resume_iter is not None and path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            kept = [line for line in kept if json.loads(line)["iter"] <= resume_iter]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            tmp.replace(path)
+        self.file = path.open("a" if resume_iter is not None else "w", encoding="utf-8")
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import, only when wanted
 
-            self.writer = SummaryWriter(str(out_dir / "tb"))
+            # purge_step hides the events a killed run wrote after resume_iter, as above.
+            self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=resume_iter)
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -284,7 +297,7 @@ def train(args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
     names = weight_names(net)
-    log = MetricsLog(out_dir, args.tensorboard, append=resume is not None) if is_main else None
+    log = MetricsLog(out_dir, args.tensorboard, start_iter if resume else None) if is_main else None
     if is_main:
         run_config = {k: v for k, v in vars(args).items() if k != "func"}
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n", encoding="utf-8")

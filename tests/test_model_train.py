@@ -110,6 +110,17 @@ def test_resume_gives_the_same_losses_as_uninterrupted_training(tiny_data, tmp_p
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
     assert len(straight) == len(resumed) == 24
     assert max(abs(a - b) for a, b in zip(straight, resumed, strict=True)) < 1e-5
+    # Killed after iteration 18 and resumed from the checkpoint at 12: iterations 13-18 are logged once.
+    killed = tmp_path / "killed"
+    model_main(["train", "--out", str(killed), "--max-iters", "24", *common])
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    cut = next(i for i, line in enumerate(lines) if json.loads(line)["iter"] > 18)
+    (killed / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:cut]))
+    checkpoint = next(killed.glob("ckpt_iter12_*.pt"))
+    model_main(["train", "--out", str(killed), "--max-iters", "24", "--resume", str(checkpoint), *common])
+    train, val = read_metrics(killed)
+    assert [r["iter"] for r in train] == list(range(1, 25)) and [r["iter"] for r in val] == [10, 20, 24]
+    assert max(abs(a - b) for a, b in zip(straight, train_losses(killed), strict=True)) < 1e-5
     # Checkpoint names carry the validation loss, as char-rnn's do.
     assert any(p.name.startswith("ckpt_iter12_val") for p in (tmp_path / "split").iterdir())
 
