@@ -65,9 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dynamic-lr",
         type=float,
         default=0.0,
-        help="also score --checkpoint with dynamic evaluation at this SGD step size (0: off; see model.evaluate)",
+        help="also score --checkpoint with dynamic evaluation at this step size (0: off; see model.evaluate)",
     )
-    p.add_argument("--dynamic-segment", type=int, default=50, help="dynamic evaluation: characters per step")
     p.add_argument("--text", metavar="FILE", help="also score this raw text file")
     p.add_argument("--max-order", type=int, default=20, help="Kneser-Ney orders 2..this are tried on val")
     p.add_argument("--ppmd-orders", type=parse_orders, default="4,6,8,12,16", help="PPMd orders, comma-separated")
@@ -136,12 +135,12 @@ def per_char_row(corpus: Corpus, name: str, kind: str, bits: dict[str, np.ndarra
     return row
 
 
-def model_bits(checkpoint: str, corpus: Corpus, dynamic_lr: float = 0.0, segment: int = 50) -> dict[str, np.ndarray]:
+def model_bits(checkpoint: str, corpus: Corpus, dynamic_lr: float = 0.0) -> dict[str, np.ndarray]:
     """Per-character bits of the checkpoint, static or (dynamic_lr > 0) with dynamic evaluation."""
     import torch  # only the model rows need it
 
     from model.checkpoint import load_checkpoint
-    from model.evaluate import char_nats, dynamic_char_nats
+    from model.evaluate import DYNAMIC_STATS_CHARS, char_nats, dynamic_char_nats, gradient_rms
 
     # One stream is a chain of small matrix-vector products: a second thread only adds waiting, and on
     # this shared 2-core CPU it measured 2-25x slower than one.
@@ -152,8 +151,9 @@ def model_bits(checkpoint: str, corpus: Corpus, dynamic_lr: float = 0.0, segment
     # One stream carrying its state: each character is predicted from its full left context,
     # exactly as `python -m model evaluate` scores it.
     if dynamic_lr:
+        rms = gradient_rms(net, corpus.splits["train"][-DYNAMIC_STATS_CHARS:])
         return {
-            split: dynamic_char_nats(net, corpus.splits[split], dynamic_lr, segment=segment).numpy() / math.log(2)
+            split: dynamic_char_nats(net, corpus.splits[split], rms, dynamic_lr).numpy() / math.log(2)
             for split in EVAL_SPLITS
         }
     return {split: char_nats(net, corpus.splits[split], seq_length=4096).numpy() / math.log(2) for split in EVAL_SPLITS}
@@ -181,10 +181,12 @@ def score(corpus: Corpus, args: argparse.Namespace) -> None:
         timings["model"] = time.perf_counter() - started
     if args.checkpoint and args.dynamic_lr and corpus.mode == "data":
         started = time.perf_counter()
-        bits = model_bits(args.checkpoint, corpus, args.dynamic_lr, args.dynamic_segment)
+        from model.evaluate import DYNAMIC_DECAY, DYNAMIC_SEGMENT  # torch, only for the model rows
+
+        bits = model_bits(args.checkpoint, corpus, args.dynamic_lr)
         # It keeps learning while it reads the split, as the compressors do: it is compared with them.
         corpus.rows.append(per_char_row(corpus, DYNAMIC_ROW, "adaptive", bits))
-        corpus.notes["dynamic_evaluation"] = {"lr": args.dynamic_lr, "segment": args.dynamic_segment, "decay": 0.0}
+        corpus.notes["dynamic_evaluation"] = {"lr": args.dynamic_lr, "decay": DYNAMIC_DECAY, "segment": DYNAMIC_SEGMENT}
         timings["dynamic"] = time.perf_counter() - started
     if args.onnx and corpus.mode == "data":
         started = time.perf_counter()
@@ -296,9 +298,10 @@ def markdown(corpora: list[Corpus], command: str) -> str:
         "  learning while they read the split, an advantage the static models do not have. zlib's window is 32 KB, so",
         "  it sees almost none of the training text: its number is effectively unconditional. A compressor gives",
         "  one size per split, so it has no by-case numbers.",
-        "- **LSTM, dynamic evaluation** (when `--dynamic-lr` is given): the same network, scoring each segment of the",
-        "  split and then taking one SGD step on it (Krause et al., 2018), so it too learns from the split as it",
-        "  reads it: the like-for-like comparison with the compressors. The bot serves the static network.",
+        "- **LSTM, dynamic evaluation** (when `--dynamic-lr` is given): the same network, scoring each 50-character",
+        "  segment of the split and then taking one RMS-normalised gradient step on it (Krause et al., 2018), so it",
+        "  too learns from the split as it reads it: the like-for-like comparison with the compressors. The bot",
+        "  serves the static network.",
         "- Kneser-Ney: interpolated modified Kneser-Ney (Chen & Goodman discounts per order), order chosen on val.",
         "- **shouted / rest**: test bits on the characters of lines typed in capitals in the raw text",
         "  (`model.text.is_shouted`), and on all the others. The test split is dominated by one speech typed in",

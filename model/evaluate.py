@@ -1,15 +1,16 @@
 """`python -m model evaluate`: loss in nats and bits per character on a split or any text file.
 
 `--dynamic-lr` turns on dynamic evaluation (Krause et al., 2018, "Dynamic Evaluation of Neural
-Sequence Models"): the network scores a segment, then takes one SGD step on it, so it keeps learning
-from the text it has just read, as PPMd and the other compressors do. It changes a copy of the weights
-only; the checkpoint and the bot's model stay as trained.
+Sequence Models", its RMS variant): the network scores a segment, then takes one gradient step on it,
+so it keeps learning from the text it has just read, as PPMd and the other compressors do. It
+changes a copy of the weights only; the checkpoint and the bot's model stay as trained.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,12 @@ from model.dataset import load_dataset
 from model.model import CharRNN, detach_state, nats_to_bits
 from model.prepare import read_utf8
 from model.text import CleaningOptions, Vocab, text_to_ids
+
+# Dynamic evaluation settings, chosen on the first 20,000 characters of the speeches' val split
+# (docs/default-model.md); the gradient statistics come from the end of the training split.
+DYNAMIC_DECAY = 0.03
+DYNAMIC_SEGMENT = 50
+DYNAMIC_STATS_CHARS = 20_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,15 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
     p.add_argument("--seq-length", type=int, default=512, help="characters per forward call (speed only)")
     p.add_argument(
-        "--dynamic-lr", type=float, default=0.0, help="dynamic evaluation: SGD step size per segment (0: off)"
+        "--dynamic-lr",
+        type=float,
+        default=0.0,
+        help="dynamic evaluation: step size, in units of each weight's training-gradient RMS (0: off; 3e-4 "
+        "suits the speeches model); needs --data for the gradient statistics",
     )
     p.add_argument(
         "--dynamic-decay",
         type=float,
-        default=0.0,
-        help="dynamic evaluation: share of the way back to the trained weights after each step",
+        default=DYNAMIC_DECAY,
+        help="dynamic evaluation: pull back toward the trained weights after each step",
     )
-    p.add_argument("--dynamic-segment", type=int, default=50, help="dynamic evaluation: characters per SGD step")
+    p.add_argument(
+        "--dynamic-segment", type=int, default=DYNAMIC_SEGMENT, help="dynamic evaluation: characters per step"
+    )
     return p
 
 
@@ -81,43 +94,75 @@ def char_nats(
     return torch.cat(pieces, dim=1).flatten()
 
 
+def _segments(net: CharRNN, ids: np.ndarray, segment: int, after_backward: Callable[[], None], device) -> torch.Tensor:
+    """Score ids one segment at a time (one stream, zero start state), backpropagate each segment's mean
+    loss, and call after_backward; returns the nats of each ids[t+1] from ids[..t]."""
+    data = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(device)
+    state = net.initial_state(1, device)
+    pieces = []
+    for start in range(0, len(ids) - 1, segment):
+        x = data[start : min(start + segment, len(ids) - 1)][None]
+        y = data[start + 1 : start + 1 + x.shape[1]][None]
+        logits, state = net(x, state)
+        nats = F.cross_entropy(logits.float()[0], y[0], reduction="none")
+        pieces.append(nats.detach().double().cpu())
+        net.zero_grad(set_to_none=True)
+        nats.mean().backward()
+        after_backward()
+        state = detach_state(state)
+    return torch.cat(pieces)
+
+
+def gradient_rms(
+    net: CharRNN, ids: np.ndarray, segment: int = DYNAMIC_SEGMENT, device: str | torch.device = "cpu"
+) -> list[torch.Tensor]:
+    """Root mean square of each weight's gradient over the segments of ids (training text), per parameter."""
+    model = copy.deepcopy(net).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = [torch.zeros_like(p) for p in params]
+    steps = []
+
+    def accumulate() -> None:
+        steps.append(1)
+        for total, param in zip(sums, params, strict=True):
+            total.add_(param.grad.square())
+
+    _segments(model, ids, segment, accumulate, device)
+    return [(total / len(steps)).sqrt() for total in sums]
+
+
 def dynamic_char_nats(
     net: CharRNN,
     ids: np.ndarray,
+    rms: list[torch.Tensor],
     lr: float,
-    decay: float = 0.0,
-    segment: int = 50,
+    decay: float = DYNAMIC_DECAY,
+    segment: int = DYNAMIC_SEGMENT,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Cross-entropy (nats, float64) of each ids[t+1] from ids[..t], learning from the text as it goes.
 
-    One stream from a zero state, like char_nats with streams=1. Each segment is scored before the
-    network steps on it, so no character is predicted by weights that have seen it. Dropout stays off.
-    With lr=0 this is char_nats.
+    Krause et al.'s RMS variant: after scoring a segment, each weight moves by lr * gradient / rms
+    (rms from gradient_rms on training text), then back toward its trained value by decay times its
+    rms relative to the mean rms, so the weights that training moves most also adapt and recover
+    most. One stream from a zero state, like char_nats with streams=1; a segment is scored before
+    the network steps on it. Dropout stays off. With lr=0 and decay=0 this is char_nats.
     """
     if len(ids) < 2:
         raise UsageError(f"text of {len(ids)} characters is too short to evaluate (need at least 2)")
     adapted = copy.deepcopy(net).eval()
     params = [p for p in adapted.parameters() if p.requires_grad]
     trained = [p.detach().clone() for p in params]
-    data = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(device)
-    state = adapted.initial_state(1, device)
-    pieces = []
-    for start in range(0, len(ids) - 1, segment):
-        x = data[start : min(start + segment, len(ids) - 1)][None]
-        y = data[start + 1 : start + 1 + x.shape[1]][None]
-        logits, state = adapted(x, state)
-        nats = F.cross_entropy(logits.float()[0], y[0], reduction="none")
-        pieces.append(nats.detach().double().cpu())
-        adapted.zero_grad(set_to_none=True)
-        nats.mean().backward()
+    mean_rms = torch.cat([r.flatten() for r in rms]).mean()
+    pull = [torch.clamp(decay * r / mean_rms, max=1.0) for r in rms]
+
+    def step() -> None:
         with torch.no_grad():
-            for param, original in zip(params, trained, strict=True):
-                param.add_(param.grad, alpha=-lr)
-                if decay:
-                    param.add_(original - param, alpha=decay)
-        state = detach_state(state)
-    return torch.cat(pieces)
+            for param, original, r, back in zip(params, trained, rms, pull, strict=True):
+                param.addcdiv_(param.grad, r + 1e-8, value=-lr)
+                param.add_((original - param) * back)
+
+    return _segments(adapted, ids, segment, step, device)
 
 
 def evaluate_ids(
@@ -129,25 +174,33 @@ def evaluate_ids(
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.dynamic_lr < 0 or not 0 <= args.dynamic_decay <= 1 or args.dynamic_segment < 1:
+        raise UsageError("--dynamic-lr must be at least 0, --dynamic-decay from 0 to 1, --dynamic-segment at least 1")
+    if args.dynamic_lr and not args.data:
+        raise UsageError("--dynamic-lr needs --data DIR: its training split gives the gradient statistics")
     net, ckpt = load_checkpoint(args.checkpoint, args.device)
     vocab = Vocab(ckpt["vocab"], ckpt.get("unknown_policy", "nearest"))
+    dataset = None
+    if args.data:
+        dataset = load_dataset(args.data)
+        if dataset.vocab.chars != vocab.chars:
+            raise UsageError(f"{args.data} has a different vocabulary from the checkpoint")
     unknown = 0
     if args.text:
         text, _ = read_utf8(Path(args.text))
         token_ids, unknown = text_to_ids(text, vocab, CleaningOptions.from_dict(ckpt["cleaning"]))
         ids = np.array(token_ids, dtype=np.int64)
         source = args.text
-    elif args.data:
-        dataset = load_dataset(args.data)
-        if dataset.vocab.chars != vocab.chars:
-            raise UsageError(f"{args.data} has a different vocabulary from the checkpoint")
+    elif dataset is not None:
         ids, source = dataset.splits[args.split], f"{args.data} ({args.split} split)"
     else:
         raise UsageError("give --data DIR (with --split) or --text FILE")
-    if args.dynamic_lr < 0 or not 0 <= args.dynamic_decay <= 1 or args.dynamic_segment < 1:
-        raise UsageError("--dynamic-lr must be at least 0, --dynamic-decay from 0 to 1, --dynamic-segment at least 1")
     if args.dynamic_lr:
-        all_nats = dynamic_char_nats(net, ids, args.dynamic_lr, args.dynamic_decay, args.dynamic_segment, args.device)
+        stats = dataset.splits["train"][-DYNAMIC_STATS_CHARS:]
+        rms = gradient_rms(net, stats, args.dynamic_segment, args.device)
+        all_nats = dynamic_char_nats(
+            net, ids, rms, args.dynamic_lr, args.dynamic_decay, args.dynamic_segment, args.device
+        )
         nats, count = float(all_nats.mean()), all_nats.numel()
         how = (
             f", dynamic evaluation (lr {args.dynamic_lr:g}, decay {args.dynamic_decay:g}, "

@@ -20,7 +20,7 @@ from bench.baselines import (
 )
 from model.checkpoint import load_checkpoint
 from model.dataset import load_dataset
-from model.evaluate import dynamic_char_nats, evaluate_ids
+from model.evaluate import DYNAMIC_STATS_CHARS, dynamic_char_nats, evaluate_ids, gradient_rms
 from model.prepare import prepare
 from model.text import CleaningOptions
 
@@ -161,7 +161,8 @@ def test_quality_script_scores_the_checkpoint_and_its_onnx_export_like_the_evalu
         expected = evaluate_ids(net, splits[split])[0] / math.log(2)
         assert rows["LSTM (this model)"][split] == pytest.approx(expected, rel=1e-6)
         assert rows["LSTM, ONNX fp32"][split] == pytest.approx(expected, abs=1e-4)
-        dynamic = dynamic_char_nats(net, splits[split], 0.05).mean().item() / math.log(2)
+        rms = gradient_rms(net, splits["train"][-DYNAMIC_STATS_CHARS:])
+        dynamic = dynamic_char_nats(net, splits[split], rms, 0.05).mean().item() / math.log(2)
         assert rows["LSTM, dynamic evaluation"][split] == pytest.approx(dynamic, rel=1e-6)
     assert rows["LSTM, dynamic evaluation"]["kind"] == "adaptive"
     assert "With dynamic evaluation" in corpus["verdict"]

@@ -12,7 +12,7 @@ import torch
 from model.__main__ import main as model_main
 from model.checkpoint import load_checkpoint
 from model.dataset import load_dataset
-from model.evaluate import char_nats, dynamic_char_nats, evaluate_ids
+from model.evaluate import char_nats, dynamic_char_nats, evaluate_ids, gradient_rms
 from model.novel import copied_share
 from model.plot import read_metrics
 from model.sample import sample_text
@@ -154,28 +154,40 @@ def test_evaluate_matches_manual_cross_entropy(tiny_checkpoint, tiny_data):
     assert abs(nats - manual.item()) < 1e-5
 
 
-def test_dynamic_evaluation_learns_from_the_text_it_has_read(tiny_checkpoint):
+def test_dynamic_evaluation_learns_from_the_text_it_has_read(tiny_checkpoint, tiny_data):
     net, ckpt = load_checkpoint(tiny_checkpoint)
     before = [p.detach().clone() for p in net.parameters()]
+    rms = gradient_rms(net, load_dataset(tiny_data).splits["train"][:400], segment=20)
+    assert [r.shape for r in rms] == [p.shape for p in net.parameters()] and all((r >= 0).all() for r in rms)
     # A phrase the tiny model has never seen, said four times: a model that adapts predicts the repeats better.
     ids = np.tile(np.random.default_rng(0).integers(len(ckpt["vocab"]), size=60), 4)
     static = char_nats(net, ids, seq_length=50)
-    assert torch.allclose(dynamic_char_nats(net, ids, lr=0.0), static, atol=1e-5)  # lr 0: the static score
-    dynamic = dynamic_char_nats(net, ids, lr=0.3, segment=20)
+    unchanged = dynamic_char_nats(net, ids, rms, lr=0.0, decay=0.0)
+    assert torch.allclose(unchanged, static, atol=1e-5)  # no step: the static score
+    dynamic = dynamic_char_nats(net, ids, rms, lr=0.01, decay=0.0, segment=20)
     assert dynamic.numel() == static.numel() == len(ids) - 1
     assert torch.allclose(dynamic[:20], static[:20], atol=1e-5)  # the first segment is scored before any step
     assert dynamic[-60:].mean() < static[-60:].mean() - 0.5  # the last repeat: far better than static
+    # Pulled all the way back after every step (decay 1 on every weight), it cannot learn the phrase.
+    held = dynamic_char_nats(net, ids, [torch.ones_like(r) for r in rms], lr=0.01, decay=1.0, segment=20)
+    assert torch.allclose(held, static, atol=1e-4)
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))  # the model is untouched
 
 
-def test_evaluate_text_reports_bpc_and_unknown(tiny_checkpoint, tmp_path, capsys):
+def test_evaluate_text_reports_bpc_and_unknown(tiny_checkpoint, tiny_data, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("We will make Zimbabwe great again.", encoding="utf-8")
     model_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--text", str(text)])
     out = capsys.readouterr().out
     assert "bits/char" in out and "outside the vocabulary" in out and "dynamic" not in out
-    model_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--text", str(text), "--dynamic-lr", "0.1"])
-    assert "dynamic evaluation (lr 0.1, decay 0, segment 50)" in capsys.readouterr().out
+    dynamic = ["--dynamic-lr", "0.001"]
+    model_main(
+        ["evaluate", "--checkpoint", str(tiny_checkpoint), "--text", str(text), "--data", str(tiny_data), *dynamic]
+    )
+    assert "dynamic evaluation (lr 0.001, decay 0.03, segment 50)" in capsys.readouterr().out
+    assert "needs --data" in run_cli_error(
+        ["evaluate", "--checkpoint", str(tiny_checkpoint), "--text", str(text), *dynamic], capsys
+    )
     unknown = int(out.split("characters scored, ")[1].split(" outside")[0])
     assert unknown == sum(ch not in "We will make America great again. Believe me." for ch in "Zimbabwe")
 
