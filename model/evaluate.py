@@ -29,6 +29,7 @@ from model.text import CleaningOptions, Vocab, text_to_ids
 DYNAMIC_DECAY = 0.03
 DYNAMIC_SEGMENT = 50
 DYNAMIC_STATS_CHARS = 20_000
+RMS_FLOOR = 0.1  # share of the mean gradient RMS below which a weight's RMS is raised
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,12 +155,15 @@ def dynamic_char_nats(
     params = [p for p in adapted.parameters() if p.requires_grad]
     trained = [p.detach().clone() for p in params]
     mean_rms = torch.cat([r.flatten() for r in rms]).mean()
+    # A weight whose gradient was ~0 on the statistics text (the embedding row of a character it never
+    # had) would otherwise take a near-infinite step the first time that character shows up.
+    rms = [torch.clamp(r, min=RMS_FLOOR * mean_rms) for r in rms]
     pull = [torch.clamp(decay * r / mean_rms, max=1.0) for r in rms]
 
     def step() -> None:
         with torch.no_grad():
             for param, original, r, back in zip(params, trained, rms, pull, strict=True):
-                param.addcdiv_(param.grad, r + 1e-8, value=-lr)
+                param.addcdiv_(param.grad, r, value=-lr)
                 param.add_((original - param) * back)
 
     return _segments(adapted, ids, segment, step, device)

@@ -171,6 +171,9 @@ def test_dynamic_evaluation_learns_from_the_text_it_has_read(tiny_checkpoint, ti
     # Pulled all the way back after every step (decay 1 on every weight), it cannot learn the phrase.
     held = dynamic_char_nats(net, ids, [torch.ones_like(r) for r in rms], lr=0.01, decay=1.0, segment=20)
     assert torch.allclose(held, static, atol=1e-4)
+    # Weights with no gradient on the statistics text (a character it never had) take bounded steps.
+    rms[0][1:] = 0.0
+    assert torch.isfinite(dynamic_char_nats(net, ids, rms, lr=0.01, segment=20)).all()
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))  # the model is untouched
 
 
