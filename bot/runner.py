@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from export.int8_lstm import quantize_graph, step_graph
-from export.metadata import MetadataError, ModelInfo, parse_props
+from export.metadata import MetadataError, ModelInfo, parse_props, state_names
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,10 @@ def read_model_info(path: str | Path) -> tuple[bytes, ModelInfo]:
         info = parse_props(probe.get_modelmeta().custom_metadata_map)
     except MetadataError as exc:
         raise ModelFileError(f"{path} is not a speechbot model: {exc}") from exc
-    state = ["h0", "c0"] if info.is_lstm else ["h0"]
+    state_in, state_out = state_names(info.is_lstm)
     inputs = [i.name for i in probe.get_inputs()]
     outputs = [o.name for o in probe.get_outputs()]
-    if inputs != ["tokens", *state] or outputs != ["logits", *[s[:-1] for s in state]]:
+    if inputs != ["tokens", *state_in] or outputs != ["logits", *state_out]:
         raise ModelFileError(f"{path} has inputs {inputs} and outputs {outputs}, not those of a speechbot model")
     return data, info
 
@@ -112,7 +112,7 @@ class ModelRunner:
         options = session_options(threads)
         self.session = ort.InferenceSession(data, options, providers=[choose_provider(providers, self.info.precision)])
         self.provider = self.session.get_providers()[0]
-        self.state_names = ["h0", "c0"] if self.info.is_lstm else ["h0"]
+        self.state_names, _ = state_names(self.info.is_lstm)
         self._step_session = self._quantize_session = None
         if fast_step and self.info.precision == "int8":
             model = onnx.load_from_string(data)

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bot.runner import PROVIDER_CHOICES, ModelRunner
-from export.metadata import ModelInfo
+from export.metadata import ModelInfo, state_names
 from model.cli import UsageError
 from model.prepare import read_utf8
 
@@ -33,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def zero_state(info: ModelInfo, batch: int) -> dict[str, np.ndarray]:
     shape = (info.num_layers, batch, info.rnn_size)
-    names = ("h0", "c0") if info.is_lstm else ("h0",)
-    return {name: np.zeros(shape, np.float32) for name in names}
+    return {name: np.zeros(shape, np.float32) for name in state_names(info.is_lstm)[0]}
 
 
 def onnx_char_nats(
@@ -44,7 +43,7 @@ def onnx_char_nats(
     if len(ids) < 2:
         raise ValueError(f"text of {len(ids)} characters is too short to evaluate (need at least 2)")
     state = zero_state(info, 1)
-    state_out = [name[:-1] for name in state]
+    _, state_out = state_names(info.is_lstm)
     pieces = []
     for start in range(0, len(ids) - 1, seq_length):
         chunk = ids[start : min(start + seq_length, len(ids) - 1)]

@@ -193,10 +193,10 @@ def step_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     # Body inputs: t, cond, h*, c*, hq*; outputs: cond, h*, c*, hq*, logits.
     state_inputs = list(body.input[2 + layers :])
     outputs = [body.output[-1], *body.output[1 + layers : 1 + 3 * layers]]
-    token_gather = [n for n in body.node if n.op_type == "Gather" and list(n.input) == ["tokens", body.input[0].name]]
-    if len(token_gather) != 1 or body.node[0] != token_gather[0]:
+    read_token = body.node[0] if body.node else None
+    if read_token is None or read_token.op_type != "Gather" or list(read_token.input) != ["tokens", body.input[0].name]:
         raise ValueError("not an int8 LSTM graph: the Loop body does not start by reading the token")
-    token = token_gather[0].output[0]
+    token = read_token.output[0]
     nodes = [n for n in body.node[1:] if n.op_type != "Identity"]  # Identity only passes the loop condition
     graph = oh.make_graph(
         nodes,

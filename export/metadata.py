@@ -16,6 +16,13 @@ from model.text import CleaningOptions, Vocab, text_to_ids
 FORMAT_VERSION = "1"
 EXPORTER_VERSION = "speechbot-export/1"
 PRECISIONS = ("fp32", "int8", "fp16")
+
+
+def state_names(is_lstm: bool) -> tuple[list[str], list[str]]:
+    """The contract graph's recurrent-state inputs and outputs: h (and c for an LSTM)."""
+    return (["h0", "c0"], ["h", "c"]) if is_lstm else (["h0"], ["h"])
+
+
 REQUIRED_KEYS = (
     "speechbot_format",
     "vocab",

@@ -9,6 +9,7 @@ import onnx
 import torch
 from torch import nn
 
+from export.metadata import state_names
 from model.model import CharRNN
 
 OPSET = 17
@@ -24,10 +25,6 @@ class _ContractWrapper(nn.Module):
     def forward(self, tokens: torch.Tensor, *state: torch.Tensor):
         logits, new_state = self.net(tokens, tuple(state) if self.net.is_lstm else state[0])
         return (logits, *new_state) if self.net.is_lstm else (logits, new_state)
-
-
-def state_names(is_lstm: bool) -> tuple[list[str], list[str]]:
-    return (["h0", "c0"], ["h", "c"]) if is_lstm else (["h0"], ["h"])
 
 
 def fp32_graph(net: CharRNN) -> onnx.ModelProto:

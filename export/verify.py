@@ -9,7 +9,7 @@ import onnxruntime as ort
 import torch
 
 from export.evaluate import onnx_nats
-from export.metadata import ModelInfo
+from export.metadata import ModelInfo, state_names
 from model.evaluate import evaluate_ids
 from model.model import CharRNN
 
@@ -54,7 +54,7 @@ def _cases(net: CharRNN, corpus_ids: np.ndarray, rng: np.random.Generator):
 
 @torch.no_grad()
 def max_logit_difference(net: CharRNN, session: ort.InferenceSession, corpus_ids: np.ndarray, seed: int = 0) -> float:
-    state_in = ["h0", "c0"] if net.is_lstm else ["h0"]
+    state_in, _ = state_names(net.is_lstm)
     worst = 0.0
     for tokens, state in _cases(net, corpus_ids, np.random.default_rng(seed)):
         torch_state = tuple(torch.from_numpy(s) for s in state)
