@@ -140,7 +140,7 @@ def model_bits(checkpoint: str, corpus: Corpus, dynamic_lr: float = 0.0) -> dict
     import torch  # only the model rows need it
 
     from model.checkpoint import load_checkpoint
-    from model.evaluate import DYNAMIC_STATS_CHARS, char_nats, dynamic_char_nats, gradient_rms
+    from model.evaluate import char_nats, dynamic_char_nats, gradient_rms
 
     # One stream is a chain of small matrix-vector products: a second thread only adds waiting, and on
     # this shared 2-core CPU it measured 2-25x slower than one.
@@ -151,7 +151,7 @@ def model_bits(checkpoint: str, corpus: Corpus, dynamic_lr: float = 0.0) -> dict
     # One stream carrying its state: each character is predicted from its full left context,
     # exactly as `python -m model evaluate` scores it.
     if dynamic_lr:
-        rms = gradient_rms(net, corpus.splits["train"][-DYNAMIC_STATS_CHARS:])
+        rms = gradient_rms(net, corpus.splits["train"])
         return {
             split: dynamic_char_nats(net, corpus.splits[split], rms, dynamic_lr).numpy() / math.log(2)
             for split in EVAL_SPLITS

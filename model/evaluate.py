@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,21 +116,22 @@ def _segments(net: CharRNN, ids: np.ndarray, segment: int, after_backward: Calla
 
 
 def gradient_rms(
-    net: CharRNN, ids: np.ndarray, segment: int = DYNAMIC_SEGMENT, device: str | torch.device = "cpu"
+    net: CharRNN, train_ids: np.ndarray, segment: int = DYNAMIC_SEGMENT, device: str | torch.device = "cpu"
 ) -> list[torch.Tensor]:
-    """Root mean square of each weight's gradient over the segments of ids (training text), per parameter."""
+    """Root mean square of each weight's gradient, per parameter, over the segments of the last
+    DYNAMIC_STATS_CHARS characters of the training text (the part nearest the held-out splits)."""
     model = copy.deepcopy(net).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     sums = [torch.zeros_like(p) for p in params]
-    steps = []
 
     def accumulate() -> None:
-        steps.append(1)
         for total, param in zip(sums, params, strict=True):
             total.add_(param.grad.square())
 
-    _segments(model, ids, segment, accumulate, device)
-    return [(total / len(steps)).sqrt() for total in sums]
+    stats = train_ids[-DYNAMIC_STATS_CHARS:]
+    _segments(model, stats, segment, accumulate, device)
+    count = math.ceil((len(stats) - 1) / segment)  # one gradient per segment
+    return [(total / count).sqrt() for total in sums]
 
 
 def dynamic_char_nats(
@@ -200,8 +202,7 @@ def main(args: argparse.Namespace) -> None:
     else:
         raise UsageError("give --data DIR (with --split) or --text FILE")
     if args.dynamic_lr:
-        stats = dataset.splits["train"][-DYNAMIC_STATS_CHARS:]
-        rms = gradient_rms(net, stats, args.dynamic_segment, args.device)
+        rms = gradient_rms(net, dataset.splits["train"], args.dynamic_segment, args.device)
         all_nats = dynamic_char_nats(
             net, ids, rms, args.dynamic_lr, args.dynamic_decay, args.dynamic_segment, args.device
         )
