@@ -6,7 +6,9 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 INIT_SCHEMES = ("default", "xavier", "normal")
@@ -22,6 +24,9 @@ class ModelConfig:
     num_layers: int = 2
     wordvec_size: int = 64
     dropout: float = 0.0
+    # DropConnect on the hidden-to-hidden matrices while training (AWD-LSTM's weight drop). It
+    # regularises the recurrence itself, which plain dropout between layers leaves untouched.
+    weight_drop: float = 0.0
 
     def __post_init__(self) -> None:
         if self.model_type not in RNN_TYPES:
@@ -29,8 +34,9 @@ class ModelConfig:
         for name in ("vocab_size", "rnn_size", "num_layers", "wordvec_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+        for name in ("dropout", "weight_drop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name.replace('_', '-')} must be in [0, 1), not {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,8 +69,19 @@ class CharRNN(nn.Module):
     def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         if state is None:
             state = self.initial_state(tokens.shape[0], tokens.device)
-        output, state = self.rnn(self.embedding(tokens), state)
+        output, state = self._recur(self.embedding(tokens), state)
         return self.decoder(self.drop(output)), state
+
+    def _recur(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        if not (self.training and self.config.weight_drop > 0):
+            return self.rnn(inputs, state)
+        # One mask per batch for each recurrent matrix, shared by every time step; the stored
+        # weights stay whole, so evaluation, checkpoints and export need nothing special.
+        weights = {
+            name: F.dropout(param, self.config.weight_drop) if name.startswith("weight_hh") else param
+            for name, param in self.rnn.named_parameters()
+        }
+        return functional_call(self.rnn, weights, (inputs, state))
 
     def init_weights(self, scheme: str = "default", std: float = 0.05) -> None:
         """PyTorch's default init, Xavier (Glorot) uniform, or N(0, std) as in the DL4J example."""

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers", type=int, default=2, help="recurrent layers")
     g.add_argument("--wordvec-size", type=int, default=64, help="character embedding size")
     g.add_argument("--dropout", type=float, default=0.5, help="dropout between layers and before the decoder")
+    g.add_argument(
+        "--weight-drop", type=float, default=0.0, help="DropConnect on the recurrent matrices while training"
+    )
     g.add_argument("--init", choices=INIT_SCHEMES, default="default", help="weight initialisation")
     g.add_argument("--init-std", type=float, default=0.05, help="standard deviation for --init normal")
     g = p.add_argument_group("optimisation")
@@ -250,7 +253,8 @@ def train(args: argparse.Namespace) -> dict:
         check_vocab(source, dataset, args.resume or args.init_from)
         config_dict = dict(source["model_config"])
         if init:
-            config_dict["dropout"] = args.dropout  # fine-tuning may change regularisation
+            # Fine-tuning may change regularisation.
+            config_dict.update(dropout=args.dropout, weight_drop=args.weight_drop)
         net = build_model({**source, "model_config": config_dict}, device)
         config = net.config
     else:
@@ -261,6 +265,7 @@ def train(args: argparse.Namespace) -> dict:
             num_layers=args.num_layers,
             wordvec_size=args.wordvec_size,
             dropout=args.dropout,
+            weight_drop=args.weight_drop,
         )
         net = CharRNN(config).to(device)
         net.init_weights(args.init, args.init_std)

@@ -13,6 +13,7 @@ from model.__main__ import main as model_main
 from model.checkpoint import load_checkpoint
 from model.dataset import load_dataset
 from model.evaluate import char_nats, dynamic_char_nats, evaluate_ids, gradient_rms
+from model.model import CharRNN, ModelConfig
 from model.novel import copied_share
 from model.plot import read_metrics
 from model.sample import sample_text
@@ -91,8 +92,28 @@ def test_tiny_model_overfits_repetitive_corpus(tiny_data, tmp_path):
     assert "America great again" in text
 
 
+def test_weight_drop_masks_recurrent_matrices_in_training_only():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=20, rnn_size=48, num_layers=2, wordvec_size=8, weight_drop=0.5)
+    net, plain = CharRNN(config), CharRNN(ModelConfig(**{**config.to_dict(), "weight_drop": 0.0}))
+    plain.load_state_dict(net.state_dict())
+    tokens = torch.randint(0, 20, (3, 16))
+    logits, _ = net(tokens)
+    logits.sum().backward()
+    for layer in range(2):
+        recurrent, inputs = net.rnn.get_parameter(f"weight_hh_l{layer}"), net.rnn.get_parameter(f"weight_ih_l{layer}")
+        # A dropped weight gets no gradient; input weights are never dropped.
+        assert 0.4 < (recurrent.grad == 0).float().mean() < 0.6
+        assert (inputs.grad == 0).float().mean() < 0.05
+    assert not torch.allclose(net(tokens)[0], logits)  # a fresh mask each forward pass
+    net.eval(), plain.eval()
+    assert torch.equal(net(tokens)[0], plain(tokens)[0])  # evaluation uses the whole weights
+    with pytest.raises(ValueError, match="weight-drop must be in"):
+        ModelConfig(vocab_size=20, weight_drop=1.0)
+
+
 def test_resume_gives_the_same_losses_as_uninterrupted_training(tiny_data, tmp_path):
-    common = ["--data", str(tiny_data), "--dropout", "0.2", "--checkpoint-every", "12", *TINY]
+    common = ["--data", str(tiny_data), "--dropout", "0.2", "--weight-drop", "0.3", "--checkpoint-every", "12", *TINY]
     model_main(["train", "--out", str(tmp_path / "straight"), "--max-iters", "24", *common])
     model_main(["train", "--out", str(tmp_path / "split"), "--max-iters", "12", *common])
     model_main(
