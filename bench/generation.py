@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rnn-size", type=int, default=256)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--length", type=int, default=500, help="characters per speech")
-    p.add_argument("--repeats", type=int, default=5, help="single-stream speeches per path (best is kept)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="rounds per candidate, single-stream and batched (best is kept)"
+    )
     p.add_argument("--streams", default="1,8,64,256", help="concurrent streams for the batched runs")
     p.add_argument("--threads", default="1,2", help="onnxruntime intra-op threads to compare")
     p.add_argument("--json", default="docs/bench/generation.json", help="where to write the results")
@@ -171,7 +173,8 @@ def main() -> None:
             step = best_in_rounds({key: graph_steps(engine) for key, engine in engines.items()}, args.repeats)
             batched = {
                 n: best_in_rounds(
-                    {key: concurrent_streams(engine, n, args.length) for key, engine in engines.items()}, 2
+                    {key: concurrent_streams(engine, n, args.length) for key, engine in engines.items()},
+                    args.repeats,
                 )
                 for n in streams
             }
