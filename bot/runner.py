@@ -141,8 +141,7 @@ class ModelRunner:
         return self._step_session is not None
 
     def zero_state(self, batch: int) -> list[np.ndarray]:
-        shape = (self.info.num_layers, batch, self.info.rnn_size)
-        return [np.zeros(shape, np.float32) for _ in self.state_names]
+        return [np.zeros(self.info.state_shape(batch), np.float32) for _ in self.state_names]
 
     def prime(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Contract graph: tokens [batch, seq] and state -> logits [batch, seq, vocab] and the new state."""
@@ -165,7 +164,7 @@ class ModelRunner:
         if not self.uses_step_graph:
             logits, state = self.prime(tokens[:, None], state)
             return logits[:, 0], state
-        layers = self.info.num_layers
+        layers = self.info.state_shape(0)[0]
         c, hq = state
         feed = dict(zip(self._step_inputs, [tokens, *c, *hq], strict=True))
         logits, *parts = self._step_session.run(None, feed)

@@ -32,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def zero_state(info: ModelInfo, batch: int) -> dict[str, np.ndarray]:
-    shape = (info.num_layers, batch, info.rnn_size)
-    return {name: np.zeros(shape, np.float32) for name in state_names(info.is_lstm)[0]}
+    return {name: np.zeros(info.state_shape(batch), np.float32) for name in state_names(info.is_lstm)[0]}
 
 
 def onnx_char_nats(

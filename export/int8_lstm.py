@@ -9,6 +9,9 @@ The quantized h is carried from step to step next to the float state, so each h 
 
 Other savings: the embedding and layer 0's input weights and biases fold into one [vocab, 4H] table
 (a Gather instead of a matmul), and each layer's input and recurrent weights are one matmul.
+
+An ensemble (model.ensemble) is several such networks in the one Loop body, member k owning state
+layers k·L to k·L + L - 1; the step's logits are then the log of the members' mean probabilities.
 """
 
 from __future__ import annotations
@@ -58,17 +61,18 @@ class _Builder:
         return self.op("MatMulIntegerToFloat", inputs, out, domain="com.microsoft")
 
 
-def _step(b: _Builder, token: str, cs: list[str], hqs: list[str], hidden: int) -> tuple[str, ...]:
-    """One step of every layer: token [B], c and quantized h [B, H] -> logits [B, V], new h, c, quantized h."""
+def _step(b: _Builder, token: str, cs: list[str], hqs: list[str], member: str) -> tuple[str, ...]:
+    """One step of every layer of one network: token [B], c and quantized h [B, H] -> logits [B, V],
+    new h, c, quantized h. `member` prefixes the network's constants and values."""
     new_h, new_c, new_hq = [], [], []
     for layer, (c, h_q) in enumerate(zip(cs, hqs, strict=True)):
-        p = f"l{layer}"
+        p, w = f"{member}l{layer}", f"{member}w{layer}"
         if layer == 0:
-            projected = b.op("Gather", ["table0", token], f"{p}_x", axis=0)
-            gates = b.op("Add", [projected, b.int8_matmul(h_q, "w0", f"{p}_rec")], f"{p}_gates")
+            projected = b.op("Gather", [f"{member}table0", token], f"{p}_x", axis=0)
+            gates = b.op("Add", [projected, b.int8_matmul(h_q, w, f"{p}_rec")], f"{p}_gates")
         else:
             joined = b.op("Concat", [new_hq[-1], h_q], f"{p}_in", axis=1)
-            gates = b.int8_matmul(joined, f"w{layer}", f"{p}_gates", bias=f"b{layer}")
+            gates = b.int8_matmul(joined, w, f"{p}_gates", bias=f"{member}b{layer}")
         b.op("Split", [gates, "split_sig_tanh"], [f"{p}_s", f"{p}_t"], axis=1)
         sig = b.op("Sigmoid", [f"{p}_s"], f"{p}_sig")
         candidate = b.op("Tanh", [f"{p}_t"], f"{p}_cand")
@@ -80,51 +84,81 @@ def _step(b: _Builder, token: str, cs: list[str], hqs: list[str], hidden: int) -
         new_h.append(h_new)
         new_c.append(c_new)
         new_hq.append(b.quantize(h_new, f"{p}_hq"))
-    logits = b.int8_matmul(new_hq[-1], "wd", "step_logits", bias="bd")
+    logits = b.int8_matmul(new_hq[-1], f"{member}wd", f"{member}step_logits", bias=f"{member}bd")
     return logits, new_h, new_c, new_hq
 
 
-def _weights(b: _Builder, weights: dict[str, np.ndarray], num_layers: int, hidden: int) -> None:
+def _mix(b: _Builder, member_logits: list[str]) -> str:
+    """log(mean_k softmax(logits_k)), row by row: the ensemble's next-character log-probabilities."""
+    if len(member_logits) == 1:
+        return member_logits[0]
+    stacked = b.op(
+        "Concat",
+        [b.op("Unsqueeze", [b.op("LogSoftmax", [x], f"{x}_lp", axis=1), "axis0"], f"{x}_lp3") for x in member_logits],
+        "member_log_probs",
+        axis=0,
+    )
+    total = b.op("ReduceLogSumExp", [stacked], "mixed_sum", axes=[0], keepdims=0)
+    return b.op("Sub", [total, "log_members"], "step_logits")
+
+
+def _weights(b: _Builder, weights: dict[str, np.ndarray], num_layers: int, member: str) -> None:
     table0 = weights["embedding.weight"] @ _ifog(weights["rnn.weight_ih_l0"]).T + _ifog(
         weights["rnn.bias_ih_l0"] + weights["rnn.bias_hh_l0"]
     )
-    b.const("table0", table0.astype(np.float32))
+    b.const(f"{member}table0", table0.astype(np.float32))
     for layer in range(num_layers):
         matrix = _ifog(weights[f"rnn.weight_hh_l{layer}"]).T
         if layer > 0:
             matrix = np.concatenate([_ifog(weights[f"rnn.weight_ih_l{layer}"]).T, matrix], axis=0)
             bias = _ifog(weights[f"rnn.bias_ih_l{layer}"] + weights[f"rnn.bias_hh_l{layer}"])
-            b.const(f"b{layer}", bias.astype(np.float32))
+            b.const(f"{member}b{layer}", bias.astype(np.float32))
         q, scale = _quantize_columns(matrix)
-        b.const(f"w{layer}_q", q)
-        b.const(f"w{layer}_scale", scale)
+        b.const(f"{member}w{layer}_q", q)
+        b.const(f"{member}w{layer}_scale", scale)
     q, scale = _quantize_columns(weights["decoder.weight"].T)
-    b.const("wd_q", q)
-    b.const("wd_scale", scale)
-    b.const("bd", weights["decoder.bias"].astype(np.float32))
+    b.const(f"{member}wd_q", q)
+    b.const(f"{member}wd_scale", scale)
+    b.const(f"{member}bd", weights["decoder.bias"].astype(np.float32))
+
+
+def _shared_constants(b: _Builder, hidden: int, members: int) -> None:
     b.const("split_sig_tanh", np.array([3 * hidden, hidden], np.int64))
     b.const("act_scale", np.array(1 / 127, np.float32))
     b.const("act_zero", np.array(128, np.uint8))
     b.const("axis0", np.array([0], np.int64))
     b.const("axis1", np.array([1], np.int64))
     b.const("keep_going", np.array(True))
+    b.const("log_members", np.array(np.log(members), np.float32))
 
 
 def _info(name: str, elem_type: int, shape: list) -> onnx.ValueInfoProto:
     return oh.make_tensor_value_info(name, elem_type, shape)
 
 
-def build_int8_lstm(weights: dict[str, np.ndarray], num_layers: int, hidden: int, vocab_size: int) -> onnx.ModelProto:
-    """The contract graph (tokens, h0, c0) -> (logits, h, c) from a CharRNN state_dict as numpy arrays."""
-    layers = range(num_layers)
+def build_int8_lstm(
+    members: list[dict[str, np.ndarray]], num_layers: int, hidden: int, vocab_size: int
+) -> onnx.ModelProto:
+    """The contract graph (tokens, h0, c0) -> (logits, h, c) from CharRNN state_dicts as numpy arrays:
+    one network's, or an ensemble's (its members' states stacked along the layer axis)."""
+    layers = range(num_layers * len(members))
     outer = _Builder()
-    _weights(outer, weights, num_layers, hidden)
+    for k, weights in enumerate(members):
+        _weights(outer, weights, num_layers, f"m{k}_")
+    _shared_constants(outer, hidden, len(members))
 
     # The Loop body reads the tokens and weights from the outer scope.
     body = _Builder()
     hs, cs, hqs = [f"h_in{i}" for i in layers], [f"c_in{i}" for i in layers], [f"hq_in{i}" for i in layers]
     token = body.op("Gather", ["tokens", "t"], "token", axis=1)
-    logits, new_h, new_c, new_hq = _step(body, token, cs, hqs, hidden)
+    member_logits, new_h, new_c, new_hq = [], [], [], []
+    for k in range(len(members)):
+        own = slice(k * num_layers, (k + 1) * num_layers)
+        logits, *new = _step(body, token, cs[own], hqs[own], f"m{k}_")
+        member_logits.append(logits)
+        for values, made in zip((new_h, new_c, new_hq), new, strict=True):
+            values.extend(made)
+    logits = _mix(body, member_logits)
     body.op("Identity", ["cond_in"], "cond_out")
     row = ["batch", hidden]
     body_graph = oh.make_graph(
@@ -157,7 +191,7 @@ def build_int8_lstm(weights: dict[str, np.ndarray], num_layers: int, hidden: int
     for name, parts in (("h", h_last), ("c", c_last)):
         outer.op("Concat", [outer.op("Unsqueeze", [p, "axis0"], f"{p}_3d") for p in parts], name, axis=0)
 
-    state = [num_layers, "batch", hidden]
+    state = [len(layers), "batch", hidden]
     graph = oh.make_graph(
         outer.nodes,
         "speechbot_int8_lstm",
@@ -197,7 +231,8 @@ def step_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     if read_token is None or read_token.op_type != "Gather" or list(read_token.input) != ["tokens", body.input[0].name]:
         raise ValueError("not an int8 LSTM graph: the Loop body does not start by reading the token")
     token = read_token.output[0]
-    nodes = [n for n in body.node[1:] if n.op_type != "Identity"]  # Identity only passes the loop condition
+    # The Identity that passes the loop condition on has no place in a single step.
+    nodes = [n for n in body.node[1:] if list(n.output) != [body.output[0].name]]
     graph = oh.make_graph(
         nodes,
         "speechbot_int8_lstm_step",

@@ -63,6 +63,15 @@ class ModelInfo:
     def rnn_size(self) -> int:
         return int(self.model_config["rnn_size"])
 
+    @property
+    def members(self) -> int:
+        """Networks averaged in the file (model.ensemble); their states are stacked along the layer axis."""
+        return int(self.model_config.get("members", 1))
+
+    def state_shape(self, batch: int) -> tuple[int, int, int]:
+        """Shape of each recurrent-state input and output: [layers of all members, batch, hidden]."""
+        return (self.num_layers * self.members, batch, self.rnn_size)
+
     def text_ids(self, text: str) -> tuple[np.ndarray, int]:
         """Token ids of `text` cleaned like the training text, and how many characters were outside the vocabulary."""
         vocab = Vocab(self.vocab, self.unknown_policy)
@@ -85,14 +94,22 @@ class ModelInfo:
         }
 
 
-def info_from_checkpoint(ckpt: dict, precision: str = "fp32") -> ModelInfo:
+def info_from_checkpoints(ckpts: list[dict], precision: str = "fp32") -> ModelInfo:
+    """Metadata for one checkpoint's network, or for the ensemble of several (same vocabulary and shape).
+
+    An ensemble's val_bpc is unknown here (each checkpoint knows only its own); the exporter fills it in.
+    """
+    ckpt = ckpts[0]
+    config = dict(ckpt["model_config"])
+    if len(ckpts) > 1:
+        config["members"] = len(ckpts)
     return ModelInfo(
         vocab=list(ckpt["vocab"]),
         cleaning=dict(ckpt.get("cleaning", {})),
         unknown_policy=ckpt.get("unknown_policy", "nearest"),
-        model_config=dict(ckpt["model_config"]),
+        model_config=config,
         corpus_sha256=list(ckpt.get("dataset_sha256", [])),
-        val_bpc=ckpt.get("val_bpc"),
+        val_bpc=ckpt.get("val_bpc") if len(ckpts) == 1 else None,
         exporter_version=EXPORTER_VERSION,
         precision=precision,
     )
@@ -128,6 +145,10 @@ def parse_props(props: dict[str, str]) -> ModelInfo:
             raise MetadataError(f"its model_config lacks {key!r}")
     if config["vocab_size"] != len(vocab):
         raise MetadataError(f"its model_config says {config['vocab_size']} tokens but the vocabulary has {len(vocab)}")
+    for key in ("num_layers", "rnn_size", "members"):
+        value = config.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MetadataError(f"its model_config {key!r} must be a positive whole number, not {value!r}")
     precision = props.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise MetadataError(f"its precision {precision!r} is not one of {', '.join(PRECISIONS)}")

@@ -1,9 +1,15 @@
-"""`python -m export CHECKPOINT -o model.onnx`: build, verify, then write one self-contained file."""
+"""`python -m export CHECKPOINT... -o model.onnx`: build, verify, then write one self-contained file.
+
+Several checkpoints make an ensemble (model.ensemble): one file whose logits are the log of the
+networks' mean probabilities.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,11 +18,11 @@ import onnx
 import onnxruntime as ort
 
 from export.int8_lstm import build_int8_lstm
-from export.metadata import ModelInfo, info_from_checkpoint
+from export.metadata import ModelInfo, info_from_checkpoints
 from export.torch_graph import fp16_graph, fp32_graph
 from export.verify import SAMPLE_TEXT, Verification, verify
-from model.checkpoint import load_checkpoint
 from model.cli import UsageError
+from model.ensemble import Ensemble, load_models
 from model.model import CharRNN
 from model.prepare import read_utf8
 
@@ -29,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a checkpoint to one .onnx file (graph, weights and metadata), verified against "
         "PyTorch before it is written. `python -m export evaluate MODEL.onnx --text FILE` scores a model.",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint written by `python -m model train`")
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="checkpoint written by `python -m model train`; several of the same shape make an ensemble",
+    )
     p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="file to write")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--int8", action="store_true", help="int8 weights for CPU (LSTM models)")
@@ -37,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--text",
         metavar="FILE",
-        help="text for the corpus inputs of the check and for the bits/char change (e.g. the validation text)",
+        help="text for the corpus inputs of the check and for the bits/char change (e.g. the validation text); "
+        "an ensemble's val_bpc metadata is its bits/char on this text",
     )
     return p
 
@@ -50,11 +62,12 @@ class ExportResult:
     check: Verification | None
 
 
-def build_graph(net: CharRNN, precision: str) -> onnx.ModelProto:
+def build_graph(net: CharRNN | Ensemble, precision: str) -> onnx.ModelProto:
     if precision == "int8":
         if not net.is_lstm:
             raise UsageError(f"--int8 supports LSTM models; this one is a {net.config.model_type}, export it as fp32")
-        weights = {name: t.detach().cpu().numpy() for name, t in net.state_dict().items()}
+        members = net.members if isinstance(net, Ensemble) else [net]
+        weights = [{name: t.detach().cpu().numpy() for name, t in m.state_dict().items()} for m in members]
         config = net.config
         return build_int8_lstm(weights, config.num_layers, config.rnn_size, config.vocab_size)
     graph = fp32_graph(net)
@@ -85,15 +98,25 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, precision: str = "fp32", text: str | None = None):
-    net, ckpt = load_checkpoint(checkpoint)
-    info = info_from_checkpoint(ckpt, precision)
-    data = serialize(build_graph(net, precision), info)
+def export_checkpoint(
+    checkpoints: str | Path | Sequence[str | Path],
+    output: str | Path,
+    precision: str = "fp32",
+    text: str | None = None,
+):
+    paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
+    net, ckpts = load_models(paths)
+    info = info_from_checkpoints(ckpts, precision)
+    graph = build_graph(net, precision)
+    data = serialize(graph, info)
     check = None
     if precision != "fp16":
         check = verify(net, data, info, corpus_ids(text, info), ["CPUExecutionProvider"])
     elif "CUDAExecutionProvider" in ort.get_available_providers():
         check = verify(net.cuda().float(), data, info, corpus_ids(text, info), ["CUDAExecutionProvider"])
+    if len(paths) > 1 and text and check is not None:
+        # No checkpoint knows the ensemble's bits per character; the check just measured them on --text.
+        data = serialize(graph, dataclasses.replace(info, val_bpc=check.torch_bpc))
     output = Path(output)
     write_atomically(output, data)
     return ExportResult(output, precision, len(data), check)
@@ -101,7 +124,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, precision: str
 
 def main(args: argparse.Namespace) -> None:
     precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
-    result = export_checkpoint(args.checkpoint, args.output, precision, args.text)
+    result = export_checkpoint(args.checkpoints, args.output, precision, args.text)
     print(f"wrote {result.path} ({result.precision}, {result.size_bytes / 1e6:.2f} MB, one file)")
     if result.check is None:
         print("not verified: fp16 runs on the CUDA provider only and none is available here")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from export.metadata import state_names
+from model.ensemble import Ensemble
 from model.model import CharRNN
 
 OPSET = 17
@@ -18,7 +19,7 @@ OPSET = 17
 class _ContractWrapper(nn.Module):
     """Explicit state tensors in and out, with the names of the ONNX contract."""
 
-    def __init__(self, net: CharRNN) -> None:
+    def __init__(self, net: CharRNN | Ensemble) -> None:
         super().__init__()
         self.net = net
 
@@ -27,7 +28,7 @@ class _ContractWrapper(nn.Module):
         return (logits, *new_state) if self.net.is_lstm else (logits, new_state)
 
 
-def fp32_graph(net: CharRNN) -> onnx.ModelProto:
+def fp32_graph(net: CharRNN | Ensemble) -> onnx.ModelProto:
     # The dynamo exporter froze the sequence length of nn.LSTM here; the TorchScript one keeps it dynamic.
     state_in, state_out = state_names(net.is_lstm)
     state = net.initial_state(1)

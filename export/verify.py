@@ -10,6 +10,7 @@ import torch
 
 from export.evaluate import onnx_nats
 from export.metadata import ModelInfo, state_names
+from model.ensemble import Ensemble
 from model.evaluate import evaluate_ids
 from model.model import CharRNN
 
@@ -40,20 +41,22 @@ class Verification:
         return self.onnx_bpc - self.torch_bpc
 
 
-def _cases(net: CharRNN, corpus_ids: np.ndarray, rng: np.random.Generator):
+def _cases(net: CharRNN | Ensemble, corpus_ids: np.ndarray, rng: np.random.Generator):
     """Random tokens from a random state, and corpus windows from a zero state, for every shape."""
-    config = net.config
     for batch, seq in SHAPES:
-        state_shape = (config.num_layers, batch, config.rnn_size)
+        zero = net.initial_state(batch)
+        state_shape = (zero[0] if net.is_lstm else zero).shape
         random_state = [np.tanh(rng.standard_normal(state_shape)).astype(np.float32) for _ in range(1 + net.is_lstm)]
-        yield rng.integers(0, config.vocab_size, (batch, seq)), random_state
+        yield rng.integers(0, net.config.vocab_size, (batch, seq)), random_state
         starts = rng.integers(0, max(1, len(corpus_ids) - seq), batch)
         windows = np.stack([np.resize(corpus_ids[s : s + seq], seq) for s in starts])
         yield windows, [np.zeros(state_shape, np.float32) for _ in range(1 + net.is_lstm)]
 
 
 @torch.no_grad()
-def max_logit_difference(net: CharRNN, session: ort.InferenceSession, corpus_ids: np.ndarray, seed: int = 0) -> float:
+def max_logit_difference(
+    net: CharRNN | Ensemble, session: ort.InferenceSession, corpus_ids: np.ndarray, seed: int = 0
+) -> float:
     state_in, _ = state_names(net.is_lstm)
     worst = 0.0
     for tokens, state in _cases(net, corpus_ids, np.random.default_rng(seed)):
@@ -65,7 +68,7 @@ def max_logit_difference(net: CharRNN, session: ort.InferenceSession, corpus_ids
 
 
 def verify(
-    net: CharRNN, model_bytes: bytes, info: ModelInfo, corpus_ids: np.ndarray, providers: list[str]
+    net: CharRNN | Ensemble, model_bytes: bytes, info: ModelInfo, corpus_ids: np.ndarray, providers: list[str]
 ) -> Verification:
     """Compare logits and bits per character; raise VerificationError if fp32 or int8 is off."""
     session = ort.InferenceSession(model_bytes, providers=providers)

@@ -22,14 +22,21 @@ TINY_CORPUS = (
 ) * 8
 
 
-def train_tiny(path: Path, text: str = TINY_CORPUS, model_type: str = "lstm", iterations: int = 80) -> Path:
+def train_tiny(
+    path: Path,
+    text: str = TINY_CORPUS,
+    model_type: str = "lstm",
+    iterations: int = 80,
+    seed: int = 0,
+    rnn_size: int = 16,
+) -> Path:
     """A 2x16 network trained for a few iterations with plain torch, saved as a real checkpoint."""
     cleaning = CleaningOptions()
     cleaned = clean_text(text, cleaning)
     vocab = Vocab.from_text(cleaned)
     ids = torch.tensor(vocab.encode(cleaned))
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=len(vocab), model_type=model_type, rnn_size=16, num_layers=2, wordvec_size=8)
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=len(vocab), model_type=model_type, rnn_size=rnn_size, num_layers=2, wordvec_size=8)
     net = CharRNN(config)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.02)
     seq = 32

@@ -13,7 +13,7 @@ from conftest import TINY_CORPUS, train_tiny
 
 from bot.runner import ModelFileError, ProviderError, read_model_info
 from export.__main__ import main as export_main
-from export.metadata import MetadataError, info_from_checkpoint, parse_props
+from export.metadata import MetadataError, info_from_checkpoints, parse_props
 from export.pipeline import export_checkpoint, serialize
 from export.torch_graph import fp32_graph
 from export.verify import VerificationError, verify
@@ -68,7 +68,7 @@ def test_metadata_round_trip(tiny_checkpoint, tiny_onnx):
 
 def test_metadata_validation_names_the_problem(tiny_checkpoint):
     _, ckpt = load_checkpoint(tiny_checkpoint)
-    props = info_from_checkpoint(ckpt).to_props()
+    props = info_from_checkpoints([ckpt]).to_props()
     with pytest.raises(MetadataError, match="not made by"):
         parse_props({})
     with pytest.raises(MetadataError, match="vocab"):
@@ -138,7 +138,7 @@ def test_gru_exports_and_int8_is_refused_for_it(tiny_dir, capsys):
 
 def test_a_wrong_graph_is_refused(tiny_checkpoint):
     net, ckpt = load_checkpoint(tiny_checkpoint)
-    info = info_from_checkpoint(ckpt)
+    info = info_from_checkpoints([ckpt])
     data = serialize(fp32_graph(net), info)
     with torch.no_grad():
         net.decoder.bias.add_(0.01)  # the network now differs from the exported graph

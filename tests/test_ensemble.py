@@ -1,0 +1,86 @@
+"""Ensembles: several checkpoints averaged in PyTorch, exported as one file, served by the engine."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bot.engine import GenerationEngine
+from bot.runner import ModelRunner
+from export.__main__ import main as export_main
+from export.evaluate import onnx_nats
+from export.pipeline import export_checkpoint
+from model.checkpoint import CheckpointError
+from model.ensemble import load_models
+from model.evaluate import evaluate_ids
+from tests.conftest import TINY_CORPUS, train_tiny
+
+
+@pytest.fixture(scope="module")
+def second_checkpoint(tiny_dir):
+    return train_tiny(tiny_dir / "tiny-seed1.pt", seed=1)
+
+
+def test_ensemble_averages_the_members_probabilities_and_carries_their_states(tiny_checkpoint, second_checkpoint):
+    ensemble, _ = load_models([tiny_checkpoint, second_checkpoint])
+    (a, _), (b, _) = load_models([tiny_checkpoint]), load_models([second_checkpoint])
+    tokens = torch.randint(0, ensemble.config.vocab_size, (3, 20))
+    with torch.no_grad():
+        mixed, (h, _) = ensemble(tokens)
+        expected = torch.log((a(tokens)[0].softmax(-1) + b(tokens)[0].softmax(-1)) / 2)
+        assert torch.allclose(mixed, expected, atol=1e-5)
+        assert h.shape == (4, 3, 16)  # two members of two layers, stacked
+        # The stacked state carries each member on: two halves give the same as one pass.
+        first, state = ensemble(tokens[:, :8])
+        second, _ = ensemble(tokens[:, 8:], state)
+        assert torch.allclose(torch.cat([first, second], dim=1), mixed, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_an_exported_ensemble_matches_pytorch_and_the_engine_serves_it(
+    precision, tiny_dir, tiny_checkpoint, second_checkpoint
+):
+    corpus = tiny_dir / "corpus.txt"
+    out = tiny_dir / f"ensemble-{precision}.onnx"
+    # export_checkpoint verifies the graph against PyTorch (fp32: logits within 1e-4) before writing.
+    result = export_checkpoint([tiny_checkpoint, second_checkpoint], out, precision, str(corpus))
+    runner = ModelRunner(out, "cpu")
+    assert runner.info.members == 2 and runner.info.state_shape(5) == (4, 5, 16)
+    ensemble, _ = load_models([tiny_checkpoint, second_checkpoint])
+    ids, _ = runner.info.text_ids(TINY_CORPUS)
+    torch_bits = evaluate_ids(ensemble, ids)[0] / math.log(2)
+    onnx_bits = onnx_nats(runner.session, runner.info, ids) / math.log(2)
+    assert runner.info.val_bpc == pytest.approx(result.check.torch_bpc) == pytest.approx(torch_bits, abs=1e-6)
+    assert onnx_bits == pytest.approx(torch_bits, abs=1e-3 if precision == "fp32" else 0.05)
+    # The averaged model predicts the text better than the worse of its members.
+    members = [evaluate_ids(load_models([p])[0], ids)[0] / math.log(2) for p in (tiny_checkpoint, second_checkpoint)]
+    assert torch_bits < max(members)
+    if precision == "int8":
+        assert runner.uses_step_graph
+        tokens = np.random.default_rng(0).integers(len(runner.info.vocab), size=(4, 12))
+        whole, _ = runner.prime(tokens, runner.zero_state(4))
+        _, state = runner.prime(tokens[:, :6], runner.zero_state(4))
+        state = runner.step_state(state)
+        for t in range(6, 12):
+            logits, state = runner.step(tokens[:, t], state)
+            assert np.array_equal(logits, whole[:, t])
+    with GenerationEngine(out, providers="cpu", threads=1) as engine:
+        alone = engine.generate("We will", length=80, seed=3)
+        batch = [engine.stream("", length=60, seed=i) for i in range(10)]
+        assert "".join(engine.stream("We will", length=80, seed=3)) == alone
+        assert all(len("".join(chunks)) == 60 for chunks in batch)
+
+
+def test_networks_that_cannot_be_averaged_are_refused(tiny_dir, tiny_checkpoint, capsys):
+    wider = train_tiny(tiny_dir / "tiny-wide.pt", rnn_size=24, iterations=2)
+    with pytest.raises(CheckpointError, match="same cell, layers, hidden size"):
+        load_models([tiny_checkpoint, wider])
+    other_text = train_tiny(tiny_dir / "tiny-other-vocab.pt", text="zzz qqq xxx\n" * 40, iterations=2)
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(tiny_checkpoint), str(other_text), "-o", str(tiny_dir / "never.onnx")])
+    assert exit_info.value.code == 2
+    assert "different vocab" in capsys.readouterr().err
+    assert not (tiny_dir / "never.onnx").exists()
