@@ -59,13 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", metavar="DIR", help="prepared dataset (default data/speeches unless --text is given)")
     p.add_argument("--source", metavar="FILE", help="raw file --data was prepared from, for the by-case split")
-    p.add_argument("--checkpoint", metavar="CKPT", help="trained model to score on --data")
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        metavar="CKPT",
+        help="trained model to score on --data; several are also scored as their ensemble (mean probability)",
+    )
     p.add_argument("--onnx", metavar="MODEL.onnx", help="exported model (the bot's file) to score on --data")
     p.add_argument(
         "--dynamic-lr",
         type=float,
         default=0.0,
-        help="also score --checkpoint with dynamic evaluation at this step size (0: off; see model.evaluate)",
+        help="also score the first --checkpoint with dynamic evaluation at this step size (0: off; see model.evaluate)",
     )
     p.add_argument("--text", metavar="FILE", help="also score this raw text file")
     p.add_argument("--max-order", type=int, default=20, help="Kneser-Ney orders 2..this are tried on val")
@@ -125,6 +130,13 @@ def text_corpus(path: str) -> Corpus:
     return Corpus(f"{path} (raw: BOM removed, CRLF -> LF)", "text", vocab, splits, texts, shouted)
 
 
+def mixture_bits(member_bits: list[np.ndarray]) -> np.ndarray:
+    """Per-character bits of the networks' mean probability, -log2(mean_k 2^-bits_k): exactly what
+    model.ensemble computes, from the members' own scores."""
+    nats = np.stack(member_bits) * math.log(2)
+    return -(np.logaddexp.reduce(-nats, axis=0) - math.log(len(member_bits))) / math.log(2)
+
+
 def per_char_row(corpus: Corpus, name: str, kind: str, bits: dict[str, np.ndarray]) -> dict:
     """A row from per-character bits of each split's characters after the first."""
     row = {"name": name, "kind": kind, **{split: float(bits[split].mean()) for split in EVAL_SPLITS}}
@@ -177,16 +189,30 @@ def score(corpus: Corpus, args: argparse.Namespace) -> None:
     vocab_size = len(corpus.vocab)
     started = time.perf_counter()
     if args.checkpoint and corpus.mode == "data":
-        corpus.rows.append(per_char_row(corpus, "LSTM (this model)", "model", model_bits(args.checkpoint, corpus)))
+        member_bits = [model_bits(path, corpus) for path in args.checkpoint]
+        if len(member_bits) == 1:
+            corpus.rows.append(per_char_row(corpus, "LSTM (this model)", "model", member_bits[0]))
+        else:
+            # The ensemble row comes first: it is the model the verdict speaks of.
+            mixed = {split: mixture_bits([bits[split] for bits in member_bits]) for split in EVAL_SPLITS}
+            name = f"LSTM ensemble of {len(member_bits)} (this model)"
+            corpus.rows.append(per_char_row(corpus, name, "model", mixed))
+            for path, bits in zip(args.checkpoint, member_bits, strict=True):
+                corpus.rows.append(per_char_row(corpus, f"LSTM {path} alone", "model", bits))
         timings["model"] = time.perf_counter() - started
     if args.checkpoint and args.dynamic_lr and corpus.mode == "data":
         started = time.perf_counter()
         from model.evaluate import DYNAMIC_DECAY, DYNAMIC_SEGMENT  # torch, only for the model rows
 
-        bits = model_bits(args.checkpoint, corpus, args.dynamic_lr)
+        bits = model_bits(args.checkpoint[0], corpus, args.dynamic_lr)
         # It keeps learning while it reads the split, as the compressors do: it is compared with them.
         corpus.rows.append(per_char_row(corpus, DYNAMIC_ROW, "adaptive", bits))
-        corpus.notes["dynamic_evaluation"] = {"lr": args.dynamic_lr, "decay": DYNAMIC_DECAY, "segment": DYNAMIC_SEGMENT}
+        corpus.notes["dynamic_evaluation"] = {
+            "checkpoint": args.checkpoint[0],
+            "lr": args.dynamic_lr,
+            "decay": DYNAMIC_DECAY,
+            "segment": DYNAMIC_SEGMENT,
+        }
         timings["dynamic"] = time.perf_counter() - started
     if args.onnx and corpus.mode == "data":
         started = time.perf_counter()
@@ -298,10 +324,12 @@ def markdown(corpora: list[Corpus], command: str) -> str:
         "  learning while they read the split, an advantage the static models do not have. zlib's window is 32 KB, so",
         "  it sees almost none of the training text: its number is effectively unconditional. A compressor gives",
         "  one size per split, so it has no by-case numbers.",
-        "- **LSTM, dynamic evaluation** (when `--dynamic-lr` is given): the same network, scoring each 50-character",
+        "- **LSTM, dynamic evaluation** (when `--dynamic-lr` is given): the (first) network, scoring each 50-character",
         "  segment of the split and then taking one RMS-normalised gradient step on it (Krause et al., 2018), so it",
         "  too learns from the split as it reads it: the like-for-like comparison with the compressors. The bot",
         "  serves the static network.",
+        "- **LSTM ensemble** (when several `--checkpoint`s are given): the mean of the networks' probabilities,",
+        "  as `python -m export CKPT CKPT ...` builds it into one file (`model/ensemble.py`); each network alone too.",
         "- Kneser-Ney: interpolated modified Kneser-Ney (Chen & Goodman discounts per order), order chosen on val.",
         "- **shouted / rest**: test bits on the characters of lines typed in capitals in the raw text",
         "  (`model.text.is_shouted`), and on all the others. The test split is dominated by one speech typed in",

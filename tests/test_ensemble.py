@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from bench import quality
 from bot.engine import GenerationEngine
 from bot.runner import ModelRunner
 from export.__main__ import main as export_main
 from export.evaluate import onnx_nats
 from export.pipeline import export_checkpoint
 from model.checkpoint import CheckpointError
+from model.dataset import load_dataset
 from model.ensemble import load_models
 from model.evaluate import evaluate_ids
+from model.prepare import prepare
+from model.text import CleaningOptions
 from tests.conftest import TINY_CORPUS, train_tiny
 
 
@@ -84,3 +89,26 @@ def test_networks_that_cannot_be_averaged_are_refused(tiny_dir, tiny_checkpoint,
     assert exit_info.value.code == 2
     assert "different vocab" in capsys.readouterr().err
     assert not (tiny_dir / "never.onnx").exists()
+
+
+def test_quality_script_scores_an_ensemble_like_its_pytorch_and_onnx_forms(
+    tmp_path, tiny_dir, tiny_checkpoint, second_checkpoint
+):
+    data_dir = tmp_path / "data"
+    prepare([tiny_dir / "corpus.txt"], data_dir, CleaningOptions(), batch_size=2, seq_length=16)
+    exported = export_checkpoint([tiny_checkpoint, second_checkpoint], tmp_path / "ensemble.onnx").path
+    out_json = tmp_path / "quality.json"
+    args = ["--data", str(data_dir), "--checkpoint", str(tiny_checkpoint), str(second_checkpoint)]
+    args += ["--onnx", str(exported), "--max-order", "3", "--ppmd-orders", "3"]
+    quality.main([*args, "--json", str(out_json), "--markdown", str(tmp_path / "q.md")])
+    corpus = json.loads(out_json.read_text())["corpora"][0]
+    rows = {row["name"]: row for row in corpus["rows"]}
+    ensemble, _ = load_models([tiny_checkpoint, second_checkpoint])
+    splits = load_dataset(data_dir).splits
+    for split in ("val", "test"):
+        expected = evaluate_ids(ensemble, splits[split])[0] / math.log(2)
+        assert rows["LSTM ensemble of 2 (this model)"][split] == pytest.approx(expected, rel=1e-6)
+        assert rows["LSTM, ONNX fp32"][split] == pytest.approx(expected, abs=1e-4)
+        alone = evaluate_ids(load_models([second_checkpoint])[0], splits[split])[0] / math.log(2)
+        assert rows[f"LSTM {second_checkpoint} alone"][split] == pytest.approx(alone, rel=1e-6)
+    assert corpus["verdict"].startswith(f"On val the model scores {rows['LSTM ensemble of 2 (this model)']['val']:.3f}")
