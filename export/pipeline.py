@@ -104,8 +104,7 @@ def export_checkpoint(
     precision: str = "fp32",
     text: str | None = None,
 ):
-    paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
-    net, ckpts = load_models(paths)
+    net, ckpts = load_models(checkpoints)
     info = info_from_checkpoints(ckpts, precision)
     graph = build_graph(net, precision)
     data = serialize(graph, info)
@@ -114,7 +113,7 @@ def export_checkpoint(
         check = verify(net, data, info, corpus_ids(text, info), ["CPUExecutionProvider"])
     elif "CUDAExecutionProvider" in ort.get_available_providers():
         check = verify(net.cuda().float(), data, info, corpus_ids(text, info), ["CUDAExecutionProvider"])
-    if len(paths) > 1 and text and check is not None:
+    if len(ckpts) > 1 and text and check is not None:
         # No checkpoint knows the ensemble's bits per character; the check just measured them on --text.
         data = serialize(graph, dataclasses.replace(info, val_bpc=check.torch_bpc))
     output = Path(output)

@@ -74,8 +74,11 @@ def _unstack(state: State, members: int, is_lstm: bool) -> list[State]:
     return list(state.chunk(members))
 
 
-def load_models(paths: Sequence[str | Path], device: str | torch.device = "cpu") -> tuple[CharRNN | Ensemble, list]:
+def load_models(
+    paths: str | Path | Sequence[str | Path], device: str | torch.device = "cpu"
+) -> tuple[CharRNN | Ensemble, list[dict]]:
     """One checkpoint's network, or several checkpoints' ensemble, in eval mode, with the checkpoint dicts."""
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
     loaded = [load_checkpoint(path, device) for path in paths]
     if len(loaded) == 1:
         net, ckpt = loaded[0]

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import load_checkpoint
 from model.cli import UsageError
 from model.dataset import load_dataset
+from model.ensemble import Ensemble, load_models
 from model.model import CharRNN, detach_state, nats_to_bits
 from model.prepare import read_utf8
 from model.text import CleaningOptions, Vocab, text_to_ids
@@ -41,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint to evaluate")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        metavar="CKPT",
+        help="checkpoint to evaluate; several of the same shape are scored as their ensemble (mean probability)",
+    )
     p.add_argument("--data", metavar="DIR", help="prepared dataset for --split")
     p.add_argument("--split", choices=("train", "val", "test"), default="val", help="split of --data to score")
     p.add_argument("--text", metavar="FILE", help="score this text file instead (cleaned like the training text)")
@@ -68,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def char_nats(
-    net: CharRNN, ids: np.ndarray, streams: int = 1, seq_length: int = 512, device: str | torch.device = "cpu"
+    net: CharRNN | Ensemble,
+    ids: np.ndarray,
+    streams: int = 1,
+    seq_length: int = 512,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Cross-entropy (nats, float64) of predicting each ids[t+1] from ids[..t], stream after stream.
 
@@ -172,7 +182,11 @@ def dynamic_char_nats(
 
 
 def evaluate_ids(
-    net: CharRNN, ids: np.ndarray, streams: int = 1, seq_length: int = 512, device: str | torch.device = "cpu"
+    net: CharRNN | Ensemble,
+    ids: np.ndarray,
+    streams: int = 1,
+    seq_length: int = 512,
+    device: str | torch.device = "cpu",
 ) -> tuple[float, int]:
     """Mean cross-entropy (nats) over the scored characters (see char_nats), and how many were scored."""
     nats = char_nats(net, ids, streams, seq_length, device)
@@ -184,7 +198,9 @@ def main(args: argparse.Namespace) -> None:
         raise UsageError("--dynamic-lr must be at least 0, --dynamic-decay from 0 to 1, --dynamic-segment at least 1")
     if args.dynamic_lr and not args.data:
         raise UsageError("--dynamic-lr needs --data DIR: its training split gives the gradient statistics")
-    net, ckpt = load_checkpoint(args.checkpoint, args.device)
+    if args.dynamic_lr and len(args.checkpoint) > 1:
+        raise UsageError("--dynamic-lr evaluates one network; give one --checkpoint")
+    net, (ckpt, *_) = load_models(args.checkpoint, args.device)
     vocab = Vocab(ckpt["vocab"], ckpt.get("unknown_policy", "nearest"))
     dataset = None
     if args.data:

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from model.checkpoint import load_checkpoint
 from model.cli import UsageError
+from model.ensemble import Ensemble, load_models
 from model.model import CharRNN
 from model.text import CleaningOptions, Vocab, normalize_prompt
 
@@ -20,7 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint to sample from")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        metavar="CKPT",
+        help="checkpoint to sample from; several of the same shape sample from their ensemble (mean probability)",
+    )
     p.add_argument("--length", type=int, default=2000, help="characters to generate")
     p.add_argument("--start-text", default="", help="prime the model with this text (printed first)")
     p.add_argument("--temperature", type=float, default=0.9, help="softmax temperature, in (0, 2]")
@@ -42,7 +48,7 @@ def validate_sampling(length: int, temperature: float, top_k: int) -> None:
 
 
 @torch.no_grad()
-def paragraph_start(net: CharRNN, vocab: Vocab, device: str | torch.device = "cpu", max_chars: int = 300):
+def paragraph_start(net: CharRNN | Ensemble, vocab: Vocab, device: str | torch.device = "cpu", max_chars: int = 300):
     """Logits and state at the start of a sentence that the model wrote itself.
 
     Training sees a zero state once an epoch, so text sampled straight from it starts with odd
@@ -66,7 +72,7 @@ def paragraph_start(net: CharRNN, vocab: Vocab, device: str | torch.device = "cp
 
 @torch.no_grad()
 def sample_text(
-    net: CharRNN,
+    net: CharRNN | Ensemble,
     vocab: Vocab,
     cleaning: CleaningOptions,
     length: int,
@@ -106,7 +112,7 @@ def sample_text(
 def main(args: argparse.Namespace) -> None:
     validate_sampling(args.length, args.temperature, args.top_k)
     start = time.perf_counter()
-    net, ckpt = load_checkpoint(args.checkpoint, args.device)
+    net, (ckpt, *_) = load_models(args.checkpoint, args.device)
     vocab = Vocab(ckpt["vocab"], ckpt.get("unknown_policy", "nearest"))
     cleaning = CleaningOptions.from_dict(ckpt["cleaning"])
     loaded = time.perf_counter()

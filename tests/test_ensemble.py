@@ -15,12 +15,13 @@ from bot.runner import ModelRunner
 from export.__main__ import main as export_main
 from export.evaluate import onnx_nats
 from export.pipeline import export_checkpoint
+from model.__main__ import main as model_main
 from model.checkpoint import CheckpointError
 from model.dataset import load_dataset
 from model.ensemble import load_models
 from model.evaluate import evaluate_ids
 from model.prepare import prepare
-from model.text import CleaningOptions
+from model.text import CleaningOptions, Vocab, text_to_ids
 from tests.conftest import TINY_CORPUS, train_tiny
 
 
@@ -112,3 +113,17 @@ def test_quality_script_scores_an_ensemble_like_its_pytorch_and_onnx_forms(
         alone = evaluate_ids(load_models([second_checkpoint])[0], splits[split])[0] / math.log(2)
         assert rows[f"LSTM {second_checkpoint} alone"][split] == pytest.approx(alone, rel=1e-6)
     assert corpus["verdict"].startswith(f"On val the model scores {rows['LSTM ensemble of 2 (this model)']['val']:.3f}")
+
+
+def test_model_commands_take_several_checkpoints_as_an_ensemble(tiny_dir, tiny_checkpoint, second_checkpoint, capsys):
+    both = [str(tiny_checkpoint), str(second_checkpoint)]
+    model_main(["evaluate", "--checkpoint", *both, "--text", str(tiny_dir / "corpus.txt")])
+    reported = float(capsys.readouterr().out.split(" bits/char")[0].rsplit(" ", 1)[1])
+    ensemble, (ckpt, _) = load_models(both)
+    ids, _ = text_to_ids(TINY_CORPUS, Vocab(ckpt["vocab"]), CleaningOptions.from_dict(ckpt["cleaning"]))
+    assert reported == pytest.approx(evaluate_ids(ensemble, np.array(ids))[0] / math.log(2), abs=1e-4)
+    samples = []
+    for _ in range(2):
+        model_main(["sample", "--checkpoint", *both, "--length", "40", "--seed", "5", "--start-text", "We"])
+        samples.append(capsys.readouterr().out)
+    assert samples[0] == samples[1] and len(samples[0].strip()) >= 40
