@@ -11,7 +11,9 @@ Other savings: the embedding and layer 0's input weights and biases fold into on
 (a Gather instead of a matmul), and each layer's input and recurrent weights are one matmul.
 
 An ensemble (model.ensemble) is several such networks in the one Loop body, member k owning state
-layers k·L to k·L + L - 1; the step's logits are then the log of the members' mean probabilities.
+layers k·L to k·L + L - 1 (a narrower member reads the first columns of its layers and pads its
+new state back to the widest member's size); the step's logits are then the log of the members' mean
+probabilities.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def _step(b: _Builder, token: str, cs: list[str], hqs: list[str], member: str) -
         else:
             joined = b.op("Concat", [new_hq[-1], h_q], f"{p}_in", axis=1)
             gates = b.int8_matmul(joined, w, f"{p}_gates", bias=f"{member}b{layer}")
-        b.op("Split", [gates, "split_sig_tanh"], [f"{p}_s", f"{p}_t"], axis=1)
+        b.op("Split", [gates, f"{member}split_sig_tanh"], [f"{p}_s", f"{p}_t"], axis=1)
         sig = b.op("Sigmoid", [f"{p}_s"], f"{p}_sig")
         candidate = b.op("Tanh", [f"{p}_t"], f"{p}_cand")
         b.op("Split", [sig], [f"{p}_i", f"{p}_f", f"{p}_o"], axis=1)
@@ -102,7 +104,12 @@ def _mix(b: _Builder, member_logits: list[str]) -> str:
     return b.op("Sub", [total, "log_members"], "step_logits")
 
 
-def _weights(b: _Builder, weights: dict[str, np.ndarray], num_layers: int, member: str) -> None:
+def _weights(b: _Builder, weights: dict[str, np.ndarray], num_layers: int, width: int, member: str) -> None:
+    hidden = _hidden_size(weights)
+    b.const(f"{member}split_sig_tanh", np.array([3 * hidden, hidden], np.int64))
+    if hidden < width:  # a narrower ensemble member: the columns of the state that are its own
+        b.const(f"{member}size", np.array([hidden], np.int64))
+        b.const(f"{member}pad", np.array([0, 0, 0, width - hidden], np.int64))
     table0 = weights["embedding.weight"] @ _ifog(weights["rnn.weight_ih_l0"]).T + _ifog(
         weights["rnn.bias_ih_l0"] + weights["rnn.bias_hh_l0"]
     )
@@ -122,14 +129,19 @@ def _weights(b: _Builder, weights: dict[str, np.ndarray], num_layers: int, membe
     b.const(f"{member}bd", weights["decoder.bias"].astype(np.float32))
 
 
-def _shared_constants(b: _Builder, hidden: int, members: int) -> None:
-    b.const("split_sig_tanh", np.array([3 * hidden, hidden], np.int64))
+def _hidden_size(weights: dict[str, np.ndarray]) -> int:
+    return int(weights["rnn.weight_hh_l0"].shape[1])
+
+
+def _shared_constants(b: _Builder, members: int) -> None:
     b.const("act_scale", np.array(1 / 127, np.float32))
     b.const("act_zero", np.array(128, np.uint8))
     b.const("axis0", np.array([0], np.int64))
     b.const("axis1", np.array([1], np.int64))
     b.const("keep_going", np.array(True))
     b.const("log_members", np.array(np.log(members), np.float32))
+    b.const("zero1", np.array([0], np.int64))
+    b.const("zero_f", np.array(0.0, np.float32))
 
 
 def _info(name: str, elem_type: int, shape: list) -> onnx.ValueInfoProto:
@@ -144,20 +156,31 @@ def build_int8_lstm(
     layers = range(num_layers * len(members))
     outer = _Builder()
     for k, weights in enumerate(members):
-        _weights(outer, weights, num_layers, f"m{k}_")
-    _shared_constants(outer, hidden, len(members))
+        _weights(outer, weights, num_layers, hidden, f"m{k}_")
+    _shared_constants(outer, len(members))
 
     # The Loop body reads the tokens and weights from the outer scope.
     body = _Builder()
     hs, cs, hqs = [f"h_in{i}" for i in layers], [f"c_in{i}" for i in layers], [f"hq_in{i}" for i in layers]
     token = body.op("Gather", ["tokens", "t"], "token", axis=1)
     member_logits, new_h, new_c, new_hq = [], [], [], []
-    for k in range(len(members)):
-        own = slice(k * num_layers, (k + 1) * num_layers)
-        logits, *new = _step(body, token, cs[own], hqs[own], f"m{k}_")
+    for k, weights in enumerate(members):
+        m, own = f"m{k}_", slice(k * num_layers, (k + 1) * num_layers)
+        narrow = _hidden_size(weights) < hidden
+        own_cs, own_hqs = cs[own], hqs[own]
+        if narrow:
+            own_cs, own_hqs = (
+                [body.op("Slice", [x, "zero1", f"{m}size", "axis1"], f"{m}{x}") for x in names]
+                for names in (own_cs, own_hqs)
+            )
+        logits, h, c, h_q = _step(body, token, own_cs, own_hqs, m)
+        if narrow:  # pad with what a zero state holds: 0.0 floats, and 0 quantized (the zero point)
+            h, c = ([body.op("Pad", [x, f"{m}pad", "zero_f"], f"{x}_wide") for x in names] for names in (h, c))
+            h_q = [body.op("Pad", [x, f"{m}pad", "act_zero"], f"{x}_wide") for x in h_q]
         member_logits.append(logits)
-        for values, made in zip((new_h, new_c, new_hq), new, strict=True):
-            values.extend(made)
+        new_h += h
+        new_c += c
+        new_hq += h_q
     logits = _mix(body, member_logits)
     body.op("Identity", ["cond_in"], "cond_out")
     row = ["batch", hidden]

@@ -102,7 +102,9 @@ def info_from_checkpoints(ckpts: list[dict], precision: str = "fp32") -> ModelIn
     ckpt = ckpts[0]
     config = dict(ckpt["model_config"])
     if len(ckpts) > 1:
-        config["members"] = len(ckpts)
+        # The state is as wide as the widest member (model.ensemble pads the others).
+        sizes = [c["model_config"]["rnn_size"] for c in ckpts]
+        config |= {"rnn_size": max(sizes), "members": len(ckpts), "member_sizes": sizes}
     return ModelInfo(
         vocab=list(ckpt["vocab"]),
         cleaning=dict(ckpt.get("cleaning", {})),

@@ -1,9 +1,10 @@
 """Several trained networks used as one model: their next-character distributions are averaged.
 
-Networks trained with different seeds or regularisation make different mistakes, so the average of
-their probabilities predicts held-out text better than any one of them (docs/default-model.md). The
-members must have the same shape; their recurrent states are stacked along the layer axis, so an
-ensemble of K networks of L layers has the state of one network with K·L layers and fits the same
+Networks trained with different sizes, seeds or regularisation make different mistakes, so the
+average of their probabilities predicts held-out text better than any one of them
+(docs/default-model.md). The members need the same cell, layer count and vocabulary; their recurrent
+states are stacked along the layer axis, each padded with zeros to the widest member's hidden size, so
+an ensemble of K networks of L layers has the state of one network with K·L layers and fits the same
 ONNX contract, engine and batching.
 """
 
@@ -31,47 +32,42 @@ class Ensemble(nn.Module):
             raise ValueError("an ensemble needs at least two networks")
         first = members[0].config
         for net in members[1:]:
-            shape = ("model_type", "num_layers", "rnn_size", "vocab_size")
-            if any(getattr(net.config, key) != getattr(first, key) for key in shape):
+            if any(
+                getattr(net.config, key) != getattr(first, key) for key in ("model_type", "num_layers", "vocab_size")
+            ):
                 raise ValueError(
-                    "ensemble members must have the same cell, layers, hidden size and vocabulary; got "
+                    "ensemble members must have the same cell, number of layers and vocabulary; got "
                     + " and ".join(f"{n.config.model_type} {n.config.num_layers}x{n.config.rnn_size}" for n in members)
                 )
         self.members = nn.ModuleList(members)
-        self.config = first  # what callers read: vocab_size, model_type; the state is K times deeper
+        # What callers read (vocab_size, model_type, num_layers, rnn_size): the widest member's config.
+        self.config = max((net.config for net in members), key=lambda config: config.rnn_size)
 
     @property
     def is_lstm(self) -> bool:
         return self.members[0].is_lstm
 
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
-        states = [net.initial_state(batch_size, device) for net in self.members]
-        return _stack(states, self.is_lstm)
+        shape = (self.config.num_layers * len(self.members), batch_size, self.config.rnn_size)
+        h = torch.zeros(shape, device=device)
+        return (h, torch.zeros_like(h)) if self.is_lstm else h
 
     def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Log of the members' mean next-character probabilities (usable as logits) and the stacked state."""
         if state is None:
             state = self.initial_state(tokens.shape[0], tokens.device)
-        parts = _unstack(state, len(self.members), self.is_lstm)
-        log_probs, new_states = [], []
-        for net, part in zip(self.members, parts, strict=True):
-            logits, new_state = net(tokens, part)
+        tensors = state if self.is_lstm else (state,)
+        layers, width = self.config.num_layers, self.config.rnn_size
+        log_probs, new_tensors = [], []
+        for k, net in enumerate(self.members):
+            size = net.config.rnn_size
+            own = tuple(t[k * layers : (k + 1) * layers, :, :size].contiguous() for t in tensors)
+            logits, new_state = net(tokens, own if self.is_lstm else own[0])
             log_probs.append(F.log_softmax(logits.float(), dim=-1))
-            new_states.append(new_state)
+            new_tensors.append([F.pad(t, (0, width - size)) for t in (new_state if self.is_lstm else (new_state,))])
         mixed = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(self.members))
-        return mixed, _stack(new_states, self.is_lstm)
-
-
-def _stack(states: list[State], is_lstm: bool) -> State:
-    if is_lstm:
-        return tuple(torch.cat(parts) for parts in zip(*states, strict=True))
-    return torch.cat(states)
-
-
-def _unstack(state: State, members: int, is_lstm: bool) -> list[State]:
-    if is_lstm:
-        return list(zip(*(s.chunk(members) for s in state), strict=True))
-    return list(state.chunk(members))
+        stacked = tuple(torch.cat(parts) for parts in zip(*new_tensors, strict=True))
+        return mixed, stacked if self.is_lstm else stacked[0]
 
 
 def load_models(

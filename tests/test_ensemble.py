@@ -27,7 +27,8 @@ from tests.conftest import TINY_CORPUS, train_tiny
 
 @pytest.fixture(scope="module")
 def second_checkpoint(tiny_dir):
-    return train_tiny(tiny_dir / "tiny-seed1.pt", seed=1)
+    # Wider than tiny_checkpoint's 16 units: the narrower member's state is padded.
+    return train_tiny(tiny_dir / "tiny-seed1-wide.pt", seed=1, rnn_size=24)
 
 
 def test_ensemble_averages_the_members_probabilities_and_carries_their_states(tiny_checkpoint, second_checkpoint):
@@ -38,7 +39,8 @@ def test_ensemble_averages_the_members_probabilities_and_carries_their_states(ti
         mixed, (h, _) = ensemble(tokens)
         expected = torch.log((a(tokens)[0].softmax(-1) + b(tokens)[0].softmax(-1)) / 2)
         assert torch.allclose(mixed, expected, atol=1e-5)
-        assert h.shape == (4, 3, 16)  # two members of two layers, stacked
+        assert h.shape == (4, 3, 24)  # two members of two layers, stacked, as wide as the wider
+        assert not h[:2, :, 16:].any()  # the narrower member's padding stays zero
         # The stacked state carries each member on: two halves give the same as one pass.
         first, state = ensemble(tokens[:, :8])
         second, _ = ensemble(tokens[:, 8:], state)
@@ -54,7 +56,7 @@ def test_an_exported_ensemble_matches_pytorch_and_the_engine_serves_it(
     # export_checkpoint verifies the graph against PyTorch (fp32: logits within 1e-4) before writing.
     result = export_checkpoint([tiny_checkpoint, second_checkpoint], out, precision, str(corpus))
     runner = ModelRunner(out, "cpu")
-    assert runner.info.members == 2 and runner.info.state_shape(5) == (4, 5, 16)
+    assert runner.info.members == 2 and runner.info.state_shape(5) == (4, 5, 24)
     ensemble, _ = load_models([tiny_checkpoint, second_checkpoint])
     ids, _ = runner.info.text_ids(TINY_CORPUS)
     torch_bits = evaluate_ids(ensemble, ids)[0] / math.log(2)
@@ -81,9 +83,9 @@ def test_an_exported_ensemble_matches_pytorch_and_the_engine_serves_it(
 
 
 def test_networks_that_cannot_be_averaged_are_refused(tiny_dir, tiny_checkpoint, capsys):
-    wider = train_tiny(tiny_dir / "tiny-wide.pt", rnn_size=24, iterations=2)
-    with pytest.raises(CheckpointError, match="same cell, layers, hidden size"):
-        load_models([tiny_checkpoint, wider])
+    gru = train_tiny(tiny_dir / "tiny-gru.pt", model_type="gru", iterations=2)
+    with pytest.raises(CheckpointError, match="same cell, number of layers and vocabulary"):
+        load_models([tiny_checkpoint, gru])
     other_text = train_tiny(tiny_dir / "tiny-other-vocab.pt", text="zzz qqq xxx\n" * 40, iterations=2)
     with pytest.raises(SystemExit) as exit_info:
         export_main([str(tiny_checkpoint), str(other_text), "-o", str(tiny_dir / "never.onnx")])
