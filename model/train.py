@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rnn-size", type=int, default=640, help="hidden units per layer")
     g.add_argument("--num-layers", type=int, default=2, help="recurrent layers")
     g.add_argument("--wordvec-size", type=int, default=64, help="character embedding size")
-    g.add_argument("--dropout", type=float, default=0.5, help="dropout between layers and before the decoder")
+    g.add_argument("--dropout", type=float, default=0.4, help="dropout between layers and before the decoder")
     g.add_argument(
-        "--weight-drop", type=float, default=0.0, help="DropConnect on the recurrent matrices while training"
+        "--weight-drop", type=float, default=0.3, help="DropConnect on the recurrent matrices while training"
     )
     g.add_argument("--init", choices=INIT_SCHEMES, default="default", help="weight initialisation")
     g.add_argument("--init-std", type=float, default=0.05, help="standard deviation for --init normal")
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-iters", type=int, default=100, help="cosine schedule: linear warmup iterations")
     g.add_argument("--min-lr-frac", type=float, default=0.05, help="cosine schedule: final lr as a share of base")
     g.add_argument("--grad-clip", type=float, default=5.0, help="clip the gradient norm to this (0: off)")
-    g.add_argument("--max-epochs", type=float, default=10, help="stop after this many epochs")
+    g.add_argument("--max-epochs", type=float, default=12, help="stop after this many epochs")
     g.add_argument("--max-iters", type=int, default=0, help="stop after this many iterations (0: use epochs)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--eval-every", type=int, default=200, help="validate every N iterations")
