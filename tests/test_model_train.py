@@ -74,6 +74,8 @@ def test_tiny_model_overfits_repetitive_corpus(tiny_data, tmp_path):
             "150",
             "--dropout",
             "0",
+            "--weight-drop",
+            "0",
             "--learning-rate",
             "0.01",
             "--lr-schedule",
