@@ -130,6 +130,7 @@ def main() -> None:
             num_layers=2,
             wordvec_size=defaults.wordvec_size,
             dropout=defaults.dropout,
+            weight_drop=defaults.weight_drop,  # part of the default training step, so of both sides
         )
         # Rounds of (bare, whole), best of each: a slow spell of this shared machine then cannot land
         # on one side only.
