@@ -206,7 +206,9 @@ def score(corpus: Corpus, args: argparse.Namespace) -> None:
 
         bits = model_bits(args.checkpoint[0], corpus, args.dynamic_lr)
         # It keeps learning while it reads the split, as the compressors do: it is compared with them.
-        corpus.rows.append(per_char_row(corpus, DYNAMIC_ROW, "adaptive", bits))
+        # With an ensemble, dynamic evaluation runs on its first network only: the row says which.
+        name = DYNAMIC_ROW if len(args.checkpoint) == 1 else f"{DYNAMIC_ROW} ({args.checkpoint[0]} alone)"
+        corpus.rows.append(per_char_row(corpus, name, "adaptive", bits))
         corpus.notes["dynamic_evaluation"] = {
             "checkpoint": args.checkpoint[0],
             "lr": args.dynamic_lr,
@@ -280,7 +282,7 @@ def print_table(corpus: Corpus) -> None:
 def verdict(corpus: Corpus) -> str:
     """How the network compares on val with the best baseline, the best PPMd and the best static model."""
     model = next((r for r in corpus.rows if r["kind"] == "model"), None)
-    dynamic = next((r for r in corpus.rows if r["name"] == DYNAMIC_ROW), None)
+    dynamic = next((r for r in corpus.rows if r["name"].startswith(DYNAMIC_ROW)), None)
     baselines = [r for r in corpus.rows if r["kind"] != "model" and r is not dynamic]
     best = min(baselines, key=lambda r: r["val"])
     best_ppmd = min((r for r in baselines if r["name"].startswith("PPMd")), key=lambda r: r["val"])
@@ -302,9 +304,10 @@ def verdict(corpus: Corpus) -> str:
         text += f". Among static models, fit on train like it, it {against(model, best_static)}"
     if dynamic is not None:
         best_adaptive = min((r for r in baselines if r["kind"] == "adaptive"), key=lambda r: r["val"])
+        alone = dynamic["name"].removeprefix(DYNAMIC_ROW).strip(" ()")
         text += (
             f". With dynamic evaluation, learning from the split while it reads it as the compressors do, "
-            f"it scores {dynamic['val']:.3f} and {against(dynamic, best_adaptive)}"
+            f"{alone or 'it'} scores {dynamic['val']:.3f} and {against(dynamic, best_adaptive)}"
         )
     return text + "."
 

@@ -102,7 +102,7 @@ def test_quality_script_scores_an_ensemble_like_its_pytorch_and_onnx_forms(
     exported = export_checkpoint([tiny_checkpoint, second_checkpoint], tmp_path / "ensemble.onnx").path
     out_json = tmp_path / "quality.json"
     args = ["--data", str(data_dir), "--checkpoint", str(tiny_checkpoint), str(second_checkpoint)]
-    args += ["--onnx", str(exported), "--max-order", "3", "--ppmd-orders", "3"]
+    args += ["--onnx", str(exported), "--max-order", "3", "--ppmd-orders", "3", "--dynamic-lr", "0.05"]
     quality.main([*args, "--json", str(out_json), "--markdown", str(tmp_path / "q.md")])
     corpus = json.loads(out_json.read_text())["corpora"][0]
     rows = {row["name"]: row for row in corpus["rows"]}
@@ -115,6 +115,9 @@ def test_quality_script_scores_an_ensemble_like_its_pytorch_and_onnx_forms(
         alone = evaluate_ids(load_models([second_checkpoint])[0], splits[split])[0] / math.log(2)
         assert rows[f"LSTM {second_checkpoint} alone"][split] == pytest.approx(alone, rel=1e-6)
     assert corpus["verdict"].startswith(f"On val the model scores {rows['LSTM ensemble of 2 (this model)']['val']:.3f}")
+    # Dynamic evaluation runs on the first network alone, and both the row and the verdict say so.
+    dynamic = rows[f"LSTM, dynamic evaluation ({tiny_checkpoint} alone)"]
+    assert f"{tiny_checkpoint} alone scores {dynamic['val']:.3f}" in corpus["verdict"]
 
 
 def test_model_commands_take_several_checkpoints_as_an_ensemble(tiny_dir, tiny_checkpoint, second_checkpoint, capsys):
