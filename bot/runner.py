@@ -127,10 +127,11 @@ class ModelRunner:
                     quantize_graph(model).SerializeToString(), options, providers=cpu
                 )
                 self._step_inputs = [i.name for i in self._step_session.get_inputs()]
+        kind = self.info.model_config["model_type"]
         log.info(
             "loaded %s (%s, %s) on %s%s",
             path,
-            self.info.model_config["model_type"],
+            f"ensemble of {self.info.members} {kind}s" if self.info.members > 1 else kind,
             self.info.precision,
             self.provider,
             ", with a step graph" if self.uses_step_graph else "",
