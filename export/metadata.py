@@ -95,7 +95,7 @@ class ModelInfo:
 
 
 def info_from_checkpoints(ckpts: list[dict], precision: str = "fp32") -> ModelInfo:
-    """Metadata for one checkpoint's network, or for the ensemble of several (same vocabulary and shape).
+    """Metadata for one checkpoint's network, or for the ensemble of several (model.ensemble).
 
     An ensemble's val_bpc is unknown here (each checkpoint knows only its own); the exporter fills it in.
     """

@@ -22,7 +22,7 @@ from export.metadata import ModelInfo, info_from_checkpoints
 from export.torch_graph import fp16_graph, fp32_graph
 from export.verify import SAMPLE_TEXT, Verification, verify
 from model.cli import UsageError
-from model.ensemble import Ensemble, load_models
+from model.ensemble import CHECKPOINTS_HELP, Ensemble, load_models
 from model.model import CharRNN
 from model.prepare import read_utf8
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints",
         nargs="+",
         metavar="CHECKPOINT",
-        help="checkpoint written by `python -m model train`; several of the same shape make an ensemble",
+        help=f"checkpoint written by `python -m model train`; {CHECKPOINTS_HELP}",
     )
     p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="file to write")
     precision = p.add_mutually_exclusive_group()

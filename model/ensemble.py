@@ -21,6 +21,9 @@ from torch import nn
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.model import CharRNN, State
 
+# For the --checkpoint help of every command that takes several checkpoints.
+CHECKPOINTS_HELP = "several with the same cell, layer count and vocabulary act as their ensemble (mean probability)"
+
 # Checkpoint fields that must agree for networks to be averaged: same tokens, same text cleaning.
 SHARED_FIELDS = ("vocab", "cleaning", "unknown_policy")
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from model.cli import UsageError
 from model.dataset import load_dataset
-from model.ensemble import Ensemble, load_models
+from model.ensemble import CHECKPOINTS_HELP, Ensemble, load_models
 from model.model import CharRNN, detach_state, nats_to_bits
 from model.prepare import read_utf8
 from model.text import CleaningOptions, Vocab, text_to_ids
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         nargs="+",
         metavar="CKPT",
-        help="checkpoint to evaluate; several of the same shape are scored as their ensemble (mean probability)",
+        help=f"checkpoint to evaluate; {CHECKPOINTS_HELP}",
     )
     p.add_argument("--data", metavar="DIR", help="prepared dataset for --split")
     p.add_argument("--split", choices=("train", "val", "test"), default="val", help="split of --data to score")

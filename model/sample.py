@@ -8,7 +8,7 @@ import time
 import torch
 
 from model.cli import UsageError
-from model.ensemble import Ensemble, load_models
+from model.ensemble import CHECKPOINTS_HELP, Ensemble, load_models
 from model.model import CharRNN
 from model.text import CleaningOptions, Vocab, normalize_prompt
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         nargs="+",
         metavar="CKPT",
-        help="checkpoint to sample from; several of the same shape sample from their ensemble (mean probability)",
+        help=f"checkpoint to sample from; {CHECKPOINTS_HELP}",
     )
     p.add_argument("--length", type=int, default=2000, help="characters to generate")
     p.add_argument("--start-text", default="", help="prime the model with this text (printed first)")
