@@ -1,12 +1,15 @@
 """Training-speed benchmark: the whole training loop against a bare LSTM step and the matmul peak.
 
-For 2-layer LSTMs of several sizes at the default batch and sequence length it measures, in one run:
-- this machine's fp32 matmul peak (GFLOP/s, best of a few square sizes);
+For 2-layer LSTMs of several sizes at the default batch and sequence length it measures, in one run,
+in fp32 and in the mixed precision that `--amp` (the default) picks on this machine (bf16 autocast on
+a CPU with AMX or AVX512-BF16; none elsewhere, and then only fp32 is timed):
+- this machine's matmul peak in each precision (GFLOP/s, best of a few square sizes);
 - the bare step: embedding + nn.LSTM + decoder forward, backward and an Adam step on fixed random data;
 - the whole loop: `model.train.train()` itself (data, state carry, clipping, logging and one validation
   per --eval-every iterations, the default), timed from its own metrics after warm-up;
-and prints a table of chars/s, the share of the peak and whole/bare, and writes JSON. Each size runs
---rounds rounds of (bare, whole) and keeps the best of each.
+and prints a table of chars/s, the share of the fp32 peak and of the precision's own peak, whole/bare,
+and the whole loop's speed against fp32, and writes JSON. Each size runs --rounds rounds of
+(bare, whole) per precision and keeps the best of each.
 
     python bench/train_speed.py --data data/speeches --json docs/bench/train_speed.json
 """
@@ -17,6 +20,7 @@ import argparse
 import json
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,10 +32,10 @@ from model.model import CharRNN, ModelConfig
 from model.plot import read_metrics
 
 
-def matmul_peak_gflops(seconds: float = 1.0) -> float:
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
     best = 0.0
     for n in (512, 1024, 2048):
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         torch.mm(a, b)
         reps, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
@@ -52,17 +56,25 @@ def flops_per_char(config: ModelConfig) -> float:
 
 
 def bare_step_chars_per_sec(
-    config: ModelConfig, batch: int, seq: int, iters: int, warmup: int = 10, windows: int = 3
+    config: ModelConfig,
+    batch: int,
+    seq: int,
+    iters: int,
+    amp_dtype: torch.dtype | None,
+    warmup: int = 10,
+    windows: int = 3,
 ) -> float:
     """Best of `windows` timing windows, because on a shared machine one slow window is someone else's load."""
     net = CharRNN(config)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     x = torch.randint(config.vocab_size, (batch, seq))
     y = torch.randint(config.vocab_size, (batch, seq))
+    autocast = torch.autocast("cpu", dtype=amp_dtype) if amp_dtype else nullcontext()
 
     def step() -> None:
-        logits, _ = net(x)
-        loss = F.cross_entropy(logits.view(-1, config.vocab_size), y.view(-1))
+        with autocast:
+            logits, _ = net(x)
+            loss = F.cross_entropy(logits.float().view(-1, config.vocab_size), y.view(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -79,7 +91,7 @@ def bare_step_chars_per_sec(
     return best
 
 
-def whole_loop_chars_per_sec(data: str, rnn_size: int, iters: int, warmup: int, threads: int) -> float:
+def whole_loop_chars_per_sec(data: str, rnn_size: int, iters: int, warmup: int, threads: int, amp: bool) -> float:
     with tempfile.TemporaryDirectory() as out:
         argv = [
             "--data",
@@ -99,6 +111,7 @@ def whole_loop_chars_per_sec(data: str, rnn_size: int, iters: int, warmup: int, 
             "--no-progress",
             "--threads",
             str(threads),
+            "--amp" if amp else "--no-amp",
         ]
         args = train_module.build_parser().parse_args(argv)
         train_module.train(args)
@@ -108,20 +121,28 @@ def whole_loop_chars_per_sec(data: str, rnn_size: int, iters: int, warmup: int, 
     return args.batch_size * args.seq_length * (iters - warmup) / (last["elapsed"] - first["elapsed"])
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="prepared dataset (python -m model prepare)")
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 640], help="LSTM hidden sizes (2 layers)")
     p.add_argument("--iters", type=int, default=200, help="whole-loop iterations (one validation at the end)")
     p.add_argument("--bare-iters", type=int, default=60, help="bare-step iterations, timed as the best of 3 windows")
-    p.add_argument("--rounds", type=int, default=2, help="rounds of (bare, whole) per size; the best of each is kept")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="rounds of (bare, whole) per size and precision; the best of each is kept"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--json", default="docs/bench/train_speed.json", help="where to write the results")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     defaults = train_module.build_parser().parse_args(["--data", args.data])
     vocab_size = len(load_dataset(args.data).vocab)
-    peak = matmul_peak_gflops()
+    precisions = dict.fromkeys([None, train_module.autocast_dtype(torch.device("cpu"), enabled=True)])
+    peaks = {dtype: matmul_peak_gflops(dtype or torch.float32) for dtype in precisions}
+    fp32_peak = peaks[None]
     rows = []
     for size in args.sizes:
         config = ModelConfig(
@@ -132,39 +153,64 @@ def main() -> None:
             dropout=defaults.dropout,
             weight_drop=defaults.weight_drop,  # part of the default training step, so of both sides
         )
-        # Rounds of (bare, whole), best of each: a slow spell of this shared machine then cannot land
-        # on one side only.
-        bare = whole = 0.0
-        for _ in range(args.rounds):
-            bare = max(bare, bare_step_chars_per_sec(config, defaults.batch_size, defaults.seq_length, args.bare_iters))
-            whole = max(whole, whole_loop_chars_per_sec(args.data, size, args.iters, 10, args.threads))
         per_char = flops_per_char(config)
-        rows.append(
-            {
-                "model": f"2x{size}",
-                "batch": defaults.batch_size,
-                "seq": defaults.seq_length,
-                "bare_chars_per_sec": bare,
-                "whole_loop_chars_per_sec": whole,
-                "whole_over_bare": whole / bare,
-                "bare_share_of_peak": bare * per_char / 1e9 / peak,
-                "whole_share_of_peak": whole * per_char / 1e9 / peak,
-                "gflop_per_kchar": per_char / 1e6,
-            }
-        )
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s on {args.threads} threads")
+        fp32_whole = None
+        for dtype in precisions:
+            # Rounds of (bare, whole), best of each: a slow spell of this shared machine then cannot land
+            # on one side only.
+            bare = whole = 0.0
+            for _ in range(args.rounds):
+                bare = max(
+                    bare,
+                    bare_step_chars_per_sec(config, defaults.batch_size, defaults.seq_length, args.bare_iters, dtype),
+                )
+                whole = max(
+                    whole,
+                    whole_loop_chars_per_sec(args.data, size, args.iters, 10, args.threads, amp=dtype is not None),
+                )
+            fp32_whole = fp32_whole or whole
+            rows.append(
+                {
+                    "model": f"2x{size}",
+                    "precision": precision_name(dtype),
+                    "batch": defaults.batch_size,
+                    "seq": defaults.seq_length,
+                    "bare_chars_per_sec": bare,
+                    "whole_loop_chars_per_sec": whole,
+                    "whole_over_bare": whole / bare,
+                    "bare_share_of_fp32_peak": bare * per_char / 1e9 / fp32_peak,
+                    "whole_share_of_fp32_peak": whole * per_char / 1e9 / fp32_peak,
+                    "whole_share_of_own_peak": whole * per_char / 1e9 / peaks[dtype],
+                    "whole_vs_fp32": whole / fp32_whole,
+                    "gflop_per_kchar": per_char / 1e6,
+                }
+            )
+    peak_text = ", ".join(f"{precision_name(dtype)} {peak:.1f} GFLOP/s" for dtype, peak in peaks.items())
+    print(f"matmul peak on {args.threads} threads: {peak_text}")
     print(
-        f"{'model':<7} {'bare chars/s':>13} {'whole chars/s':>14} {'whole/bare':>11} {'bare %peak':>11} "
-        f"{'whole %peak':>12}"
+        f"{'model':<7} {'prec':<5} {'bare chars/s':>13} {'whole chars/s':>14} {'whole/bare':>11} "
+        f"{'bare %fp32pk':>13} {'whole %fp32pk':>14} {'whole %ownpk':>13} {'vs fp32':>8}"
     )
     for r in rows:
         print(
-            f"{r['model']:<7} {r['bare_chars_per_sec']:>13,.0f} {r['whole_loop_chars_per_sec']:>14,.0f} "
-            f"{r['whole_over_bare']:>11.2f} {r['bare_share_of_peak']:>11.0%} {r['whole_share_of_peak']:>12.0%}"
+            f"{r['model']:<7} {r['precision']:<5} {r['bare_chars_per_sec']:>13,.0f} "
+            f"{r['whole_loop_chars_per_sec']:>14,.0f} {r['whole_over_bare']:>11.2f} "
+            f"{r['bare_share_of_fp32_peak']:>13.0%} {r['whole_share_of_fp32_peak']:>14.0%} "
+            f"{r['whole_share_of_own_peak']:>13.0%} {r['whole_vs_fp32']:>7.2f}×"
         )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"matmul_peak_gflops": peak, "threads": args.threads, "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "matmul_peak_gflops": {precision_name(dtype): peak for dtype, peak in peaks.items()},
+                "threads": args.threads,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

@@ -107,11 +107,11 @@ class CharRNN(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def detach_state(state: State) -> State:
-    """Cut the graph between consecutive batches (truncated BPTT) but keep the values."""
+def detach_state(state: State, dtype: torch.dtype | None = None) -> State:
+    """Cut the graph between consecutive batches (truncated BPTT) but keep the values (as `dtype` if given)."""
     if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)
-    return state.detach()
+        return tuple(s.detach().to(dtype or s.dtype) for s in state)
+    return state.detach().to(dtype or state.dtype)
 
 
 def nats_to_bits(nats: float) -> float:
