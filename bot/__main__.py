@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def open_engine(config: Config, model_path: Path | None = None) -> GenerationEngine:
     return GenerationEngine(
-        model_path or config.model_path, providers=config.onnx_providers, threads=config.onnx_threads
+        model_path or config.model_path,
+        providers=config.onnx_providers,
+        threads=config.onnx_threads,
+        lanes=config.onnx_lanes,
     )
 
 

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 from dotenv import dotenv_values
 
+from bot.engine import MAX_LANES
 from bot.runner import DEFAULT_MODEL_PATH
 
 TOKEN_FORMAT = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
@@ -40,6 +41,7 @@ class Config:
     model_path: Path = DEFAULT_MODEL_PATH
     onnx_providers: str = "auto"
     onnx_threads: int | None = None
+    onnx_lanes: int | None = None
     log_level: str = "INFO"
     webhook_url: str | None = None
     webhook_port: int = 8443
@@ -63,6 +65,7 @@ class Config:
             model_path=Path(reader.text("MODEL_PATH", str(DEFAULT_MODEL_PATH))),
             onnx_providers=reader.choice("ONNX_PROVIDERS", PROVIDERS, cls.onnx_providers, str.lower),
             onnx_threads=reader.number("ONNX_THREADS", None, int, low=1, high=256),
+            onnx_lanes=reader.number("ONNX_LANES", None, int, low=1, high=MAX_LANES),
             log_level=reader.choice("LOG_LEVEL", LOG_LEVELS, cls.log_level, str.upper),
             webhook_url=reader.url("WEBHOOK_URL", schemes=("https",)),
             webhook_port=reader.number("WEBHOOK_PORT", cls.webhook_port, int, low=1, high=65535),

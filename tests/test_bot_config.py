@@ -46,6 +46,7 @@ def test_dotenv_is_read_and_environment_wins(tmp_path):
         ("DEFAULT_LENGTH", "1e309", "not an integer"),
         ("COOLDOWN_SECONDS", "-1", "out of range"),
         ("ONNX_THREADS", "0", "out of range"),
+        ("ONNX_LANES", "9", "out of range"),
     ],
 )
 def test_invalid_values_name_the_variable_and_the_valid_form(tmp_path, name, value, expected):

@@ -28,7 +28,7 @@ from export.int8_lstm import step_graph
 @pytest.fixture(scope="module", params=["fp32", "int8"])
 def engine(request, tiny_onnx, tiny_int8):
     path = tiny_onnx if request.param == "fp32" else tiny_int8
-    with GenerationEngine(path, providers="cpu", threads=1, max_batch=64) as eng:
+    with GenerationEngine(path, providers="cpu", threads=1, max_batch=64, lanes=1) as eng:
         yield eng
 
 
@@ -52,6 +52,27 @@ def test_same_seed_same_text_alone_and_batched_with_63_others(engine):
         "".join(other)
     assert engine.peak_batch >= 32  # it really ran in a batch
     assert len(alone) == 120
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_lanes_share_a_burst_and_each_seed_keeps_its_text(precision, tiny_onnx, tiny_int8):
+    path = tiny_onnx if precision == "fp32" else tiny_int8
+    requests = [("We" * (s % 3), 60 + s, 0.5 + s / 40, s % 4 or None, s) for s in range(40)]
+    with GenerationEngine(path, providers="cpu", threads=1, lanes=1) as one:
+        expected = [one.generate(p, length=n, temperature=t, top_k=k, seed=s) for p, n, t, k, s in requests]
+    with GenerationEngine(path, providers="cpu", threads=1, max_batch=64, lanes=2) as two:
+        streams = [two.stream(p, length=n, temperature=t, top_k=k, seed=s) for p, n, t, k, s in requests]
+        assert ["".join(stream) for stream in streams] == expected
+        # Each lane takes at most half of max_batch, so 40 requests at once kept both busy.
+        assert two.lanes == 2 and min(two.lane_peaks) >= 8 and max(two.lane_peaks) <= 32
+
+
+def test_lanes_are_validated_and_capped_by_max_batch(tiny_int8):
+    for bad in (0, 9, -1):
+        with pytest.raises(ValueError, match="lanes must be a whole number from 1 to 8"):
+            GenerationEngine(tiny_int8, providers="cpu", lanes=bad)
+    with GenerationEngine(tiny_int8, providers="cpu", max_batch=1, lanes=4) as eng:
+        assert eng.lanes == 1
 
 
 def test_int8_step_graph_gives_the_contract_graphs_logits_bit_for_bit(tiny_int8):
