@@ -9,7 +9,8 @@ each path's real sampling loop (model.sample for PyTorch, bot.engine for onnxrun
 the paragraph-start walk that the engine does once at load). int8 runs twice: stepping with the
 step graph (the engine's default, bot/runner.py) and with the contract graph's Loop. Batched:
 characters per second with N concurrent requests (agenerate from one asyncio loop, as the bot
-awaits them) through the engine's continuous batching, and the ratio to one stream. "step µs" is
+awaits them) through the engine's continuous batching, and the ratio to one stream; each
+onnxruntime path runs with 1 and 2 engine lanes (workers on separate cores, bot/engine.py). "step µs" is
 a bare ModelRunner.step of one character at batch 1 (the graph alone).
 The machine is shared, so candidates are timed in rounds, each round running every candidate once
 (interleaved, so a burst of someone else's load hits them alike), and each keeps its best round.
@@ -56,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=5, help="rounds per candidate, single-stream and batched (best is kept)"
     )
     p.add_argument("--streams", default="1,8,64,256", help="concurrent streams for the batched runs")
-    p.add_argument("--threads", default="1,2", help="onnxruntime intra-op threads to compare")
+    p.add_argument("--threads", default="1,2", help="onnxruntime intra-op threads per lane to compare")
+    p.add_argument(
+        "--lanes",
+        default="1,2",
+        help="engine lanes to compare (combinations with more threads in all than cores are skipped)",
+    )
     p.add_argument("--json", default="docs/bench/generation.json", help="where to write the results")
     return p
 
@@ -133,7 +139,12 @@ def concurrent_streams(engine: GenerationEngine, streams: int, length: int) -> C
 def main() -> None:
     args = build_parser().parse_args()
     streams = [int(s) for s in args.streams.split(",")]
-    thread_counts = [int(t) for t in args.threads.split(",")]
+    layouts = [
+        (int(t), int(n))
+        for t in args.threads.split(",")
+        for n in args.lanes.split(",")
+        if int(t) * int(n) <= (os.cpu_count() or 1) or int(n) == 1
+    ]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         models: dict[str, Path] = {}
@@ -152,16 +163,17 @@ def main() -> None:
                 models[precision] = export_checkpoint(checkpoint, Path(tmp) / f"{precision}.onnx", precision).path
         variants = [(p, fast) for p in models for fast in ((True, False) if p == "int8" else (False,))]
         engines = {
-            (path_name(precision, fast), threads): GenerationEngine(
+            (path_name(precision, fast), threads, lanes): GenerationEngine(
                 models[precision],
                 providers="cpu",
                 threads=threads,
                 max_batch=max(streams),
                 max_queue=max(streams),
                 fast_step=fast,
+                lanes=lanes,
             )
             for precision, fast in variants
-            for threads in thread_counts
+            for threads, lanes in layouts
         }
         try:
             singles = {
@@ -187,15 +199,17 @@ def main() -> None:
                 {
                     "path": "pytorch eager",
                     "threads": 1,
+                    "lanes": 1,
                     "us_per_char": per_char * 1e6,
                     "speech_ms": per_char * args.length * 1e3,
                 }
             )
-        for name, threads in engines:
-            key = name, threads
+        for key in engines:
+            name, threads, lanes = key
             row = {
                 "path": name,
                 "threads": threads,
+                "lanes": lanes,
                 "us_per_char": single[key] / args.length * 1e6,
                 "speech_ms": single[key] * 1e3,
                 "step_us": step[key] / GRAPH_STEPS * 1e6,
@@ -211,15 +225,15 @@ def main() -> None:
         f"onnxruntime {ort.__version__}, torch {torch.__version__}"
     )
     header = (
-        f"{'path':<22} {'thr':>3} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'step µs':>8}"
+        f"{'path':<22} {'thr':>3} {'lanes':>5} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'step µs':>8}"
         + "".join(f" {f'{n} str c/s':>12}" for n in streams)
         + f" {'64÷1':>6}"
     )
     print(header)
     for row in rows:
         line = (
-            f"{row['path']:<22} {row['threads']:>3} {row['us_per_char']:>8.1f} {row['speech_ms']:>9.1f} "
-            f"{baseline / row['us_per_char']:>7.1f}× {row.get('step_us', float('nan')):>8.1f}"
+            f"{row['path']:<22} {row['threads']:>3} {row['lanes']:>5} {row['us_per_char']:>8.1f} "
+            f"{row['speech_ms']:>9.1f} {baseline / row['us_per_char']:>7.1f}× {row.get('step_us', float('nan')):>8.1f}"
         )
         if "chars_per_s_1" in row:
             line += "".join(f" {row[f'chars_per_s_{n}']:>12,.0f}" for n in streams)

@@ -262,11 +262,13 @@ class GenerationEngine:
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = False
         self.lane_peaks = [0] * lanes  # the most requests each lane has stepped together so far
-        # Each lane takes at most its share of max_batch, so a burst of requests spreads over all of them.
-        shares = [max_batch // lanes + (i < max_batch % lanes) for i in range(lanes)]
+        # Each lane holds at most its share of max_batch, and takes a request only while no other lane
+        # with room has fewer (see _admit), so requests spread evenly over the lanes.
+        self._lane_shares = [max_batch // lanes + (i < max_batch % lanes) for i in range(lanes)]
+        self._lane_rows = [0] * lanes
         self._workers = [
-            threading.Thread(target=self._run, args=(i, runner, share), name=f"generation-lane-{i}", daemon=True)
-            for i, (runner, share) in enumerate(zip(runners, shares, strict=True))
+            threading.Thread(target=self._run, args=(i, runner), name=f"generation-lane-{i}", daemon=True)
+            for i, runner in enumerate(runners)
         ]
         for worker in self._workers:
             worker.start()
@@ -450,12 +452,12 @@ class GenerationEngine:
         logits, state = runner.prime(np.array([request.prompt_ids], np.int64), self._start_state)
         return logits[0, -1], runner.step_state(state)
 
-    def _run(self, lane: int, runner: ModelRunner, max_rows: int) -> None:
+    def _run(self, lane: int, runner: ModelRunner) -> None:
         batch = _Batch.of([], [], 0, len(self.vocab))
         stopping = False
         while not stopping or batch.requests:
             joined, stopping = self._admit(
-                runner, max_rows - len(batch.requests), block=not batch.requests and not stopping, stopping=stopping
+                lane, runner, len(batch.requests), block=not batch.requests and not stopping, stopping=stopping
             )
             try:
                 if joined:
@@ -468,6 +470,7 @@ class GenerationEngine:
                 keep = self._advance(batch)
                 if keep is not None and not keep.all():
                     batch = batch.kept(keep)
+                    self._lane_rows[lane] = len(batch.requests)
                 if batch.requests:
                     self.lane_peaks[lane] = max(self.lane_peaks[lane], len(batch.requests))
                     logits, batch.state = runner.step(batch.tokens, batch.state)
@@ -477,11 +480,14 @@ class GenerationEngine:
                 for request in dict.fromkeys(batch.requests + list(joined)):
                     request.send(exc)
                 batch = _Batch.of([], [], batch.step, len(self.vocab))
+                self._lane_rows[lane] = 0
+        self._lane_rows[lane] = self._lane_shares[lane]  # stopped: counts as full, so others take the rest
 
-    def _admit(self, runner: ModelRunner, room: int, block: bool, stopping: bool) -> tuple[dict, bool]:
-        """Prime up to `room` waiting requests; blocks only when nothing is running."""
+    def _admit(self, lane: int, runner: ModelRunner, running: int, block: bool, stopping: bool) -> tuple[dict, bool]:
+        """Prime waiting requests for this lane while it is among the least loaded; blocks only when
+        nothing is running."""
         joined: dict[_Request, tuple[np.ndarray, list[np.ndarray]]] = {}
-        while not stopping and len(joined) < room:
+        while not stopping and self._may_take(lane, running + len(joined)):
             wait = block and not joined
             if not wait and self._queue.empty():
                 break  # the common case while a batch runs; cheaper than a get that raises
@@ -494,10 +500,19 @@ class GenerationEngine:
             elif not request.cancelled:
                 try:
                     joined[request] = self._prime(runner, request)
+                    self._lane_rows[lane] = running + len(joined)
                 except Exception as exc:
                     log.exception("priming a prompt failed")
                     request.send(exc)
         return joined, stopping
+
+    def _may_take(self, lane: int, rows: int) -> bool:
+        """Whether a lane with `rows` requests may take another: it has room, and no other lane with
+        room has fewer (a lane blocked waiting for work then gets the next request)."""
+        if rows >= self._lane_shares[lane]:
+            return False
+        others = [n for i, n in enumerate(self._lane_rows) if i != lane and n < self._lane_shares[i]]
+        return not others or rows <= min(others)
 
     @staticmethod
     def _sample(batch: _Batch, logits: np.ndarray) -> np.ndarray:
