@@ -415,9 +415,12 @@ def train(args: argparse.Namespace) -> dict:
             loss_sum, loss_count, window_start = 0.0, 0, time.perf_counter()
 
         if is_main and (done % args.eval_every == 0 or done == total_iters):
-            val_nats, _ = evaluate_ids(
-                net, dataset.splits["val"], streams=args.batch_size, seq_length=args.seq_length, device=device
-            )
+            # In the training precision: bf16 validation on CPU measured 2.8x faster (1.7 s against 4.7 s for
+            # the default 2x640) and 0.00005 bits/char from fp32's.
+            with autocast:
+                val_nats, _ = evaluate_ids(
+                    net, dataset.splits["val"], streams=args.batch_size, seq_length=args.seq_length, device=device
+                )
             val_bpc = nats_to_bits(val_nats)
             log.write(
                 {
