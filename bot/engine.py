@@ -3,9 +3,9 @@
 Background workers ("lanes") each own a copy of the model (bot.runner.ModelRunner) and a batch. Each
 request is primed alone (its whole prompt in one call), then joins the batch of the lane that took it,
 which advances one character per call; a finished request leaves at once and a new one joins at the
-next step. onnxruntime releases the GIL while it runs, so on a CPU the lanes' graphs run on separate
-cores at once (two lanes of 32 rows: 1.4x the characters per second of one lane of 64 on two cores,
-docs/bench), while a lone request still runs on one lane at full speed.
+next step. Lane 0 takes requests until it holds its share of max_batch and hands the rest to the next
+lane with room. onnxruntime releases the GIL while it runs, so on a CPU the lanes' graphs run on
+separate cores at once: many requests gain a core, while a few still share one batch (docs/bench).
 
 Every request samples with its own temperature, top-k and numpy Generator, and a row's logits do not
 depend on its batch mates (fp32: same kernels per row; int8: exact integer matmuls with fixed
@@ -262,10 +262,10 @@ class GenerationEngine:
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = False
         self.lane_peaks = [0] * lanes  # the most requests each lane has stepped together so far
-        # Each lane holds at most its share of max_batch, and takes a request only while no other lane
-        # with room has fewer (see _admit), so requests spread evenly over the lanes.
+        # Each lane holds at most its share of max_batch; lane 0 fills first (see _admit).
         self._lane_shares = [max_batch // lanes + (i < max_batch % lanes) for i in range(lanes)]
         self._lane_rows = [0] * lanes
+        self._inboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(lanes)]  # [0] unused
         self._workers = [
             threading.Thread(target=self._run, args=(i, runner), name=f"generation-lane-{i}", daemon=True)
             for i, runner in enumerate(runners)
@@ -338,8 +338,7 @@ class GenerationEngine:
         if self._closed:
             return
         self._closed = True
-        for _ in self._workers:  # a lane stops admitting at its first _STOP, so each lane takes one
-            self._queue.put(_STOP)
+        self._queue.put(_STOP)  # lane 0 passes it on to the other lanes
         for worker in self._workers:
             worker.join()
         self._fail_waiting()
@@ -481,23 +480,38 @@ class GenerationEngine:
                     request.send(exc)
                 batch = _Batch.of([], [], batch.step, len(self.vocab))
                 self._lane_rows[lane] = 0
-        self._lane_rows[lane] = self._lane_shares[lane]  # stopped: counts as full, so others take the rest
 
     def _admit(self, lane: int, runner: ModelRunner, running: int, block: bool, stopping: bool) -> tuple[dict, bool]:
-        """Prime waiting requests for this lane while it is among the least loaded; blocks only when
-        nothing is running."""
+        """Prime waiting requests for this lane, up to its share of max_batch; blocks only when nothing runs.
+
+        Lane 0 reads the engine's queue and hands a request to the next lane with room only when it is
+        full itself; the other lanes take what they are handed. A few requests thus share one batch:
+        two lanes stepping small batches side by side measured slower than one (the GIL changes hands
+        twice per step), while a full lane gains from a second core.
+        """
         joined: dict[_Request, tuple[np.ndarray, list[np.ndarray]]] = {}
-        while not stopping and self._may_take(lane, running + len(joined)):
+        source = self._queue if lane == 0 else self._inboxes[lane]
+        while not stopping:
+            target = lane if running + len(joined) < self._lane_shares[lane] else self._lane_with_room(lane)
+            if target is None:
+                break
             wait = block and not joined
-            if not wait and self._queue.empty():
+            if not wait and source.empty():
                 break  # the common case while a batch runs; cheaper than a get that raises
             try:
-                request = self._queue.get(block=wait)
+                request = source.get(block=wait)
             except queue.Empty:
                 break
             if request is _STOP:
                 stopping = True
-            elif not request.cancelled:
+                if lane == 0:  # after every request it handed on, so each lane finishes its own first
+                    for inbox in self._inboxes[1:]:
+                        inbox.put(_STOP)
+            elif request.cancelled:
+                continue
+            elif target != lane:
+                self._inboxes[target].put(request)
+            else:
                 try:
                     joined[request] = self._prime(runner, request)
                     self._lane_rows[lane] = running + len(joined)
@@ -506,13 +520,15 @@ class GenerationEngine:
                     request.send(exc)
         return joined, stopping
 
-    def _may_take(self, lane: int, rows: int) -> bool:
-        """Whether a lane with `rows` requests may take another: it has room, and no other lane with
-        room has fewer (a lane blocked waiting for work then gets the next request)."""
-        if rows >= self._lane_shares[lane]:
-            return False
-        others = [n for i, n in enumerate(self._lane_rows) if i != lane and n < self._lane_shares[i]]
-        return not others or rows <= min(others)
+    def _lane_with_room(self, lane: int) -> int | None:
+        """For lane 0 when full: the first other lane with room for one more request (counting those handed
+        to it and not yet taken)."""
+        if lane != 0:
+            return None
+        for other in range(1, self.lanes):
+            if self._lane_rows[other] + self._inboxes[other].qsize() < self._lane_shares[other]:
+                return other
+        return None
 
     @staticmethod
     def _sample(batch: _Batch, logits: np.ndarray) -> np.ndarray:
