@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=5, help="rounds per candidate, single-stream and batched (best is kept)"
     )
     p.add_argument("--streams", default="1,8,64,256", help="concurrent streams for the batched runs")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=64,
+        help="engine max_batch (its default): rows stepped together in all lanes; more streams wait in its queue",
+    )
     p.add_argument("--threads", default="1,2", help="onnxruntime intra-op threads per lane to compare")
     p.add_argument(
         "--lanes",
@@ -167,7 +173,7 @@ def main() -> None:
                 models[precision],
                 providers="cpu",
                 threads=threads,
-                max_batch=max(streams),
+                max_batch=args.max_batch,
                 max_queue=max(streams),
                 fast_step=fast,
                 lanes=lanes,
