@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from bot.engine import (
     InvalidLength,
     InvalidTemperature,
     InvalidTopK,
+    default_lanes,
     sample_rows,
 )
 from bot.runner import ModelRunner, ProviderError
@@ -78,6 +80,10 @@ def test_lanes_are_validated_and_capped_by_max_batch(tiny_int8):
             GenerationEngine(tiny_int8, providers="cpu", lanes=bad)
     with GenerationEngine(tiny_int8, providers="cpu", max_batch=1, lanes=4) as eng:
         assert eng.lanes == 1
+    # By default each lane keeps at least MIN_LANE_BATCH rows of max_batch, and a GPU gets one lane.
+    assert default_lanes("CPUExecutionProvider", 1, max_batch=16) == 1
+    assert default_lanes("CPUExecutionProvider", 1, max_batch=1024) == min(8, len(os.sched_getaffinity(0)))
+    assert default_lanes("CUDAExecutionProvider", 1, max_batch=1024) == 1
 
 
 def test_int8_step_graph_gives_the_contract_graphs_logits_bit_for_bit(tiny_int8):
