@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16), by torch's own capability checks."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     """The mixed-precision type for `device`, or None for plain fp32.
 
@@ -122,8 +127,7 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
         return None
     if device.type == "cuda":
         return torch.float16
-    native_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return torch.bfloat16 if device.type == "cpu" and native_bf16 else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
 class StreamBatcher:

@@ -18,6 +18,7 @@ from model.novel import copied_share
 from model.plot import read_metrics
 from model.sample import sample_text
 from model.text import CleaningOptions, Vocab
+from model.train import cpu_has_native_bf16
 
 torch.set_num_threads(1)
 
@@ -270,7 +271,7 @@ def test_training_and_sampling_bad_inputs(tiny_data, tiny_checkpoint, tmp_path, 
 def test_mixed_precision_trains_with_fp32_weights_and_state(tiny_data, tmp_path, capsys):
     """--amp (the default) autocasts to bf16 on a CPU with native bf16 and stays fp32 elsewhere; either way
     the checkpoint holds fp32 weights and an fp32 carried state, and --no-amp is plain fp32."""
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    native = cpu_has_native_bf16()
     runs = {}
     for flag in ("--amp", "--no-amp"):
         out = tmp_path / flag
