@@ -6,12 +6,11 @@
 
 Single stream: µs per character and the latency of one 500-character speech (empty prompt), through
 each path's real sampling loop (model.sample for PyTorch, bot.engine for onnxruntime; PyTorch without
-the paragraph-start walk that the engine does once at load). int8 runs twice: stepping with the
-step graph (the engine's default, bot/runner.py) and with the contract graph's Loop. Batched:
-characters per second with N concurrent requests (agenerate from one asyncio loop, as the bot
-awaits them) through the engine's continuous batching, and the ratio to one stream; each
-onnxruntime path runs with 1 and 2 engine lanes (workers on separate cores, bot/engine.py). "step µs" is
-a bare ModelRunner.step of one character at batch 1 (the graph alone).
+the paragraph-start walk that the engine does once at load). Batched: characters per second with N
+concurrent requests (agenerate from one asyncio loop, as the bot awaits them) through the engine's
+continuous batching, and the ratio to one stream; each onnxruntime path runs with 1 and 2 engine lanes
+(workers on separate cores, bot/engine.py). "graph µs" is a bare ModelRunner.sample of whole chunks at
+batch 1, per character (the chunk graph alone, bot/chunk_graph.py).
 The machine is shared, so candidates are timed in rounds, each round running every candidate once
 (interleaved, so a burst of someone else's load hits them alike), and each keeps its best round.
 Prints a table and writes JSON.
@@ -33,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from bot.engine import GenerationEngine
+from bot.engine import CHUNK, GenerationEngine
 from bot.runner import read_model_info
 from export.pipeline import export_checkpoint
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -41,7 +40,7 @@ from model.model import CharRNN, ModelConfig
 from model.sample import sample_text
 from model.text import CleaningOptions, Vocab
 
-GRAPH_STEPS = 200
+GRAPH_CHUNKS = 20
 VOCAB_81 = Vocab(list("\n !\"$%&'()*,-./0123456789:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
 
 
@@ -71,12 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", default="docs/bench/generation.json", help="where to write the results")
     return p
-
-
-def path_name(precision: str, fast_step: bool) -> str:
-    if precision != "int8":
-        return f"onnxruntime {precision}"
-    return f"onnxruntime int8 {'step' if fast_step else 'loop'}"
 
 
 def random_checkpoint(path: Path, rnn_size: int, num_layers: int) -> Path:
@@ -126,11 +119,12 @@ def torch_runs(checkpoint: Path, length: int) -> dict[str, Callable[[], object]]
     }
 
 
-def graph_steps(engine: GenerationEngine) -> Callable[[], object]:
-    """ModelRunner.step of one character at batch 1, GRAPH_STEPS times: the graph without the engine around it."""
+def graph_chunks(engine: GenerationEngine) -> Callable[[], object]:
+    """ModelRunner.sample of GRAPH_CHUNKS chunks at batch 1: the chunk graph without the engine around it."""
     runner = engine.runner
-    tokens, state = np.zeros(1, np.int64), runner.step_state(runner.zero_state(1))
-    return lambda: [runner.step(tokens, state) for _ in range(GRAPH_STEPS)]
+    logits, state = np.zeros((1, len(runner.info.vocab)), np.float32), runner.zero_state(1)
+    settings = np.ones(1, np.float32), np.zeros(1, np.int64), np.full((1, CHUNK), 0.5, np.float32)
+    return lambda: [runner.sample(logits, state, *settings) for _ in range(GRAPH_CHUNKS)]
 
 
 def concurrent_streams(engine: GenerationEngine, streams: int, length: int) -> Callable[[], object]:
@@ -167,18 +161,16 @@ def main() -> None:
             label = args.checkpoint or f"random {args.num_layers}x{args.rnn_size} LSTM"
             for precision in ("fp32", "int8"):
                 models[precision] = export_checkpoint(checkpoint, Path(tmp) / f"{precision}.onnx", precision).path
-        variants = [(p, fast) for p in models for fast in ((True, False) if p == "int8" else (False,))]
         engines = {
-            (path_name(precision, fast), threads, lanes): GenerationEngine(
+            (f"onnxruntime {precision}", threads, lanes): GenerationEngine(
                 models[precision],
                 providers="cpu",
                 threads=threads,
                 max_batch=args.max_batch,
                 max_queue=max(streams),
-                fast_step=fast,
                 lanes=lanes,
             )
-            for precision, fast in variants
+            for precision in models
             for threads, lanes in layouts
         }
         try:
@@ -188,7 +180,7 @@ def main() -> None:
             if checkpoint is not None:
                 singles |= torch_runs(checkpoint, args.length)
             single = best_in_rounds(singles, args.repeats)
-            step = best_in_rounds({key: graph_steps(engine) for key, engine in engines.items()}, args.repeats)
+            chunk = best_in_rounds({key: graph_chunks(engine) for key, engine in engines.items()}, args.repeats)
             batched = {
                 n: best_in_rounds(
                     {key: concurrent_streams(engine, n, args.length) for key, engine in engines.items()},
@@ -218,7 +210,7 @@ def main() -> None:
                 "lanes": lanes,
                 "us_per_char": single[key] / args.length * 1e6,
                 "speech_ms": single[key] * 1e3,
-                "step_us": step[key] / GRAPH_STEPS * 1e6,
+                "graph_us_per_char": chunk[key] / (GRAPH_CHUNKS * CHUNK) * 1e6,
                 "size_mb": models[engines[key].info.precision].stat().st_size / 1e6,
             }
             for n in streams:
@@ -231,7 +223,7 @@ def main() -> None:
         f"onnxruntime {ort.__version__}, torch {torch.__version__}"
     )
     header = (
-        f"{'path':<22} {'thr':>3} {'lanes':>5} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'step µs':>8}"
+        f"{'path':<22} {'thr':>3} {'lanes':>5} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'graph µs':>8}"
         + "".join(f" {f'{n} str c/s':>12}" for n in streams)
         + f" {'64÷1':>6}"
     )
@@ -239,7 +231,8 @@ def main() -> None:
     for row in rows:
         line = (
             f"{row['path']:<22} {row['threads']:>3} {row['lanes']:>5} {row['us_per_char']:>8.1f} "
-            f"{row['speech_ms']:>9.1f} {baseline / row['us_per_char']:>7.1f}× {row.get('step_us', float('nan')):>8.1f}"
+            f"{row['speech_ms']:>9.1f} {baseline / row['us_per_char']:>7.1f}× "
+            f"{row.get('graph_us_per_char', float('nan')):>8.1f}"
         )
         if "chars_per_s_1" in row:
             line += "".join(f" {row[f'chars_per_s_{n}']:>12,.0f}" for n in streams)

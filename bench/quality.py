@@ -174,7 +174,7 @@ def model_bits(checkpoint: str, corpus: Corpus, dynamic_lr: float = 0.0) -> dict
 def onnx_bits(path: str, corpus: Corpus) -> tuple[str, dict[str, np.ndarray]]:
     """The exported model's row name and per-character bits, scored by onnxruntime on one CPU thread."""
     try:
-        runner = ModelRunner(path, "cpu", threads=1, fast_step=False)
+        runner = ModelRunner(path, "cpu", threads=1)
     except ModelFileError as exc:
         raise UsageError(str(exc)) from exc
     session, info = runner.session, runner.info

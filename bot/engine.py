@@ -1,18 +1,17 @@
 """Text generation with onnxruntime: one model file, continuous batching. Never imports torch.
 
 Background workers ("lanes") each own a copy of the model (bot.runner.ModelRunner) and a batch. Each
-request is primed alone (its whole prompt in one call), then joins the batch of the lane that took it,
-which advances one character per call; a finished request leaves at once and a new one joins at the
-next step. Lane 0 takes requests until it holds its share of max_batch and hands the rest to the next
+request is primed alone (its whole prompt in one call), then joins the batch of the lane that took it.
+A batch advances CHUNK characters per call of the chunk graph (bot.chunk_graph), which samples and
+steps in onnxruntime without coming back to Python; between calls, finished requests leave and new
+ones join. Lane 0 takes requests until it holds its share of max_batch and hands the rest to the next
 lane with room. onnxruntime releases the GIL while it runs, so on a CPU the lanes' graphs run on
 separate cores at once: many requests gain a core, while a few still share one batch (docs/bench).
 
-Every request samples with its own temperature, top-k and numpy Generator, and a row's logits do not
-depend on its batch mates (fp32: same kernels per row; int8: exact integer matmuls with fixed
-activation scales), so a seed gives the same text alone or in a batch of any size, in any lane. The
-per-step bookkeeping is vectorised over the batch (uniforms drawn in blocks per request, tokens
-decoded every CHUNK_STEPS characters), so Python work per step barely grows with the number of
-requests.
+Every request samples with its own temperature, top-k and numpy Generator (CHUNK uniforms per call),
+and a row's logits do not depend on its batch mates (fp32: same kernels per row; int8: exact integer
+matmuls with fixed activation scales), so a seed gives the same text alone or in a batch of any size,
+in any lane.
 """
 
 from __future__ import annotations
@@ -39,10 +38,10 @@ MAX_PROMPT_CHARS = 20_000
 SENTENCE_ENDERS = frozenset(".!?")
 # The greedy walk from a newline to the first sentence end, done once at load (see paragraph_start).
 PARAGRAPH_START_MAX_CHARS = 300
-CHUNK_STEPS = 16  # characters per streamed chunk; also how often a cancelled request is noticed
-# Uniforms each request draws from its Generator at a time (a multiple of CHUNK_STEPS, so blocks are
-# refilled when chunks are delivered). A block of draws is the same stream as single draws.
-UNIFORM_BLOCK = 4 * CHUNK_STEPS
+# Characters per call of the chunk graph: also the streamed chunk, how long a new request may wait
+# to join a running batch, and how often a cancelled request is noticed. Python's work per call is
+# spread over these characters (16 measured within 10% of 64 for speed, README "Speed").
+CHUNK = 16
 _STOP = object()
 MAX_LANES = 8
 # Two lanes of 32 rows measured faster than one of 64, two of 4 slower than one of 8 (README, Speed).
@@ -82,28 +81,12 @@ class InvalidSeed(ValueError):
     pass
 
 
-def sample_rows(logits: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """One token per row by inverse-CDF sampling; each row uses only its own values.
-
-    top_ks is None when no row has a top-k limit, else holds each row's k (the vocabulary size for
-    rows without a limit); uniforms are in [0, 1). It runs once per step for the whole batch, in the
-    logits' float32, with as few numpy calls as possible.
-    """
-    scores = (logits - logits.max(axis=1, keepdims=True)) / temperatures[:, None]
-    if top_ks is not None:
-        kth = -np.sort(-scores, axis=1)[np.arange(len(scores)), top_ks - 1]
-        scores[scores < kth[:, None]] = -np.inf
-    cdf = np.exp(scores).cumsum(axis=1)
-    # u < 1 keeps the threshold below the total, so the count is at most vocab - 1.
-    return (cdf < uniforms[:, None] * cdf[:, -1:]).sum(axis=1)
-
-
 @dataclass(eq=False)
 class _Request:
     prompt_ids: list[int]
     length: int
     temperature: float
-    top_k: int
+    top_k: int  # 0: no limit
     rng: np.random.Generator
     stop_at_sentence_end: bool
     # Called from the worker with a text chunk, then once with None (done) or an exception.
@@ -142,56 +125,30 @@ class _Request:
         if final:
             self.send(None)
 
-    def uniforms(self, start: int) -> np.ndarray:
-        """The next block of uniforms, rotated so that its first one sits at the batch's column for `start`."""
-        return np.roll(self.rng.random(UNIFORM_BLOCK), start % UNIFORM_BLOCK)
-
 
 @dataclass
 class _Batch:
-    """The requests stepped together and their rows: recurrent state, next input token, sampling settings.
-
-    `step` counts the batch's steps. A request that joined at step `start` makes its k-th character at
-    step start + k; its tokens and uniforms live in ring buffers indexed by the step, so a step
-    reads and writes one column for all rows, and the rows are only looked at one by one at
-    `next_event`, when some request has a chunk to deliver or is done.
-    """
+    """The requests stepped together and their rows: next-character logits, recurrent state, settings."""
 
     requests: list[_Request]
+    logits: np.ndarray  # [batch, vocab]
     state: list[np.ndarray]  # each [layers, batch, hidden]
-    step: int
-    vocab_size: int
-    tokens: np.ndarray
     temperatures: np.ndarray
-    top_ks: np.ndarray  # vocab_size for rows without a limit
-    lengths: np.ndarray
-    starts: np.ndarray
-    history: np.ndarray  # [batch, CHUNK_STEPS] tokens by step
-    uniform_ring: np.ndarray  # [batch, UNIFORM_BLOCK] uniforms by step
-    next_event: int = field(init=False)
-    limited: bool = field(init=False)  # some row has a top-k limit
+    top_ks: np.ndarray  # 0 for rows without a limit
+    remaining: np.ndarray  # characters each request still has to make
 
-    ROWS = ("tokens", "temperatures", "top_ks", "lengths", "starts", "history", "uniform_ring")
-
-    def __post_init__(self) -> None:
-        self.limited = bool((self.top_ks < self.vocab_size).any())
-        self.schedule()
+    ROWS = ("logits", "temperatures", "top_ks", "remaining")
 
     @classmethod
-    def of(cls, requests: list[_Request], states: list[list[np.ndarray]], step: int, vocab_size: int) -> _Batch:
-        n = len(requests)
+    def of(cls, joined: dict[_Request, tuple[np.ndarray, list[np.ndarray]]]) -> _Batch:
+        requests = list(joined)
         return cls(
             requests,
-            [np.concatenate(parts, axis=1) for parts in zip(*states, strict=True)] if n else [],
-            step,
-            vocab_size,
-            tokens=np.zeros(n, np.int64),
+            np.stack([logits for logits, _ in joined.values()]) if joined else np.zeros((0, 0), np.float32),
+            [np.concatenate(parts, axis=1) for parts in zip(*(state for _, state in joined.values()), strict=True)],
             temperatures=np.array([r.temperature for r in requests], np.float32),
             top_ks=np.array([r.top_k for r in requests], np.int64),
-            lengths=np.array([r.length for r in requests], np.int64),
-            starts=np.full(n, step, np.int64),
-            history=np.zeros((n, CHUNK_STEPS), np.int64),
-            uniform_ring=np.array([r.uniforms(step) for r in requests]).reshape(n, UNIFORM_BLOCK),
+            remaining=np.array([r.length for r in requests], np.int64),
         )
 
     def joined(self, other: _Batch) -> _Batch:
@@ -199,30 +156,16 @@ class _Batch:
             return other
         return _Batch(
             self.requests + other.requests,
-            [np.concatenate([a, b], axis=1) for a, b in zip(self.state, other.state, strict=True)],
-            self.step,
-            self.vocab_size,
+            state=[np.concatenate([a, b], axis=1) for a, b in zip(self.state, other.state, strict=True)],
             **{name: np.concatenate([getattr(self, name), getattr(other, name)]) for name in self.ROWS},
         )
 
     def kept(self, keep: np.ndarray) -> _Batch:
         return _Batch(
             [r for r, k in zip(self.requests, keep, strict=True) if k],
-            [s[:, keep] for s in self.state],
-            self.step,
-            self.vocab_size,
+            state=[s[:, keep] for s in self.state],
             **{name: getattr(self, name)[keep] for name in self.ROWS},
         )
-
-    def schedule(self) -> None:
-        """The next step at which a request has a full chunk or is done."""
-        made = self.step - self.starts
-        until = np.minimum(CHUNK_STEPS - made % CHUNK_STEPS, self.lengths - made)
-        self.next_event = self.step + int(until.min()) if len(until) else self.step
-
-    def uniforms(self) -> np.ndarray:
-        """The uniform for each row's next character, from its request's own Generator."""
-        return self.uniform_ring[:, self.step % UNIFORM_BLOCK]
 
 
 def _settle(future: asyncio.Future, result: str | BaseException) -> None:
@@ -244,23 +187,21 @@ class GenerationEngine:
         threads: int | None = None,
         max_batch: int = 64,
         max_queue: int = 256,
-        fast_step: bool = True,
         lanes: int | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be positive")
         if lanes is not None and not 1 <= lanes <= MAX_LANES:
             raise ValueError(f"lanes must be a whole number from 1 to {MAX_LANES}, not {lanes!r}")
-        self.runner = ModelRunner(model_path, providers, threads, fast_step)
+        self.runner = ModelRunner(model_path, providers, threads)
         self.info, self.provider = self.runner.info, self.runner.provider
         lanes = min(lanes or default_lanes(self.provider, threads, max_batch), max_batch)
-        runners = [self.runner] + [ModelRunner(model_path, providers, threads, fast_step) for _ in range(lanes - 1)]
+        runners = [self.runner] + [ModelRunner(model_path, providers, threads) for _ in range(lanes - 1)]
         self.vocab = Vocab(self.info.vocab, self.info.unknown_policy)
         self.cleaning = CleaningOptions.from_dict(self.info.cleaning)
         self.max_batch = max_batch
         self.lanes = lanes
         self._start_logits, self._start_state = self._paragraph_start()
-        self._start_step_state = self.runner.step_state(self._start_state)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = False
         self.lane_peaks = [0] * lanes  # the most requests each lane has stepped together so far
@@ -387,7 +328,7 @@ class GenerationEngine:
             prompt_ids=self.vocab.encode(normalize_prompt(prompt, self.cleaning)),
             length=length,
             temperature=float(temperature),
-            top_k=min(top_k, vocab_size) if top_k else vocab_size,
+            top_k=top_k if top_k and top_k < vocab_size else 0,  # 0: no limit
             rng=np.random.default_rng(seed),
             stop_at_sentence_end=stop_at_sentence_end,
             deliver=deliver,
@@ -447,14 +388,14 @@ class GenerationEngine:
         return logits[0, -1], state
 
     def _prime(self, runner: ModelRunner, request: _Request) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The request's next-character logits and its state in step form."""
+        """The request's next-character logits and its state after the prompt."""
         if not request.prompt_ids:
-            return self._start_logits, self._start_step_state
+            return self._start_logits, self._start_state
         logits, state = runner.prime(np.array([request.prompt_ids], np.int64), self._start_state)
-        return logits[0, -1], runner.step_state(state)
+        return logits[0, -1], state
 
     def _run(self, lane: int, runner: ModelRunner) -> None:
-        batch = _Batch.of([], [], 0, len(self.vocab))
+        batch = _Batch.of({})
         stopping = False
         while not stopping or batch.requests:
             joined, stopping = self._admit(
@@ -462,25 +403,23 @@ class GenerationEngine:
             )
             try:
                 if joined:
-                    states = [state for _, state in joined.values()]
-                    newcomers = _Batch.of(list(joined), states, batch.step, len(self.vocab))
-                    newcomers.tokens = self._sample(newcomers, np.stack([logits for logits, _ in joined.values()]))
-                    batch = batch.joined(newcomers)
+                    batch = batch.joined(_Batch.of(joined))
                 if not batch.requests:
                     continue
-                keep = self._advance(batch)
-                if keep is not None and not keep.all():
+                self.lane_peaks[lane] = max(self.lane_peaks[lane], len(batch.requests))
+                uniforms = np.stack([request.rng.random(CHUNK, np.float32) for request in batch.requests])
+                tokens, batch.logits, batch.state = runner.sample(
+                    batch.logits, batch.state, batch.temperatures, batch.top_ks, uniforms
+                )
+                keep = self._deliver(batch, tokens)
+                if not keep.all():
                     batch = batch.kept(keep)
                     self._lane_rows[lane] = len(batch.requests)
-                if batch.requests:
-                    self.lane_peaks[lane] = max(self.lane_peaks[lane], len(batch.requests))
-                    logits, batch.state = runner.step(batch.tokens, batch.state)
-                    batch.tokens = self._sample(batch, logits)
             except Exception as exc:  # a failed run must not kill the worker; fail the requests it held
                 log.exception("generation step failed")
                 for request in dict.fromkeys(batch.requests + list(joined)):
                     request.send(exc)
-                batch = _Batch.of([], [], batch.step, len(self.vocab))
+                batch = _Batch.of({})
                 self._lane_rows[lane] = 0
 
     def _admit(self, lane: int, runner: ModelRunner, running: int, block: bool, stopping: bool) -> tuple[dict, bool]:
@@ -532,33 +471,16 @@ class GenerationEngine:
                 return other
         return None
 
-    @staticmethod
-    def _sample(batch: _Batch, logits: np.ndarray) -> np.ndarray:
-        return sample_rows(logits, batch.temperatures, batch.top_ks if batch.limited else None, batch.uniforms())
-
-    def _advance(self, batch: _Batch) -> np.ndarray | None:
-        """Record each request's new token; deliver full chunks and finished texts.
-
-        Returns which requests go on, or None when all do (every step but the event steps).
-        """
-        batch.history[:, batch.step % CHUNK_STEPS] = batch.tokens
-        batch.step += 1
-        if batch.step < batch.next_event:
-            return None
-        made = batch.step - batch.starts
-        done = made == batch.lengths
-        keep = ~done
+    def _deliver(self, batch: _Batch, tokens: np.ndarray) -> np.ndarray:
+        """Hand each request its new characters (the last chunk only up to its length); which go on."""
         chars = self.vocab.chars
-        for row in np.flatnonzero(done | (made % CHUNK_STEPS == 0)).tolist():
-            request, count = batch.requests[row], int(made[row])
+        for row, request in enumerate(batch.requests):
+            count = min(CHUNK, int(batch.remaining[row]))
             if not request.cancelled:
-                columns = np.arange(batch.step - (count - 1) % CHUNK_STEPS - 1, batch.step) % CHUNK_STEPS
-                request.add("".join([chars[t] for t in batch.history[row, columns].tolist()]), final=bool(done[row]))
-            if count % UNIFORM_BLOCK == 0:
-                batch.uniform_ring[row] = request.uniforms(int(batch.starts[row]))
-            keep[row] &= not request.cancelled  # cancelled by its caller, or its caller went away
-        batch.schedule()
-        return keep
+                final = count == batch.remaining[row]
+                request.add("".join([chars[t] for t in tokens[row, :count].tolist()]), final=final)
+        batch.remaining -= CHUNK
+        return np.array([not request.cancelled for request in batch.requests]) & (batch.remaining > 0)
 
     def _fail_waiting(self) -> None:
         while True:

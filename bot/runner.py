@@ -1,10 +1,8 @@
-"""Loading a speechbot model file and running its graph: validation, provider choice, prime and step.
+"""Loading a speechbot model file and running its graphs: validation, provider choice, prime and chunks.
 
-The contract graph (tokens [batch, seq], state) -> (logits, state) primes prompts. For the batch's
-one-character steps an int8 model also gets a step graph: the same nodes as the body of the contract
-graph's Loop, extracted at load time (export.int8_lstm.step_graph), which skips the Loop and the state
-reshaping around it. Its state is each layer's c and quantized h; its results are bitwise those of
-the contract graph, so either path gives the same text for a seed.
+The file's contract graph (tokens [batch, seq], state) -> (logits, state) primes prompts. Text is then
+written by the chunk graph (bot.chunk_graph), built from the contract graph at load time: it samples
+and steps CHUNK characters per call, for every row of a batch, with each row's own settings.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from export.int8_lstm import quantize_graph, step_graph
+from bot.chunk_graph import chunk_graph
 from export.metadata import MetadataError, ModelInfo, parse_props, state_names
 
 log = logging.getLogger(__name__)
@@ -105,41 +103,28 @@ def read_model_info(path: str | Path) -> tuple[bytes, ModelInfo]:
 class ModelRunner:
     """One validated model file: its sessions, metadata and provider. Not thread-safe; one owner."""
 
-    def __init__(
-        self, path: str | Path, providers: str = "auto", threads: int | None = None, fast_step: bool = True
-    ) -> None:
+    def __init__(self, path: str | Path, providers: str = "auto", threads: int | None = None) -> None:
         data, self.info = read_model_info(path)
-        options = session_options(threads)
-        self.session = ort.InferenceSession(data, options, providers=[choose_provider(providers, self.info.precision)])
+        self._options = session_options(threads)
+        self._providers = [choose_provider(providers, self.info.precision)]
+        self.session = ort.InferenceSession(data, self._options, providers=self._providers)
         self.provider = self.session.get_providers()[0]
         self.state_names, _ = state_names(self.info.is_lstm)
-        self._step_session = self._quantize_session = None
-        if fast_step and self.info.precision == "int8":
-            model = onnx.load_from_string(data)
-            try:
-                step = step_graph(model)
-            except ValueError as exc:  # an int8 graph of another layout still runs through the contract
-                log.info("no step graph for %s (%s); stepping with the contract graph", path, exc)
-            else:
-                cpu = [_PROVIDER_NAMES["cpu"]]
-                self._step_session = ort.InferenceSession(step.SerializeToString(), options, providers=cpu)
-                self._quantize_session = ort.InferenceSession(
-                    quantize_graph(model).SerializeToString(), options, providers=cpu
-                )
-                self._step_inputs = [i.name for i in self._step_session.get_inputs()]
+        self._contract = onnx.load_from_string(data)
+        # The top-k variant costs five nodes per step; it is built when a request first asks for top-k.
+        self._chunk_sessions = {False: self._chunk_session(top_k=False)}
         kind = self.info.model_config["model_type"]
         log.info(
-            "loaded %s (%s, %s) on %s%s",
+            "loaded %s (%s, %s) on %s",
             path,
             f"ensemble of {self.info.members} {kind}s" if self.info.members > 1 else kind,
             self.info.precision,
             self.provider,
-            ", with a step graph" if self.uses_step_graph else "",
         )
 
-    @property
-    def uses_step_graph(self) -> bool:
-        return self._step_session is not None
+    def _chunk_session(self, top_k: bool) -> ort.InferenceSession:
+        graph = chunk_graph(self._contract, len(self.info.vocab), self.info.is_lstm, top_k)
+        return ort.InferenceSession(graph.SerializeToString(), self._options, providers=self._providers)
 
     def zero_state(self, batch: int) -> list[np.ndarray]:
         return [np.zeros(self.info.state_shape(batch), np.float32) for _ in self.state_names]
@@ -150,23 +135,30 @@ class ModelRunner:
         logits, *new_state = self.session.run(None, feed)
         return logits, new_state
 
-    def step_state(self, state: list[np.ndarray]) -> list[np.ndarray]:
-        """A state from prime() in the form step() takes: [c, quantized h] with a step graph, else unchanged."""
-        if not self.uses_step_graph:
-            return state
-        h, c = state
-        return [c, self._quantize_session.run(None, {"h": h})[0]]
+    def sample(
+        self,
+        logits: np.ndarray,
+        state: list[np.ndarray],
+        temperature: np.ndarray,
+        top_k: np.ndarray,
+        uniforms: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Chunk graph: one character per uniform for each row.
 
-    def step(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One character for each row: tokens [batch] and a step_state() -> logits [batch, vocab] and the new state.
-
-        Every state array is [layers, batch, hidden], so a batch is joined and split along axis 1.
+        logits [batch, vocab] (the next character's), state, temperature [batch] float32, top_k [batch]
+        int64 (0: no limit, else below the vocabulary size), uniforms [batch, chunk] float32 in [0, 1)
+        (bot.chunk_graph says how they pick a token) -> tokens [batch, chunk], the
+        logits after them and the new state. Each state array is [layers, batch, hidden].
         """
-        if not self.uses_step_graph:
-            logits, state = self.prime(tokens[:, None], state)
-            return logits[:, 0], state
-        layers = self.info.state_shape(0)[0]
-        c, hq = state
-        feed = dict(zip(self._step_inputs, [tokens, *c, *hq], strict=True))
-        logits, *parts = self._step_session.run(None, feed)
-        return logits, [np.stack(parts[:layers]), np.stack(parts[layers:])]
+        limited = bool(top_k.any())
+        if limited not in self._chunk_sessions:
+            self._chunk_sessions[limited] = self._chunk_session(top_k=limited)
+        feed = {
+            "logits": logits,
+            **dict(zip(self.state_names, state, strict=True)),
+            "temperature": temperature,
+            "top_k": top_k,
+            "uniforms": uniforms,
+        }
+        tokens, next_logits, *new_state = self._chunk_sessions[limited].run(None, feed)
+        return tokens, next_logits, new_state

@@ -64,7 +64,7 @@ def onnx_nats(session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, s
 def main(args: argparse.Namespace) -> None:
     if args.seq_length < 1:
         raise UsageError(f"--seq-length must be a positive number, not {args.seq_length}")
-    runner = ModelRunner(args.model, args.providers, fast_step=False)
+    runner = ModelRunner(args.model, args.providers)
     session, info, provider = runner.session, runner.info, runner.provider
     text, _ = read_utf8(Path(args.text))
     ids, unknown = info.text_ids(text)

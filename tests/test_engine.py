@@ -9,7 +9,6 @@ import sys
 import threading
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 
@@ -21,10 +20,8 @@ from bot.engine import (
     InvalidTemperature,
     InvalidTopK,
     default_lanes,
-    sample_rows,
 )
 from bot.runner import ModelRunner, ProviderError
-from export.int8_lstm import step_graph
 
 
 @pytest.fixture(scope="module", params=["fp32", "int8"])
@@ -86,39 +83,73 @@ def test_lanes_are_validated_and_capped_by_max_batch(tiny_int8):
     assert default_lanes("CUDAExecutionProvider", 1, max_batch=1024) == 1
 
 
-def test_int8_step_graph_gives_the_contract_graphs_logits_bit_for_bit(tiny_int8):
-    runner = ModelRunner(tiny_int8, "cpu", threads=1)
-    assert runner.uses_step_graph
-    tokens = np.random.default_rng(0).integers(len(runner.info.vocab), size=(8, 40))
-    whole, (h, c) = runner.prime(tokens, runner.zero_state(8))
-    # Prime the first 10 characters with the contract graph, as the engine does with a prompt, then step.
-    primed, state = runner.prime(tokens[:, :10], runner.zero_state(8))
-    state = runner.step_state(state)
-    stepped = [primed[:, -1]]
-    for t in range(10, 40):
-        logits, state = runner.step(tokens[:, t], state)
-        stepped.append(logits)
-    assert np.array_equal(np.stack(stepped[:-1], axis=1), whole[:, 9:39])
-    assert np.array_equal(stepped[-1], whole[:, 39])
-    assert np.array_equal(state[0], c)
-    assert np.array_equal(state[1], runner.step_state([h, c])[1])
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def runner(request, tiny_onnx, tiny_int8):
+    return ModelRunner(tiny_onnx if request.param == "fp32" else tiny_int8, "cpu", threads=1)
 
 
-def test_step_graph_and_contract_graph_engines_write_the_same_text(tiny_int8):
-    with (
-        GenerationEngine(tiny_int8, providers="cpu", threads=1) as fast,
-        GenerationEngine(tiny_int8, providers="cpu", threads=1, fast_step=False) as plain,
-    ):
-        assert fast.runner.uses_step_graph and not plain.runner.uses_step_graph
-        for seed, prompt in enumerate(["", "We will", "Make Am"]):
-            options = {"length": 150, "temperature": 1.0, "seed": seed}
-            assert fast.generate(prompt, **options) == plain.generate(prompt, **options)
+def primed_rows(runner: ModelRunner, rows: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    tokens = np.random.default_rng(0).integers(len(runner.info.vocab), size=(rows, 12))
+    logits, state = runner.prime(tokens, runner.zero_state(rows))
+    return logits[:, -1], state
 
 
-def test_models_without_the_int8_loop_step_through_the_contract_graph(tiny_onnx):
-    with pytest.raises(ValueError, match="Loop"):
-        step_graph(onnx.load(tiny_onnx))
-    assert not ModelRunner(tiny_onnx, "cpu").uses_step_graph
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_chunk_graph_samples_by_inverse_cdf_with_each_rows_settings(runner, top_k):
+    logits, state = primed_rows(runner, 6)
+    temperatures = np.array([0.15, 0.5, 0.9, 1.0, 1.5, 2.0], np.float32)
+    scores = logits / temperatures[:, None]
+    if top_k:
+        scores[scores < np.sort(scores, axis=1)[:, -top_k][:, None]] = -np.inf
+    probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))
+    cdf = np.cumsum(probabilities / probabilities.sum(axis=1, keepdims=True), axis=1)
+    # For each row the midpoint of the interval of a token it can draw; 0.5 of the way in, rounding cannot matter.
+    rng = np.random.default_rng(1)
+    expected = np.array([rng.choice(np.flatnonzero(np.diff(row, prepend=0) > 1e-3)) for row in cdf])
+    lower = np.where(expected > 0, cdf[np.arange(6), expected - 1], 0)
+    uniforms = np.zeros((6, 3), np.float32)
+    # The graph draws the first token whose cdf reaches 1 - u.
+    uniforms[:, 0] = 1 - (lower + cdf[np.arange(6), expected]) / 2
+    top_ks = np.full(6, top_k, np.int64)
+    tokens, _, _ = runner.sample(logits, state, temperatures, top_ks, uniforms)
+    assert tokens.shape == (6, 3)
+    assert tokens[:, 0].tolist() == expected.tolist()
+
+
+def test_chunk_graph_steps_exactly_like_the_contract_graph(runner):
+    logits, state = primed_rows(runner, 5)
+    greedy = np.ones(5, np.int64)  # top-k 1: each token is the argmax, so the chunk can be replayed
+    # Uniforms at 0, the edge: even there a token of probability 0 is never drawn.
+    tokens, next_logits, new_state = runner.sample(
+        logits, state, np.ones(5, np.float32), greedy, np.zeros((5, 20), np.float32)
+    )
+    replayed, replayed_state = runner.prime(tokens, state)
+    assert tokens[:, 0].tolist() == logits.argmax(axis=1).tolist()
+    assert (tokens[:, 1:] == replayed[:, :-1].argmax(axis=2)).all()
+    # The int8 chunk graph runs the contract Loop's own nodes: bit for bit. fp32 steps a traced LSTM node
+    # on sequences of one instead of 20, which may round differently.
+    tolerance = 0 if runner.info.precision == "int8" else 1e-5
+    np.testing.assert_allclose(next_logits, replayed[:, -1], rtol=0, atol=tolerance)
+    for got, want in zip(new_state, replayed_state, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
+
+
+def test_a_row_samples_the_same_alone_and_in_a_batch(runner):
+    logits, state = primed_rows(runner, 8)
+    vocab = len(runner.info.vocab)
+    top_ks = np.array([0, 1, 3, 0, vocab - 1, 2, 0, 9], np.int64)
+    settings = (np.linspace(0.2, 2.0, 8).astype(np.float32), top_ks)
+    uniforms = np.random.default_rng(2).random((8, 16), np.float32)
+    together = runner.sample(logits, state, *settings, uniforms)
+    for row in range(8):
+        alone = runner.sample(
+            logits[row : row + 1],
+            [s[:, row : row + 1] for s in state],
+            *(x[row : row + 1] for x in settings),
+            uniforms[row : row + 1],
+        )
+        assert np.array_equal(alone[0][0], together[0][row])
+        assert np.array_equal(alone[1][0], together[1][row])
 
 
 def test_requests_that_join_later_keep_their_text(engine):
@@ -228,14 +259,6 @@ def test_provider_choice(tiny_onnx):
         GenerationEngine(tiny_onnx, providers="tpu")
     with GenerationEngine(tiny_onnx, providers="cpu") as eng:
         assert eng.provider == "CPUExecutionProvider"
-
-
-def test_sample_rows_follows_the_distribution():
-    logits = np.log(np.array([[0.1, 0.2, 0.7]] * 3, np.float32))
-    uniforms = np.array([0.05, 0.25, 0.95])
-    assert sample_rows(logits, np.ones(3), None, uniforms).tolist() == [0, 1, 2]
-    assert sample_rows(logits, np.ones(3), np.full(3, 3), uniforms).tolist() == [0, 1, 2]
-    assert sample_rows(logits, np.ones(3), np.full(3, 1), uniforms).tolist() == [2, 2, 2]
 
 
 def test_a_caller_that_went_away_does_not_break_the_batch(engine):
