@@ -181,13 +181,15 @@ def main() -> None:
                 singles |= torch_runs(checkpoint, args.length)
             single = best_in_rounds(singles, args.repeats)
             chunk = best_in_rounds({key: graph_chunks(engine) for key, engine in engines.items()}, args.repeats)
-            batched = {
-                n: best_in_rounds(
-                    {key: concurrent_streams(engine, n, args.length) for key, engine in engines.items()},
-                    args.repeats,
-                )
-                for n in streams
-            }
+            # All stream counts in the same rounds, so that a slow spell cannot favour one side of a ratio.
+            batched = best_in_rounds(
+                {
+                    (key, n): concurrent_streams(engine, n, args.length)
+                    for key, engine in engines.items()
+                    for n in streams
+                },
+                args.repeats,
+            )
         finally:
             for engine in engines.values():
                 engine.close()
@@ -214,7 +216,7 @@ def main() -> None:
                 "size_mb": models[engines[key].info.precision].stat().st_size / 1e6,
             }
             for n in streams:
-                row[f"chars_per_s_{n}"] = n * args.length / batched[n][key]
+                row[f"chars_per_s_{n}"] = n * args.length / batched[(key, n)]
             rows.append(row)
     baseline = rows[0]["us_per_char"]
     print(

@@ -110,9 +110,11 @@ class ModelRunner:
         self.session = ort.InferenceSession(data, self._options, providers=self._providers)
         self.provider = self.session.get_providers()[0]
         self.state_names, _ = state_names(self.info.is_lstm)
-        contract = onnx.load_from_string(data)
-        # Sampling with a top-k cut costs five nodes more per step, so batches without one use a graph without them.
-        self._chunk_sessions = {limited: self._chunk_session(contract, limited) for limited in (False, True)}
+        # Sampling with a top-k cut costs five nodes more per step, so batches without one use a graph
+        # without them. The bot never asks for top-k, so that variant (~45 MB for the bundled model) is
+        # built when a request first does; the file's bytes are kept for it (~15 MB).
+        self._data = data
+        self._chunk_sessions = {False: self._chunk_session(top_k=False)}
         kind = self.info.model_config["model_type"]
         log.info(
             "loaded %s (%s, %s) on %s",
@@ -122,7 +124,8 @@ class ModelRunner:
             self.provider,
         )
 
-    def _chunk_session(self, contract: onnx.ModelProto, top_k: bool) -> ort.InferenceSession:
+    def _chunk_session(self, top_k: bool) -> ort.InferenceSession:
+        contract = onnx.load_from_string(self._data)
         graph = chunk_graph(contract, len(self.info.vocab), self.info.is_lstm, top_k)
         return ort.InferenceSession(graph.SerializeToString(), self._options, providers=self._providers)
 
@@ -150,6 +153,10 @@ class ModelRunner:
         (bot.chunk_graph says how they pick a token) -> tokens [batch, chunk], the
         logits after them and the new state. Each state array is [layers, batch, hidden].
         """
+        limited = bool(top_k.any())
+        if limited not in self._chunk_sessions:
+            log.info("building the chunk graph with top-k sampling")
+            self._chunk_sessions[limited] = self._chunk_session(top_k=True)
         feed = {
             "logits": logits,
             **dict(zip(self.state_names, state, strict=True)),
@@ -157,5 +164,5 @@ class ModelRunner:
             "top_k": top_k,
             "uniforms": uniforms,
         }
-        tokens, next_logits, *new_state = self._chunk_sessions[bool(top_k.any())].run(None, feed)
+        tokens, next_logits, *new_state = self._chunk_sessions[limited].run(None, feed)
         return tokens, next_logits, new_state
