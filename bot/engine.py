@@ -92,6 +92,7 @@ class _Request:
     # Called from the worker with a text chunk, then once with None (done) or an exception.
     deliver: Callable[[str | BaseException | None], None]
     streaming: bool  # deliver chunks as they come, not only the whole text at the end
+    unread: list[np.ndarray] = field(default_factory=list)  # tokens not decoded yet
     unsent: list[str] = field(default_factory=list)
     ended_a_sentence: bool = False  # some text up to a sentence end was already delivered
     cancelled: bool = False
@@ -104,12 +105,14 @@ class _Request:
             log.warning("a caller stopped listening; its request is dropped", exc_info=True)
             self.cancelled = True
 
-    def add(self, text: str, final: bool) -> None:
-        """Take the next characters and pass on what the caller may see now (then None if final)."""
-        self.unsent.append(text)
+    def add(self, tokens: np.ndarray, final: bool, chars: list[str]) -> None:
+        """Take the next tokens and pass on what the caller may see now (then None if final). A caller
+        of the whole text gets it decoded once, at the end."""
+        self.unread.append(tokens)
         if not (final or self.streaming):
             return
-        pending = "".join(self.unsent)
+        pending = "".join(self.unsent) + "".join([chars[t] for t in np.concatenate(self.unread).tolist()])
+        self.unread.clear()
         self.unsent.clear()
         if self.stop_at_sentence_end:
             end = max(pending.rfind(ch) for ch in SENTENCE_ENDERS) + 1
@@ -407,7 +410,10 @@ class GenerationEngine:
                 if not batch.requests:
                     continue
                 self.lane_peaks[lane] = max(self.lane_peaks[lane], len(batch.requests))
-                uniforms = np.stack([request.rng.random(CHUNK, np.float32) for request in batch.requests])
+                # A batch whose requests all end sooner takes fewer steps. The uniforms of a shorter chunk
+                # are the first of a full one's, so a request's text does not depend on its batch mates.
+                steps = min(CHUNK, int(batch.remaining.max()))
+                uniforms = np.stack([request.rng.random(steps, np.float32) for request in batch.requests])
                 tokens, batch.logits, batch.state = runner.sample(
                     batch.logits, batch.state, batch.temperatures, batch.top_ks, uniforms
                 )
@@ -472,14 +478,13 @@ class GenerationEngine:
         return None
 
     def _deliver(self, batch: _Batch, tokens: np.ndarray) -> np.ndarray:
-        """Hand each request its new characters (the last chunk only up to its length); which go on."""
-        chars = self.vocab.chars
+        """Hand each request its new tokens (the last chunk only up to its length); which go on."""
+        steps = tokens.shape[1]
         for row, request in enumerate(batch.requests):
-            count = min(CHUNK, int(batch.remaining[row]))
+            count = min(steps, int(batch.remaining[row]))
             if not request.cancelled:
-                final = count == batch.remaining[row]
-                request.add("".join([chars[t] for t in tokens[row, :count].tolist()]), final=final)
-        batch.remaining -= CHUNK
+                request.add(tokens[row, :count], final=count == batch.remaining[row], chars=self.vocab.chars)
+        batch.remaining -= steps
         return np.array([not request.cancelled for request in batch.requests]) & (batch.remaining > 0)
 
     def _fail_waiting(self) -> None:
