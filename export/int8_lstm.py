@@ -242,6 +242,13 @@ def build_int8_lstm(
             _info("h", TensorProto.FLOAT, state),
             _info("c", TensorProto.FLOAT, state),
         ],
-        outer.initializers,
+        _used(outer.initializers, outer.nodes + body.nodes),
     )
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", OPSET), oh.make_opsetid("com.microsoft", 1)])
+
+
+def _used(initializers: list[onnx.TensorProto], nodes: list[onnx.NodeProto]) -> list[onnx.TensorProto]:
+    """The shared constants a graph reads (a single network needs no ensemble or padding constants);
+    onnxruntime warns about each unused one whenever it opens the file."""
+    read = {name for node in nodes for name in node.input}
+    return [tensor for tensor in initializers if tensor.name in read]
