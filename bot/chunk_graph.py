@@ -32,8 +32,6 @@ _CONSTANTS = {
     "sampler_axis2": np.array([2], np.int64),
     "sampler_one": np.array([1], np.int64),
     "sampler_zero": np.array([0], np.int64),
-    "sampler_last": np.array([-1], np.int64),
-    "sampler_end": np.array([np.iinfo(np.int64).max], np.int64),
     "sampler_minus_inf": np.array(-np.inf, np.float32),
     "sampler_one_f": np.array(1.0, np.float32),
     "sampler_keep_going": np.array(True),
@@ -53,7 +51,7 @@ def _settings_nodes(top_k: bool) -> list[onnx.NodeProto]:
     n = oh.make_node
     nodes = [
         n("Unsqueeze", ["temperature", "sampler_axis1"], ["sampler_temperature"]),
-        # 1 - u lies in (0, 1], so the threshold below is above 0 and a token of probability 0 is never
+        # The sampler's threshold is 1 - u, in (0, 1]: above 0, so a token of probability 0 is never
         # drawn (a threshold of 0 would pick the first token whatever its probability).
         n("Sub", ["sampler_one_f", "uniforms"], ["sampler_from_top"]),
         # [chunk, batch, 1]: step t's uniforms are then one Gather, already a column.
@@ -80,8 +78,8 @@ def _settings_nodes(top_k: bool) -> list[onnx.NodeProto]:
 
 def _sampling_nodes(iteration: str, logits: str, token: str, top_k: bool) -> list[onnx.NodeProto]:
     """Loop-body nodes that draw `token` [batch] from `logits` [batch, vocab]: softmax at the row's
-    temperature (cut to its top k), then the first token whose cumulative probability reaches 1 - u
-    of the total, u being the row's uniform for the step. Few nodes on purpose: each costs ~1 µs
+    temperature (cut to its top k), then the first token whose cumulative probability reaches 1 - u,
+    u being the row's uniform for the step. Few nodes on purpose: each costs ~1 µs
     per step at batch 1."""
     n = oh.make_node
     nodes = [
@@ -102,11 +100,10 @@ def _sampling_nodes(iteration: str, logits: str, token: str, top_k: bool) -> lis
         *nodes,
         n("Softmax", [scores], ["sampler_probabilities"], axis=1),
         n("CumSum", ["sampler_probabilities", "sampler_axis1"], ["sampler_cdf"]),
-        # The total is ~1 but not exactly; a share of the total keeps the threshold within reach.
-        n("Slice", ["sampler_cdf", "sampler_last", "sampler_end", "sampler_axis1"], ["sampler_total"]),
-        n("Mul", ["sampler_uniform", "sampler_total"], ["sampler_threshold"]),
         # The first index where the cdf reaches the threshold is where min(cdf, threshold) first peaks.
-        n("Min", ["sampler_cdf", "sampler_threshold"], ["sampler_capped"]),
+        # The cdf's total is 1 give or take rounding; a threshold above it peaks where the cdf does,
+        # at the last token of nonzero probability.
+        n("Min", ["sampler_cdf", "sampler_uniform"], ["sampler_capped"]),
         n("ArgMax", ["sampler_capped"], [token], axis=1, keepdims=0),
     ]
 
@@ -142,12 +139,14 @@ def _int8_loop(model: onnx.ModelProto, vocab_size: int, top_k: bool) -> onnx.Mod
     if read_token.op_type != "Gather" or list(read_token.input) != ["tokens", body.input[0].name]:
         raise ChunkGraphError("not an int8 LSTM graph: its Loop body does not start by reading the token")
     # Body outputs: cond, h*, c*, hq*, then the scanned logits; the logits become carried, the token scanned.
-    *carried_out, step_logits = body.output
+    cond_out, *carried_out, step_logits = body.output
+    # The condition goes out as it came in, without the Identity node that copied it (~1 µs a step).
+    steps = [node for node in body.node[1:] if list(node.output) != [cond_out.name]]
     new_body = oh.make_graph(
-        _sampling_nodes(body.input[0].name, "sampler_logits_in", read_token.output[0], top_k) + list(body.node[1:]),
+        _sampling_nodes(body.input[0].name, "sampler_logits_in", read_token.output[0], top_k) + steps,
         body.name,
         [*body.input, _info("sampler_logits_in", TensorProto.FLOAT, ["batch", vocab_size])],
-        [*carried_out, step_logits, _info(read_token.output[0], TensorProto.INT64, ["batch"])],
+        [body.input[1], *carried_out, step_logits, _info(read_token.output[0], TensorProto.INT64, ["batch"])],
     )
     *carried_last, scanned_logits = loop.output
     new_loop = oh.make_node(
@@ -212,7 +211,6 @@ def _wrapped(model: onnx.ModelProto, vocab_size: int, is_lstm: bool, top_k: bool
             oh.make_node("Unsqueeze", ["sampler_token", "sampler_axis1"], ["body_tokens"]),
             *contract_nodes,
             oh.make_node("Squeeze", ["body_logits", "sampler_axis1"], ["sampler_logits_out"]),
-            oh.make_node("Identity", ["sampler_cond_in"], ["sampler_cond_out"]),
         ],
         "speechbot_chunk_step",
         [
@@ -222,7 +220,7 @@ def _wrapped(model: onnx.ModelProto, vocab_size: int, is_lstm: bool, top_k: bool
             *body_state_in,
         ],
         [
-            _info("sampler_cond_out", TensorProto.BOOL, []),
+            _info("sampler_cond_in", TensorProto.BOOL, []),  # passed straight on
             _info("sampler_logits_out", TensorProto.FLOAT, ["batch", vocab_size]),
             *body_state_out,
             _info("sampler_token", TensorProto.INT64, ["batch"]),
