@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import TINY_CORPUS, train_tiny
 
+from bot.engine import GenerationEngine
 from bot.runner import ModelFileError, ProviderError, read_model_info
 from export.__main__ import main as export_main
 from export.metadata import MetadataError, info_from_checkpoints, parse_props
@@ -129,6 +130,13 @@ def test_gru_exports_and_int8_is_refused_for_it(tiny_dir, capsys):
     result = export_checkpoint(ckpt, tiny_dir / "gru.onnx")
     assert result.check.max_logit_diff <= 1e-4
     assert [i.name for i in ort.InferenceSession(str(result.path)).get_inputs()] == ["tokens", "h0"]
+    # The engine's chunk graph steps a one-state network too, and a seed keeps its text in a batch.
+    with GenerationEngine(result.path, providers="cpu", threads=1, lanes=1) as engine:
+        alone = engine.generate("We", length=40, top_k=5, seed=2)
+        others = [engine.stream("Make", length=30 + i, seed=i) for i in range(5)]
+        mine = engine.stream("We", length=40, top_k=5, seed=2)
+        assert "".join(mine) == alone and len(alone) == 40
+        assert all(len("".join(other)) == 30 + i for i, other in enumerate(others))
     with pytest.raises(SystemExit) as exit_info:
         export_main([str(ckpt), "-o", str(tiny_dir / "gru8.onnx"), "--int8"])
     assert exit_info.value.code == 2
