@@ -26,7 +26,6 @@ from onnx import helper as oh
 
 from export.metadata import state_names
 
-SETTINGS = ("temperature", "top_k", "uniforms")
 _CONSTANTS = {
     "sampler_axis1": np.array([1], np.int64),
     "sampler_axis2": np.array([2], np.int64),

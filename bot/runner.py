@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bot.chunk_graph import chunk_graph
+from bot.chunk_graph import ChunkGraphError, chunk_graph
 from export.metadata import MetadataError, ModelInfo, parse_props, state_names
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class ModelRunner:
     """One validated model file: its sessions, metadata and provider. Not thread-safe; one owner."""
 
     def __init__(self, path: str | Path, providers: str = "auto", threads: int | None = None) -> None:
+        self.path = Path(path)
         data, self.info = read_model_info(path)
         self._options = session_options(threads)
         self._providers = [choose_provider(providers, self.info.precision)]
@@ -126,7 +127,10 @@ class ModelRunner:
 
     def _chunk_session(self, top_k: bool) -> ort.InferenceSession:
         contract = onnx.load_from_string(self._data)
-        graph = chunk_graph(contract, len(self.info.vocab), self.info.is_lstm, top_k)
+        try:
+            graph = chunk_graph(contract, len(self.info.vocab), self.info.is_lstm, top_k)
+        except ChunkGraphError as exc:
+            raise ModelFileError(f"{self.path} cannot be served: {exc}") from exc
         return ort.InferenceSession(graph.SerializeToString(), self._options, providers=self._providers)
 
     def zero_state(self, batch: int) -> list[np.ndarray]:

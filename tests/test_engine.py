@@ -9,6 +9,7 @@ import sys
 import threading
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -21,7 +22,7 @@ from bot.engine import (
     InvalidTopK,
     default_lanes,
 )
-from bot.runner import ModelRunner, ProviderError
+from bot.runner import ModelFileError, ModelRunner, ProviderError
 
 
 @pytest.fixture(scope="module", params=["fp32", "int8"])
@@ -150,6 +151,17 @@ def test_a_row_samples_the_same_alone_and_in_a_batch(runner):
         )
         assert np.array_equal(alone[0][0], together[0][row])
         assert np.array_equal(alone[1][0], together[1][row])
+
+
+def test_an_int8_file_of_another_layout_is_refused_clearly(tiny_int8, tmp_path):
+    model = onnx.load(tiny_int8)
+    body = next(node for node in model.graph.node if node.op_type == "Loop").attribute[0].g
+    # A valid graph whose Loop reads the token one node later than export.int8_lstm writes it.
+    body.node[0].input[1] = "t_copy"
+    body.node.insert(0, onnx.helper.make_node("Identity", [body.input[0].name], ["t_copy"]))
+    onnx.save(model, tmp_path / "other.onnx")
+    with pytest.raises(ModelFileError, match="cannot be served: not an int8 LSTM graph"):
+        ModelRunner(tmp_path / "other.onnx", "cpu")
 
 
 def test_requests_that_join_later_keep_their_text(engine):
