@@ -10,7 +10,9 @@ the paragraph-start walk that the engine does once at load). Batched: characters
 concurrent requests (agenerate from one asyncio loop, as the bot awaits them) through the engine's
 continuous batching, and the ratio to one stream; each onnxruntime path runs with 1 and 2 engine lanes
 (workers on separate cores, bot/engine.py). "graph µs" is a bare ModelRunner.sample of whole chunks at
-batch 1, per character (the chunk graph alone, bot/chunk_graph.py).
+batch 1, per character (the chunk graph alone, bot/chunk_graph.py). A host probe in the batched
+rounds times bare 32-row chunk graphs on one thread and on two: what two lanes could gain at best on
+this machine at that time (a shared VM's second core comes and goes).
 The machine is shared, so candidates are timed in rounds, each round running every candidate once
 (interleaved, so a burst of someone else's load hits them alike), and each keeps its best round.
 Prints a table and writes JSON.
@@ -24,6 +26,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +36,7 @@ import onnxruntime as ort
 import torch
 
 from bot.engine import CHUNK, GenerationEngine
-from bot.runner import read_model_info
+from bot.runner import ModelRunner, read_model_info
 from export.pipeline import export_checkpoint
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.model import CharRNN, ModelConfig
@@ -41,6 +44,7 @@ from model.sample import sample_text
 from model.text import CleaningOptions, Vocab
 
 GRAPH_CHUNKS = 20
+HOST_ROWS = 32  # a lane's share of the engine's default max_batch
 VOCAB_81 = Vocab(list("\n !\"$%&'()*,-./0123456789:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
 
 
@@ -127,6 +131,34 @@ def graph_chunks(engine: GenerationEngine) -> Callable[[], object]:
     return lambda: [runner.sample(logits, state, *settings) for _ in range(GRAPH_CHUNKS)]
 
 
+def host_scaling_runs(model: Path) -> dict[tuple[str, int], Callable[[], object]]:
+    """Bare chunk graphs of HOST_ROWS rows on one thread, and on two at once (a runner each): whether the
+    host lets this process use two whole cores while the batched rounds run (a shared VM often does not)."""
+    runners = [ModelRunner(model, "cpu", threads=1) for _ in range(2)]
+
+    def chunks(runner: ModelRunner) -> Callable[[], object]:
+        rows, vocab = HOST_ROWS, len(runner.info.vocab)
+        inputs = (
+            np.zeros((rows, vocab), np.float32),
+            runner.zero_state(rows),
+            np.ones(rows, np.float32),
+            np.zeros(rows, np.int64),
+            np.full((rows, CHUNK), 0.5, np.float32),
+        )
+        return lambda: [runner.sample(*inputs) for _ in range(GRAPH_CHUNKS)]
+
+    work = [chunks(runner) for runner in runners]
+
+    def both() -> None:
+        threads = [threading.Thread(target=run) for run in work]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    return {("host", 1): work[0], ("host", 2): both}
+
+
 def concurrent_streams(engine: GenerationEngine, streams: int, length: int) -> Callable[[], object]:
     """`streams` requests awaited together from one asyncio loop, as the bot's handlers await them."""
 
@@ -181,15 +213,18 @@ def main() -> None:
                 singles |= torch_runs(checkpoint, args.length)
             single = best_in_rounds(singles, args.repeats)
             chunk = best_in_rounds({key: graph_chunks(engine) for key, engine in engines.items()}, args.repeats)
-            # All stream counts in the same rounds, so that a slow spell cannot favour one side of a ratio.
+            # All stream counts in the same rounds, so that a slow spell cannot favour one side of a ratio;
+            # the host probe runs in them too, so it describes the machine the ratios were measured on.
             batched = best_in_rounds(
                 {
                     (key, n): concurrent_streams(engine, n, args.length)
                     for key, engine in engines.items()
                     for n in streams
-                },
+                }
+                | host_scaling_runs(models[list(models)[-1]]),
                 args.repeats,
             )
+            host_scaling = 2 * batched[("host", 1)] / batched[("host", 2)]
         finally:
             for engine in engines.values():
                 engine.close()
@@ -242,6 +277,10 @@ def main() -> None:
                 row["ratio_64_to_1"] = row["chars_per_s_64"] / row["chars_per_s_1"]
                 line += f" {row['ratio_64_to_1']:>5.1f}×"
         print(line)
+    print(
+        f"host: two bare chunk graphs of {HOST_ROWS} rows on two threads did {host_scaling:.2f}× the work of one "
+        "in the batched rounds (2.00 would be two whole cores; lanes cannot do better)"
+    )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -253,6 +292,7 @@ def main() -> None:
                 "onnxruntime": ort.__version__,
                 "torch": torch.__version__,
                 "load_average": os.getloadavg()[0],
+                "host_two_thread_scaling": host_scaling,
                 "rows": rows,
             },
             indent=2,
