@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="engine max_batch (its default): rows stepped together in all lanes; more streams wait in its queue",
     )
+    p.add_argument(
+        "--provider",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="onnxruntime execution provider: cpu compares fp32 and int8, cuda fp32 and fp16 (needs onnxruntime-gpu)",
+    )
     p.add_argument("--threads", default="1,2", help="onnxruntime intra-op threads per lane to compare")
     p.add_argument(
         "--lanes",
@@ -191,12 +197,12 @@ def main() -> None:
                 else random_checkpoint(Path(tmp) / "random.pt", args.rnn_size, args.num_layers)
             )
             label = args.checkpoint or f"random {args.num_layers}x{args.rnn_size} LSTM"
-            for precision in ("fp32", "int8"):
+            for precision in ("fp32", "int8") if args.provider == "cpu" else ("fp32", "fp16"):
                 models[precision] = export_checkpoint(checkpoint, Path(tmp) / f"{precision}.onnx", precision).path
         engines = {
             (f"onnxruntime {precision}", threads, lanes): GenerationEngine(
                 models[precision],
-                providers="cpu",
+                providers=args.provider,
                 threads=threads,
                 max_batch=args.max_batch,
                 max_queue=max(streams),
@@ -221,10 +227,10 @@ def main() -> None:
                     for key, engine in engines.items()
                     for n in streams
                 }
-                | host_scaling_runs(models[list(models)[-1]]),
+                | (host_scaling_runs(models[list(models)[-1]]) if args.provider == "cpu" else {}),
                 args.repeats,
             )
-            host_scaling = 2 * batched[("host", 1)] / batched[("host", 2)]
+            host_scaling = 2 * batched[("host", 1)] / batched[("host", 2)] if args.provider == "cpu" else None
         finally:
             for engine in engines.values():
                 engine.close()
@@ -277,10 +283,11 @@ def main() -> None:
                 row["ratio_64_to_1"] = row["chars_per_s_64"] / row["chars_per_s_1"]
                 line += f" {row['ratio_64_to_1']:>5.1f}×"
         print(line)
-    print(
-        f"host: two bare chunk graphs of {HOST_ROWS} rows on two threads did {host_scaling:.2f}× the work of one "
-        "in the batched rounds (2.00 would be two whole cores; lanes cannot do better)"
-    )
+    if host_scaling is not None:
+        print(
+            f"host: two bare chunk graphs of {HOST_ROWS} rows on two threads did {host_scaling:.2f}× the work of one "
+            "in the batched rounds (2.00 would be two whole cores; lanes cannot do better)"
+        )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
