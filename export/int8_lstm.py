@@ -71,7 +71,7 @@ def _step(b: _Builder, token: str, cs: list[str], hqs: list[str], member: str) -
     new h, c, quantized h. `member` prefixes the network's constants and values.
 
     Each gate has its own matmul (and layer 0 its own table): onnxruntime's Split copies, and four
-    matmuls with no Split measured 14% faster at 32 rows than one matmul split into gates, for +10%
+    matmuls with no Split measured 13% faster at 32 rows than one matmul split into gates, for +9%
     at one row (README, Speed).
     """
     new_h, new_c, new_hq = [], [], []
