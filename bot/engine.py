@@ -8,7 +8,7 @@ ones join. Lane 0 takes requests until it holds its share of max_batch and hands
 lane with room. onnxruntime releases the GIL while it runs, so on a CPU the lanes' graphs run on
 separate cores at once: many requests gain a core, while a few still share one batch (docs/bench).
 
-Every request samples with its own temperature, top-k and numpy Generator (CHUNK uniforms per call),
+Every request samples with its own temperature, top-k and uniforms (drawn from its own numpy Generator),
 and a row's logits do not depend on its batch mates (fp32: same kernels per row; int8: exact integer
 matmuls with fixed activation scales), so a seed gives the same text alone or in a batch of any size,
 in any lane.
@@ -87,7 +87,10 @@ class _Request:
     length: int
     temperature: float
     top_k: int  # 0: no limit
-    rng: np.random.Generator
+    # One per character, drawn when the request is made (off the lanes' threads), padded to whole chunks
+    # because a request ending mid-chunk is stepped to the chunk's end with the rest of its batch. At most
+    # 80 KB (MAX_LENGTH float32s); drawing 16 per call from each Generator cost ~2 µs per row and call.
+    uniforms: np.ndarray
     stop_at_sentence_end: bool
     # Called from the worker with a text chunk, then once with None (done) or an exception.
     deliver: Callable[[str | BaseException | None], None]
@@ -106,11 +109,9 @@ class _Request:
             self.cancelled = True
 
     def add(self, tokens: np.ndarray, final: bool, chars: list[str]) -> None:
-        """Take the next tokens and pass on what the caller may see now (then None if final). A caller
-        of the whole text gets it decoded once, at the end."""
+        """Take the next tokens and pass on what the caller may see now (then None if final). For a caller
+        of the whole text, the worker only appends to `unread` until the last chunk, decoded once."""
         self.unread.append(tokens)
-        if not (final or self.streaming):
-            return
         pending = "".join(self.unsent) + "".join([chars[t] for t in np.concatenate(self.unread).tolist()])
         self.unread.clear()
         self.unsent.clear()
@@ -332,7 +333,7 @@ class GenerationEngine:
             length=length,
             temperature=float(temperature),
             top_k=top_k if top_k and top_k < vocab_size else 0,  # 0: no limit
-            rng=np.random.default_rng(seed),
+            uniforms=np.random.default_rng(seed).random(-(-length // CHUNK) * CHUNK, np.float32),
             stop_at_sentence_end=stop_at_sentence_end,
             deliver=deliver,
             streaming=streaming,
@@ -413,7 +414,8 @@ class GenerationEngine:
                 # A batch whose requests all end sooner takes fewer steps. The uniforms of a shorter chunk
                 # are the first of a full one's, so a request's text does not depend on its batch mates.
                 steps = min(CHUNK, int(batch.remaining.max()))
-                uniforms = np.stack([request.rng.random(steps, np.float32) for request in batch.requests])
+                starts = [r.length - left for r, left in zip(batch.requests, batch.remaining.tolist(), strict=True)]
+                uniforms = np.array([r.uniforms[i : i + steps] for r, i in zip(batch.requests, starts, strict=True)])
                 tokens, batch.logits, batch.state = runner.sample(
                     batch.logits, batch.state, batch.temperatures, batch.top_ks, uniforms
                 )
@@ -480,12 +482,15 @@ class GenerationEngine:
     def _deliver(self, batch: _Batch, tokens: np.ndarray) -> np.ndarray:
         """Hand each request its new tokens (the last chunk only up to its length); which go on."""
         steps = tokens.shape[1]
-        for row, request in enumerate(batch.requests):
-            count = min(steps, int(batch.remaining[row]))
-            if not request.cancelled:
-                request.add(tokens[row, :count], final=count == batch.remaining[row], chars=self.vocab.chars)
+        for request, row_tokens, left in zip(batch.requests, tokens, batch.remaining.tolist(), strict=True):
+            if left > steps and not request.streaming:
+                request.unread.append(row_tokens)  # the common case, kept cheap: nothing to hand over yet
+            elif not request.cancelled:
+                request.add(row_tokens[:left], final=left <= steps, chars=self.vocab.chars)
         batch.remaining -= steps
-        return np.array([not request.cancelled for request in batch.requests]) & (batch.remaining > 0)
+        if any(request.cancelled for request in batch.requests):
+            return np.array([not request.cancelled for request in batch.requests]) & (batch.remaining > 0)
+        return batch.remaining > 0
 
     def _fail_waiting(self) -> None:
         while True:
