@@ -165,13 +165,17 @@ def host_scaling_runs(model: Path) -> dict[tuple[str, int], Callable[[], object]
     return {("host", 1): work[0], ("host", 2): both}
 
 
-def concurrent_streams(engine: GenerationEngine, streams: int, length: int) -> Callable[[], object]:
-    """`streams` requests awaited together from one asyncio loop, as the bot's handlers await them."""
+def concurrent_streams(
+    loop: asyncio.AbstractEventLoop, engine: GenerationEngine, streams: int, length: int
+) -> Callable[[], object]:
+    """`streams` requests awaited together on `loop`, as the bot's handlers await them. One loop serves
+    every round, like the bot's: a new loop per round (asyncio.run) costs ~0.7 ms, which would weigh
+    on one stream more than on 64 and so flatter their ratio."""
 
     async def together() -> None:
         await asyncio.gather(*(engine.agenerate("", length=length, seed=i) for i in range(streams)))
 
-    return lambda: asyncio.run(together())
+    return lambda: loop.run_until_complete(together())
 
 
 def main() -> None:
@@ -211,6 +215,7 @@ def main() -> None:
             for precision in models
             for threads, lanes in layouts
         }
+        loop = asyncio.new_event_loop()
         try:
             singles = {
                 key: lambda e=engine: e.generate("", length=args.length, seed=1) for key, engine in engines.items()
@@ -223,7 +228,7 @@ def main() -> None:
             # the host probe runs in them too, so it describes the machine the ratios were measured on.
             batched = best_in_rounds(
                 {
-                    (key, n): concurrent_streams(engine, n, args.length)
+                    (key, n): concurrent_streams(loop, engine, n, args.length)
                     for key, engine in engines.items()
                     for n in streams
                 }
@@ -232,6 +237,7 @@ def main() -> None:
             )
             host_scaling = 2 * batched[("host", 1)] / batched[("host", 2)] if args.provider == "cpu" else None
         finally:
+            loop.close()
             for engine in engines.values():
                 engine.close()
         if checkpoint is not None:
