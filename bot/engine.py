@@ -21,7 +21,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +43,6 @@ PARAGRAPH_START_MAX_CHARS = 300
 # spread over these characters (16, 32 and 64 measured alike within this VM's noise, README "Speed").
 CHUNK = 16
 _STOP = object()
-# How long an idle lane that has a request waits for the next one of a burst before it starts
-# (requests submitted in one go arrive ~30 µs apart; a lone speech of 500 characters takes ~30 ms).
-BURST_GAP_S = 0.0001
 MAX_LANES = 8
 # Two lanes of 32 rows measured faster than one of 64, two of 4 slower than one of 8 (README, Speed).
 MIN_LANE_BATCH = 32
@@ -448,18 +444,11 @@ class GenerationEngine:
             target = lane if running + len(joined) < self._lane_shares[lane] else self._lane_with_room(lane)
             if target is None:
                 break
-            if source.empty():
-                if not block:
-                    break  # the common case while a batch runs; cheaper than a get that raises
-                if joined:
-                    # An idle lane that has its first requests waits a moment for more: a burst (a daily
-                    # post to many chats) then starts as one batch, not in groups a chunk apart. It
-                    # sleeps rather than waking at every request, which would take the GIL each time.
-                    time.sleep(BURST_GAP_S)
-                    if source.empty():
-                        break
+            wait = block and not joined
+            if not wait and source.empty():
+                break  # the common case while a batch runs; cheaper than a get that raises
             try:
-                request = source.get(block=block and not joined)
+                request = source.get(block=wait)
             except queue.Empty:
                 break
             if request is _STOP:
