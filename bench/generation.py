@@ -129,31 +129,22 @@ def torch_runs(checkpoint: Path, length: int) -> dict[str, Callable[[], object]]
     }
 
 
-def graph_chunks(engine: GenerationEngine) -> Callable[[], object]:
-    """ModelRunner.sample of GRAPH_CHUNKS chunks at batch 1: the chunk graph without the engine around it."""
-    runner = engine.runner
-    logits, state = np.zeros((1, len(runner.info.vocab)), np.float32), runner.zero_state(1)
-    settings = np.ones(1, np.float32), np.zeros(1, np.int64), np.full((1, CHUNK), 0.5, np.float32)
-    return lambda: [runner.sample(logits, state, *settings) for _ in range(GRAPH_CHUNKS)]
+def bare_chunks(runner: ModelRunner, rows: int) -> Callable[[], object]:
+    """ModelRunner.sample of GRAPH_CHUNKS chunks of `rows` rows: the chunk graph without the engine around it."""
+    inputs = (
+        np.zeros((rows, len(runner.info.vocab)), np.float32),
+        runner.zero_state(rows),
+        np.ones(rows, np.float32),
+        np.zeros(rows, np.int64),
+        np.full((rows, CHUNK), 0.5, np.float32),
+    )
+    return lambda: [runner.sample(*inputs) for _ in range(GRAPH_CHUNKS)]
 
 
 def host_scaling_runs(model: Path) -> dict[tuple[str, int], Callable[[], object]]:
     """Bare chunk graphs of HOST_ROWS rows on one thread, and on two at once (a runner each): whether the
     host lets this process use two whole cores while the batched rounds run (a shared VM often does not)."""
-    runners = [ModelRunner(model, "cpu", threads=1) for _ in range(2)]
-
-    def chunks(runner: ModelRunner) -> Callable[[], object]:
-        rows, vocab = HOST_ROWS, len(runner.info.vocab)
-        inputs = (
-            np.zeros((rows, vocab), np.float32),
-            runner.zero_state(rows),
-            np.ones(rows, np.float32),
-            np.zeros(rows, np.int64),
-            np.full((rows, CHUNK), 0.5, np.float32),
-        )
-        return lambda: [runner.sample(*inputs) for _ in range(GRAPH_CHUNKS)]
-
-    work = [chunks(runner) for runner in runners]
+    work = [bare_chunks(ModelRunner(model, "cpu", threads=1), HOST_ROWS) for _ in range(2)]
 
     def both() -> None:
         threads = [threading.Thread(target=run) for run in work]
@@ -223,7 +214,9 @@ def main() -> None:
             if checkpoint is not None:
                 singles |= torch_runs(checkpoint, args.length)
             single = best_in_rounds(singles, args.repeats)
-            chunk = best_in_rounds({key: graph_chunks(engine) for key, engine in engines.items()}, args.repeats)
+            chunk = best_in_rounds(
+                {key: bare_chunks(engine.runner, 1) for key, engine in engines.items()}, args.repeats
+            )
             # All stream counts in the same rounds, so that a slow spell cannot favour one side of a ratio;
             # the host probe runs in them too, so it describes the machine the ratios were measured on.
             batched = best_in_rounds(

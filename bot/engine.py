@@ -108,11 +108,11 @@ class _Request:
             log.warning("a caller stopped listening; its request is dropped", exc_info=True)
             self.cancelled = True
 
-    def add(self, tokens: np.ndarray, final: bool, chars: list[str]) -> None:
+    def add(self, tokens: np.ndarray, final: bool, vocab: Vocab) -> None:
         """Take the next tokens and pass on what the caller may see now (then None if final). For a caller
         of the whole text, the worker only appends to `unread` until the last chunk, decoded once."""
         self.unread.append(tokens)
-        pending = "".join(self.unsent) + "".join([chars[t] for t in np.concatenate(self.unread).tolist()])
+        pending = "".join(self.unsent) + vocab.decode(np.concatenate(self.unread).tolist())
         self.unread.clear()
         self.unsent.clear()
         if self.stop_at_sentence_end:
@@ -486,7 +486,7 @@ class GenerationEngine:
             if left > steps and not request.streaming:
                 request.unread.append(row_tokens)  # the common case, kept cheap: nothing to hand over yet
             elif not request.cancelled:
-                request.add(row_tokens[:left], final=left <= steps, chars=self.vocab.chars)
+                request.add(row_tokens[:left], final=left <= steps, vocab=self.vocab)
         batch.remaining -= steps
         if any(request.cancelled for request in batch.requests):
             return np.array([not request.cancelled for request in batch.requests]) & (batch.remaining > 0)
