@@ -14,7 +14,9 @@ batch 1, per character (the chunk graph alone, bot/chunk_graph.py). A host probe
 rounds times bare 32-row chunk graphs on one thread and on two: what two lanes could gain at best on
 this machine at that time (a shared VM's second core comes and goes).
 The machine is shared, so candidates are timed in rounds, each round running every candidate once
-(interleaved, so a burst of someone else's load hits them alike), and each keeps its best round.
+(interleaved, so a burst of someone else's load hits them alike), and each keeps its best round. The
+ratio of 64 streams to one is given twice: best round against best round ("64÷1"), and the median
+over rounds of the ratio within one round ("median"), which a lucky spell for either side cannot move.
 Prints a table and writes JSON.
 """
 
@@ -36,7 +38,7 @@ import onnxruntime as ort
 import torch
 
 from bot.engine import CHUNK, GenerationEngine
-from bot.runner import ModelRunner, read_model_info
+from bot.runner import DEFAULT_MODEL_PATH, ModelRunner, read_model_info
 from export.pipeline import export_checkpoint
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.model import CharRNN, ModelConfig
@@ -45,7 +47,6 @@ from model.text import CleaningOptions, Vocab
 
 GRAPH_CHUNKS = 20
 HOST_ROWS = 32  # a lane's share of the engine's default max_batch
-VOCAB_81 = Vocab(list("\n !\"$%&'()*,-./0123456789:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,12 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def random_checkpoint(path: Path, rnn_size: int, num_layers: int) -> Path:
+    """An untrained network over the bundled model's vocabulary (the corpus's 81 characters): as fast as a
+    trained one of its size."""
+    vocab = read_model_info(DEFAULT_MODEL_PATH)[1].vocab
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=len(VOCAB_81), rnn_size=rnn_size, num_layers=num_layers, wordvec_size=64)
+    config = ModelConfig(vocab_size=len(vocab), rnn_size=rnn_size, num_layers=num_layers, wordvec_size=64)
     payload = {
         "model_config": config.to_dict(),
         "model": CharRNN(config).state_dict(),
-        "vocab": VOCAB_81.chars,
+        "vocab": vocab,
         "unknown_policy": "nearest",
         "cleaning": CleaningOptions().to_dict(),
         "dataset_sha256": [],
@@ -105,15 +109,27 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
-def best_in_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Seconds of each run's best round; every round runs all of them, after one warm-up round."""
+def timed_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each run in each round; every round runs all of them, after one warm-up round, in
+    reverse order every other round, so that no run always follows the same neighbour."""
     for run in runs.values():
         run()  # primitive creation, first allocations
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(rounds):
-        for name, run in runs.items():
-            best[name] = min(best[name], timed(run))
-    return best
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for round_number in range(rounds):
+        for name, run in list(runs.items())[:: 1 if round_number % 2 == 0 else -1]:
+            seconds[name].append(timed(run))
+    return seconds
+
+
+def best_in_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Seconds of each run's best round (see timed_rounds)."""
+    return {name: min(times) for name, times in timed_rounds(runs, rounds).items()}
+
+
+def round_ratios(numerators: list[float], denominators: list[float]) -> np.ndarray:
+    """Each round's ratio: runs of one round share the host's speed of that moment, so the median of
+    these holds still where a best-of-rounds ratio swings with lucky spells."""
+    return np.array(numerators) / np.array(denominators)
 
 
 def torch_runs(checkpoint: Path, length: int) -> dict[str, Callable[[], object]]:
@@ -219,7 +235,7 @@ def main() -> None:
             )
             # All stream counts in the same rounds, so that a slow spell cannot favour one side of a ratio;
             # the host probe runs in them too, so it describes the machine the ratios were measured on.
-            batched = best_in_rounds(
+            batched_rounds = timed_rounds(
                 {
                     (key, n): concurrent_streams(loop, engine, n, args.length)
                     for key, engine in engines.items()
@@ -228,7 +244,13 @@ def main() -> None:
                 | (host_scaling_runs(models[list(models)[-1]]) if args.provider == "cpu" else {}),
                 args.repeats,
             )
-            host_scaling = 2 * batched[("host", 1)] / batched[("host", 2)] if args.provider == "cpu" else None
+            batched = {key: min(times) for key, times in batched_rounds.items()}
+            host_scaling = host_scaling_median = None
+            if args.provider == "cpu":
+                host_scaling = 2 * batched[("host", 1)] / batched[("host", 2)]
+                host_scaling_median = 2 * float(
+                    np.median(round_ratios(batched_rounds[("host", 1)], batched_rounds[("host", 2)]))
+                )
         finally:
             loop.close()
             for engine in engines.values():
@@ -257,6 +279,12 @@ def main() -> None:
             }
             for n in streams:
                 row[f"chars_per_s_{n}"] = n * args.length / batched[(key, n)]
+            if 1 in streams and 64 in streams:
+                row["ratio_64_to_1"] = row["chars_per_s_64"] / row["chars_per_s_1"]
+                # 64 streams against one in the same round: 64 × (one stream's seconds / 64 streams' seconds)
+                ratios = 64 * round_ratios(batched_rounds[(key, 1)], batched_rounds[(key, 64)])
+                row["ratio_64_to_1_median_of_rounds"] = float(np.median(ratios))
+                row["ratio_64_to_1_rounds"] = [round(float(r), 2) for r in ratios]
             rows.append(row)
     baseline = rows[0]["us_per_char"]
     print(
@@ -267,7 +295,7 @@ def main() -> None:
     header = (
         f"{'path':<22} {'thr':>3} {'lanes':>5} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'graph µs':>8}"
         + "".join(f" {f'{n} str c/s':>12}" for n in streams)
-        + f" {'64÷1':>6}"
+        + (f" {'64÷1':>6} {'median':>6}" if 1 in streams and 64 in streams else "")
     )
     print(header)
     for row in rows:
@@ -278,14 +306,14 @@ def main() -> None:
         )
         if "chars_per_s_1" in row:
             line += "".join(f" {row[f'chars_per_s_{n}']:>12,.0f}" for n in streams)
-            if 64 in streams:
-                row["ratio_64_to_1"] = row["chars_per_s_64"] / row["chars_per_s_1"]
-                line += f" {row['ratio_64_to_1']:>5.1f}×"
+            if "ratio_64_to_1" in row:
+                line += f" {row['ratio_64_to_1']:>5.1f}× {row['ratio_64_to_1_median_of_rounds']:>5.1f}×"
         print(line)
     if host_scaling is not None:
         print(
             f"host: two bare chunk graphs of {HOST_ROWS} rows on two threads did {host_scaling:.2f}× the work of one "
-            "in the batched rounds (2.00 would be two whole cores; lanes cannot do better)"
+            f"in the batched rounds, best against best ({host_scaling_median:.2f}× the median of rounds; 2.00 would "
+            "be two whole cores; lanes cannot do better)"
         )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +327,8 @@ def main() -> None:
                 "torch": torch.__version__,
                 "load_average": os.getloadavg()[0],
                 "host_two_thread_scaling": host_scaling,
+                "host_two_thread_scaling_median_of_rounds": host_scaling_median,
+                "repeats": args.repeats,
                 "rows": rows,
             },
             indent=2,
