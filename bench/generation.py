@@ -15,8 +15,10 @@ rounds times bare 32-row chunk graphs on one thread and on two: what two lanes c
 this machine at that time (a shared VM's second core comes and goes).
 The machine is shared, so candidates are timed in rounds, each round running every candidate once
 (interleaved, so a burst of someone else's load hits them alike), and each keeps its best round. The
-ratio of 64 streams to one is given twice: best round against best round ("64÷1"), and the median
-over rounds of the ratio within one round ("median"), which a lucky spell for either side cannot move.
+ratio of 64 streams to one is given twice: best round against best round ("64÷1"), which reads low
+when the short one-stream run catches a fast spell that the longer 64-stream run cannot, and the median
+over rounds of the ratio within one round ("median"), which reads high when a round's one-stream run
+hits a slow spell. On a shared host both move from run to run; read them together.
 Prints a table and writes JSON.
 """
 
@@ -127,8 +129,8 @@ def best_in_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[s
 
 
 def round_ratios(numerators: list[float], denominators: list[float]) -> np.ndarray:
-    """Each round's ratio: runs of one round share the host's speed of that moment, so the median of
-    these holds still where a best-of-rounds ratio swings with lucky spells."""
+    """Each round's ratio: the runs of one round are timed within a second or so of each other, so they
+    share more of the host's speed of that moment than the best rounds of two runs do."""
     return np.array(numerators) / np.array(denominators)
 
 
