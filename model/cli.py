@@ -41,16 +41,21 @@ def load_config_file(path: str) -> dict:
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse argv; values from --config become defaults, so flags on the command line still win."""
-    args = parser.parse_args(argv)
-    config_path = getattr(args, "config", None)
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config")
+    config_path = finder.parse_known_args(argv)[0].config
     if not config_path:
-        return args
+        return parser.parse_args(argv)
     settings = load_config_file(config_path)
     valid = {action.dest for action in parser._actions} - {"help", "config", "command"}
     unknown = sorted(set(settings) - valid)
     if unknown:
         names = ", ".join(k.replace("_", "-") for k in unknown)
         raise UsageError(f"config file {config_path} has unknown settings: {names}")
+    # A required flag that the file supplies is no longer required on the command line.
+    for action in parser._actions:
+        if action.dest in settings:
+            action.required = False
     parser.set_defaults(**settings)
     return parser.parse_args(argv)
 

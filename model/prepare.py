@@ -22,7 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Clean text files and write a dataset (meta.json + train/val/test .npy).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, in order")
+    p.add_argument(
+        "--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, in order (val, test: the tail)"
+    )
+    p.add_argument(
+        "--train-only",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="more UTF-8 text files that go into the training split only, after the --input text's train part "
+        "(val and test stay the tail of --input, so scores stay comparable)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the dataset")
     p.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
     p.add_argument("--val-frac", type=float, default=0.1, help="share of the text for validation")
@@ -92,6 +102,16 @@ def read_utf8(path: Path) -> tuple[str, str]:
     return text, hashlib.sha256(data).hexdigest()
 
 
+def read_cleaned(paths: list[Path], options: CleaningOptions, role: str) -> tuple[str, list[dict]]:
+    """The files' cleaned texts joined by newlines, and a provenance record for each (meta.json's sources)."""
+    documents, sources = [], []
+    for path in paths:
+        raw, digest = read_utf8(path)
+        documents.append(clean_text(raw, options))
+        sources.append({"path": path.name, "sha256": digest, "bytes": path.stat().st_size, "role": role})
+    return "\n".join(doc for doc in documents if doc.strip()), sources
+
+
 def prepare(
     inputs: list[Path],
     out_dir: Path,
@@ -101,18 +121,23 @@ def prepare(
     test_frac: float = 0.1,
     batch_size: int = DEFAULT_BATCH_SIZE,
     seq_length: int = DEFAULT_SEQ_LENGTH,
+    train_only: list[Path] = (),
 ) -> dict:
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise UsageError("--val-frac and --test-frac must be in [0, 1) and add up to less than 1")
-    documents, sources = [], []
-    for path in inputs:
-        raw, digest = read_utf8(path)
-        documents.append(clean_text(raw, options))
-        sources.append({"path": path.name, "sha256": digest, "bytes": path.stat().st_size})
-    text = "\n".join(doc for doc in documents if doc.strip())
+    text, sources = read_cleaned(inputs, options, "train+val+test")
     if not text.strip():
         raise UsageError("the input is empty after cleaning; check the files or turn cleaning steps off")
     sizes = split_sizes(len(text), val_frac, test_frac)
+    if train_only:
+        extra, extra_sources = read_cleaned(list(train_only), options, "train")
+        if not extra.strip():
+            raise UsageError("the --train-only files are empty after cleaning; check them")
+        # The extra text follows the main train part, so val and test remain exactly the main input's tail.
+        head, tail = text[: sizes["train"]], text[sizes["train"] :]
+        text = head + "\n" + extra + tail
+        sizes["train"] += len(extra) + 1
+        sources += extra_sources
     # One batch needs batch_size streams of seq_length + 1 characters.
     needed = batch_size * (seq_length + 1)
     if sizes["train"] < needed:
@@ -144,9 +169,10 @@ def main(args: argparse.Namespace) -> None:
         args.test_frac,
         args.batch_size,
         args.seq_length,
+        [Path(p) for p in args.train_only],
     )
     sizes = summary["split_sizes"]
     print(f"wrote {args.out}: {summary['chars']:,} characters, vocabulary of {summary['vocab_size']}")
     print(f"  split: train {sizes['train']:,} / val {sizes['val']:,} / test {sizes['test']:,}")
     for source in summary["sources"]:
-        print(f"  {source['path']}: {source['bytes']:,} bytes, sha256 {source['sha256']}")
+        print(f"  {source['path']} ({source['role']}): {source['bytes']:,} bytes, sha256 {source['sha256']}")

@@ -144,3 +144,32 @@ def test_unknown_command_and_bad_config(tmp_path, capsys):
     config.write_text('input = ["x"]\nout = "y"\nbatch_sise = 3\n', encoding="utf-8")
     err = run_cli_error(["prepare", "--input", "x", "--out", "y", "--config", str(config)], capsys)
     assert "unknown settings: batch-sise" in err
+
+
+def test_prepare_train_only_files_join_train_and_leave_val_test_alone(tmp_path):
+    main_text = "".join(f"Speech part {i}: we will win, believe me.\n" for i in range(200))
+    extra_text = "Rally words, all for training. " * 100
+    main_file, extra_file = tmp_path / "main.txt", tmp_path / "extra.txt"
+    main_file.write_text(main_text, encoding="utf-8")
+    extra_file.write_text(extra_text, encoding="utf-8")
+    common = ["--batch-size", "2", "--seq-length", "8"]
+    model_main(["prepare", "--input", str(main_file), "--out", str(tmp_path / "alone"), *common])
+    both_argv = ["prepare", "--input", str(main_file), "--train-only", str(extra_file), "--out", str(tmp_path / "both")]
+    model_main([*both_argv, *common])
+    alone, both = load_dataset(tmp_path / "alone"), load_dataset(tmp_path / "both")
+    for split in ("val", "test"):
+        assert both.vocab.decode(both.splits[split].tolist()) == alone.vocab.decode(alone.splits[split].tolist())
+    train = both.vocab.decode(both.splits["train"].tolist())
+    assert clean_text(extra_text).strip() in train
+    assert train.startswith(alone.vocab.decode(alone.splits["train"].tolist()))
+    assert [s["role"] for s in both.meta["sources"]] == ["train+val+test", "train"]
+    assert both.meta["sources"][1]["path"] == "extra.txt" and len(both.meta["sources"][1]["sha256"]) == 64
+
+
+def test_config_file_supplies_required_flags(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("We will make it great again, folks.\n" * 100, encoding="utf-8")
+    config = tmp_path / "prep.toml"
+    config.write_text(f'input = ["{corpus}"]\nout = "{tmp_path / "ds"}"\nbatch-size = 2\nseq-length = 8\n')
+    model_main(["prepare", "--config", str(config)])
+    assert load_dataset(tmp_path / "ds").meta["split_sizes"]["train"] > 0
