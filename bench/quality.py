@@ -1,12 +1,16 @@
 """Bits per character of the model against classic baselines, on the same split of the same text.
 
-    python -m bench.quality --data data/speeches --source ../shared/data/speeches.txt \
-        --checkpoint runs/default/best.pt --onnx bot/assets/speechbot.onnx --text ../shared/data/speeches.txt
+    python -m bench.quality --data data/both data/speeches --source ../shared/data/speeches.txt \
+        --onnx bot/assets/speechbot.onnx old.onnx --text ../shared/data/speeches.txt \
+        --text-train-only ../shared/data/trump-2015-2016-rallies.txt
 
---data scores the model's own prepared dataset (cleaned text, the model's exact split); --source is
-the raw file it was prepared from, needed only to mark which characters were typed in capitals
-before cleaning rewrote them in sentence case. --text scores a raw file (BOM removed, CRLF -> LF,
-the same 0.8/0.1/0.1 split in file order), to compare with numbers measured on the raw corpus.
+--data scores prepared datasets (cleaned text, the models' exact split), each with its own training
+text for the baselines; --source is the raw main file they were prepared from, needed only to mark
+which characters were typed in capitals before cleaning rewrote them in sentence case. --text scores
+a raw file (BOM removed, CRLF -> LF, the same 0.8/0.1/0.1 split in file order), to compare with numbers
+measured on the raw corpus; --text-train-only adds raw files to its training split only, as
+`prepare --train-only` does. Every --onnx model is scored on every dataset whose val and test text
+its vocabulary covers, so models trained on different training text meet on the same held-out text.
 
 Rows: the network as a PyTorch checkpoint (--checkpoint) and as the exported file the bot runs
 (--onnx; both --data only), unigram, interpolated modified Kneser-Ney with its order chosen on val,
@@ -57,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", metavar="DIR", help="prepared dataset (default data/speeches unless --text is given)")
+    p.add_argument(
+        "--data", nargs="+", metavar="DIR", help="prepared datasets (default data/speeches unless --text is given)"
+    )
     p.add_argument("--source", metavar="FILE", help="raw file --data was prepared from, for the by-case split")
     p.add_argument(
         "--checkpoint",
@@ -65,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CKPT",
         help="trained model to score on --data; several are also scored as their ensemble (mean probability)",
     )
-    p.add_argument("--onnx", metavar="MODEL.onnx", help="exported model (the bot's file) to score on --data")
+    p.add_argument(
+        "--onnx", nargs="+", metavar="MODEL.onnx", help="exported models (the bot's file) to score on --data"
+    )
     p.add_argument(
         "--dynamic-lr",
         type=float,
@@ -73,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also score the first --checkpoint with dynamic evaluation at this step size (0: off; see model.evaluate)",
     )
     p.add_argument("--text", metavar="FILE", help="also score this raw text file")
+    p.add_argument(
+        "--text-train-only", nargs="+", default=[], metavar="FILE", help="raw files added to --text's training split"
+    )
     p.add_argument("--max-order", type=int, default=20, help="Kneser-Ney orders 2..this are tried on val")
     p.add_argument("--ppmd-orders", type=parse_orders, default="4,6,8,12,16", help="PPMd orders, comma-separated")
     p.add_argument("--json", default="docs/quality.json", help="where to write the results")
@@ -103,31 +114,41 @@ def dataset_corpus(data_dir: str, source: str | None) -> Corpus:
         if digest not in dataset.sha256:
             raise UsageError(f"{source} is not the file {data_dir} was prepared from (sha256 differs)")
         # Cleaning with caps kept gives the same characters as the dataset, capitals and all, so
-        # the shouted lines can be found where the dataset has them in sentence case.
+        # the shouted lines can be found where the dataset has them in sentence case. Only val and
+        # test are split by case, and they are the main input's tail whatever went into train.
         kept = clean_text(raw, dataclasses.replace(dataset.cleaning, caps_policy="keep"))
-        if len(dataset.sha256) > 1 or kept.lower() != "".join(texts[n] for n in SPLITS).lower():
+        main_sources = [s for s in dataset.meta["sources"] if s.get("role", "train+val+test") != "train"]
+        held_out = texts["val"] + texts["test"]
+        if len(main_sources) > 1 or not kept.lower().endswith(held_out.lower()):
             raise UsageError(f"{data_dir} was not prepared from {source} alone; the by-case split needs that")
-        mask = shouted_mask(kept)
-        shouted, start = {}, 0
-        for name in SPLITS:
-            shouted[name] = mask[start : start + len(texts[name])]
-            start += len(texts[name])
+        mask = shouted_mask(kept)[len(kept) - len(held_out) :]
+        shouted = {
+            "train": np.zeros(len(texts["train"]), bool),
+            "val": mask[: len(texts["val"])],
+            "test": mask[len(texts["val"]) :],
+        }
     splits = {name: dataset.splits[name].astype(np.int64) for name in SPLITS}
-    return Corpus(f"{data_dir} (cleaned, the model's split)", "data", dataset.vocab.chars, splits, texts, shouted)
+    train_files = [s["path"] for s in dataset.meta["sources"] if s.get("role") == "train"]
+    label = f"{data_dir} (cleaned, the model's split" + "".join(f"; train + {name}" for name in train_files) + ")"
+    return Corpus(label, "data", dataset.vocab.chars, splits, texts, shouted)
 
 
-def text_corpus(path: str) -> Corpus:
-    raw, _ = read_utf8(Path(path))
-    text = normalize_newlines(raw)
-    chars, ids = np.unique(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), return_inverse=True)
+def text_corpus(path: str, train_only: list[str]) -> Corpus:
+    text = normalize_newlines(read_utf8(Path(path))[0])
     sizes = split_sizes(len(text), 0.1, 0.1)
     bounds = np.cumsum([0] + [sizes[name] for name in SPLITS])
-    splits = {name: ids[bounds[i] : bounds[i + 1]].astype(np.int64) for i, name in enumerate(SPLITS)}
     texts = {name: text[bounds[i] : bounds[i + 1]] for i, name in enumerate(SPLITS)}
     mask = shouted_mask(text)
     shouted = {name: mask[bounds[i] : bounds[i + 1]] for i, name in enumerate(SPLITS)}
-    vocab = [chr(code) for code in chars]
-    return Corpus(f"{path} (raw: BOM removed, CRLF -> LF)", "text", vocab, splits, texts, shouted)
+    extra = [normalize_newlines(read_utf8(Path(file))[0]) for file in train_only]
+    if extra:
+        texts["train"] = "\n".join([texts["train"], *extra])
+        shouted["train"] = np.zeros(len(texts["train"]), bool)
+    vocab = sorted(set("".join(texts.values())))
+    index = {ch: i for i, ch in enumerate(vocab)}
+    splits = {name: np.array([index[ch] for ch in texts[name]], np.int64) for name in SPLITS}
+    label = f"{path} (raw: BOM removed, CRLF -> LF" + "".join(f"; train + {Path(f).name}" for f in train_only) + ")"
+    return Corpus(label, "text", vocab, splits, texts, shouted)
 
 
 def mixture_bits(member_bits: list[np.ndarray]) -> np.ndarray:
@@ -171,17 +192,21 @@ def model_bits(checkpoint: str, corpus: Corpus, dynamic_lr: float = 0.0) -> dict
     return {split: char_nats(net, corpus.splits[split], seq_length=4096).numpy() / math.log(2) for split in EVAL_SPLITS}
 
 
-def onnx_bits(path: str, corpus: Corpus) -> tuple[str, dict[str, np.ndarray]]:
-    """The exported model's row name and per-character bits, scored by onnxruntime on one CPU thread."""
+def onnx_bits(path: str, corpus: Corpus) -> tuple[str, dict[str, np.ndarray]] | None:
+    """The exported model's row name and per-character bits, scored by onnxruntime on one CPU thread;
+    None if the split texts hold characters outside its vocabulary (a model of another corpus)."""
     try:
         runner = ModelRunner(path, "cpu", threads=1)
     except ModelFileError as exc:
         raise UsageError(str(exc)) from exc
     session, info = runner.session, runner.info
-    if info.vocab != corpus.vocab:
-        raise UsageError(f"{path} has a different vocabulary from the dataset")
-    bits = {split: onnx_char_nats(session, info, corpus.splits[split]) / math.log(2) for split in EVAL_SPLITS}
-    return f"LSTM, ONNX {info.precision}", bits
+    index = {ch: i for i, ch in enumerate(info.vocab)}
+    if any(ch not in index for split in EVAL_SPLITS for ch in set(corpus.texts[split])):
+        return None
+    # Re-encoded in the model's own vocabulary: the same characters, whatever ids the dataset gave them.
+    ids = {split: np.array([index[ch] for ch in corpus.texts[split]], np.int64) for split in EVAL_SPLITS}
+    bits = {split: onnx_char_nats(session, info, ids[split]) / math.log(2) for split in EVAL_SPLITS}
+    return f"LSTM, ONNX {info.precision} ({Path(path).name})", bits
 
 
 def score(corpus: Corpus, args: argparse.Namespace) -> None:
@@ -216,11 +241,14 @@ def score(corpus: Corpus, args: argparse.Namespace) -> None:
             "segment": DYNAMIC_SEGMENT,
         }
         timings["dynamic"] = time.perf_counter() - started
-    if args.onnx and corpus.mode == "data":
+    for path in args.onnx or [] if corpus.mode == "data" else []:
         started = time.perf_counter()
-        name, bits = onnx_bits(args.onnx, corpus)
-        corpus.rows.append(per_char_row(corpus, name, "model", bits))
-        timings["onnx"] = time.perf_counter() - started
+        scored = onnx_bits(path, corpus)
+        if scored is None:
+            print(f"skipped {path} on {corpus.label}: its vocabulary lacks characters of val or test")
+            continue
+        corpus.rows.append(per_char_row(corpus, scored[0], "model", scored[1]))
+        timings[f"onnx {path}"] = time.perf_counter() - started
 
     train = corpus.splits["train"]
     uni = {split: unigram_bits(train, corpus.splits[split][1:], vocab_size) for split in EVAL_SPLITS}
@@ -385,11 +413,13 @@ def main(argv: list[str] | None = None) -> None:
     for flag, value in (("--checkpoint", args.checkpoint), ("--onnx", args.onnx)):
         if value and not args.data and args.text:
             raise UsageError(f"{flag} needs --data: the model reads cleaned text, not the raw --text file")
-    corpora = []
-    if args.data or not args.text:
-        corpora.append(dataset_corpus(args.data or "data/speeches", args.source))
+    if args.text_train_only and not args.text:
+        raise UsageError("--text-train-only adds training text to --text's corpus; give --text too")
+    corpora = [
+        dataset_corpus(data_dir, args.source) for data_dir in args.data or ([] if args.text else ["data/speeches"])
+    ]
     if args.text:
-        corpora.append(text_corpus(args.text))
+        corpora.append(text_corpus(args.text, args.text_train_only))
     for corpus in corpora:
         score(corpus, args)
     command = "python -m bench.quality " + shlex.join(sys.argv[1:] if argv is None else argv)

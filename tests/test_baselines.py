@@ -161,7 +161,7 @@ def test_quality_script_scores_the_checkpoint_and_its_onnx_export_like_the_evalu
     for split in ("val", "test"):
         expected = evaluate_ids(net, splits[split])[0] / math.log(2)
         assert rows["LSTM (this model)"][split] == pytest.approx(expected, rel=1e-6)
-        assert rows["LSTM, ONNX fp32"][split] == pytest.approx(expected, abs=1e-4)
+        assert rows[f"LSTM, ONNX fp32 ({tiny_onnx.name})"][split] == pytest.approx(expected, abs=1e-4)
         dynamic = dynamic_char_nats(net, splits[split], rms, 0.05).mean().item() / math.log(2)
         assert rows["LSTM, dynamic evaluation"][split] == pytest.approx(dynamic, rel=1e-6)
     assert rows["LSTM, dynamic evaluation"]["kind"] == "adaptive"
@@ -174,3 +174,34 @@ def test_quality_script_names_a_bad_onnx_file(tmp_path) -> None:
     prepare([raw], tmp_path / "data", CleaningOptions(), batch_size=2, seq_length=16)
     with pytest.raises(quality.UsageError, match="not a readable ONNX model"):
         quality.main(["--data", str(tmp_path / "data"), "--onnx", str(raw)])
+
+
+def test_quality_script_gives_baselines_the_train_only_text_and_meets_models_on_the_same_held_out_text(
+    tmp_path, tiny_dir, tiny_onnx
+) -> None:
+    shouted = "WE WILL WIN. MAKE IT GREAT. BELIEVE ME, FOLKS.\n" * 12
+    raw, extra = tmp_path / "speeches.txt", tmp_path / "rallies.txt"
+    raw.write_text(speech(800, seed=10).replace(". ", ".\n") + shouted, encoding="utf-8")
+    # The extra text holds a character ("~") that the held-out text lacks, so the datasets' ids differ.
+    extra.write_text(speech(3000, seed=11) + "~", encoding="utf-8")
+    alone, both = tmp_path / "alone", tmp_path / "both"
+    prepare([raw], alone, CleaningOptions(), batch_size=2, seq_length=16)
+    prepare([raw], both, CleaningOptions(), batch_size=2, seq_length=16, train_only=[extra])
+    out_json = tmp_path / "quality.json"
+    args = ["--data", str(both), str(alone), "--source", str(raw), "--onnx", str(tiny_onnx)]
+    args += ["--text", str(raw), "--text-train-only", str(extra), "--max-order", "4", "--ppmd-orders", "3"]
+    quality.main([*args, "--json", str(out_json), "--markdown", str(tmp_path / "q.md")])
+    corpora = json.loads(out_json.read_text())["corpora"]
+    assert [c["mode"] for c in corpora] == ["data", "data", "text"]
+    assert "train + rallies.txt" in corpora[0]["label"] and "train + rallies.txt" not in corpora[1]["label"]
+    assert "train + rallies.txt" in corpora[2]["label"]
+    assert corpora[0]["chars"]["val"] == corpora[1]["chars"]["val"]
+    assert corpora[0]["chars"]["train"] > 3 * corpora[1]["chars"]["train"]
+    kn = [next(r for r in c["rows"] if r["name"].startswith("KN")) for c in corpora[:2]]
+    assert kn[0]["val"] != kn[1]["val"]  # the baselines were fit on different training text
+    assert load_dataset(both).vocab.chars != load_dataset(alone).vocab.chars
+    # One model, re-encoded into its own vocabulary on each: the same held-out text gets the same score.
+    onnx_rows = [next(r for r in c["rows"] if r["name"].startswith("LSTM, ONNX")) for c in corpora[:2]]
+    assert onnx_rows[0]["val"] == pytest.approx(onnx_rows[1]["val"], abs=1e-9)
+    assert onnx_rows[0]["test"] == pytest.approx(onnx_rows[1]["test"], abs=1e-9)
+    assert corpora[0]["test_shouted_share"] > 0.2

@@ -113,7 +113,7 @@ def test_quality_script_scores_an_ensemble_like_its_pytorch_and_onnx_forms(
     for split in ("val", "test"):
         expected = evaluate_ids(ensemble, splits[split])[0] / math.log(2)
         assert rows["LSTM ensemble of 2 (this model)"][split] == pytest.approx(expected, rel=1e-6)
-        assert rows["LSTM, ONNX fp32"][split] == pytest.approx(expected, abs=1e-4)
+        assert rows["LSTM, ONNX fp32 (ensemble.onnx)"][split] == pytest.approx(expected, abs=1e-4)
         alone = evaluate_ids(load_models([second_checkpoint])[0], splits[split])[0] / math.log(2)
         assert rows[f"LSTM {second_checkpoint} alone"][split] == pytest.approx(alone, rel=1e-6)
     assert corpus["verdict"].startswith(f"On val the model scores {rows['LSTM ensemble of 2 (this model)']['val']:.3f}")
