@@ -3,6 +3,7 @@
     python bench/generation.py                     # a 2x256 LSTM with random weights
     python bench/generation.py --checkpoint CKPT # a trained model
     python bench/generation.py --model bot/assets/speechbot.onnx   # a shipped export (ORT rows only)
+    python bench/generation.py --model old.onnx new.onnx           # exports side by side, in the same rounds
 
 Single stream: µs per character and the latency of one 500-character speech (empty prompt), through
 each path's real sampling loop (model.sample for PyTorch, bot.engine for onnxruntime; PyTorch without
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/generation.py", description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="trained checkpoint (default: random 2x256 LSTM)")
-    source.add_argument("--model", help="an exported .onnx file: onnxruntime rows only")
+    source.add_argument("--model", nargs="+", help="exported .onnx files: onnxruntime rows only, side by side")
     p.add_argument("--rnn-size", type=int, default=256)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--length", type=int, default=500, help="characters per speech")
@@ -201,8 +202,9 @@ def main() -> None:
         models: dict[str, Path] = {}
         checkpoint = None
         if args.model:
-            models[read_model_info(args.model)[1].precision] = Path(args.model)
-            label = args.model
+            for path in args.model:
+                models[f"{read_model_info(path)[1].precision} ({Path(path).name})"] = Path(path)
+            label = ", ".join(args.model)
         else:
             checkpoint = (
                 Path(args.checkpoint)
@@ -277,7 +279,7 @@ def main() -> None:
                 "us_per_char": single[key] / args.length * 1e6,
                 "speech_ms": single[key] * 1e3,
                 "graph_us_per_char": chunk[key] / (GRAPH_CHUNKS * CHUNK) * 1e6,
-                "size_mb": models[engines[key].info.precision].stat().st_size / 1e6,
+                "size_mb": models[name.removeprefix("onnxruntime ")].stat().st_size / 1e6,
             }
             for n in streams:
                 row[f"chars_per_s_{n}"] = n * args.length / batched[(key, n)]
@@ -295,14 +297,14 @@ def main() -> None:
         f"onnxruntime {ort.__version__}, torch {torch.__version__}"
     )
     header = (
-        f"{'path':<22} {'thr':>3} {'lanes':>5} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'graph µs':>8}"
+        f"{'path':<40} {'thr':>3} {'lanes':>5} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'graph µs':>8}"
         + "".join(f" {f'{n} str c/s':>12}" for n in streams)
         + (f" {'64÷1':>6} {'median':>6}" if 1 in streams and 64 in streams else "")
     )
     print(header)
     for row in rows:
         line = (
-            f"{row['path']:<22} {row['threads']:>3} {row['lanes']:>5} {row['us_per_char']:>8.1f} "
+            f"{row['path']:<40} {row['threads']:>3} {row['lanes']:>5} {row['us_per_char']:>8.1f} "
             f"{row['speech_ms']:>9.1f} {baseline / row['us_per_char']:>7.1f}× "
             f"{row.get('graph_us_per_char', float('nan')):>8.1f}"
         )
