@@ -11,15 +11,16 @@ import asyncio
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
 from telegram.error import InvalidToken, TelegramError
 
 from bot.config import Config, ConfigError
-from bot.engine import GenerationEngine
 from bot.logs import redact, setup_logging
 from bot.runner import ModelFileError
+from bot.services import build_services, open_engine
 from db.database import DatabaseConfigError, create_db_engine, migrate
 
 CONSOLE_CHAT_ID = 0  # never a Telegram chat id, so the console's settings live beside real chats
@@ -49,35 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def open_engine(config: Config, model_path: Path | None = None) -> GenerationEngine:
-    return GenerationEngine(
-        model_path or config.model_path,
-        providers=config.onnx_providers,
-        threads=config.onnx_threads,
-        lanes=config.onnx_lanes,
-    )
-
-
 def run_telegram(config: Config) -> None:
     from bot.telegram_app import run
 
     config.require_token()
-    engine = open_engine(config)
-    try:
-        run(config, engine)
-    finally:
-        engine.close()
+    run(config)
 
 
 async def console(config: Config) -> None:
-    from bot.core import ChatRef, SpeechBot
-    from db.store import ChatStore
+    from bot.core import ChatRef
 
-    db_engine = create_db_engine(config.database_url)
-    migrate(db_engine)
-    store = ChatStore(db_engine, config.default_temperature, config.default_length)
-    engine = open_engine(config)
-    core = SpeechBot(store, engine, cooldown_seconds=0)
+    services = build_services(replace(config, cooldown_seconds=0))  # one person at a keyboard
+    core = services.core
     chat = ChatRef(CONSOLE_CHAT_ID, "console")
     print("Talk to the bot: commands such as /speech 0.9 We will or plain text as a prompt. /quit or Ctrl-D ends.")
     try:
@@ -91,8 +75,7 @@ async def console(config: Config) -> None:
             if line.strip():
                 print(await core.handle_text(chat, line) or "")
     finally:
-        engine.close()
-        db_engine.dispose()
+        services.close()
 
 
 def generate(config: Config, args: argparse.Namespace) -> None:

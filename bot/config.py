@@ -23,6 +23,8 @@ TOKEN_FORMAT = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
 WEBHOOK_SECRET_FORMAT = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 PROVIDERS = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Telegram's documented overall flood limit; paid broadcasts or a local Bot API server allow more.
+TELEGRAM_MESSAGES_PER_SECOND = 30.0
 
 # Bounds that the commands and the configuration share.
 TEMPERATURE_MAX = 2.0
@@ -37,6 +39,7 @@ class ConfigError(ValueError):
 class Config:
     telegram_bot_token: str | None = None
     telegram_api_base_url: str | None = None
+    telegram_messages_per_second: float = TELEGRAM_MESSAGES_PER_SECOND
     database_url: str = "sqlite:///data/bot.db"
     model_path: Path = DEFAULT_MODEL_PATH
     onnx_providers: str = "auto"
@@ -61,6 +64,9 @@ class Config:
         return cls(
             telegram_bot_token=reader.token(),
             telegram_api_base_url=reader.url("TELEGRAM_API_BASE_URL", schemes=("http", "https")),
+            telegram_messages_per_second=reader.number(
+                "TELEGRAM_MESSAGES_PER_SECOND", cls.telegram_messages_per_second, float, low=1, high=100_000
+            ),
             database_url=reader.text("DATABASE_URL", cls.database_url),
             model_path=Path(reader.text("MODEL_PATH", str(DEFAULT_MODEL_PATH))),
             onnx_providers=reader.choice("ONNX_PROVIDERS", PROVIDERS, cls.onnx_providers, str.lower),

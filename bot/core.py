@@ -43,7 +43,8 @@ _COMMAND = re.compile(r"^/([A-Za-z0-9_]+)(?:@\S+)?(?:\s+(.*))?$", re.DOTALL)
 _NUMBER = re.compile(r"^[+-]?(\d+([.,]\d*)?|[.,]\d+)([eE][+-]?\d+)?$|^[+-]?(nan|inf|infinity)$", re.IGNORECASE)
 
 AdminCheck = Callable[[], Awaitable[bool]]
-Busy = Callable[[], contextlib.AbstractAsyncContextManager]
+# Shows the user that a speech is being written (Telegram's "typing…") for as long as it is entered.
+TypingIndicator = Callable[[], contextlib.AbstractAsyncContextManager]
 
 
 class Engine(Protocol):
@@ -62,12 +63,12 @@ class ChatRef:
     type: str  # "private", "group", "supergroup", "channel" or "console"
 
 
-async def _always() -> bool:
+async def _everyone_is_admin() -> bool:
     return True
 
 
 @contextlib.asynccontextmanager
-async def _not_shown() -> AsyncIterator[None]:
+async def _no_typing() -> AsyncIterator[None]:
     yield
 
 
@@ -134,21 +135,30 @@ class SpeechBot:
     # ---- entry points ----
 
     async def handle_text(
-        self, chat: ChatRef, text: str, check_admin: AdminCheck = _always, busy: Busy = _not_shown
+        self,
+        chat: ChatRef,
+        text: str,
+        check_admin: AdminCheck = _everyone_is_admin,
+        show_typing: TypingIndicator = _no_typing,
     ) -> str | None:
         """A command or, failing that, a prompt. None for an unknown command outside private chats."""
         parsed = split_command(text)
         if parsed is None:
-            return await self.prompt(chat, text, busy)
+            return await self.prompt(chat, text, show_typing)
         name, args = parsed
         if name not in COMMANDS:
             if chat.type in ("private", "console"):
                 return f"I don't know /{name}. {self.help_text()}"
             return None
-        return await self.command(chat, name, args, check_admin, busy)
+        return await self.command(chat, name, args, check_admin, show_typing)
 
     async def command(
-        self, chat: ChatRef, name: str, args: str, check_admin: AdminCheck = _always, busy: Busy = _not_shown
+        self,
+        chat: ChatRef,
+        name: str,
+        args: str,
+        check_admin: AdminCheck = _everyone_is_admin,
+        show_typing: TypingIndicator = _no_typing,
     ) -> str:
         if name in CHANGING_COMMANDS and (args or name == "unschedule") and not await check_admin():
             return (
@@ -157,23 +167,23 @@ class SpeechBot:
             )
         try:
             if name == "speech":
-                return await self.speech(chat, args, busy)
+                return await self.speech(chat, args, show_typing)
             return getattr(self, f"_{name}")(chat, args)
         except ArgumentError as error:
             return str(error)
 
-    async def prompt(self, chat: ChatRef, text: str, busy: Busy = _not_shown) -> str:
+    async def prompt(self, chat: ChatRef, text: str, show_typing: TypingIndicator = _no_typing) -> str:
         """A plain message: the speech continues it."""
         try:
-            return await self._generate(chat, None, text.strip(), busy)
+            return await self._generate(chat, None, text.strip(), show_typing)
         except ArgumentError as error:
             return str(error)
 
-    async def speech(self, chat: ChatRef, args: str, busy: Busy = _not_shown) -> str:
+    async def speech(self, chat: ChatRef, args: str, show_typing: TypingIndicator = _no_typing) -> str:
         first, *rest = args.split(maxsplit=1) or [""]
         if looks_like_number(first):
-            return await self._generate(chat, parse_temperature(first), "".join(rest), busy)
-        return await self._generate(chat, None, args, busy)
+            return await self._generate(chat, parse_temperature(first), "".join(rest), show_typing)
+        return await self._generate(chat, None, args, show_typing)
 
     async def daily_speech(self, settings: ChatSettings) -> str:
         """The scheduled post; no cooldown, since the schedule itself limits it."""
@@ -182,7 +192,9 @@ class SpeechBot:
 
     # ---- generation ----
 
-    async def _generate(self, chat: ChatRef, temperature: float | None, prompt: str, busy: Busy) -> str:
+    async def _generate(
+        self, chat: ChatRef, temperature: float | None, prompt: str, show_typing: TypingIndicator
+    ) -> str:
         if len(prompt) > PROMPT_MAX:
             raise ArgumentError(
                 f"That prompt has {len(prompt)} characters; the most I take is {PROMPT_MAX}. "
@@ -196,7 +208,7 @@ class SpeechBot:
         self._ready_at[chat.id] = now + self.cooldown
         settings = self.store.get(chat.id, chat.type)
         try:
-            async with busy():
+            async with show_typing():
                 continuation = await self.engine.agenerate(
                     prompt=prompt,
                     length=settings.length,

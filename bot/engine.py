@@ -223,6 +223,11 @@ class GenerationEngine:
     # ---- public API ----
 
     @property
+    def capacity(self) -> int:
+        """How many requests the engine holds at once, generating or waiting; one more is EngineBusy."""
+        return self.max_batch + self._queue.maxsize
+
+    @property
     def peak_batch(self) -> int:
         """The most requests that one lane has stepped together so far."""
         return max(self.lane_peaks)

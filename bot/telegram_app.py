@@ -3,7 +3,9 @@
 Handlers stay small: they turn an update into a ChatRef and text, ask SpeechBot for the reply and
 send it as plain text. Around them: admin checks for groups (anonymous admins included), a typing
 action while generating, ChatMigrated handling, retries for 429, 5xx and network errors, a global
-error handler and the daily-speech scheduler.
+error handler and the daily-speech scheduler. Updates run side by side across chats and one after
+another within a chat (ChatOrderedUpdateProcessor), as many at once as the engine can hold; replies
+leave at the configured overall rate (docs/speed.md, "Many chats at once").
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from urllib.parse import urlparse
 
@@ -23,6 +25,7 @@ from telegram.ext import (
     AIORateLimiter,
     Application,
     ApplicationBuilder,
+    BaseUpdateProcessor,
     ChatMemberHandler,
     CommandHandler,
     ContextTypes,
@@ -30,26 +33,34 @@ from telegram.ext import (
     filters,
 )
 
-from bot.config import Config
-from bot.core import COMMANDS, ChatRef, Engine, SpeechBot, utc_now
+from bot.config import TELEGRAM_MESSAGES_PER_SECOND, Config
+from bot.core import COMMANDS, ChatRef, SpeechBot, utc_now
+from bot.engine import GenerationEngine
 from bot.scheduling import DailySpeeches
-from db.database import create_db_engine, migrate
-from db.store import ChatStore
+from bot.services import build_services
 
 log = logging.getLogger(__name__)
 
 ADMIN_CACHE_SECONDS = 60.0
 TYPING_REFRESH_SECONDS = 4.5  # Telegram shows "typing" for 5 s per action
 HEARTBEAT_SECONDS = 30
-CONCURRENT_UPDATES = 16
+# Updates in process beyond what the engine holds, so commands and "busy" answers go on while it is full.
+UPDATES_BEYOND_ENGINE = 64
+# Chat actions on the wire at once; a refresh beyond that is skipped rather than queued (best effort).
+TYPING_IN_FLIGHT_MAX = 32
 SORRY = "Sorry, something went wrong while handling that. Please try again in a moment."
 
 
 class RetryingRateLimiter(AIORateLimiter):
     """AIORateLimiter (flood limits, 429 retried after retry_after) plus backoff on 5xx and network errors."""
 
-    def __init__(self, retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0), max_retries: int = 3):
-        super().__init__(max_retries=max_retries)
+    def __init__(
+        self,
+        retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
+        max_retries: int = 3,
+        messages_per_second: float = TELEGRAM_MESSAGES_PER_SECOND,
+    ):
+        super().__init__(overall_max_rate=messages_per_second, max_retries=max_retries)
         self.retry_delays = retry_delays
 
     async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):
@@ -69,6 +80,43 @@ class RetryingRateLimiter(AIORateLimiter):
         raise AssertionError("unreachable")
 
 
+class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
+    """Each chat's updates one after another, in the order they came; different chats side by side.
+
+    With PTB's plain concurrent processing a chat's `/length 600` and the `/speech` after it race, and
+    without any, one chat's speech holds up every other chat. Updates without a chat (inline queries)
+    run unordered. An update waiting for its chat's turn already holds one of max_concurrent_updates:
+    PTB takes the slot before do_process_update.
+    """
+
+    def __init__(self, max_concurrent_updates: int):
+        super().__init__(max_concurrent_updates)
+        self._latest: dict[int, asyncio.Future] = {}  # per chat with updates in process: the last one's end
+
+    async def do_process_update(self, update: object, coroutine: Awaitable) -> None:
+        chat = update.effective_chat if isinstance(update, Update) else None
+        if chat is None:
+            await coroutine
+            return
+        previous = self._latest.get(chat.id)
+        finished = asyncio.get_running_loop().create_future()
+        self._latest[chat.id] = finished
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])  # not `await previous`, which would cancel it with this one
+            await coroutine
+        finally:
+            finished.set_result(None)
+            if self._latest.get(chat.id) is finished:
+                del self._latest[chat.id]
+
+    async def initialize(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+
 class TelegramFrontend:
     """The handlers and lifecycle hooks; one instance per Application."""
 
@@ -79,6 +127,8 @@ class TelegramFrontend:
         self.clock = clock
         self.daily: DailySpeeches | None = None
         self._admins: dict[int, tuple[float, frozenset[int]]] = {}
+        self._typing_slots = asyncio.Semaphore(TYPING_IN_FLIGHT_MAX)
+        self._typing_tasks: set[asyncio.Task] = set()  # referenced until done, as asyncio asks
 
     # ---- lifecycle ----
 
@@ -124,25 +174,31 @@ class TelegramFrontend:
 
     @contextlib.asynccontextmanager
     async def typing(self, bot, chat_id: int) -> AsyncIterator[None]:
-        """Show "typing…" in the chat until the block ends."""
+        """Show "typing…" in the chat until the block ends, without ever holding the block up.
 
-        async def show() -> None:
-            with contextlib.suppress(TelegramError):
-                await bot.send_chat_action(chat_id, ChatAction.TYPING)
+        The chat actions run in a task of their own, pass the rate limiter by (RetryingRateLimiter) and
+        are skipped while TYPING_IN_FLIGHT_MAX are on the wire, so they neither wait for the outgoing
+        rate nor take the connections that replies need. One still in flight when the block ends is
+        left to finish: cancelling it would close its connection, and the reply would open a new one.
+        """
+        stopped = asyncio.Event()
 
         async def keep_typing() -> None:
-            while True:
-                await asyncio.sleep(TYPING_REFRESH_SECONDS)
-                await show()
+            while not stopped.is_set():
+                if not self._typing_slots.locked():
+                    async with self._typing_slots:
+                        with contextlib.suppress(TelegramError):
+                            await bot.send_chat_action(chat_id, ChatAction.TYPING)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopped.wait(), TYPING_REFRESH_SECONDS)
 
-        await show()  # at once, however short the generation turns out to be
         task = asyncio.create_task(keep_typing())
+        self._typing_tasks.add(task)
+        task.add_done_callback(self._typing_tasks.discard)
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            stopped.set()
 
     # ---- who may change things ----
 
@@ -183,7 +239,7 @@ class TelegramFrontend:
             self._chat(update),
             message.text,
             check_admin=lambda: self.is_admin(update, context.bot),
-            busy=lambda: self.typing(context.bot, message.chat_id),
+            show_typing=lambda: self.typing(context.bot, message.chat_id),
         )
         if reply is not None:
             await self.send(context.bot, message.chat_id, reply, reply_to=message)
@@ -210,7 +266,7 @@ class TelegramFrontend:
     async def _answer_prompt(self, update: Update, context: ContextTypes.DEFAULT_TYPE, prompt: str) -> None:
         message = update.effective_message
         reply = await self.core.prompt(
-            self._chat(update), prompt, busy=lambda: self.typing(context.bot, message.chat_id)
+            self._chat(update), prompt, show_typing=lambda: self.typing(context.bot, message.chat_id)
         )
         await self.send(context.bot, message.chat_id, reply, reply_to=message)
 
@@ -244,30 +300,37 @@ class TelegramFrontend:
 
 def build_application(
     config: Config,
-    engine: Engine,
+    engine: GenerationEngine | None = None,
     *,
     clock: Callable[[], datetime] = utc_now,
     retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
     read_timeout: float = 10.0,
+    concurrent_updates: int | None = None,
 ) -> Application:
-    """The whole bot: database migrated, core, handlers, scheduler hooks. Does not start it."""
-    db_engine = create_db_engine(config.database_url)
-    migrate(db_engine)
-    store = ChatStore(db_engine, config.default_temperature, config.default_length)
-    core = SpeechBot(store, engine, cooldown_seconds=config.cooldown_seconds, clock=clock)
-    frontend = TelegramFrontend(config, core, clock)
+    """The whole bot: services (bot.services), handlers, scheduler hooks. Does not start it.
+
+    `engine` None opens the configured model (closed at shutdown). `concurrent_updates` None sizes the
+    update processor by the engine: every request it can hold, generating or queued, plus
+    UPDATES_BEYOND_ENGINE, so a speech past a full queue still reaches the engine and is told "busy".
+    """
+    token = config.require_token()
+    services = build_services(config, engine, clock=clock)
+    concurrent_updates = concurrent_updates or services.engine.capacity + UPDATES_BEYOND_ENGINE
+    frontend = TelegramFrontend(config, services.core, clock)
 
     async def post_shutdown(_application: Application) -> None:
-        db_engine.dispose()
+        services.close()
 
     builder = (
         ApplicationBuilder()
-        .token(config.require_token())
-        .rate_limiter(RetryingRateLimiter(retry_delays))
-        .concurrent_updates(CONCURRENT_UPDATES)
+        .token(token)
+        .rate_limiter(RetryingRateLimiter(retry_delays, messages_per_second=config.telegram_messages_per_second))
+        .concurrent_updates(ChatOrderedUpdateProcessor(concurrent_updates))
         .read_timeout(read_timeout)
         .write_timeout(read_timeout)
-        .connection_pool_size(CONCURRENT_UPDATES + 4)
+        # Each update in process has at most one request on the wire, chat actions aside: so no reply
+        # ever waits for a free connection (and fails after pool_timeout).
+        .connection_pool_size(concurrent_updates + TYPING_IN_FLIGHT_MAX)
         .post_init(frontend.post_init)
         .post_shutdown(post_shutdown)
     )
@@ -299,9 +362,9 @@ def webhook_options(config: Config) -> dict:
     }
 
 
-def run(config: Config, engine: Engine) -> None:
+def run(config: Config) -> None:
     """Serve until SIGINT or SIGTERM (python-telegram-bot stops gracefully on both)."""
-    application = build_application(config, engine)
+    application = build_application(config)
     if config.webhook_url:
         application.run_webhook(**webhook_options(config))
     else:

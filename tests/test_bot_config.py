@@ -17,17 +17,22 @@ def test_defaults_without_anything(tmp_path):
     assert config.database_url == "sqlite:///data/bot.db"
     assert config.model_path == DEFAULT_MODEL_PATH
     assert (config.onnx_providers, config.log_level, config.webhook_url) == ("auto", "INFO", None)
+    assert config.telegram_messages_per_second == 30, "Telegram's documented overall limit"
     with pytest.raises(ConfigError, match=r"TELEGRAM_BOT_TOKEN is not set.*@BotFather"):
         config.require_token()
 
 
 def test_dotenv_is_read_and_environment_wins(tmp_path):
     dotenv = tmp_path / ".env"
-    dotenv.write_text(f"TELEGRAM_BOT_TOKEN={TOKEN}\nLOG_LEVEL=debug\nONNX_PROVIDERS=CPU\nDEFAULT_LENGTH=300\n")
+    dotenv.write_text(
+        f"TELEGRAM_BOT_TOKEN={TOKEN}\nLOG_LEVEL=debug\nONNX_PROVIDERS=CPU\nDEFAULT_LENGTH=300\n"
+        "TELEGRAM_MESSAGES_PER_SECOND=1000\n"
+    )
     config = Config.from_env({"DEFAULT_LENGTH": "120", "MODEL_PATH": "m.onnx"}, dotenv_path=dotenv)
     assert config.require_token() == TOKEN
     assert (config.log_level, config.onnx_providers, config.default_length) == ("DEBUG", "cpu", 120)
     assert config.model_path == Path("m.onnx")
+    assert config.telegram_messages_per_second == 1000
 
 
 @pytest.mark.parametrize(
@@ -47,6 +52,8 @@ def test_dotenv_is_read_and_environment_wins(tmp_path):
         ("COOLDOWN_SECONDS", "-1", "out of range"),
         ("ONNX_THREADS", "0", "out of range"),
         ("ONNX_LANES", "9", "out of range"),
+        ("TELEGRAM_MESSAGES_PER_SECOND", "0.5", "use at least 1 and at most 100000"),
+        ("TELEGRAM_MESSAGES_PER_SECOND", "fast", "not a number"),
     ],
 )
 def test_invalid_values_name_the_variable_and_the_valid_form(tmp_path, name, value, expected):

@@ -1,0 +1,91 @@
+"""Many chats at once, over the real HTTP stack and engine: in order within a chat, side by side across
+chats, and "busy" at once when the engine's queue is full. Nothing here is timed; the load itself is
+measured by bench/bot_load.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, private_chat, running_bot
+from telegram_emulator import Call, TelegramEmulator
+
+from bot.engine import GenerationEngine
+from bot.telegram_app import UPDATES_BEYOND_ENGINE
+
+pytest_plugins = ["bot_harness"]
+
+ALICE_CHAT, BOB_CHAT = private_chat(ALICE), private_chat(BOB)
+
+
+class HoldingEmulator(TelegramEmulator):
+    """Holds the first message to one chat that starts with `held_text` until released: an update that
+    stays in process as long as the test needs, without timing anything."""
+
+    def __init__(self, held_chat_id: int, held_text: str):
+        super().__init__(TOKEN)
+        self.held_chat_id, self.held_text = held_chat_id, held_text
+        self.release = asyncio.Event()
+        self._holding = True
+
+    async def _answer(self, method: str, params: dict):
+        if (
+            self._holding
+            and method == "sendMessage"
+            and int(params["chat_id"]) == self.held_chat_id
+            and str(params["text"]).startswith(self.held_text)
+        ):
+            self._holding = False
+            await self.release.wait()
+        return await super()._answer(method, params)
+
+
+def to_chat(chat: dict, succeeded: bool = True):
+    def matches(call: Call) -> bool:
+        return (
+            call.method == "sendMessage"
+            and int(call.params["chat_id"]) == chat["id"]
+            and (call.status == 200 or not succeeded)
+        )
+
+    return matches
+
+
+async def test_one_chat_in_order_while_other_chats_go_on(engine, tmp_path):
+    async with HoldingEmulator(ALICE_CHAT["id"], "We will") as emulator:
+        config = bot_config(emulator, tmp_path / "bot.db")
+        # A long read timeout, so the held reply is not retried while the test looks.
+        async with running_bot(emulator, engine, config, Clock(), read_timeout=30.0):
+            emulator.send_text(ALICE_CHAT, ALICE, "/speech We will")
+            emulator.send_text(ALICE_CHAT, ALICE, "/help")
+            emulator.send_text(BOB_CHAT, BOB, "/help")
+
+            await emulator.wait_for(to_chat(ALICE_CHAT, succeeded=False))  # Alice's speech, now held
+            await emulator.wait_for(to_chat(BOB_CHAT))  # Bob is answered meanwhile ...
+            alice_calls = [call for call in emulator.calls if to_chat(ALICE_CHAT, succeeded=False)(call)]
+            assert [call.status for call in alice_calls] == [None], "... and Alice's /help waits for her speech"
+
+            emulator.release.set()
+            await emulator.wait_for(lambda call: len(emulator.sent(chat_id=ALICE_CHAT["id"])) == 2)
+            speech, help_text = (call.params["text"] for call in emulator.sent(chat_id=ALICE_CHAT["id"]))
+            assert speech.startswith("We will")
+            assert help_text.startswith("Commands:")
+
+
+async def test_a_full_engine_queue_answers_busy_at_once(emulator, model_path, tmp_path):
+    # Room for one speech being written and one waiting: the third of three is one too many.
+    small = GenerationEngine(model_path, providers="cpu", threads=1, max_batch=1, max_queue=1)
+    config = bot_config(emulator, tmp_path / "bot.db", default_length=200)
+    chats = [private_chat({"id": 301 + i, "first_name": f"User{i}"}) for i in range(3)]
+    try:
+        async with running_bot(emulator, small, config, Clock()) as application:
+            assert application.update_processor.max_concurrent_updates == small.capacity + UPDATES_BEYOND_ENGINE
+            for chat in chats:
+                emulator.send_text(chat, {"id": chat["id"], "is_bot": False, "first_name": "U"}, "/speech")
+            await emulator.wait_for(lambda call: len(emulator.sent()) == 3, timeout=60)
+    finally:
+        small.close()
+    replies = [call.params["text"] for call in emulator.sent()]
+    busy = [i for i, text in enumerate(replies) if text.startswith("I'm writing a lot of speeches")]
+    assert len(busy) == 1, replies
+    assert busy[0] < 2, "the busy answer does not wait for the speeches ahead of it"
+    assert all(len(text) > 50 for i, text in enumerate(replies) if i != busy[0])
