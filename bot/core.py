@@ -24,6 +24,7 @@ from db.store import ChatSettings, ChatStore
 PROMPT_MAX = 1000
 MESSAGE_MAX = 4096  # Telegram's limit for one text message
 SHOWN_ARGUMENT_MAX = 24  # how much of a bad argument a reply quotes back
+ENGINE_BUSY_REPLY = "I'm writing a lot of speeches right now. Please try again in a few seconds."
 
 # Shown by /help and registered with setMyCommands, in this order.
 COMMANDS = {
@@ -216,7 +217,7 @@ class SpeechBot:
                 )
         except EngineBusy:
             del self._ready_at[chat.id]  # nothing was made, so no cooldown either
-            return "I'm writing a lot of speeches right now. Please try again in a few seconds."
+            return ENGINE_BUSY_REPLY
         return compose_speech(prompt, continuation)
 
     # ---- commands that answer at once ----

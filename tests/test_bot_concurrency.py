@@ -9,6 +9,7 @@ import asyncio
 from bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, private_chat, running_bot
 from telegram_emulator import Call, TelegramEmulator
 
+from bot.core import ENGINE_BUSY_REPLY
 from bot.engine import GenerationEngine
 from bot.telegram_app import UPDATES_BEYOND_ENGINE
 
@@ -85,7 +86,7 @@ async def test_a_full_engine_queue_answers_busy_at_once(emulator, model_path, tm
     finally:
         small.close()
     replies = [call.params["text"] for call in emulator.sent()]
-    busy = [i for i, text in enumerate(replies) if text.startswith("I'm writing a lot of speeches")]
+    busy = [i for i, text in enumerate(replies) if text == ENGINE_BUSY_REPLY]
     assert len(busy) == 1, replies
     assert busy[0] < 2, "the busy answer does not wait for the speeches ahead of it"
     assert all(len(text) > 50 for i, text in enumerate(replies) if i != busy[0])

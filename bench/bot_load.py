@@ -1,0 +1,223 @@
+"""Many chats at once: time to reply when N private chats each send /speech within a few seconds.
+
+    python bench/bot_load.py                                   # 50, 200, 1000 chats; 30/s and 1000/s
+    python bench/bot_load.py --chats 200 --rates 30            # one size, Telegram's default rate
+
+The real bot (bot.telegram_app.build_application: python-telegram-bot's HTTP stack, the real engine on
+the bundled model, SQLite) polls the project's Bot API emulator (tests/telegram_emulator.py, which has
+no flood limits) on 127.0.0.1. Each of N private chats sends `/speech` once, at a random moment within
+--spread seconds, and gets a --length character speech. Time to reply runs from the moment its update
+is queued at the emulator to the moment the bot's sendMessage to that chat arrives there.
+
+Two wirings run side by side, in alternating order, each row in a process of its own (so peak RSS is
+that row's): "16", the update processor capped at 16 concurrent updates as the bot had it, and
+"capacity", sized by the engine (bot/telegram_app.py). Both have everything else in common.
+
+The floor is what no wiring can beat: the larger of N messages at the overall rate
+(TELEGRAM_MESSAGES_PER_SECOND) and N speeches at the engine's throughput, measured in the same
+process right after the load with 2 × max_batch requests at once (only the speeches made count, not
+the chats told "busy"). A row at a raised rate shows the case where generation sets the floor. "busy"
+counts chats told to try again because the engine's queue was full: with 1,000 chats that is by
+design (docs/speed.md). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the emulator and the harness that runs the bot against it
+
+from bot_harness import TOKEN, running_bot  # noqa: E402
+from telegram_emulator import TelegramEmulator  # noqa: E402
+
+from bot.config import Config  # noqa: E402
+from bot.core import ENGINE_BUSY_REPLY, utc_now  # noqa: E402
+from bot.runner import DEFAULT_MODEL_PATH  # noqa: E402
+from bot.services import open_engine  # noqa: E402
+
+WIRINGS = {"16": 16, "capacity": None}  # concurrent_updates for build_application; None: by the engine
+PRODUCTION_REQUESTS = {"retry_delays": (1.0, 2.0, 4.0), "read_timeout": 10.0}  # build_application's defaults
+
+
+class TimingEmulator(TelegramEmulator):
+    """The emulator, noting when each chat's first reply arrives and what it said."""
+
+    def __init__(self, token: str, chats: int):
+        super().__init__(token)
+        self.replies: dict[int, tuple[float, str]] = {}
+        self.expected = chats
+        self.all_replied = asyncio.Event()
+
+    def _send_message(self, params: dict) -> dict:
+        chat_id = int(params["chat_id"])
+        if chat_id not in self.replies:
+            self.replies[chat_id] = (time.perf_counter(), str(params["text"]))
+            if len(self.replies) == self.expected:
+                self.all_replied.set()
+        return super()._send_message(params)
+
+
+async def engine_throughput(engine, length: int) -> float:
+    """Characters per second with the engine's batch full: 2 × max_batch requests at once."""
+    requests = 2 * engine.max_batch
+    start = time.perf_counter()
+    texts = await asyncio.gather(*(engine.agenerate(length=length, temperature=0.8) for _ in range(requests)))
+    return sum(map(len, texts)) / (time.perf_counter() - start)
+
+
+async def one_row(wiring: str, chats: int, rate: float, length: int, spread: float, model: Path, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    offsets = np.sort(rng.uniform(0, spread, chats))
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Config(
+            telegram_bot_token=TOKEN,
+            database_url=f"sqlite:///{tmp}/bot.db",
+            model_path=model,
+            default_length=length,
+            telegram_messages_per_second=rate,
+        )
+        engine = open_engine(config)
+        try:
+            async with TimingEmulator(TOKEN, chats) as emulator:
+                config = replace(config, telegram_api_base_url=emulator.base_url)
+                options = PRODUCTION_REQUESTS | {"concurrent_updates": WIRINGS[wiring]}
+                async with running_bot(emulator, engine, config, utc_now, **options) as application:
+                    pushed: dict[int, float] = {}
+                    start = time.perf_counter()
+                    for i, offset in enumerate(offsets):
+                        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+                        user = {"id": 10_000 + i, "is_bot": False, "first_name": f"User{i}"}
+                        chat = {"id": user["id"], "type": "private", "first_name": user["first_name"]}
+                        pushed[chat["id"]] = time.perf_counter()
+                        emulator.send_text(chat, user, "/speech")
+                    await asyncio.wait_for(emulator.all_replied.wait(), timeout=600)
+                    concurrency = application.update_processor.max_concurrent_updates
+            peak_batch = engine.peak_batch
+            throughput = await engine_throughput(engine, length)
+        finally:
+            engine.close()
+    seconds = np.array([emulator.replies[chat][0] - pushed[chat] for chat in pushed])
+    busy = np.array([emulator.replies[chat][1] == ENGINE_BUSY_REPLY for chat in pushed])
+    rate_floor, generation_floor = chats / rate, (chats - busy.sum()) * length / throughput
+    floor = max(rate_floor, generation_floor)
+    p95 = float(np.percentile(seconds, 95))
+    return {
+        "wiring": wiring,
+        "concurrent_updates": concurrency,
+        "messages_per_second": rate,
+        "chats": chats,
+        "busy": int(busy.sum()),
+        "busy_p95_s": float(np.percentile(seconds[busy], 95)) if busy.any() else None,
+        "p50_s": float(np.percentile(seconds, 50)),
+        "p95_s": p95,
+        "max_s": float(seconds.max()),
+        "rate_floor_s": rate_floor,
+        "generation_floor_s": generation_floor,
+        "floor_s": floor,
+        "p95_over_floor": p95 / floor,
+        "engine_chars_per_s": throughput,
+        "engine_lanes": engine.lanes,
+        "engine_capacity": engine.capacity,
+        "peak_batch": peak_batch,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python bench/bot_load.py", description=__doc__.splitlines()[0])
+    p.add_argument("--chats", type=int, nargs="+", default=[50, 200, 1000], help="private chats, one row each")
+    p.add_argument("--rates", type=float, nargs="+", default=[30.0, 1000.0], help="overall messages per second")
+    p.add_argument("--wirings", nargs="+", choices=list(WIRINGS), default=list(WIRINGS))
+    p.add_argument("--length", type=int, default=500, help="characters per speech")
+    p.add_argument("--spread", type=float, default=2.0, help="seconds over which the chats send /speech")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="docs/bench/bot-load.json")
+    p.add_argument("--row", nargs=3, metavar=("WIRING", "CHATS", "RATE"), help=argparse.SUPPRESS)
+    return p
+
+
+def run_row(args: argparse.Namespace, wiring: str, chats: int, rate: float) -> dict:
+    """One row in a fresh process: its own engine, its own peak RSS."""
+    command = [sys.executable, __file__, "--row", wiring, str(chats), str(rate)]
+    command += ["--length", str(args.length), "--spread", str(args.spread), "--model", str(args.model)]
+    command += ["--seed", str(args.seed)]
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.row:
+        logging.basicConfig(level=logging.WARNING)
+        wiring, chats, rate = args.row
+        row = asyncio.run(one_row(wiring, int(chats), float(rate), args.length, args.spread, args.model, args.seed))
+        print(json.dumps(row))
+        return
+    load_before = os.getloadavg()[0]
+    rows = []
+    for rate in args.rates:
+        for i, chats in enumerate(args.chats):
+            # Alternate which wiring goes first, so a slow spell on the shared host hits both alike.
+            for wiring in args.wirings if i % 2 == 0 else args.wirings[::-1]:
+                rows.append(run_row(args, wiring, chats, rate))
+                print(f"  {wiring} {chats} chats at {rate:g}/s: p95 {rows[-1]['p95_s']:.2f} s", file=sys.stderr)
+    rows.sort(key=lambda r: (r["messages_per_second"], r["chats"], list(WIRINGS).index(r["wiring"])))
+    print(
+        f"{args.length}-character speeches, chats sending within {args.spread:g} s; {os.cpu_count()} cores, "
+        f"load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after"
+    )
+    print(
+        f"{'rate/s':>7} {'chats':>5} {'wiring':>8} {'updates':>7} {'busy':>4} {'p50 s':>6} {'p95 s':>6} "
+        f"{'max s':>6} {'floor s':>7} {'p95÷floor':>9} {'16÷this':>7} {'chars/s':>7} {'batch':>5} {'RSS MiB':>7}"
+    )
+    p95_of_16 = {(r["messages_per_second"], r["chats"]): r["p95_s"] for r in rows if r["wiring"] == "16"}
+    for row in rows:
+        baseline = p95_of_16.get((row["messages_per_second"], row["chats"]))
+        versus = f"{baseline / row['p95_s']:>6.2f}×" if baseline and row["wiring"] != "16" else f"{'':>7}"
+        print(
+            f"{row['messages_per_second']:>7g} {row['chats']:>5} {row['wiring']:>8} {row['concurrent_updates']:>7} "
+            f"{row['busy']:>4} {row['p50_s']:>6.2f} {row['p95_s']:>6.2f} {row['max_s']:>6.2f} "
+            f"{row['floor_s']:>7.2f} {row['p95_over_floor']:>9.2f} {versus} {row['engine_chars_per_s']:>7,.0f} "
+            f"{row['peak_batch']:>5} {row['peak_rss_mib']:>7.0f}"
+        )
+    print(
+        "floor: the larger of chats ÷ rate and speeches × length ÷ chars/s (the engine's throughput, measured in "
+        "each row's process); 16÷this: the 16-update wiring's p95 over this row's; batch: the most rows one "
+        "engine lane stepped together"
+    )
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "length": args.length,
+                "spread_s": args.spread,
+                "model": str(args.model),
+                "cpu_count": os.cpu_count(),
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg()[0],
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
