@@ -176,7 +176,7 @@ class TelegramFrontend:
     async def typing(self, bot, chat_id: int) -> AsyncIterator[None]:
         """Show "typing…" in the chat until the block ends, without ever holding the block up.
 
-        The chat actions run in a task of their own, pass the rate limiter by (RetryingRateLimiter) and
+        The chat actions run in a task of their own, bypass the rate limiter (RetryingRateLimiter) and
         are skipped while TYPING_IN_FLIGHT_MAX are on the wire, so they neither wait for the outgoing
         rate nor take the connections that replies need. One still in flight when the block ends is
         left to finish: cancelling it would close its connection, and the reply would open a new one.
@@ -328,8 +328,8 @@ def build_application(
         .concurrent_updates(ChatOrderedUpdateProcessor(concurrent_updates))
         .read_timeout(read_timeout)
         .write_timeout(read_timeout)
-        # Each update in process has at most one request on the wire, chat actions aside: so no reply
-        # ever waits for a free connection (and fails after pool_timeout).
+        # Each update in process has at most one request on the wire besides its chat actions, so no
+        # reply waits for a free connection (and fails after pool_timeout); daily posts share the pool.
         .connection_pool_size(concurrent_updates + TYPING_IN_FLIGHT_MAX)
         .post_init(frontend.post_init)
         .post_shutdown(post_shutdown)
