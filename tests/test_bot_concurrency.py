@@ -73,20 +73,29 @@ async def test_one_chat_in_order_while_other_chats_go_on(engine, tmp_path):
 
 
 async def test_a_full_engine_queue_answers_busy_at_once(emulator, model_path, tmp_path):
-    # Room for one speech being written and one waiting: the third of three is one too many.
+    # Room for one speech being written and one waiting: with Alice's long speech under way, Bob's
+    # waits and Carol's is one too many.
     small = GenerationEngine(model_path, providers="cpu", threads=1, max_batch=1, max_queue=1)
-    config = bot_config(emulator, tmp_path / "bot.db", default_length=200)
-    chats = [private_chat({"id": 301 + i, "first_name": f"User{i}"}) for i in range(3)]
+    carol = {"id": 333, "is_bot": False, "first_name": "Carol"}
+    carol_chat = private_chat(carol)
     try:
-        async with running_bot(emulator, small, config, Clock()) as application:
+        async with running_bot(emulator, small, bot_config(emulator, tmp_path / "bot.db"), Clock()) as application:
             assert application.update_processor.max_concurrent_updates == small.capacity + UPDATES_BEYOND_ENGINE
-            for chat in chats:
-                emulator.send_text(chat, {"id": chat["id"], "is_bot": False, "first_name": "U"}, "/speech")
-            await emulator.wait_for(lambda call: len(emulator.sent()) == 3, timeout=60)
+            await emulator.ask(ALICE_CHAT, ALICE, "/length 1000")
+            emulator.send_text(ALICE_CHAT, ALICE, "/speech")
+            while small.peak_batch == 0:  # until Alice's speech has left the queue for the batch
+                await asyncio.sleep(0.01)
+            emulator.send_text(BOB_CHAT, BOB, "/speech")
+            emulator.send_text(carol_chat, carol, "/speech")
+            await emulator.wait_for(lambda call: len(emulator.sent()) == 4, timeout=60)
     finally:
         small.close()
-    replies = [call.params["text"] for call in emulator.sent()]
-    busy = [i for i, text in enumerate(replies) if text == ENGINE_BUSY_REPLY]
-    assert len(busy) == 1, replies
-    assert busy[0] < 2, "the busy answer does not wait for the speeches ahead of it"
-    assert all(len(text) > 50 for i, text in enumerate(replies) if i != busy[0])
+    speeches = emulator.sent()[1:]  # after the answer to /length
+    replies = {int(call.params["chat_id"]): call.params["text"] for call in speeches}
+    assert len(replies.pop(ALICE_CHAT["id"])) > 500
+    assert sorted(text == ENGINE_BUSY_REPLY for text in replies.values()) == [False, True], (
+        "of Bob and Carol, one waited in the queue and one was told the engine is busy"
+    )
+    order = [int(call.params["chat_id"]) for call in speeches]
+    busy_chat = next(chat for chat, text in replies.items() if text == ENGINE_BUSY_REPLY)
+    assert order.index(busy_chat) < order.index(ALICE_CHAT["id"]), "busy is answered at once, not after the speech"
