@@ -31,6 +31,8 @@ def open_engine(config: Config, model_path: Path | None = None) -> GenerationEng
 
 @dataclass
 class Services:
+    """What one bot process runs on; close() when done."""
+
     database: sqlalchemy.Engine
     store: ChatStore
     engine: GenerationEngine

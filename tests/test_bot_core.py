@@ -7,6 +7,7 @@ from datetime import UTC, datetime, time
 import pytest
 from bot_harness import Clock
 
+from bot.config import Config
 from bot.core import (
     LENGTH_MAX,
     MESSAGE_MAX,
@@ -19,8 +20,7 @@ from bot.core import (
     split_command,
 )
 from bot.dailytime import latest_due, next_due, parse_daily_time, resolve_time_zone
-from db.database import create_db_engine, migrate
-from db.store import ChatStore
+from bot.services import build_services
 
 pytest_plugins = ["bot_harness"]
 
@@ -29,9 +29,8 @@ GROUP = ChatRef(-70, "group")
 
 
 def make_bot(tmp_path, engine, clock=None, cooldown=0.0) -> SpeechBot:
-    db = create_db_engine(f"sqlite:///{tmp_path / 'bot.db'}")
-    migrate(db)
-    return SpeechBot(ChatStore(db, 0.8, 40), engine, cooldown_seconds=cooldown, clock=clock or Clock())
+    config = Config(database_url=f"sqlite:///{tmp_path / 'bot.db'}", default_length=40, cooldown_seconds=cooldown)
+    return build_services(config, engine, clock=clock or Clock()).core
 
 
 async def refuse() -> bool:
