@@ -19,21 +19,22 @@ ALICE_CHAT, BOB_CHAT = private_chat(ALICE), private_chat(BOB)
 
 
 class HoldingEmulator(TelegramEmulator):
-    """Holds the first message to one chat that starts with `held_text` until released: an update that
-    stays in process as long as the test needs, without timing anything."""
+    """Holds the first `method` call to one chat (whose text starts with `text`) until released: a
+    request that stays on the wire as long as the test needs, without timing anything."""
 
-    def __init__(self, held_chat_id: int, held_text: str):
+    def __init__(self, method: str, chat_id: int, text: str = ""):
         super().__init__(TOKEN)
-        self.held_chat_id, self.held_text = held_chat_id, held_text
+        self.held = (method, chat_id, text)
         self.release = asyncio.Event()
         self._holding = True
 
     async def _answer(self, method: str, params: dict):
+        held_method, held_chat_id, held_text = self.held
         if (
             self._holding
-            and method == "sendMessage"
-            and int(params["chat_id"]) == self.held_chat_id
-            and str(params["text"]).startswith(self.held_text)
+            and method == held_method
+            and int(params["chat_id"]) == held_chat_id
+            and str(params.get("text", "")).startswith(held_text)
         ):
             self._holding = False
             await self.release.wait()
@@ -52,7 +53,7 @@ def to_chat(chat: dict, succeeded: bool = True):
 
 
 async def test_one_chat_in_order_while_other_chats_go_on(engine, tmp_path):
-    async with HoldingEmulator(ALICE_CHAT["id"], "We will") as emulator:
+    async with HoldingEmulator("sendMessage", ALICE_CHAT["id"], "We will") as emulator:
         config = bot_config(emulator, tmp_path / "bot.db")
         # A long read timeout, so the held reply is not retried while the test looks.
         async with running_bot(emulator, engine, config, Clock(), read_timeout=30.0):
@@ -70,6 +71,16 @@ async def test_one_chat_in_order_while_other_chats_go_on(engine, tmp_path):
             speech, help_text = (call.params["text"] for call in emulator.sent(chat_id=ALICE_CHAT["id"]))
             assert speech.startswith("We will")
             assert help_text.startswith("Commands:")
+
+
+async def test_the_typing_action_never_holds_up_the_speech(engine, tmp_path):
+    async with HoldingEmulator("sendChatAction", ALICE_CHAT["id"]) as emulator:
+        config = bot_config(emulator, tmp_path / "bot.db")
+        async with running_bot(emulator, engine, config, Clock(), read_timeout=30.0):
+            assert (await emulator.ask(ALICE_CHAT, ALICE, "/speech We will")).startswith("We will")
+            actions = [call for call in emulator.calls if call.method == "sendChatAction"]
+            assert [call.status for call in actions] == [None], "the speech came while typing was still on the wire"
+            emulator.release.set()
 
 
 async def test_a_full_engine_queue_answers_busy_at_once(emulator, model_path, tmp_path):
