@@ -207,7 +207,7 @@ def main() -> None:
             {
                 "length": args.length,
                 "spread_s": args.spread,
-                "model": str(args.model),
+                "model": os.path.relpath(args.model, ROOT),
                 "cpu_count": os.cpu_count(),
                 "load_average_before": load_before,
                 "load_average_after": os.getloadavg()[0],
