@@ -9,9 +9,10 @@ no flood limits) on 127.0.0.1. Each of N private chats sends `/speech` once, at 
 --spread seconds, and gets a --length character speech. Time to reply runs from the moment its update
 is queued at the emulator to the moment the bot's sendMessage to that chat arrives there.
 
-Two wirings run side by side, in alternating order, each row in a process of its own (so peak RSS is
-that row's): "16", the update processor capped at 16 concurrent updates as the bot had it, and
-"capacity", sized by the engine (bot/telegram_app.py). Both have everything else in common.
+Wirings run side by side, in alternating order, each row in a process of its own (so peak RSS is
+that row's): "capacity", the update processor sized by the engine as the bot has it
+(bot/telegram_app.py), or a fixed number of concurrent updates, such as the 16 the bot had (the
+default baseline, which the last column compares with). Everything else is common to all.
 
 The floor is what no wiring can beat: the larger of N messages at the overall rate
 (TELEGRAM_MESSAGES_PER_SECOND) and N speeches at the engine's throughput, measured in the same
@@ -49,7 +50,14 @@ from bot.core import ENGINE_BUSY_REPLY, utc_now  # noqa: E402
 from bot.runner import DEFAULT_MODEL_PATH  # noqa: E402
 from bot.services import open_engine  # noqa: E402
 
-WIRINGS = {"16": 16, "capacity": None}  # concurrent_updates for build_application; None: by the engine
+
+def wiring(text: str) -> str:
+    """`capacity` (concurrent updates sized by the engine) or a fixed number of concurrent updates."""
+    if text != "capacity" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'capacity' nor a whole number of concurrent updates")
+    return text
+
+
 PRODUCTION_REQUESTS = {"retry_delays": (1.0, 2.0, 4.0), "read_timeout": 10.0}  # build_application's defaults
 
 
@@ -94,7 +102,8 @@ async def one_row(wiring: str, chats: int, rate: float, length: int, spread: flo
         try:
             async with TimingEmulator(TOKEN, chats) as emulator:
                 config = replace(config, telegram_api_base_url=emulator.base_url)
-                options = PRODUCTION_REQUESTS | {"concurrent_updates": WIRINGS[wiring]}
+                fixed = None if wiring == "capacity" else int(wiring)
+                options = PRODUCTION_REQUESTS | {"concurrent_updates": fixed}
                 async with running_bot(emulator, engine, config, utc_now, **options) as application:
                     pushed: dict[int, float] = {}
                     start = time.perf_counter()
@@ -141,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/bot_load.py", description=__doc__.splitlines()[0])
     p.add_argument("--chats", type=int, nargs="+", default=[50, 200, 1000], help="private chats, one row each")
     p.add_argument("--rates", type=float, nargs="+", default=[30.0, 1000.0], help="overall messages per second")
-    p.add_argument("--wirings", nargs="+", choices=list(WIRINGS), default=list(WIRINGS))
+    p.add_argument("--wirings", nargs="+", type=wiring, default=["16", "capacity"], help="the first is the baseline")
     p.add_argument("--length", type=int, default=500, help="characters per speech")
     p.add_argument("--spread", type=float, default=2.0, help="seconds over which the chats send /speech")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
@@ -172,32 +181,35 @@ def main() -> None:
     rows = []
     for rate in args.rates:
         for i, chats in enumerate(args.chats):
-            # Alternate which wiring goes first, so a slow spell on the shared host hits both alike.
+            # Alternate which wiring goes first, so a slow spell on the shared host hits them alike.
             for wiring in args.wirings if i % 2 == 0 else args.wirings[::-1]:
                 rows.append(run_row(args, wiring, chats, rate))
                 print(f"  {wiring} {chats} chats at {rate:g}/s: p95 {rows[-1]['p95_s']:.2f} s", file=sys.stderr)
-    rows.sort(key=lambda r: (r["messages_per_second"], r["chats"], list(WIRINGS).index(r["wiring"])))
+    rows.sort(key=lambda r: (r["messages_per_second"], r["chats"], args.wirings.index(r["wiring"])))
     print(
         f"{args.length}-character speeches, chats sending within {args.spread:g} s; {os.cpu_count()} cores, "
         f"load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after"
     )
     print(
-        f"{'rate/s':>7} {'chats':>5} {'wiring':>8} {'updates':>7} {'busy':>4} {'p50 s':>6} {'p95 s':>6} "
-        f"{'max s':>6} {'floor s':>7} {'p95÷floor':>9} {'16÷this':>7} {'chars/s':>7} {'batch':>5} {'RSS MiB':>7}"
+        f"{'rate/s':>7} {'chats':>5} {'wiring':>8} {'updates':>7} {'busy':>4} {'busy p95':>8} "
+        f"{'p50 s':>6} {'p95 s':>6} {'max s':>6} {'floor s':>7} {'p95÷floor':>9} {'base÷this':>9} "
+        f"{'chars/s':>7} {'batch':>5} {'RSS MiB':>7}"
     )
-    p95_of_16 = {(r["messages_per_second"], r["chats"]): r["p95_s"] for r in rows if r["wiring"] == "16"}
+    base = args.wirings[0]
+    p95_of_base = {(r["messages_per_second"], r["chats"]): r["p95_s"] for r in rows if r["wiring"] == base}
     for row in rows:
-        baseline = p95_of_16.get((row["messages_per_second"], row["chats"]))
-        versus = f"{baseline / row['p95_s']:>6.2f}×" if baseline and row["wiring"] != "16" else f"{'':>7}"
+        baseline = p95_of_base.get((row["messages_per_second"], row["chats"]))
+        versus = f"{baseline / row['p95_s']:>8.2f}×" if baseline and row["wiring"] != base else f"{'':>9}"
         print(
             f"{row['messages_per_second']:>7g} {row['chats']:>5} {row['wiring']:>8} {row['concurrent_updates']:>7} "
-            f"{row['busy']:>4} {row['p50_s']:>6.2f} {row['p95_s']:>6.2f} {row['max_s']:>6.2f} "
+            f"{row['busy']:>4} {row['busy_p95_s'] or float('nan'):>8.2f} "
+            f"{row['p50_s']:>6.2f} {row['p95_s']:>6.2f} {row['max_s']:>6.2f} "
             f"{row['floor_s']:>7.2f} {row['p95_over_floor']:>9.2f} {versus} {row['engine_chars_per_s']:>7,.0f} "
             f"{row['peak_batch']:>5} {row['peak_rss_mib']:>7.0f}"
         )
     print(
         "floor: the larger of chats ÷ rate and speeches × length ÷ chars/s (the engine's throughput, measured in "
-        "each row's process); 16÷this: the 16-update wiring's p95 over this row's; batch: the most rows one "
+        f"each row's process); base÷this: the p95 of wiring {base} over this row's; batch: the most rows one "
         "engine lane stepped together"
     )
     out = Path(args.json)
