@@ -41,7 +41,8 @@ import onnxruntime as ort
 import torch
 
 from bot.engine import CHUNK, GenerationEngine
-from bot.runner import DEFAULT_MODEL_PATH, ModelRunner, read_model_info
+from bot.modelfile import DEFAULT_MODEL_PATH
+from bot.runner import ModelRunner, read_model_info
 from export.pipeline import export_checkpoint
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.model import CharRNN, ModelConfig

@@ -19,12 +19,14 @@ body of a new Loop, stepping a sequence of one.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
-from export.metadata import state_names
+from bot.modelfile import INT8_LOGITS_BATCH_FIRST, INT8_LOOP, INT8_READ_TOKEN, state_names
 
 _CONSTANTS = {
     "sampler_axis1": np.array([1], np.int64),
@@ -129,18 +131,32 @@ def _constants() -> list[onnx.TensorProto]:
     return [numpy_helper.from_array(value, name) for name, value in _CONSTANTS.items()]
 
 
+def _int8_node(
+    nodes: Sequence[onnx.NodeProto], name: str, fits: Callable[[onnx.NodeProto], bool], what: str
+) -> onnx.NodeProto:
+    """The node that export.int8_lstm named `name`, or in a file written before it named them (the bundled
+    model), the one node that fits; a ChunkGraphError if that is not exactly one node that fits."""
+    found = [node for node in nodes if node.name == name] or [node for node in nodes if fits(node)]
+    if len(found) != 1 or not fits(found[0]):
+        raise ChunkGraphError(f"not an int8 LSTM graph: it has no single {what}")
+    return found[0]
+
+
 def _int8_loop(model: onnx.ModelProto, vocab_size: int, top_k: bool) -> onnx.ModelProto:
     """An export.int8_lstm file: its own Loop, reading the sampler's token instead of the input's."""
     graph = model.graph
-    loop = next(node for node in graph.node if node.op_type == "Loop")
+    loop = _int8_node(graph.node, INT8_LOOP, lambda node: node.op_type == "Loop", "Loop over the sequence")
     body = next(attr.g for attr in loop.attribute if attr.name == "body")
-    read_token = body.node[0]
-    if read_token.op_type != "Gather" or list(read_token.input) != ["tokens", body.input[0].name]:
-        raise ChunkGraphError("not an int8 LSTM graph: its Loop body does not start by reading the token")
+    read_token = _int8_node(
+        body.node,
+        INT8_READ_TOKEN,
+        lambda node: node.op_type == "Gather" and list(node.input) == ["tokens", body.input[0].name],
+        "Gather of the step's token in its Loop body",
+    )
     # Body outputs: cond, h*, c*, hq*, then the scanned logits; the logits become carried, the token scanned.
     cond_out, *carried_out, step_logits = body.output
     # The condition goes out as it came in, without the Identity node that copied it (~1 µs a step).
-    steps = [node for node in body.node[1:] if list(node.output) != [cond_out.name]]
+    steps = [node for node in body.node if node is not read_token and list(node.output) != [cond_out.name]]
     new_body = oh.make_graph(
         _sampling_nodes(body.input[0].name, "sampler_logits_in", read_token.output[0], top_k) + steps,
         body.name,
@@ -148,6 +164,12 @@ def _int8_loop(model: onnx.ModelProto, vocab_size: int, top_k: bool) -> onnx.Mod
         [body.input[1], *carried_out, step_logits, _info(read_token.output[0], TensorProto.INT64, ["batch"])],
     )
     *carried_last, scanned_logits = loop.output
+    batch_first = _int8_node(
+        graph.node,
+        INT8_LOGITS_BATCH_FIRST,
+        lambda node: node.op_type == "Transpose" and list(node.input) == [scanned_logits],
+        "Transpose of the Loop's logits",
+    )
     new_loop = oh.make_node(
         "Loop",
         ["sampler_chunk", *loop.input[1:], "logits"],
@@ -158,7 +180,7 @@ def _int8_loop(model: onnx.ModelProto, vocab_size: int, top_k: bool) -> onnx.Mod
     for node in graph.node:
         if node is loop:
             nodes.append(new_loop)
-        elif list(node.input) == [scanned_logits]:  # the Transpose of the scanned logits
+        elif node is batch_first:
             nodes.append(oh.make_node("Transpose", ["sampler_tokens_by_step"], ["tokens"], perm=[1, 0]))
         else:
             nodes.append(node)

@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 
 from dotenv import dotenv_values
 
-from bot.engine import MAX_LANES
-from bot.runner import DEFAULT_MODEL_PATH
+from bot.engine_api import MAX_LANES
+from bot.modelfile import DEFAULT_MODEL_PATH
 
 TOKEN_FORMAT = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
 WEBHOOK_SECRET_FORMAT = re.compile(r"^[A-Za-z0-9_-]{1,256}$")

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 from bot.config import LENGTH_MAX, LENGTH_MIN, TEMPERATURE_MAX
 from bot.dailytime import latest_due, local_date, next_due, parse_daily_time, resolve_time_zone
-from bot.engine import EngineBusy
+from bot.engine_api import EngineBusy
 from db.store import ChatSettings, ChatStore
 
 PROMPT_MAX = 1000

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bot.runner import DEFAULT_MODEL_PATH, ModelRunner
+from bot.engine_api import MAX_LANES, EngineBusy, EngineClosed
+from bot.modelfile import DEFAULT_MODEL_PATH
+from bot.runner import ModelRunner
 from model.text import CleaningOptions, Vocab, normalize_prompt
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,6 @@ PARAGRAPH_START_MAX_CHARS = 300
 # spread over these characters (16, 32 and 64 measured alike within this VM's noise, README "Speed").
 CHUNK = 16
 _STOP = object()
-MAX_LANES = 8
 # Two lanes of 32 rows measured faster than one of 64, two of 4 slower than one of 8 (README, Speed).
 MIN_LANE_BATCH = 32
 
@@ -55,14 +56,6 @@ def default_lanes(provider: str, threads: int | None, max_batch: int) -> int:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(MAX_LANES, cores // (threads or 1), max_batch // MIN_LANE_BATCH))
-
-
-class EngineBusy(RuntimeError):
-    """The request queue is full; try again later."""
-
-
-class EngineClosed(RuntimeError):
-    """The engine was closed before or while the request ran."""
 
 
 class InvalidTemperature(ValueError):

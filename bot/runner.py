@@ -15,11 +15,10 @@ import onnx
 import onnxruntime as ort
 
 from bot.chunk_graph import ChunkGraphError, chunk_graph
-from export.metadata import MetadataError, ModelInfo, parse_props, state_names
+from bot.modelfile import MetadataError, ModelInfo, parse_props, state_names
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PATH = Path(__file__).parent / "assets" / "speechbot.onnx"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 _PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

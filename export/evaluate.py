@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from bot.modelfile import ModelInfo, state_names
 from bot.runner import PROVIDER_CHOICES, ModelRunner
-from export.metadata import ModelInfo, state_names
 from model.cli import UsageError
 from model.prepare import read_utf8
 

@@ -24,6 +24,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
+from bot.modelfile import INT8_LOGITS_BATCH_FIRST, INT8_LOOP, INT8_READ_TOKEN
+
 OPSET = 17
 
 
@@ -176,7 +178,7 @@ def build_int8_lstm(
     # The Loop body reads the tokens and weights from the outer scope.
     body = _Builder()
     hs, cs, hqs = [f"h_in{i}" for i in layers], [f"c_in{i}" for i in layers], [f"hq_in{i}" for i in layers]
-    token = body.op("Gather", ["tokens", "t"], "token", axis=1)
+    token = body.op("Gather", ["tokens", "t"], "token", axis=1, name=INT8_READ_TOKEN)
     member_logits, new_h, new_c, new_hq = [], [], [], []
     for k, weights in enumerate(members):
         m, own = f"m{k}_", slice(k * num_layers, (k + 1) * num_layers)
@@ -223,8 +225,9 @@ def build_int8_lstm(
         [seq_len, "keep_going", *[f"h0_{i}" for i in layers], *[f"c0_{i}" for i in layers], *start_hq],
         [*h_last, *c_last, *[f"hq_last{i}" for i in layers], "logits_tbv"],
         body=body_graph,
+        name=INT8_LOOP,
     )
-    outer.op("Transpose", ["logits_tbv"], "logits", perm=[1, 0, 2])
+    outer.op("Transpose", ["logits_tbv"], "logits", perm=[1, 0, 2], name=INT8_LOGITS_BATCH_FIRST)
     for name, parts in (("h", h_last), ("c", c_last)):
         outer.op("Concat", [outer.op("Unsqueeze", [p, "axis0"], f"{p}_3d") for p in parts], name, axis=0)
 

@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from bot.modelfile import ModelInfo
 from export.int8_lstm import build_int8_lstm
-from export.metadata import ModelInfo, info_from_checkpoints
 from export.torch_graph import fp16_graph, fp32_graph
 from export.verify import SAMPLE_TEXT, Verification, verify
 from model.cli import UsageError
@@ -27,6 +27,7 @@ from model.model import CharRNN
 from model.prepare import read_utf8
 
 MIN_CORPUS_CHARS = 200
+EXPORTER_VERSION = "speechbot-export/1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +97,29 @@ def write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def info_from_checkpoints(ckpts: list[dict], precision: str = "fp32") -> ModelInfo:
+    """Metadata for one checkpoint's network, or for the ensemble of several (model.ensemble).
+
+    An ensemble's val_bpc is unknown here (each checkpoint knows only its own); the exporter fills it in.
+    """
+    ckpt = ckpts[0]
+    config = dict(ckpt["model_config"])
+    if len(ckpts) > 1:
+        # The state is as wide as the widest member (model.ensemble pads the others).
+        sizes = [c["model_config"]["rnn_size"] for c in ckpts]
+        config |= {"rnn_size": max(sizes), "members": len(ckpts), "member_sizes": sizes}
+    return ModelInfo(
+        vocab=list(ckpt["vocab"]),
+        cleaning=dict(ckpt.get("cleaning", {})),
+        unknown_policy=ckpt.get("unknown_policy", "nearest"),
+        model_config=config,
+        corpus_sha256=list(ckpt.get("dataset_sha256", [])),
+        val_bpc=ckpt.get("val_bpc") if len(ckpts) == 1 else None,
+        exporter_version=EXPORTER_VERSION,
+        precision=precision,
+    )
 
 
 def export_checkpoint(

@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from bot.modelfile import ModelInfo, state_names
 from export.evaluate import onnx_nats
-from export.metadata import ModelInfo, state_names
 from model.ensemble import Ensemble
 from model.evaluate import evaluate_ids
 from model.model import CharRNN

@@ -17,7 +17,7 @@ from telegram_emulator import TelegramEmulator
 
 from bot.config import Config
 from bot.engine import GenerationEngine
-from bot.runner import DEFAULT_MODEL_PATH
+from bot.modelfile import DEFAULT_MODEL_PATH
 from bot.telegram_app import build_application
 
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"

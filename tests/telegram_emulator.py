@@ -5,10 +5,15 @@ It checks method names and parameters against the machine-readable Bot API spec
 accepts form, JSON and multipart bodies, long-polls getUpdates with offsets, answers the calls
 the bot makes with plausible objects, records every call, and can inject 429s, 5xx answers,
 timeouts, blocked chats (403) and group-to-supergroup migrations.
+
+It also runs on its own for a bot in another process, such as the container image in CI:
+`python tests/telegram_emulator.py --ask /speech` prints its base URL, sends the command once the
+bot polls, prints the answer and exits (status 1 if none came).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -101,8 +106,9 @@ def _decode(value, types: list[str]):
 class TelegramEmulator:
     """Serve with `async with TelegramEmulator(token) as emulator:`; point the bot at `.base_url`."""
 
-    def __init__(self, token: str, bot_username: str = "SpeechTestBot", spec_path: Path = SPEC_PATH):
+    def __init__(self, token: str, bot_username: str = "SpeechTestBot", spec_path: Path = SPEC_PATH, port: int = 0):
         self.token = token
+        self.port = port  # 0: any free port
         self.bot_user = {
             "id": int(token.split(":")[0]),
             "is_bot": True,
@@ -132,7 +138,7 @@ class TelegramEmulator:
         app.router.add_route("*", "/bot{token}/{method}", self._handle)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
         self.base_url = f"http://127.0.0.1:{port}/bot"
@@ -358,3 +364,34 @@ class TelegramEmulator:
         if owner:
             return {"status": "creator", "user": user, "is_anonymous": False}
         return {"status": "administrator", "user": user} | dict.fromkeys(ADMIN_FLAGS, False)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    async with TelegramEmulator(args.token, port=args.port) as emulator:
+        print(emulator.base_url, flush=True)
+        if args.ask is None:
+            await asyncio.Event().wait()  # until interrupted
+        try:
+            await emulator.wait_for(lambda call: call.method == "getUpdates", timeout=args.timeout)
+            user = {"id": 4242, "is_bot": False, "first_name": "Operator"}
+            answer = await emulator.ask({"id": user["id"], "type": "private", "first_name": "Operator"}, user, args.ask)
+        except TimeoutError:
+            print(f"no answer to {args.ask!r}; calls seen: {[call.method for call in emulator.calls]}", flush=True)
+            return 1
+        print(json.dumps({"sendMessage": answer}, ensure_ascii=False), flush=True)
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Serve the Bot API emulator on 127.0.0.1 for a bot in another process."
+    )
+    parser.add_argument("--token", default="123456:emulator-token-for-a-bot-in-another-process")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port (the first line printed is the URL)")
+    parser.add_argument("--ask", help="send this text from a private chat once the bot polls, print the answer, exit")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the bot's first poll")
+    return asyncio.run(_serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import Config, ConfigError
-from bot.runner import DEFAULT_MODEL_PATH
+from bot.modelfile import DEFAULT_MODEL_PATH
 
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
 

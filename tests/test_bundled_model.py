@@ -1,7 +1,8 @@
 """The model shipped in the repository loads, passes its metadata checks and writes a speech."""
 
 from bot.engine import GenerationEngine
-from bot.runner import DEFAULT_MODEL_PATH, read_model_info
+from bot.modelfile import DEFAULT_MODEL_PATH
+from bot.runner import read_model_info
 
 SPEECH_LENGTH = 300
 

@@ -22,6 +22,7 @@ from bot.engine import (
     InvalidTopK,
     default_lanes,
 )
+from bot.modelfile import INT8_LOGITS_BATCH_FIRST, INT8_LOOP, INT8_READ_TOKEN
 from bot.runner import ModelFileError, ModelRunner, ProviderError
 
 
@@ -153,14 +154,44 @@ def test_a_row_samples_the_same_alone_and_in_a_batch(runner):
         assert np.array_equal(alone[1][0], together[1][row])
 
 
+def _int8_loop_body(model: onnx.ModelProto) -> onnx.GraphProto:
+    return next(node for node in model.graph.node if node.op_type == "Loop").attribute[0].g
+
+
+def _chunk_of(path) -> np.ndarray:
+    runner = ModelRunner(path, "cpu")
+    logits, state = primed_rows(runner, 3)
+    uniforms = np.random.default_rng(4).random((3, 20), np.float32)
+    return runner.sample(logits, state, np.full(3, 0.8, np.float32), np.zeros(3, np.int64), uniforms)[0]
+
+
+def test_the_int8_loop_is_found_by_its_node_names_or_without_them(tiny_int8, tmp_path):
+    model = onnx.load(tiny_int8)
+    body = _int8_loop_body(model)
+    assert any(node.name == INT8_READ_TOKEN and node.op_type == "Gather" for node in body.node)
+    assert {INT8_LOOP, INT8_LOGITS_BATCH_FIRST} <= {node.name for node in model.graph.node}
+    # The token's Gather no longer first: found by its name.
+    body.node.insert(0, onnx.helper.make_node("Identity", [body.input[0].name], ["t_unused"]))
+    onnx.save(model, tmp_path / "moved.onnx")
+    # Files written before export named the nodes (the bundled model): found by op type and inputs.
+    for graph in (model.graph, body):
+        for node in graph.node:
+            node.name = ""
+    onnx.save(model, tmp_path / "unnamed.onnx")
+    expected = _chunk_of(tiny_int8)
+    assert np.array_equal(_chunk_of(tmp_path / "moved.onnx"), expected)
+    assert np.array_equal(_chunk_of(tmp_path / "unnamed.onnx"), expected)
+
+
 def test_an_int8_file_of_another_layout_is_refused_clearly(tiny_int8, tmp_path):
     model = onnx.load(tiny_int8)
-    body = next(node for node in model.graph.node if node.op_type == "Loop").attribute[0].g
-    # A valid graph whose Loop reads the token one node later than export.int8_lstm writes it.
-    body.node[0].input[1] = "t_copy"
+    body = _int8_loop_body(model)
+    # A valid graph whose Loop reads the token at a copy of the step number, not where export.int8_lstm does.
+    read_token = next(node for node in body.node if node.name == INT8_READ_TOKEN)
+    read_token.input[1] = "t_copy"
     body.node.insert(0, onnx.helper.make_node("Identity", [body.input[0].name], ["t_copy"]))
     onnx.save(model, tmp_path / "other.onnx")
-    with pytest.raises(ModelFileError, match="cannot be served: not an int8 LSTM graph"):
+    with pytest.raises(ModelFileError, match="cannot be served: not an int8 LSTM graph: it has no single Gather"):
         ModelRunner(tmp_path / "other.onnx", "cpu")
 
 

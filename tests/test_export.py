@@ -12,10 +12,10 @@ import torch
 from conftest import TINY_CORPUS, train_tiny
 
 from bot.engine import GenerationEngine
+from bot.modelfile import MetadataError, parse_props
 from bot.runner import ModelFileError, ProviderError, read_model_info
 from export.__main__ import main as export_main
-from export.metadata import MetadataError, info_from_checkpoints, parse_props
-from export.pipeline import export_checkpoint, serialize
+from export.pipeline import export_checkpoint, info_from_checkpoints, serialize
 from export.torch_graph import fp32_graph
 from export.verify import VerificationError, verify
 from model.checkpoint import load_checkpoint

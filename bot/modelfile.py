@@ -1,4 +1,7 @@
-"""The metadata an exported model carries, and its validation. Torch- and onnx-free: the bot reads it too.
+"""The speechbot model-file format: its metadata and their validation, state names, the int8 Loop's node names.
+
+The bot owns the format it serves; `export/` writes files by importing this module, and the bot never
+imports `export/` (whose modules need torch). Torch- and onnx-free.
 
 Everything the bot needs to turn a prompt into token ids and back travels inside the .onnx file as
 `metadata_props`, so a model file can never be paired with the wrong vocabulary or normalisation.
@@ -8,14 +11,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from model.text import CleaningOptions, Vocab, text_to_ids
 
+DEFAULT_MODEL_PATH = Path(__file__).parent / "assets" / "speechbot.onnx"
 FORMAT_VERSION = "1"
-EXPORTER_VERSION = "speechbot-export/1"
 PRECISIONS = ("fp32", "int8", "fp16")
+
+# Names of the int8 graph's nodes (export.int8_lstm), by which bot.chunk_graph rewires its Loop:
+# the Loop over the sequence, the body's Gather of the step's token, the Transpose of the scanned logits.
+INT8_LOOP = "int8_loop"
+INT8_READ_TOKEN = "int8_read_token"
+INT8_LOGITS_BATCH_FIRST = "int8_logits_batch_first"
 
 
 def state_names(is_lstm: bool) -> tuple[list[str], list[str]]:
@@ -92,29 +102,6 @@ class ModelInfo:
             "precision": self.precision,
             **self.extra,
         }
-
-
-def info_from_checkpoints(ckpts: list[dict], precision: str = "fp32") -> ModelInfo:
-    """Metadata for one checkpoint's network, or for the ensemble of several (model.ensemble).
-
-    An ensemble's val_bpc is unknown here (each checkpoint knows only its own); the exporter fills it in.
-    """
-    ckpt = ckpts[0]
-    config = dict(ckpt["model_config"])
-    if len(ckpts) > 1:
-        # The state is as wide as the widest member (model.ensemble pads the others).
-        sizes = [c["model_config"]["rnn_size"] for c in ckpts]
-        config |= {"rnn_size": max(sizes), "members": len(ckpts), "member_sizes": sizes}
-    return ModelInfo(
-        vocab=list(ckpt["vocab"]),
-        cleaning=dict(ckpt.get("cleaning", {})),
-        unknown_policy=ckpt.get("unknown_policy", "nearest"),
-        model_config=config,
-        corpus_sha256=list(ckpt.get("dataset_sha256", [])),
-        val_bpc=ckpt.get("val_bpc") if len(ckpts) == 1 else None,
-        exporter_version=EXPORTER_VERSION,
-        precision=precision,
-    )
 
 
 def _json_field(props: dict[str, str], key: str, kind: type):
