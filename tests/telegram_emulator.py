@@ -390,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0: any free port (the first line printed is the URL)")
     parser.add_argument("--ask", help="send this text from a private chat once the bot polls, print the answer, exit")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the bot's first poll")
-    return asyncio.run(_serve(parser.parse_args(argv)))
+    try:
+        return asyncio.run(_serve(parser.parse_args(argv)))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
