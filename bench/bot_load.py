@@ -47,7 +47,7 @@ from telegram_emulator import TelegramEmulator  # noqa: E402
 
 from bot.config import Config  # noqa: E402
 from bot.core import ENGINE_BUSY_REPLY, utc_now  # noqa: E402
-from bot.runner import DEFAULT_MODEL_PATH  # noqa: E402
+from bot.modelfile import DEFAULT_MODEL_PATH  # noqa: E402
 from bot.services import open_engine  # noqa: E402
 
 

@@ -67,3 +67,12 @@ def test_the_images_files_run_without_torch_or_export(tmp_path):
     imported, speech = result.stdout.split("\n", 1)
     assert int(imported.split()[1]) >= 10
     assert len(speech) == 60 + 1  # print's newline
+
+
+def test_settings_and_commands_load_without_the_engine():
+    code = (
+        "import sys, bot.config, bot.core; "
+        "loaded = {'onnxruntime', 'onnx', 'bot.engine', 'bot.runner'} & set(sys.modules); "
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
