@@ -38,11 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate_sampling(length: int, temperature: float, top_k: int) -> None:
-    if length < 1:
-        raise UsageError(f"--length must be a positive number of characters, not {length}")
+# A sane ceiling for one request: about two minutes for the default 2x640 on one CPU thread.
+MAX_LENGTH = 100_000
+
+
+def validate_sampling(length: int, temperature: float, top_k: int, prefix: str = "--") -> None:
+    """prefix: how the flags are named where they are checked (`--` here, `--sample-` in training)."""
+    if not 1 <= length <= MAX_LENGTH:
+        raise UsageError(f"{prefix}length must be a number of characters from 1 to {MAX_LENGTH:,}, not {length}")
     if not 0 < temperature <= 2:
-        raise UsageError(f"--temperature must be in (0, 2], not {temperature}")
+        raise UsageError(f"{prefix}temperature must be in (0, 2], not {temperature}")
     if top_k < 0:
         raise UsageError(f"--top-k must be 0 (off) or a positive number, not {top_k}")
 
@@ -113,8 +118,8 @@ def main(args: argparse.Namespace) -> None:
     validate_sampling(args.length, args.temperature, args.top_k)
     start = time.perf_counter()
     net, (ckpt, *_) = load_models(args.checkpoint, args.device)
-    vocab = Vocab(ckpt["vocab"], ckpt.get("unknown_policy", "nearest"))
-    cleaning = CleaningOptions.from_dict(ckpt["cleaning"])
+    vocab = Vocab(ckpt.vocab, ckpt.unknown_policy)
+    cleaning = CleaningOptions.from_dict(ckpt.cleaning)
     loaded = time.perf_counter()
     text = sample_text(
         net,
