@@ -95,7 +95,7 @@ class Checkpoint:
             with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
                 data = torch.load(path, map_location=device, weights_only=True)
         except Exception as exc:  # torch raises many types for a corrupt or unsafe file
-            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))
             detail = (
                 f"it would import {unsafe.group(1)}, and only tensors and plain values are loaded"
                 if unsafe

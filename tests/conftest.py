@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -56,7 +56,7 @@ def train_tiny(
         unknown_policy=vocab.unknown_policy,
         cleaning=cleaning.to_dict(),
         dataset_sha256=["0" * 64],
-        val_bpc=loss.item() / np.log(2),
+        val_bpc=loss.item() / math.log(2),
         iteration=iterations,
     ).save(path)
     return path

@@ -269,7 +269,9 @@ def test_training_and_sampling_bad_inputs(tiny_data, tiny_checkpoint, tmp_path, 
     assert "does not exist" in run_cli_error(["sample", "--checkpoint", str(tmp_path / "x.pt")], capsys)
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a checkpoint")
-    assert "not a readable speechbot checkpoint (not a PyTorch file" in run_cli_error(["sample", "--checkpoint", str(bogus)], capsys)
+    assert "not a readable speechbot checkpoint (not a PyTorch file" in run_cli_error(
+        ["sample", "--checkpoint", str(bogus)], capsys
+    )
     assert "--temperature must be in (0, 2]" in run_cli_error(
         ["sample", "--checkpoint", str(tiny_checkpoint), "--temperature", "0"], capsys
     )
