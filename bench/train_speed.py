@@ -17,6 +17,7 @@ and the whole loop's speed against fp32, and writes JSON. Each size runs --round
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -138,14 +139,8 @@ def main() -> None:
     fp32_peak = peaks[None]
     rows = []
     for size in args.sizes:
-        config = ModelConfig(
-            vocab_size=vocab_size,
-            rnn_size=size,
-            num_layers=2,
-            wordvec_size=defaults.wordvec_size,
-            dropout=defaults.dropout,
-            weight_drop=defaults.weight_drop,  # part of the default training step, so of both sides
-        )
+        # The default network at this size; its weight drop is part of the training step, so of both sides.
+        config = dataclasses.replace(defaults, rnn_size=size, num_layers=2).model_config(vocab_size)
         per_char = flops_per_char(config)
         fp32_whole = None
         for dtype in precisions:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from model.cli import UsageError, option
-from model.model import INIT_SCHEMES, RNN_TYPES
+from model.model import INIT_SCHEMES, RNN_TYPES, ModelConfig
 from model.sample import validate_sampling
 from model.schedule import SCHEDULES, parse_piecewise
 
@@ -112,6 +112,18 @@ class TrainConfig:
             validate_sampling(self.sample_length, self.sample_temperature, 0, "--sample-")
         if self.resume and self.init_from:
             raise UsageError("give --resume (continue a run) or --init-from (fine-tune from its weights), not both")
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The network these settings describe, for a vocabulary of vocab_size characters."""
+        return ModelConfig(
+            vocab_size=vocab_size,
+            model_type=self.model_type,
+            rnn_size=self.rnn_size,
+            num_layers=self.num_layers,
+            wordvec_size=self.wordvec_size,
+            dropout=self.dropout,
+            weight_drop=self.weight_drop,
+        )
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -33,7 +33,7 @@ from model.cli import UsageError, dataclass_parser, from_namespace, writable_dir
 from model.config import TrainConfig
 from model.dataset import Dataset, load_dataset
 from model.evaluate import evaluate_ids
-from model.model import CharRNN, ModelConfig, State, detach_state, nats_to_bits
+from model.model import CharRNN, State, detach_state, nats_to_bits
 from model.sample import sample_text
 from model.schedule import make_schedule
 
@@ -224,16 +224,7 @@ def build_network(config: TrainConfig, dataset: Dataset, device: torch.device) -
     """A new network, or the one of --resume / --init-from, and that checkpoint."""
     source_path = config.resume or config.init_from
     if not source_path:
-        model_config = ModelConfig(
-            vocab_size=len(dataset.vocab),
-            model_type=config.model_type,
-            rnn_size=config.rnn_size,
-            num_layers=config.num_layers,
-            wordvec_size=config.wordvec_size,
-            dropout=config.dropout,
-            weight_drop=config.weight_drop,
-        )
-        net = CharRNN(model_config).to(device)
+        net = CharRNN(config.model_config(len(dataset.vocab))).to(device)
         net.init_weights(config.init, config.init_std)
         return net, None
     source = Checkpoint.load(source_path, device)
