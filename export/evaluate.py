@@ -23,6 +23,8 @@ from model.prepare import read_utf8
 # so the many-stream score matches the one-stream score (bench/export_evaluate.py measures the difference).
 BURN_IN = 512
 STREAMS = 64
+# Each part at least this long, so the burn-ins' small differences stay far below 1e-4 bits/char overall.
+MIN_PART = 4 * BURN_IN
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--streams",
         type=int,
         default=STREAMS,
-        help="parts of the text scored side by side in one batch, each after a burn-in of "
-        f"{BURN_IN} characters (speed; 1: the text as one stream)",
+        help=f"at most this many parts of the text (each at least {MIN_PART} characters) scored side by side "
+        f"in one batch, each after a burn-in of {BURN_IN} characters (speed; 1: the text as one stream)",
     )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     return p
@@ -119,7 +121,9 @@ def main(args: argparse.Namespace) -> None:
     ids, unknown = info.text_ids(text)
     if len(ids) < 2:
         raise UsageError(f"{args.text} has fewer than 2 characters after cleaning; nothing to score")
-    nats = float(onnx_char_nats(session, info, ids, args.seq_length, args.streams, progress=args.progress).mean())
+    streams = min(args.streams, max(1, (len(ids) - 1) // MIN_PART))
+    nats = float(onnx_char_nats(session, info, ids, args.seq_length, streams, progress=args.progress).mean())
     vocab_note = f"{unknown:,} outside the vocabulary ({info.unknown_policy} policy)"
-    print(f"{args.text}: {len(ids) - 1:,} characters scored, {vocab_note}; {info.precision} model on {provider}")
+    how = f"{info.precision} model on {provider}, {streams} stream{'s' if streams > 1 else ''}"
+    print(f"{args.text}: {len(ids) - 1:,} characters scored, {vocab_note}; {how}")
     print(f"loss {nats:.4f} nats/char, {nats / math.log(2):.4f} bits/char")

@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,7 +192,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     batcher: StreamBatcher
     total_iters: int
-    lr_at: object
+    lr_at: Callable[[int], float]
     autocast: AbstractContextManager
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
