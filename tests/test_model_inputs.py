@@ -276,6 +276,14 @@ def test_export_evaluate_in_many_streams_scores_as_one_stream(tiny_onnx, capsys)
     assert not np.array_equal(many, one)  # the streams really started afresh
 
 
+def test_export_evaluate_names_a_directory_as_such(tiny_dir, tiny_onnx, capsys):
+    err = one_line_error(capsys, export_main, ["evaluate", str(tiny_dir), "--text", str(tiny_dir / "corpus.txt")])
+    assert f"model file {tiny_dir} is a directory" in err
+    assert "is a directory" in one_line_error(
+        capsys, export_main, ["evaluate", str(tiny_onnx), "--text", str(tiny_dir)]
+    )
+
+
 def test_export_evaluate_shows_progress(tiny_dir, tiny_onnx, capsys):
     export_main(["evaluate", str(tiny_onnx), "--text", str(tiny_dir / "corpus.txt"), "--seq-length", "64"])
     captured = capsys.readouterr()
