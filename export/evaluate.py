@@ -23,8 +23,13 @@ from model.prepare import read_utf8
 # so the many-stream score matches the one-stream score (bench/export_evaluate.py measures the difference).
 BURN_IN = 512
 STREAMS = 64
-# Each part at least this long, so the burn-ins' small differences stay far below 1e-4 bits/char overall.
-MIN_PART = 4 * BURN_IN
+# Each part at least this long, so the burn-ins' small differences stay below 1e-4 bits/char overall.
+MIN_PART = 2 * BURN_IN
+
+
+def stream_count(scored: int, streams: int = STREAMS) -> int:
+    """At most `streams` parts of at least MIN_PART characters each (at least one)."""
+    return min(streams, max(1, scored // MIN_PART))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +127,7 @@ def main(args: argparse.Namespace) -> None:
     ids, unknown = info.text_ids(text)
     if len(ids) < 2:
         raise UsageError(f"{args.text} has fewer than 2 characters after cleaning; nothing to score")
-    streams = min(args.streams, max(1, (len(ids) - 1) // MIN_PART))
+    streams = stream_count(len(ids) - 1, args.streams)
     nats = float(onnx_char_nats(session, info, ids, args.seq_length, streams, progress=args.progress).mean())
     vocab_note = f"{unknown:,} outside the vocabulary ({info.unknown_policy} policy)"
     how = f"{info.precision} model on {provider}, {streams} stream{'s' if streams > 1 else ''}"
