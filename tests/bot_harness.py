@@ -6,6 +6,9 @@ Test modules load this as a pytest plugin (`pytest_plugins = ["bot_harness"]`) f
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -15,11 +18,12 @@ import pytest
 from telegram.ext import Application
 from telegram_emulator import TelegramEmulator
 
-from bot.config import Config
+from bot.config import VARIABLES, Config
 from bot.engine import GenerationEngine
 from bot.modelfile import DEFAULT_MODEL_PATH
 from bot.telegram_app import build_application
 
+REPO = Path(__file__).resolve().parents[1]
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
 ALICE = {"id": 111, "is_bot": False, "first_name": "Alice"}
 BOB = {"id": 222, "is_bot": False, "first_name": "Bob"}
@@ -55,6 +59,26 @@ def bot_config(emulator: TelegramEmulator, db_path, **overrides) -> Config:
         cooldown_seconds=0,
     )
     return replace(config, **overrides)
+
+
+def bot_environment(model_path: Path, **settings: str) -> dict[str, str]:
+    """The environment of a `python -m bot` subprocess: none of the machine's bot settings, one CPU lane."""
+    inherited = {name: value for name, value in os.environ.items() if name not in VARIABLES}
+    defaults = {"ONNX_PROVIDERS": "cpu", "ONNX_THREADS": "1", "ONNX_LANES": "1", "MODEL_PATH": str(model_path)}
+    return inherited | defaults | {"PYTHONPATH": str(REPO)} | settings
+
+
+def run_bot(cwd: Path, environment: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """`python -m bot ARGS` to completion, in `cwd` (no .env there), with its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        cwd=cwd,
+        env=environment,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,  # only a safety net: a loaded machine can be slow to start Python
+    )
 
 
 @contextlib.asynccontextmanager
