@@ -118,7 +118,9 @@ def parse_length(text: str) -> int:
 
 def compose_speech(prompt: str, continuation: str) -> str:
     """The reply: the prompt and its continuation, trimmed to what one Telegram message holds."""
-    text = (prompt + continuation).strip()[:MESSAGE_MAX].strip()
+    # A lone surrogate in the prompt (JSON allows "\ud800") cannot be encoded, so the whole reply would fail to send.
+    text = (prompt + continuation).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    text = text.strip()[:MESSAGE_MAX].strip()
     return text or "…"  # Telegram rejects empty messages
 
 
