@@ -5,8 +5,10 @@ Test modules load this as a pytest plugin (`pytest_plugins = ["bot_harness"]`) f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -79,6 +81,24 @@ def run_bot(cwd: Path, environment: dict[str, str], *args: str, stdin: str = "")
         text=True,
         timeout=600,  # only a safety net: a loaded machine can be slow to start Python
     )
+
+
+@contextlib.asynccontextmanager
+async def bot_process(cwd: Path, environment: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`python -m bot` running in the background, writing cwd/bot.log; stopped with SIGTERM when the block ends."""
+    log = cwd / "bot.log"  # a file, not a pipe: a full pipe would block the bot's logging
+    with log.open("w") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", cwd=cwd, env=environment, stdout=log_file, stderr=log_file
+        )
+    try:
+        yield process
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 120)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 @contextlib.asynccontextmanager

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import signal
 import sqlite3
 import sys
 
 import pytest
-from bot_harness import ALICE, TOKEN, bot_environment, private_chat
+from bot_harness import ALICE, TOKEN, bot_environment, bot_process, private_chat
 from telegram_emulator import TelegramEmulator
 
 from bot.__main__ import main
@@ -107,26 +106,15 @@ async def test_run_serves_telegram_and_stops_gracefully_on_sigterm(tmp_path, mod
             HEARTBEAT_FILE=str(tmp_path / "heartbeat"),
             LOG_LEVEL="DEBUG",
         )
-        log = tmp_path / "bot.log"  # a file, not a pipe: a full pipe would block the bot's logging
-        with log.open("w") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bot", cwd=tmp_path, env=environment, stdout=log_file, stderr=log_file
-            )
-        try:
-            await emulator.wait_for(lambda call: call.method == "getUpdates", timeout=30)
+        async with bot_process(tmp_path, environment) as process:
+            await emulator.wait_for(lambda call: call.method == "getUpdates", timeout=300)
             answer = await emulator.ask(private_chat(ALICE), ALICE, "/speech 0.6 We will")
             assert answer.startswith("We will")
             healthcheck = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bot", "healthcheck", cwd=tmp_path, env=environment
             )
             assert await healthcheck.wait() == 0
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 30)
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-    output = log.read_text()
+    output = (tmp_path / "bot.log").read_text()
     assert process.returncode == 0, output
     assert "Traceback" not in output
     assert "DEBUG" in output and TOKEN not in output

@@ -56,7 +56,7 @@ def test_dotenv_is_read_and_environment_wins(tmp_path):
         ("ONNX_LANES", "9", "out of range"),
         ("TELEGRAM_MESSAGES_PER_SECOND", "0.5", "use at least 1 and at most 100000"),
         ("TELEGRAM_MESSAGES_PER_SECOND", "fast", "not a number"),
-        ("WEBHOOK_LISTEN", "everywhere", "use 127.0.0.1 (this machine only"),
+        ("WEBHOOK_LISTEN", "everywhere", "is not an IP address; use 127.0.0.1"),
     ],
 )
 def test_invalid_values_name_the_variable_and_the_valid_form(tmp_path, name, value, expected):

@@ -9,16 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
 import socket
 import sqlite3
-import sys
 from pathlib import Path
 
 import aiohttp
 import onnx
 import pytest
-from bot_harness import TOKEN, bot_environment, group_chat, run_bot
+from bot_harness import TOKEN, bot_environment, bot_process, group_chat, run_bot
 from telegram_emulator import ANONYMOUS_ADMIN, TelegramEmulator
 
 from db.database import create_db_engine, migrate
@@ -158,12 +156,7 @@ async def test_webhook_without_a_configured_secret_refuses_forged_updates(tmp_pa
             WEBHOOK_PORT=str(port),
             LOG_LEVEL="DEBUG",
         )
-        log = tmp_path / "bot.log"
-        with log.open("w") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bot", cwd=tmp_path, env=environment, stdout=log_file, stderr=log_file
-            )
-        try:
+        async with bot_process(tmp_path, environment) as process:
             registered = await emulator.wait_for(lambda call: call.method == "setWebhook", timeout=300)
             secret = registered.params["secret_token"]
             assert re.fullmatch(r"[A-Za-z0-9_-]{32,256}", secret), "Telegram's allowed characters, hard to guess"
@@ -195,13 +188,7 @@ async def test_webhook_without_a_configured_secret_refuses_forged_updates(tmp_pa
                 changed = await emulator.wait_for(lambda call: call.method == "sendMessage", since=since, timeout=120)
                 assert changed.params["text"] == "Temperature set to 2."
             assert len(emulator.sent()) == 2
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 120)
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-    output = log.read_text()
+    output = (tmp_path / "bot.log").read_text()
     assert process.returncode == 0, output[-3000:]
     assert "Request did not include the secret token" in output  # python-telegram-bot's refusal, at DEBUG
     assert secret not in output, "the made-up secret is redacted from the logs like a configured one"
