@@ -117,6 +117,7 @@ class Config:
 VARIABLES = {
     "TELEGRAM_BOT_TOKEN": "the token from @BotFather (required)",
     "TELEGRAM_API_BASE_URL": "a self-hosted Bot API server, e.g. http://localhost:8081/bot",
+    "TELEGRAM_MESSAGES_PER_SECOND": f"overall sending rate, 1-100000 (default {Config.telegram_messages_per_second:g})",
     "DATABASE_URL": f"SQLAlchemy URL (default {Config.database_url})",
     "MODEL_PATH": "the ONNX model to serve (default: the bundled one)",
     "ONNX_PROVIDERS": f"{', '.join(PROVIDERS)} (default {Config.onnx_providers})",

@@ -26,6 +26,7 @@ from db.database import describe, is_read_only
 from db.store import ChatSettings, ChatStore
 
 log = logging.getLogger(__name__)
+
 PROMPT_MAX = 1000
 MESSAGE_MAX = 4096  # Telegram's limit for one text message
 SHOWN_ARGUMENT_MAX = 24  # how much of a bad argument a reply quotes back

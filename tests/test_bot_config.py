@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from bot.config import Config, ConfigError
+from bot.config import VARIABLES, Config, ConfigError
 from bot.heartbeat import HeartbeatError, check_writable
 from bot.modelfile import DEFAULT_MODEL_PATH
 
@@ -98,3 +100,8 @@ def test_the_heartbeat_check_leaves_no_fresh_heartbeat_behind(tmp_path):
     for bad in (tmp_path / "no" / "heartbeat", tmp_path):
         with pytest.raises(HeartbeatError, match=r"HEARTBEAT_FILE=.* cannot be written"):
             check_writable(bad)
+
+
+def test_every_variable_read_is_described_for_help():
+    read = set(re.findall(r'"([A-Z][A-Z_]+)"', inspect.getsource(Config.from_env)))
+    assert read | {"TELEGRAM_BOT_TOKEN"} == set(VARIABLES)  # the token's name is in _Reader.token
