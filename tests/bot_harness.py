@@ -70,6 +70,18 @@ def bot_environment(model_path: Path, **settings: str) -> dict[str, str]:
     return inherited | defaults | {"PYTHONPATH": str(REPO)} | settings
 
 
+def emulated_telegram_environment(emulator: TelegramEmulator, db_path: Path, model_path: Path, **settings: str) -> dict:
+    """bot_environment for `python -m bot run` against the emulator, logging at DEBUG."""
+    return bot_environment(
+        model_path,
+        TELEGRAM_BOT_TOKEN=TOKEN,
+        TELEGRAM_API_BASE_URL=emulator.base_url,
+        DATABASE_URL=f"sqlite:///{db_path}",
+        LOG_LEVEL="DEBUG",
+        **settings,
+    )
+
+
 def run_bot(cwd: Path, environment: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     """`python -m bot ARGS` to completion, in `cwd` (no .env there), with its output as text."""
     return subprocess.run(

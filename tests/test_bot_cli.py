@@ -9,7 +9,7 @@ import sqlite3
 import sys
 
 import pytest
-from bot_harness import ALICE, TOKEN, bot_environment, bot_process, private_chat
+from bot_harness import ALICE, TOKEN, bot_process, emulated_telegram_environment, private_chat
 from telegram_emulator import TelegramEmulator
 
 from bot.__main__ import main
@@ -97,14 +97,8 @@ def test_console_uses_the_same_commands_and_database(env, tmp_path, capsys):
 
 async def test_run_serves_telegram_and_stops_gracefully_on_sigterm(tmp_path, model_path):
     async with TelegramEmulator(TOKEN) as emulator:
-        environment = bot_environment(
-            model_path,
-            TELEGRAM_BOT_TOKEN=TOKEN,
-            TELEGRAM_API_BASE_URL=emulator.base_url,
-            DATABASE_URL=f"sqlite:///{tmp_path / 'bot.db'}",
-            DEFAULT_LENGTH="30",
-            HEARTBEAT_FILE=str(tmp_path / "heartbeat"),
-            LOG_LEVEL="DEBUG",
+        environment = emulated_telegram_environment(
+            emulator, tmp_path / "bot.db", model_path, DEFAULT_LENGTH="30", HEARTBEAT_FILE=str(tmp_path / "heartbeat")
         )
         async with bot_process(tmp_path, environment) as process:
             await emulator.wait_for(lambda call: call.method == "getUpdates", timeout=300)

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import onnx
 import pytest
-from bot_harness import TOKEN, bot_environment, bot_process, group_chat, run_bot
+from bot_harness import TOKEN, bot_environment, bot_process, emulated_telegram_environment, group_chat, run_bot
 from telegram_emulator import ANONYMOUS_ADMIN, TelegramEmulator
 
 from db.database import create_db_engine, migrate
@@ -147,14 +147,12 @@ async def test_webhook_without_a_configured_secret_refuses_forged_updates(tmp_pa
     port = free_port()
     group = group_chat(-4242)
     async with TelegramEmulator(TOKEN) as emulator:
-        environment = bot_environment(
+        environment = emulated_telegram_environment(
+            emulator,
+            tmp_path / "bot.db",
             model_path,
-            TELEGRAM_BOT_TOKEN=TOKEN,
-            TELEGRAM_API_BASE_URL=emulator.base_url,
-            DATABASE_URL=f"sqlite:///{tmp_path / 'bot.db'}",
             WEBHOOK_URL="https://bot.example.org/telegram/hook",
             WEBHOOK_PORT=str(port),
-            LOG_LEVEL="DEBUG",
         )
         async with bot_process(tmp_path, environment) as process:
             registered = await emulator.wait_for(lambda call: call.method == "setWebhook", timeout=300)
