@@ -50,6 +50,7 @@ from model.prepare import read_utf8
 from model.text import clean_text, normalize_newlines
 
 EVAL_SPLITS = ("val", "test")
+OTHER_TEXT = "model, other training text"
 # Measured on the raw corpus when the issue was filed (val bits per character).
 DYNAMIC_ROW = "LSTM, dynamic evaluation"
 ISSUE_REFERENCE = {"PPMd order 16": 1.49, "KN order 12": 1.55, "xz -9e": 1.92}
@@ -103,6 +104,7 @@ class Corpus:
     shouted: dict[str, np.ndarray] | None
     rows: list[dict] = field(default_factory=list)
     notes: dict = field(default_factory=dict)
+    sha256: list[str] = field(default_factory=list)  # of the files a dataset was prepared from
 
 
 def dataset_corpus(data_dir: str, source: str | None) -> Corpus:
@@ -130,7 +132,7 @@ def dataset_corpus(data_dir: str, source: str | None) -> Corpus:
     splits = {name: dataset.splits[name].astype(np.int64) for name in SPLITS}
     train_files = [s["path"] for s in dataset.meta["sources"] if s.get("role") == "train"]
     label = f"{data_dir} (cleaned, the model's split" + "".join(f"; train + {name}" for name in train_files) + ")"
-    return Corpus(label, "data", dataset.vocab.chars, splits, texts, shouted)
+    return Corpus(label, "data", dataset.vocab.chars, splits, texts, shouted, sha256=dataset.sha256)
 
 
 def text_corpus(path: str, train_only: list[str]) -> Corpus:
@@ -192,9 +194,9 @@ def model_bits(checkpoint: str, corpus: Corpus, dynamic_lr: float = 0.0) -> dict
     return {split: char_nats(net, corpus.splits[split], seq_length=4096).numpy() / math.log(2) for split in EVAL_SPLITS}
 
 
-def onnx_bits(path: str, corpus: Corpus) -> tuple[str, dict[str, np.ndarray]] | None:
-    """The exported model's row name and per-character bits, scored by onnxruntime on one CPU thread;
-    None if the split texts hold characters outside its vocabulary (a model of another corpus)."""
+def onnx_bits(path: str, corpus: Corpus) -> tuple[str, dict[str, np.ndarray], list[str]] | None:
+    """The exported model's row name, per-character bits (scored by onnxruntime on one CPU thread) and
+    training files' sha256; None if the split texts hold characters outside its vocabulary."""
     try:
         runner = ModelRunner(path, "cpu", threads=1)
     except ModelFileError as exc:
@@ -206,7 +208,7 @@ def onnx_bits(path: str, corpus: Corpus) -> tuple[str, dict[str, np.ndarray]] | 
     # Re-encoded in the model's own vocabulary: the same characters, whatever ids the dataset gave them.
     ids = {split: np.array([index[ch] for ch in corpus.texts[split]], np.int64) for split in EVAL_SPLITS}
     bits = {split: onnx_char_nats(session, info, ids[split]) / math.log(2) for split in EVAL_SPLITS}
-    return f"LSTM, ONNX {info.precision} ({Path(path).name})", bits
+    return f"LSTM, ONNX {info.precision} ({Path(path).name})", bits, info.corpus_sha256
 
 
 def score(corpus: Corpus, args: argparse.Namespace) -> None:
@@ -247,7 +249,10 @@ def score(corpus: Corpus, args: argparse.Namespace) -> None:
         if scored is None:
             print(f"skipped {path} on {corpus.label}: its vocabulary lacks characters of val or test")
             continue
-        corpus.rows.append(per_char_row(corpus, scored[0], "model", scored[1]))
+        # A model trained on other text than this dataset's is shown, but the verdict is not about it.
+        same_text = scored[2] == corpus.sha256
+        kind = "model" if same_text else OTHER_TEXT
+        corpus.rows.append(per_char_row(corpus, scored[0] + ("" if same_text else " *"), kind, scored[1]))
         timings[f"onnx {path}"] = time.perf_counter() - started
 
     train = corpus.splits["train"]
@@ -311,7 +316,7 @@ def verdict(corpus: Corpus) -> str:
     """How the network compares on val with the best baseline, the best PPMd and the best static model."""
     model = next((r for r in corpus.rows if r["kind"] == "model"), None)
     dynamic = next((r for r in corpus.rows if r["name"].startswith(DYNAMIC_ROW)), None)
-    baselines = [r for r in corpus.rows if r["kind"] != "model" and r is not dynamic]
+    baselines = [r for r in corpus.rows if r["kind"] not in ("model", OTHER_TEXT) and r is not dynamic]
     best = min(baselines, key=lambda r: r["val"])
     best_ppmd = min((r for r in baselines if r["name"].startswith("PPMd")), key=lambda r: r["val"])
     if model is None:
@@ -361,6 +366,8 @@ def markdown(corpora: list[Corpus], command: str) -> str:
         "  serves the static network.",
         "- **LSTM ensemble** (when several `--checkpoint`s are given): the mean of the networks' probabilities,",
         "  as `python -m export CKPT CKPT ...` builds it into one file (`model/ensemble.py`); each network alone too.",
+        f"- **{OTHER_TEXT}** (rows marked *): an `--onnx` model trained on other text than this section's",
+        "  dataset, scored on the same val and test characters; the verdict below each table is not about it.",
         "- Kneser-Ney: interpolated modified Kneser-Ney (Chen & Goodman discounts per order), order chosen on val.",
         "- **shouted / rest**: test bits on the characters of lines typed in capitals in the raw text",
         "  (`model.text.is_shouted`), and on all the others. The test split is dominated by one speech typed in",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def train_tiny(
         vocab=vocab.chars,
         unknown_policy=vocab.unknown_policy,
         cleaning=cleaning.to_dict(),
-        dataset_sha256=["0" * 64],
+        dataset_sha256=[hashlib.sha256(text.encode("utf-8")).hexdigest()],  # as if prepared from the text's file
         val_bpc=loss.item() / math.log(2),
         iteration=iterations,
     ).save(path)
