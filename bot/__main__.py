@@ -131,22 +131,32 @@ def run_telegram(config: Config) -> None:
 
 
 async def console(config: Config) -> None:
-    from bot.core import ChatRef
+    from bot.core import ChatRef, Speech, speech_choices
 
     services = build_services(replace(config, cooldown_seconds=0))  # one person at a keyboard
     core = services.core
     chat = ChatRef(CONSOLE_CHAT_ID, "console")
-    print("Talk to the bot: commands such as /speech 0.9 We will or plain text as a prompt. /quit or Ctrl-D ends.")
+    print(
+        "Talk to the bot: commands such as /speech 0.9 We will or plain text as a prompt; after a speech, "
+        "a number picks one of the choices under it. /quit or Ctrl-D ends."
+    )
+    choices = {}  # the numbered options under the last speech, as Telegram's buttons
     try:
         while True:
             try:
-                line = await asyncio.to_thread(input, "> ")
+                line = (await asyncio.to_thread(input, "> ")).strip()
             except EOFError:
                 break
-            if line.strip() in ("/quit", "/exit"):
+            if line in ("/quit", "/exit"):
                 break
-            if line.strip():
-                print(await core.handle_text(chat, line) or "", flush=True)
+            if not line:
+                continue
+            picked = choices.get(line)
+            reply = await (core.choice(chat, picked.data) if picked else core.handle_text(chat, line))
+            print(reply or "", flush=True)
+            if isinstance(reply, Speech):
+                choices = {str(number): choice for number, choice in enumerate(speech_choices(reply.temperature), 1)}
+                print("   ".join(f"[{number}] {c.label} ({c.temperature:g})" for number, c in choices.items()), flush=True)
     finally:
         services.close()
 

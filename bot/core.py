@@ -3,20 +3,25 @@
 Telegram (bot/telegram_app.py), the terminal (`python -m bot console`) and the tests all drive
 this one class. It parses and validates arguments, reads and writes chat settings, enforces the
 per-chat cooldown and asks the generation engine for speeches. It never sends anything itself.
+Beside commands: the choices offered under each speech (Another, Calmer, Wilder), /speech in reply
+to a message, and inline mode's three short speeches (docs/interactive.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
+from aiolimiter import AsyncLimiter
 from sqlalchemy.exc import SQLAlchemyError
 
 from bot.config import LENGTH_MAX, LENGTH_MIN, TEMPERATURE_MAX
@@ -31,10 +36,24 @@ PROMPT_MAX = 1000
 MESSAGE_MAX = 4096  # Telegram's limit for one text message
 SHOWN_ARGUMENT_MAX = 24  # how much of a bad argument a reply quotes back
 ENGINE_BUSY_REPLY = "I'm writing a lot of speeches right now. Please try again in a few seconds."
+# Inline mode: shorter speeches, so three come back well within the second users wait (docs/interactive.md).
+INLINE_LENGTH = 300
+INLINE_STYLES = (("Calm", 0.5), ("Classic", 0.9), ("Wild", 1.2))
+# One user may start a burst of this many inline batches, then one per INLINE_RATE_PERIOD seconds; a query
+# over the limit waits its turn, and a newer query of the same user replaces it while it waits.
+INLINE_RATE_BURST = 4
+INLINE_RATE_PERIOD = 0.5
+INLINE_USERS_TRACKED = 10_000  # the per-user limiters kept, least recently used dropped first
+TEMPERATURE_STEP = 0.2  # one press of Calmer or Wilder
+CHOICE_PREFIX = "speech:"  # callback data of the buttons under a speech: CHOICE_PREFIX + temperature
+STALE_CHOICE = "That button no longer works. Send /speech for a new speech."
+NO_TEXT_TO_CONTINUE = (
+    "That message has no text for me to continue. Reply with /speech to a message with text or a caption."
+)
 
 # Shown by /help and registered with setMyCommands, in this order.
 COMMANDS = {
-    "speech": "a speech: /speech [temperature] [prompt]",
+    "speech": "a speech: /speech [temperature] [prompt], or as a reply to continue that message",
     "temperature": "show or set the temperature (0 < t ≤ 2)",
     "length": f"show or set the speech length ({LENGTH_MIN}-{LENGTH_MAX} characters)",
     "schedule": "a daily speech: /schedule HH:MM [time zone]",
@@ -59,6 +78,10 @@ class Engine(Protocol):
 
     async def agenerate(self, prompt: str = "", length: int = 500, temperature: float = 0.9, **options) -> str: ...
 
+    def astream(
+        self, prompt: str = "", length: int = 500, temperature: float = 0.9, **options
+    ) -> AsyncIterator[str]: ...
+
 
 class ArgumentError(ValueError):
     """A bad argument; the message is the reply, naming what was wrong and the valid form."""
@@ -76,7 +99,39 @@ async def _everyone_is_admin() -> bool:
 
 @contextlib.asynccontextmanager
 async def _no_typing() -> AsyncIterator[None]:
+    # A TypingIndicator may instead yield a callable: the speech is then streamed to it as it is written.
     yield
+
+
+class Speech(str):
+    """A speech's text, knowing the temperature it was written at (the choices under it step from there)."""
+
+    temperature: float
+
+    def __new__(cls, text: str, temperature: float) -> Speech:
+        speech = super().__new__(cls, text)
+        speech.temperature = temperature
+        return speech
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One option under a speech: a button in Telegram, a numbered line in the console."""
+
+    label: str
+    temperature: float
+
+    @property
+    def data(self) -> str:
+        """Telegram's callback data (at most 64 bytes): all the next speech needs."""
+        return f"{CHOICE_PREFIX}{self.temperature:g}"
+
+
+@dataclass(frozen=True)
+class InlineSpeech:
+    style: str
+    temperature: float
+    text: str
 
 
 def utc_now() -> datetime:
@@ -117,6 +172,24 @@ def parse_length(text: str) -> int:
     return value
 
 
+def speech_choices(temperature: float) -> tuple[Choice, Choice, Choice]:
+    """Another (same temperature), Calmer and Wilder (one step down or up, staying within (0, 2])."""
+    calmer = max(round(temperature - TEMPERATURE_STEP, 2), round(temperature / 2, 3))
+    wilder = min(round(temperature + TEMPERATURE_STEP, 2), TEMPERATURE_MAX)
+    calmer = calmer if calmer > 0 else temperature  # already as calm as a rounded step allows
+    return Choice("Another", temperature), Choice("Calmer", calmer), Choice("Wilder", wilder)
+
+
+def parse_choice(data: str) -> float:
+    """The temperature a choice's callback data carries; ArgumentError(STALE_CHOICE) for anything else."""
+    if not data.startswith(CHOICE_PREFIX):
+        raise ArgumentError(STALE_CHOICE)
+    try:
+        return parse_temperature(data.removeprefix(CHOICE_PREFIX))
+    except ArgumentError:
+        raise ArgumentError(STALE_CHOICE) from None
+
+
 def compose_speech(prompt: str, continuation: str) -> str:
     """The reply: the prompt and its continuation, trimmed to what one Telegram message holds."""
     # A lone surrogate in the prompt (JSON allows "\ud800") cannot be encoded, so the whole reply would fail to send.
@@ -140,6 +213,8 @@ class SpeechBot:
         self.clock = clock
         self.on_schedule_change = on_schedule_change
         self._ready_at: dict[int, datetime] = {}
+        self._inline: dict[int, asyncio.Task] = {}  # each user's inline batch still running
+        self._inline_limits: OrderedDict[int, AsyncLimiter] = OrderedDict()
 
     # ---- entry points ----
 
@@ -210,10 +285,88 @@ class SpeechBot:
             return await self._generate(chat, parse_temperature(first), "".join(rest), show_typing)
         return await self._generate(chat, None, args, show_typing)
 
+    async def reply_speech(
+        self, chat: ChatRef, args: str, replied_text: str | None, show_typing: TypingIndicator = _no_typing
+    ) -> str:
+        """/speech [temperature] sent as a reply: the speech continues the replied-to message's text (or
+        caption). A prompt given after the command still wins over it."""
+        if not (replied_text or "").strip():
+            return NO_TEXT_TO_CONTINUE
+        first, *rest = args.split(maxsplit=1) or [""]
+        try:
+            temperature = parse_temperature(first) if looks_like_number(first) else None
+            own_prompt = "".join(rest) if temperature is not None else args
+            # The continuation only needs the message's end, so a long message is not refused.
+            return await self._generate(
+                chat, temperature, own_prompt or replied_text[-PROMPT_MAX:].strip(), show_typing
+            )
+        except ArgumentError as error:
+            return str(error)
+        except SQLAlchemyError as error:
+            return self._database_failed(error)
+
+    async def choice(self, chat: ChatRef, data: str, show_typing: TypingIndicator = _no_typing) -> str:
+        """A choice under a speech (Choice.data): a new speech at the temperature it carries, with the cooldown
+        as for /speech. Never changes the chat's settings. Anything but a Speech back is a short refusal."""
+        try:
+            return await self._generate(chat, parse_choice(data), "", show_typing)
+        except ArgumentError as error:
+            return str(error)
+        except SQLAlchemyError as error:
+            return self._database_failed(error)
+
+    async def inline_speeches(self, user_id: int, query: str) -> list[InlineSpeech] | None:
+        """Inline mode: one speech per INLINE_STYLES, continuing `query`, at most INLINE_LENGTH characters
+        after it and ending on a sentence, made in one engine batch. None when a newer query of the same user
+        superseded this one (its engine requests are cancelled); [] when the engine is too busy."""
+        previous = self._inline.get(user_id)
+        if previous is not None:
+            previous.cancel()  # the engine drops its requests at their next chunk
+        task = asyncio.ensure_future(self._inline_batch(user_id, query.strip()[:PROMPT_MAX]))
+        self._inline[user_id] = task
+        try:
+            await asyncio.wait([task])
+        finally:
+            task.cancel()  # no effect once done; stops the work if this caller itself was cancelled
+            if self._inline.get(user_id) is task:
+                del self._inline[user_id]
+        return None if task.cancelled() else task.result()
+
+    async def _inline_batch(self, user_id: int, prompt: str) -> list[InlineSpeech]:
+        await self._inline_limit(user_id).acquire()
+        # Submitted together, the three requests join one batch of the engine.
+        requests = [
+            asyncio.ensure_future(
+                self.engine.agenerate(
+                    prompt=prompt, length=INLINE_LENGTH, temperature=temperature, stop_at_sentence_end=True
+                )
+            )
+            for _, temperature in INLINE_STYLES
+        ]
+        try:
+            continuations = await asyncio.gather(*requests)
+        except EngineBusy:
+            for request in requests:
+                request.cancel()  # gather leaves the others running
+            return []
+        return [
+            InlineSpeech(style, temperature, compose_speech(prompt, continuation))
+            for (style, temperature), continuation in zip(INLINE_STYLES, continuations, strict=True)
+        ]
+
+    def _inline_limit(self, user_id: int) -> AsyncLimiter:
+        limiter = self._inline_limits.pop(user_id, None) or AsyncLimiter(
+            INLINE_RATE_BURST, INLINE_RATE_BURST * INLINE_RATE_PERIOD
+        )
+        self._inline_limits[user_id] = limiter  # most recently used last
+        if len(self._inline_limits) > INLINE_USERS_TRACKED:
+            self._inline_limits.popitem(last=False)
+        return limiter
+
     async def daily_speech(self, settings: ChatSettings) -> str:
         """The scheduled post; no cooldown, since the schedule itself limits it."""
         continuation = await self.engine.agenerate(length=settings.length, temperature=settings.temperature)
-        return compose_speech("", continuation)
+        return Speech(compose_speech("", continuation), settings.temperature)
 
     # ---- generation ----
 
@@ -232,17 +385,27 @@ class SpeechBot:
             return f"One speech at a time, please. Try again in {seconds} second{'s' * (seconds != 1)}."
         self._ready_at[chat.id] = now + self.cooldown
         settings = self.store.get(chat.id, chat.type)
+        temperature = settings.temperature if temperature is None else temperature
         try:
-            async with show_typing():
-                continuation = await self.engine.agenerate(
-                    prompt=prompt,
-                    length=settings.length,
-                    temperature=settings.temperature if temperature is None else temperature,
-                )
+            async with show_typing() as on_text:
+                continuation = await self._continue(prompt, on_text, length=settings.length, temperature=temperature)
         except EngineBusy:
             del self._ready_at[chat.id]  # nothing was made, so no cooldown either
             return ENGINE_BUSY_REPLY
-        return compose_speech(prompt, continuation)
+        return Speech(compose_speech(prompt, continuation), temperature)
+
+    async def _continue(self, prompt: str, on_text: Callable[[str], object] | None, **options) -> str:
+        """The engine's continuation of `prompt`; with `on_text`, streamed: it is called with the speech so far
+        after every chunk the engine makes."""
+        if on_text is None:
+            return await self.engine.agenerate(prompt=prompt, **options)
+        parts: list[str] = []
+        async for chunk in self.engine.astream(prompt=prompt, **options):
+            parts.append(chunk)
+            so_far = "".join(parts)
+            if (prompt + so_far).strip():  # never a draft of nothing
+                on_text(compose_speech(prompt, so_far))
+        return "".join(parts)
 
     # ---- commands that answer at once ----
 
@@ -260,14 +423,17 @@ class SpeechBot:
         return (
             "Commands:\n"
             "/speech - a speech. /speech 0.5 - calmer; /speech 1.3 - wilder; "
-            "/speech 0.9 We will build - continues your words\n"
+            "/speech 0.9 We will build - continues your words; sent as a reply to a message, /speech continues "
+            "that message\n"
             "/temperature 0.8 - this chat's default temperature (above 0, at most 2)\n"
             f"/length 600 - speech length in characters ({LENGTH_MIN} to {LENGTH_MAX})\n"
             "/schedule 08:30 Europe/Berlin - a speech every day at that local time (zone optional, default UTC)\n"
             "/unschedule - stop the daily speech\n"
             "/settings - this chat's settings\n\n"
             "In a private chat, any text you send is a prompt. In a group, reply to one of my "
-            "messages or mention me. In groups only administrators can change settings."
+            "messages or mention me. In groups only administrators can change settings.\n\n"
+            "Under each speech: Another, Calmer and Wilder ask for a new one (anyone may press them). "
+            "In any chat, type my @username and a few words to pick one of three short speeches."
         )
 
     def _settings(self, chat: ChatRef, _args: str) -> str:

@@ -5,7 +5,8 @@ send it as plain text. Around them: admin checks for groups (anonymous admins in
 action while generating, ChatMigrated handling, retries for 429, 5xx and network errors, a global
 error handler and the daily-speech scheduler. Updates run side by side across chats and one after
 another within a chat (ChatOrderedUpdateProcessor), as many at once as the engine can hold; replies
-leave at the configured overall rate (docs/speed.md, "Many chats at once").
+leave at the configured overall rate (docs/speed.md, "Many chats at once"). Inline mode, the buttons
+under speeches, drafts and /speech in reply live in bot/telegram_interactive.py.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from telegram.ext import (
 )
 
 from bot.config import TELEGRAM_MESSAGES_PER_SECOND, Config
-from bot.core import COMMANDS, ChatRef, SpeechBot, utc_now
+from bot.core import COMMANDS, ChatRef, SpeechBot, split_command, utc_now
 from bot.engine import GenerationEngine
 from bot.heartbeat import HEARTBEAT_SECONDS, beat
 from bot.scheduling import DailySpeeches
 from bot.services import build_services
+from bot.telegram_interactive import InteractiveHandlers, replied_message, speech_keyboard
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,9 @@ class RetryingRateLimiter(AIORateLimiter):
         self.retry_delays = retry_delays
 
     async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):
-        if endpoint == "sendChatAction":
-            # Best effort, and it must not use up the 20-messages-a-minute budget of a group.
+        if endpoint in ("sendChatAction", "sendMessageDraft"):
+            # Best effort, and it must not use up the 20-messages-a-minute budget of a group, nor hold up other
+            # requests while a 429 is waited out (drafts have their own budget, bot/telegram_interactive.py).
             return await callback(*args, **kwargs)
         for delay in (*self.retry_delays, None):
             try:
@@ -129,6 +132,7 @@ class TelegramFrontend:
         self._admins: dict[int, tuple[float, frozenset[int]]] = {}
         self._typing_slots = asyncio.Semaphore(TYPING_IN_FLIGHT_MAX)
         self._typing_tasks: set[asyncio.Task] = set()  # referenced until done, as asyncio asks
+        self.interactive = InteractiveHandlers(self)
 
     # ---- lifecycle ----
 
@@ -156,14 +160,22 @@ class TelegramFrontend:
 
     # ---- sending ----
 
-    async def send(self, bot, chat_id: int, text: str, reply_to: Message | None = None) -> Message:
-        """Plain text (no parse mode, so prompts cannot inject markup); follows a group's migration."""
-        reply = None if reply_to is None else ReplyParameters(reply_to.message_id, allow_sending_without_reply=True)
+    async def send(
+        self, bot, chat_id: int, text: str, reply_to: Message | None = None, quote: str | None = None
+    ) -> Message:
+        """Plain text (no parse mode, so prompts cannot inject markup), a speech with its buttons; follows a
+        group's migration."""
+        reply = (
+            None
+            if reply_to is None
+            else ReplyParameters(reply_to.message_id, allow_sending_without_reply=True, quote=quote)
+        )
+        keyboard = speech_keyboard(text)
         try:
-            return await bot.send_message(chat_id, text, reply_parameters=reply)
+            return await bot.send_message(chat_id, text, reply_parameters=reply, reply_markup=keyboard)
         except ChatMigrated as moved:
             self.chat_moved(chat_id, moved.new_chat_id)
-            return await bot.send_message(moved.new_chat_id, text)
+            return await bot.send_message(moved.new_chat_id, text, reply_markup=keyboard)
 
     def chat_moved(self, old_id: int, new_id: int) -> None:
         settings = self.store.migrate_chat(old_id, new_id)
@@ -235,11 +247,15 @@ class TelegramFrontend:
 
     async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
+        name, args = split_command(message.text) or ("", "")
+        if name == "speech" and replied_message(message) is not None:
+            await self.interactive.speech_in_reply(update, context, args)
+            return
         reply = await self.core.handle_text(
             self._chat(update),
             message.text,
             check_admin=lambda: self.is_admin(update, context.bot),
-            show_typing=lambda: self.typing(context.bot, message.chat_id),
+            show_typing=self.interactive.showing_progress(context.bot, message.chat),
         )
         if reply is not None:
             await self.send(context.bot, message.chat_id, reply, reply_to=message)
@@ -266,7 +282,7 @@ class TelegramFrontend:
     async def _answer_prompt(self, update: Update, context: ContextTypes.DEFAULT_TYPE, prompt: str) -> None:
         message = update.effective_message
         reply = await self.core.prompt(
-            self._chat(update), prompt, show_typing=lambda: self.typing(context.bot, message.chat_id)
+            self._chat(update), prompt, show_typing=self.interactive.showing_progress(context.bot, message.chat)
         )
         await self.send(context.bot, message.chat_id, reply, reply_to=message)
 
@@ -347,6 +363,7 @@ def build_application(
     application.add_handler(MessageHandler(text & filters.ChatType.GROUPS, frontend.on_group_text))
     application.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, frontend.on_migration))
     application.add_handler(ChatMemberHandler(frontend.on_my_chat_member, ChatMemberHandler.MY_CHAT_MEMBER))
+    frontend.interactive.register(application)
     application.add_error_handler(frontend.on_error)
     return application
 

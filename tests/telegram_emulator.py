@@ -4,7 +4,9 @@ It checks method names and parameters against the machine-readable Bot API spec
 (../shared/data/telegram-bot-api.json from the repository root) when that file is present,
 accepts form, JSON and multipart bodies, long-polls getUpdates with offsets, answers the calls
 the bot makes with plausible objects, records every call, and can inject 429s, 5xx answers,
-timeouts, blocked chats (403) and group-to-supergroup migrations.
+timeouts, refusals (400), blocked chats (403) and group-to-supergroup migrations. Objects inside
+parameters (inline results, keyboards, reply parameters) are checked field by field against the
+spec's types too. Tests can send inline queries, chosen inline results and button presses.
 
 It also runs on its own for a bot in another process, such as the container image in CI:
 `python tests/telegram_emulator.py --ask /speech` prints its base URL, sends the command once the
@@ -27,6 +29,9 @@ from aiohttp import web
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "telegram-bot-api.json"
 TEXT_LIMIT = 4096
+CALLBACK_DATA_LIMIT = 64  # bytes
+TOAST_LIMIT = 200
+SCALARS = {"String", "Integer", "Float", "Boolean", "True", "InputFile"}
 # The Boolean fields a ChatMemberAdministrator must carry (Bot API 10.1).
 ADMIN_FLAGS = (
     "can_be_edited",
@@ -59,7 +64,7 @@ class Call:
 @dataclass
 class Fault:
     method: str
-    kind: str  # "429", "5xx", "timeout", "forbidden"
+    kind: str  # "429", "5xx", "timeout", "refused" (400)
     times: int
     status: int = 500
     retry_after: int = 1
@@ -116,7 +121,7 @@ class TelegramEmulator:
             "username": bot_username,
             "can_join_groups": True,
             "can_read_all_group_messages": False,
-            "supports_inline_queries": False,
+            "supports_inline_queries": True,
         }
         self.spec = _Spec.load(spec_path)
         self.calls: list[Call] = []
@@ -128,6 +133,7 @@ class TelegramEmulator:
         self._updates: list[dict] = []
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(1000)
+        self._query_ids = itertools.count(5000)
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self._closing = False
@@ -176,6 +182,39 @@ class TelegramEmulator:
         if entities:
             message["entities"] = entities
         return message | extra
+
+    def inline_query(self, sender: dict, query: str, chat_type: str = "sender") -> str:
+        """`@Bot query` typed by `sender` in some chat; returns the query's id."""
+        query_id = str(next(self._query_ids))
+        self.push_update(
+            {"inline_query": {"id": query_id, "from": sender, "query": query, "offset": "", "chat_type": chat_type}}
+        )
+        return query_id
+
+    def choose_inline_result(self, sender: dict, result_id: str, query: str) -> None:
+        """The user picked one of the results (sent only with /setinlinefeedback on)."""
+        self.push_update({"chosen_inline_result": {"result_id": result_id, "from": sender, "query": query}})
+
+    def press(self, message: dict, sender: dict, data: str) -> str:
+        """`sender` presses the button with callback `data` under `message` (a sent message's result)."""
+        query_id = str(next(self._query_ids))
+        self.push_update(
+            {
+                "callback_query": {
+                    "id": query_id,
+                    "from": sender,
+                    "message": message,
+                    "chat_instance": f"instance{message['chat']['id']}",
+                    "data": data,
+                }
+            }
+        )
+        return query_id
+
+    def answer_to(self, method: str, query_id: str) -> Call | None:
+        """The successful answerInlineQuery / answerCallbackQuery for `query_id`, if there was one."""
+        key = "inline_query_id" if method == "answerInlineQuery" else "callback_query_id"
+        return next((call for call in self.sent(method) if str(call.params[key]) == query_id), None)
 
     def send_text(self, chat: dict, sender: dict | None, text: str, **extra) -> dict:
         message = self.message(chat, sender, text, **extra)
@@ -274,6 +313,47 @@ class TelegramEmulator:
                     params[name] = _decode(params[name], entry["types"])
                 except (ValueError, KeyError) as error:
                     raise ApiError(400, f"Bad Request: {name!r} is not {entry['types']}: {error}") from None
+                problem = self._problem(params[name], entry["types"])
+                if problem:
+                    raise ApiError(400, f"Bad Request: {method} parameter {name!r}: {problem}")
+
+    def _problem(self, value, types: list[str]) -> str | None:
+        """Why `value` fits none of the spec `types` (objects checked field by field), or None if it fits one."""
+        problems = []
+        for kind in types:
+            if kind in SCALARS:
+                return None  # scalars were decoded (and so checked) by _decode
+            if kind.startswith("Array of "):
+                if not isinstance(value, list):
+                    problems.append(f"{kind} expected")
+                    continue
+                inner = [self._problem(item, [kind.removeprefix("Array of ")]) for item in value]
+                problem = next((p for p in inner if p), None)
+                if problem is None:
+                    return None
+                problems.append(problem)
+                continue
+            spec = self.spec.types.get(kind)
+            if spec is None:
+                return None
+            if "subtypes" in spec:
+                problem = self._problem(value, spec["subtypes"])
+            elif not isinstance(value, dict):
+                problem = f"{kind} expected"
+            else:
+                fields = {entry["name"]: entry for entry in spec.get("fields", [])}
+                problem = next((f"{kind} has no field {key!r}" for key in value if key not in fields), None)
+                problem = problem or next(
+                    (f"{kind} needs {name!r}" for name, e in fields.items() if e["required"] and name not in value),
+                    None,
+                )
+                problem = problem or next(
+                    (p for key, item in value.items() if (p := self._problem(item, fields[key]["types"]))), None
+                )
+            if problem is None:
+                return None
+            problems.append(problem)
+        return "; ".join(problems)
 
     async def _apply_faults(self, call: Call) -> None:
         for fault in self.faults:
@@ -291,6 +371,8 @@ class TelegramEmulator:
                 )
             if fault.kind == "5xx":
                 raise ApiError(fault.status, "Internal Server Error")
+            if fault.kind == "refused":
+                raise ApiError(400, f"Bad Request: {call.method} is not available")
             if fault.kind == "timeout":
                 # Hold the connection past the client's read timeout; the client gives up first.
                 await asyncio.sleep(fault.delay)
@@ -304,6 +386,14 @@ class TelegramEmulator:
             return await self._get_updates(params)
         if method == "sendMessage":
             return self._send_message(params)
+        if method == "sendMessageDraft":
+            if int(params["chat_id"]) <= 0:
+                raise ApiError(400, "Bad Request: drafts can be sent to private chats only")
+            if len(str(params.get("text", ""))) > TEXT_LIMIT:
+                raise ApiError(400, "Bad Request: message is too long")
+            return True
+        if method == "answerCallbackQuery" and len(str(params.get("text", ""))) > TOAST_LIMIT:
+            raise ApiError(400, "Bad Request: MESSAGE_TOO_LONG")
         if method == "getChatAdministrators":
             return [
                 self._administrator(user, owner=index == 0)
@@ -350,14 +440,20 @@ class TelegramEmulator:
             raise ApiError(400, "Bad Request: message text is empty")
         if len(text) > TEXT_LIMIT:
             raise ApiError(400, "Bad Request: message is too long")
+        markup = params.get("reply_markup")
+        for row in (markup or {}).get("inline_keyboard", []):
+            for button in row:
+                if len(button.get("callback_data", "").encode()) > CALLBACK_DATA_LIMIT:
+                    raise ApiError(400, "Bad Request: BUTTON_DATA_INVALID")
         chat_type = "private" if chat_id > 0 else ("supergroup" if chat_id < -(10**12) else "group")
-        return {
+        message = {
             "message_id": next(self._message_ids),
             "date": int(time.time()),
             "chat": {"id": chat_id, "type": chat_type},
             "from": self.bot_user,
             "text": text,
         }
+        return message | ({"reply_markup": markup} if markup else {})
 
     @staticmethod
     def _administrator(user: dict, owner: bool) -> dict:

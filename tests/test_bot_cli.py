@@ -95,6 +95,15 @@ def test_console_uses_the_same_commands_and_database(env, tmp_path, capsys):
     assert "temperature: 1.5" in capsys.readouterr().out, "kept in data/bot.db"
 
 
+def test_console_offers_the_buttons_as_numbered_options(env, capsys):
+    env.setattr("sys.stdin", io.StringIO("/length 30\n/speech 0.8\n2\n3\n"))
+    assert main(["console"]) == 0
+    out = capsys.readouterr().out
+    assert "[1] Another (0.8)   [2] Calmer (0.6)   [3] Wilder (1)" in out
+    assert "[1] Another (0.6)   [2] Calmer (0.4)   [3] Wilder (0.8)" in out, "2 picked Calmer"
+    assert "[1] Another (0.8)   [2] Calmer (0.6)   [3] Wilder (1)" in out.split("Calmer (0.4)")[1], "3 picked Wilder"
+
+
 async def test_run_serves_telegram_and_stops_gracefully_on_sigterm(tmp_path, model_path):
     async with TelegramEmulator(TOKEN) as emulator:
         environment = emulated_telegram_environment(

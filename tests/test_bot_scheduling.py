@@ -54,6 +54,8 @@ async def test_daily_speech_fires_once_per_day_even_across_a_restart(emulator, e
         clock.advance(minutes=30)
         await daily_job(app, CHAT["id"]).run(app)
         assert posts(emulator) == 1
+        keyboard = emulator.sent(chat_id=CHAT["id"])[-1].params["reply_markup"]["inline_keyboard"]
+        assert [button["text"] for button in keyboard[0]] == ["Another", "Calmer", "Wilder"], "daily posts too"
         await daily_job(app, CHAT["id"]).run(app)  # a second timer for the same day
         assert posts(emulator) == 1
 

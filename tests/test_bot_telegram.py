@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import socket
 import sqlite3
+from pathlib import Path
 
 import aiohttp
 import pytest
 from bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat, running_bot
 from telegram_emulator import ANONYMOUS_ADMIN
 
-from bot.core import COMMANDS
+from bot.core import COMMANDS, SpeechBot
 from bot.telegram_app import build_application, webhook_options
 
 pytest_plugins = ["bot_harness"]
@@ -27,6 +28,17 @@ async def bot(emulator, engine, tmp_path):
 async def test_commands_are_registered_for_the_menu(bot, emulator):
     assert [command["command"] for command in emulator.commands] == list(COMMANDS)
     assert emulator.spec is not None, "../shared/data/telegram-bot-api.json validates every call"
+
+
+def test_help_and_the_readme_command_table_name_every_command():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Commands", 1)[1].split("\n\n", 2)[1]
+    help_text = SpeechBot.help_text()
+    for name in COMMANDS:
+        assert f"`/{name}" in table or f"`/{name}`" in table, name
+        assert f"/{name}" in help_text or name in ("start", "help"), name
+    for feature in ("Another", "Calmer", "Wilder", "reply", "@"):
+        assert feature in help_text and feature in table, feature
 
 
 async def test_every_command_in_a_private_chat(bot, emulator):
@@ -53,7 +65,7 @@ async def test_plain_text_in_private_is_a_prompt_answered_as_plain_text(bot, emu
     call = emulator.sent()[reply_call_count]
     assert "parse_mode" not in call.params, "no parse mode, so prompts cannot inject markup"
     assert call.params["reply_parameters"]["message_id"] > 0
-    assert emulator.sent("sendChatAction", ALICE_CHAT["id"]), "typing is shown while generating"
+    assert emulator.sent("sendMessageDraft", ALICE_CHAT["id"]), "the speech streams into view while generating"
 
 
 @pytest.mark.parametrize(

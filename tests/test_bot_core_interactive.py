@@ -1,0 +1,153 @@
+"""The core's side of the interactive features: choices under a speech, /speech in reply, inline batches
+(superseded queries cancelled in the engine, the per-user limit), streaming to a typing indicator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+from test_bot_core import PRIVATE, make_bot
+
+from bot.core import (
+    INLINE_LENGTH,
+    INLINE_RATE_BURST,
+    INLINE_STYLES,
+    NO_TEXT_TO_CONTINUE,
+    PROMPT_MAX,
+    STALE_CHOICE,
+    ArgumentError,
+    Speech,
+    parse_choice,
+    speech_choices,
+)
+from bot.engine import GenerationEngine
+
+pytest_plugins = ["bot_harness"]
+
+
+class RecordingEngine:
+    """The real engine, noting the prompts it was asked for and those whose generation was cancelled."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+
+    async def agenerate(self, prompt: str = "", **options) -> str:
+        self.started.append(prompt)
+        try:
+            return await self.engine.agenerate(prompt, **options)
+        except asyncio.CancelledError:
+            self.cancelled.append(prompt)
+            raise
+
+    def astream(self, prompt: str = "", **options):
+        return self.engine.astream(prompt, **options)
+
+
+async def started(recorder: RecordingEngine, count: int) -> None:
+    while len(recorder.started) < count:
+        await asyncio.sleep(0.001)
+
+
+async def cancelled(recorder: RecordingEngine, count: int) -> None:
+    while len(recorder.cancelled) < count:
+        await asyncio.sleep(0.001)
+
+
+@pytest.mark.parametrize("temperature", [0.001, 0.1, 0.25, 0.8, 1.0, 1.9, 2.0])
+def test_choices_step_within_the_valid_range_and_fit_callback_data(temperature):
+    another, calmer, wilder = speech_choices(temperature)
+    assert (another.label, calmer.label, wilder.label) == ("Another", "Calmer", "Wilder")
+    assert another.temperature == temperature
+    assert 0 < calmer.temperature <= temperature <= wilder.temperature <= 2
+    for choice in (another, calmer, wilder):
+        assert len(choice.data.encode()) <= 64
+        assert parse_choice(choice.data) == choice.temperature
+
+
+@pytest.mark.parametrize("data", ["speech:0", "speech:2.5", "speech:inf", "speech:-1", "speech", "other:1", ""])
+def test_anything_else_is_a_stale_choice(data):
+    with pytest.raises(ArgumentError, match=STALE_CHOICE):
+        parse_choice(data)
+
+
+async def test_a_choice_is_a_speech_at_its_temperature_and_changes_no_setting(tmp_path, engine):
+    bot = make_bot(tmp_path, engine)
+    speech = await bot.choice(PRIVATE, "speech:1.4")
+    assert isinstance(speech, Speech) and speech.temperature == 1.4
+    assert await bot.choice(PRIVATE, "speech:7") == STALE_CHOICE
+    assert bot.store.get(PRIVATE.id, "private").temperature == 0.8
+
+
+async def test_speech_in_reply_continues_the_message_or_explains(tmp_path, engine):
+    bot = make_bot(tmp_path, engine)
+    assert (await bot.reply_speech(PRIVATE, "0.6", "We will build")).startswith("We will build")
+    assert (await bot.reply_speech(PRIVATE, "0.6 Our jobs", "We will build")).startswith("Our jobs"), "own words win"
+    assert await bot.reply_speech(PRIVATE, "", None) == NO_TEXT_TO_CONTINUE
+    assert await bot.reply_speech(PRIVATE, "", "   ") == NO_TEXT_TO_CONTINUE
+    assert "out of range" in await bot.reply_speech(PRIVATE, "9", "We will")
+    # A long message is continued from its end instead of being refused.
+    long = await bot.reply_speech(PRIVATE, "", "word " * 1000 + "We will")
+    assert isinstance(long, Speech) and long.startswith(("word " * 1000 + "We will")[-PROMPT_MAX:].strip())
+
+
+async def test_inline_speeches_are_short_and_end_on_sentences(tmp_path, engine):
+    speeches = await make_bot(tmp_path, engine).inline_speeches(1, "  We will ")
+    assert [(s.style, s.temperature) for s in speeches] == list(INLINE_STYLES)
+    for speech in speeches:
+        assert speech.text.startswith("We will") and speech.text.endswith((".", "!", "?"))
+        assert len(speech.text) <= len("We will") + INLINE_LENGTH
+
+
+async def test_a_newer_inline_query_cancels_the_older_one_in_the_engine(tmp_path, engine):
+    recorder = RecordingEngine(engine)
+    bot = make_bot(tmp_path, recorder)
+    older = asyncio.create_task(bot.inline_speeches(1, "We"))
+    other_user = asyncio.create_task(bot.inline_speeches(2, "Our"))
+    await started(recorder, 6)
+    newer = await bot.inline_speeches(1, "We will")
+    assert await older is None
+    assert recorder.cancelled == ["We"] * 3, "all three of the older batch, nothing else"
+    assert [s.text.startswith("We will") for s in newer] == [True] * 3
+    assert len(await other_user) == 3
+
+
+async def test_over_the_per_user_limit_a_query_waits_and_a_newer_one_replaces_it(tmp_path, engine):
+    recorder = RecordingEngine(engine)
+    bot = make_bot(tmp_path, recorder)
+    limit = bot._inline_limit(1)
+    for _ in range(INLINE_RATE_BURST):  # a burst of queries just used up the user's allowance
+        await limit.acquire()
+    waiting = asyncio.create_task(bot.inline_speeches(1, "Our jobs"))
+    await asyncio.sleep(0.01)
+    assert not recorder.started, "over the limit: it waits instead of filling the engine's queue"
+    newest = await bot.inline_speeches(1, "Our jobs are")
+    assert await waiting is None and recorder.started == ["Our jobs are"] * 3
+    assert newest[0].text.startswith("Our jobs are")
+    assert len(await bot.inline_speeches(2, "We")) == 3, "another user has an allowance of their own"
+
+
+async def test_a_typing_indicator_that_yields_a_callback_is_streamed_the_speech_so_far(tmp_path, engine):
+    bot = make_bot(tmp_path, engine)
+    seen: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def streaming():
+        yield seen.append
+
+    speech = await bot.handle_text(PRIVATE, "/speech 0.9 We will", show_typing=streaming)
+    assert len(seen) > 1 and seen[-1] == speech
+    assert all(speech.startswith(text) and text.startswith("We will") for text in seen)
+
+
+async def test_inline_speeches_when_the_engine_is_full_are_empty_and_cancel_what_was_queued(tmp_path, tiny_onnx):
+    with GenerationEngine(tiny_onnx, providers="cpu", threads=1, max_batch=1, max_queue=2) as small:
+        running = small.stream("", length=20_000, seed=0)
+        next(running)  # the worker holds this one; the queue has room for two of the three
+        recorder = RecordingEngine(small)
+        assert await make_bot(tmp_path, recorder).inline_speeches(1, "We") == []
+        await asyncio.wait_for(cancelled(recorder, 2), 10)
+        assert recorder.cancelled == ["We", "We"], "the two that fitted in the queue are not left to run"
+        running.close()
