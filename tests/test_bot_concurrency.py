@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, private_chat, running_bot
+from bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, group_chat, private_chat, running_bot
 from telegram_emulator import Call, TelegramEmulator
 
 from bot.core import ENGINE_BUSY_REPLY
@@ -74,10 +74,11 @@ async def test_one_chat_in_order_while_other_chats_go_on(engine, tmp_path):
 
 
 async def test_the_typing_action_never_holds_up_the_speech(engine, tmp_path):
-    async with HoldingEmulator("sendChatAction", ALICE_CHAT["id"]) as emulator:
+    group = group_chat(-6001)  # private chats show drafts instead (tests/test_bot_interactive.py)
+    async with HoldingEmulator("sendChatAction", group["id"]) as emulator:
         config = bot_config(emulator, tmp_path / "bot.db")
         async with running_bot(emulator, engine, config, Clock(), read_timeout=30.0):
-            assert (await emulator.ask(ALICE_CHAT, ALICE, "/speech We will")).startswith("We will")
+            assert (await emulator.ask(group, ALICE, "/speech We will")).startswith("We will")
             actions = [call for call in emulator.calls if call.method == "sendChatAction"]
             assert [call.status for call in actions] == [None], "the speech came while typing was still on the wire"
             emulator.release.set()
