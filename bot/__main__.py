@@ -156,7 +156,8 @@ async def console(config: Config) -> None:
             print(reply or "", flush=True)
             if isinstance(reply, Speech):
                 choices = {str(number): choice for number, choice in enumerate(speech_choices(reply.temperature), 1)}
-                print("   ".join(f"[{number}] {c.label} ({c.temperature:g})" for number, c in choices.items()), flush=True)
+                options = (f"[{number}] {c.label} ({c.temperature:g})" for number, c in choices.items())
+                print("   ".join(options), flush=True)
     finally:
         services.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 
 import pytest
 from test_bot_core import PRIVATE, make_bot
@@ -91,6 +92,14 @@ async def test_speech_in_reply_continues_the_message_or_explains(tmp_path, engin
     # A long message is continued from its end instead of being refused.
     long = await bot.reply_speech(PRIVATE, "", "word " * 1000 + "We will")
     assert isinstance(long, Speech) and long.startswith(("word " * 1000 + "We will")[-PROMPT_MAX:].strip())
+
+
+async def test_a_failing_database_on_a_button_or_a_reply_is_answered_not_raised(tmp_path, engine):
+    bot = make_bot(tmp_path, engine)
+    with sqlite3.connect(tmp_path / "bot.db") as db:
+        db.execute("ALTER TABLE chats RENAME TO chats_elsewhere")
+    for reply in (await bot.choice(PRIVATE, "speech:0.9"), await bot.reply_speech(PRIVATE, "", "We will build")):
+        assert reply.startswith("My settings database cannot be used right now (no such table: chats)")
 
 
 async def test_inline_speeches_are_short_and_end_on_sentences(tmp_path, engine):
