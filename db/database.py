@@ -23,6 +23,8 @@ from typing import TypeVar
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -118,6 +120,15 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         else:
             hint = "check that the server is up and DATABASE_URL's host, port, user, password and database name"
         raise DatabaseConfigError(f"the database at {where} cannot be used ({describe(error)}); {hint}") from None
+
+
+def insert_new(session: Session, model: type, **values) -> bool:
+    """Insert a row unless its key exists; True if it was inserted. One statement, so racing inserts are safe."""
+    insert = postgresql_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+    # RETURNING rather than rowcount, which psycopg leaves at -1 for ON CONFLICT DO NOTHING.
+    key = model.__mapper__.primary_key[0]
+    statement = insert(model).values(**values).on_conflict_do_nothing().returning(key)
+    return session.execute(statement).first() is not None
 
 
 class Database:

@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from datetime import date, datetime
 
 from sqlalchemy import Connection, delete, select, text, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from db.database import Database
+from db.database import Database, insert_new
 from db.models import InboxEntry
 
 # Any fixed 32-bit number: the first key of the two-key advisory locks, so ours cannot collide with
@@ -66,12 +64,11 @@ class OpenEntry:
 
 
 def add_entry(session: Session, key: str, chat_id: int, owner: int, state: str, now: datetime, payload=None) -> bool:
-    """Insert the entry unless its key exists; True if it was inserted. One statement, so racing inserts are safe."""
-    insert = postgresql_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
-    values = {"key": key, "chat_id": chat_id, "owner": owner, "state": state, "received_at": now}
-    if payload is not None:
-        values["payload"] = json.dumps(payload, separators=(",", ":"))
-    return session.execute(insert(InboxEntry).values(**values).on_conflict_do_nothing()).rowcount == 1
+    """Open an entry unless one with its key exists; True if this call opened it."""
+    encoded = None if payload is None else json.dumps(payload, separators=(",", ":"))
+    return insert_new(
+        session, InboxEntry, key=key, chat_id=chat_id, owner=owner, state=state, received_at=now, payload=encoded
+    )
 
 
 class Inbox:

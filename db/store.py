@@ -8,7 +8,7 @@ from datetime import date, datetime, time, timedelta
 from sqlalchemy import Engine, delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.database import Database
+from db.database import Database, insert_new
 from db.inbox import CLAIMED, add_entry, daily_key
 from db.models import Chat, utc_now
 
@@ -57,16 +57,19 @@ class ChatStore:
     def _get_row(self, session: Session, chat_id: int, chat_type: str) -> Chat:
         row = session.get(Chat, chat_id)
         if row is None:
-            row = Chat(
+            # Two replicas may meet a new chat at the same moment: the insert lets the first one win.
+            insert_new(
+                session,
+                Chat,
                 id=chat_id,
                 type=chat_type,
                 temperature=self.default_temperature,
                 length=self.default_length,
             )
-            session.add(row)
-        elif row.type != chat_type:
+            row = session.get(Chat, chat_id)
+        if row.type != chat_type:
             row.type = chat_type
-        session.flush()
+            session.flush()
         return row
 
     async def get(self, chat_id: int, chat_type: str) -> ChatSettings:
