@@ -1,0 +1,124 @@
+"""Nothing a user sent is lost to kill -9: the real bot process, real signals, the emulator on 127.0.0.1.
+
+The moment of the kill is made certain by holding one of the bot's requests in the emulator (the
+typing action sent before a speech is written, or the post itself) and killing while it is held.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+from bot_harness import ALICE, private_chat
+from bot_process import bot_process
+from sqlalchemy import select
+
+from db.database import create_db_engine, migrate
+from db.inbox import ANSWERED, CLAIMED, daily_key
+from db.models import InboxEntry
+from db.store import ChatStore
+
+pytest_plugins = ["bot_harness"]
+
+CHAT = private_chat(ALICE)
+HOLD = 60.0  # seconds the emulator holds a request: far longer than any test waits for it
+
+
+def pending(method: str, chat_id: int):
+    return lambda call: call.method == method and int(call.params.get("chat_id", 0)) == chat_id
+
+
+def answered(message: dict):
+    return lambda call: (
+        call.method == "sendMessage"
+        and call.status == 200
+        and call.params.get("reply_parameters", {}).get("message_id") == message["message_id"]
+    )
+
+
+def posts(emulator) -> list:
+    """Daily posts to CHAT, delivered or not (a post carries no reply_parameters)."""
+    return [
+        call
+        for call in emulator.calls
+        if pending("sendMessage", CHAT["id"])(call) and "reply_parameters" not in call.params
+    ]
+
+
+async def test_a_speech_in_flight_at_kill_9_is_answered_after_the_restart(emulator, tmp_path, database_url):
+    async with bot_process(emulator, database_url, tmp_path, name="first") as first:
+        assert await emulator.ask(CHAT, ALICE, "/temperature 1.5") == "Temperature set to 1.5."
+        assert await emulator.ask(CHAT, ALICE, "/length 77") == "Speech length set to 77 characters."
+        assert "Daily speech set" in await emulator.ask(CHAT, ALICE, "/schedule 23:59 Asia/Tokyo")
+        emulator.inject("sendChatAction", "timeout", delay=HOLD)
+        since = len(emulator.calls)
+        request = emulator.send_text(CHAT, ALICE, "/speech We will")
+        await emulator.wait_for(pending("sendChatAction", CHAT["id"]), since)  # writing has begun
+        await first.kill()
+    assert not [call for call in emulator.calls if answered(request)(call)], "killed before it answered"
+
+    async with bot_process(emulator, database_url, tmp_path, name="second"):
+        speech = (await emulator.wait_for(answered(request), since)).params["text"]
+        assert speech.startswith("We will") and len(speech) > len("We will")
+        settings = await emulator.ask(CHAT, ALICE, "/settings")
+        assert "temperature: 1.5" in settings and "length: 77 characters" in settings
+        assert "23:59 Asia/Tokyo" in settings
+    assert len([call for call in emulator.calls if answered(request)(call)]) == 1
+
+
+async def schedule_a_missed_post(database_url: str) -> date:
+    """CHAT's daily speech was due two minutes ago and is not posted yet; returns the day it is for."""
+    engine = create_db_engine(database_url)
+    migrate(engine)
+    store = ChatStore(engine, 0.8, 40)
+    due = datetime.now(UTC) - timedelta(minutes=2)
+    await store.get(CHAT["id"], "private")
+    await store.update(
+        CHAT["id"],
+        daily_time=due.time().replace(second=0, microsecond=0),
+        time_zone="UTC",
+        schedule_enabled=True,
+        last_daily_post=due.date() - timedelta(days=2),
+    )
+    store.close()
+    return due.date()
+
+
+def inbox_state(database_url: str, key: str) -> str:
+    engine = create_db_engine(database_url)
+    with engine.connect() as connection:
+        state = connection.execute(select(InboxEntry.state).where(InboxEntry.key == key)).scalar_one()
+    engine.dispose()
+    return state
+
+
+async def test_kill_9_while_a_daily_post_is_written_posts_it_once_after_the_restart(emulator, tmp_path):
+    database_url = f"sqlite:///{tmp_path / 'bot.db'}"
+    day = await schedule_a_missed_post(database_url)
+    emulator.inject("sendChatAction", "timeout", delay=HOLD)
+    async with bot_process(emulator, database_url, tmp_path, name="first") as first:
+        await emulator.wait_for(pending("sendChatAction", CHAT["id"]))  # the missed post is being written
+        await first.kill()
+    assert posts(emulator) == []
+    assert inbox_state(database_url, daily_key(CHAT["id"], day)) == CLAIMED
+
+    async with bot_process(emulator, database_url, tmp_path, name="second"):
+        post = await emulator.wait_for(lambda call: call in posts(emulator) and call.status == 200)
+        assert len(post.params["text"]) > 0
+        assert "daily speech:" in await emulator.ask(CHAT, ALICE, "/settings")
+    assert inbox_state(database_url, daily_key(CHAT["id"], day)) == ANSWERED
+    assert len(posts(emulator)) == 1
+
+
+async def test_kill_9_while_a_daily_post_is_sent_never_posts_it_twice(emulator, tmp_path):
+    database_url = f"sqlite:///{tmp_path / 'bot.db'}"
+    day = await schedule_a_missed_post(database_url)
+    emulator.inject("sendMessage", "timeout", delay=HOLD, chat_id=CHAT["id"])
+    async with bot_process(emulator, database_url, tmp_path, name="first") as first:
+        await emulator.wait_for(lambda call: call in posts(emulator))  # handed to Telegram, not yet confirmed
+        await first.kill()
+
+    async with bot_process(emulator, database_url, tmp_path, name="second"):
+        # The restart has taken over the inbox before it polls, so by this answer it has decided.
+        assert "daily speech:" in await emulator.ask(CHAT, ALICE, "/settings")
+    assert inbox_state(database_url, daily_key(CHAT["id"], day)) == ANSWERED
+    assert len(posts(emulator)) == 1, "the post Telegram may already have is not made again"
