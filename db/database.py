@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -36,6 +36,10 @@ POSTGRES_READ_ONLY_TRANSACTION = "25006"
 # waits for a connection, and separate from asyncio's default executor, so calls stuck on a lock
 # cannot starve anything else that runs in threads.
 DATABASE_THREADS = 8
+
+# The first key of PostgreSQL advisory locks taken here; any fixed 32-bit number that other
+# applications sharing the database are unlikely to use.
+MIGRATION_LOCK_CLASS = 0x5BEEC5
 
 T = TypeVar("T")
 
@@ -109,6 +113,12 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     try:
         with engine.begin() as connection:
+            # Processes starting together would otherwise race to create the same tables; the lock
+            # makes the later ones wait and then find nothing left to do.
+            if engine.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:kind, 0)"), {"kind": MIGRATION_LOCK_CLASS})
+            elif engine.dialect.name == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock, before the schema is read
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
     except SQLAlchemyError as error:

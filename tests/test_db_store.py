@@ -82,6 +82,14 @@ def test_upgrade_from_the_previous_revision_keeps_the_rows(database_url):
     store.close()
 
 
+async def test_replicas_migrating_at_once_both_start(database_url):
+    engines = [create_db_engine(database_url) for _ in range(3)]
+    await asyncio.gather(*(asyncio.to_thread(migrate, engine) for engine in engines))
+    assert {revision(engine) for engine in engines} == {"0002"}
+    for engine in engines:
+        engine.dispose()
+
+
 async def test_new_chat_gets_defaults_and_changes_survive_reopen(stores):
     store = stores()
     settings = await store.get(42, "private")
