@@ -290,6 +290,11 @@ class TelegramFrontend:
         )
         try:
             text = await reply
+            if self._answered_elsewhere(claim):
+                log.info(
+                    "Update %s is answered already or by another process; not answering it again", update.update_id
+                )
+                return
             if text is not None:
                 await self.send(context.bot, message.chat_id, text, reply_to=message)
         except Exception:
@@ -297,6 +302,11 @@ class TelegramFrontend:
             raise
         # Not reached when the task is cancelled at shutdown: the entry stays open for the next start.
         await self._close_entry(claim, update.update_id)
+
+    @staticmethod
+    def _answered_elsewhere(claim: asyncio.Task) -> bool:
+        # Only when the inbox has already said so: waiting for it would hold up replies that need no database.
+        return claim.done() and not claim.cancelled() and claim.exception() is None and not claim.result()
 
     async def _close_entry(self, claim: asyncio.Task, update_id: int) -> None:
         try:

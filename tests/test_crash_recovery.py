@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
-from bot_harness import ALICE, private_chat
+from bot_harness import ALICE, Clock, bot_config, private_chat, running_bot
 from bot_process import bot_process
 from sqlalchemy import select
 
+from bot.telegram_app import LATE_APOLOGY, REPLAY_WINDOW
 from db.database import create_db_engine, migrate
-from db.inbox import ANSWERED, CLAIMED, daily_key
+from db.inbox import ANSWERED, CLAIMED, Inbox, daily_key, update_key
 from db.models import InboxEntry
 from db.store import ChatStore
 
@@ -122,3 +123,26 @@ async def test_kill_9_while_a_daily_post_is_sent_never_posts_it_twice(emulator, 
         assert "daily speech:" in await emulator.ask(CHAT, ALICE, "/settings")
     assert inbox_state(database_url, daily_key(CHAT["id"], day)) == ANSWERED
     assert len(posts(emulator)) == 1, "the post Telegram may already have is not made again"
+
+
+async def test_requests_left_by_a_crash_are_answered_if_recent_and_apologised_for_if_old(emulator, engine, tmp_path):
+    config = bot_config(emulator, tmp_path / "bot.db")
+    clock = Clock()
+    store = ChatStore(create_db_engine(config.database_url), 0.8, 40)
+    migrate(store.database.engine)
+    crashed = Inbox(store.database, owner=12345)
+    recent = {"update_id": 901, "message": emulator.message(CHAT, ALICE, "/temperature 1.2")}
+    old = {"update_id": 902, "message": emulator.message(CHAT, ALICE, "/length 99")}
+    assert await crashed.claim_update(901, CHAT["id"], recent, clock.now - REPLAY_WINDOW / 2)
+    assert await crashed.claim_update(902, CHAT["id"], old, clock.now - REPLAY_WINDOW * 2)
+    store.close()
+
+    async with running_bot(emulator, engine, config, clock):
+        done = await emulator.wait_for(answered(recent["message"]))
+        assert done.params["text"] == "Temperature set to 1.2."
+        apology = await emulator.wait_for(answered(old["message"]))
+        assert apology.params["text"] == LATE_APOLOGY
+        settings = await emulator.ask(CHAT, ALICE, "/settings")
+        assert "temperature: 1.2" in settings and "length: 40 characters" in settings, "the old one was not done"
+    assert inbox_state(config.database_url, update_key(901)) == ANSWERED
+    assert inbox_state(config.database_url, update_key(902)) == ANSWERED
