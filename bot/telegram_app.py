@@ -162,8 +162,9 @@ class TelegramFrontend:
         await self.daily.rebuild()
         await self.take_over_inbox(application)
         application.job_queue.run_repeating(
-            lambda _context: self.take_over_inbox(application),
+            self._sweep_inbox,
             interval=INBOX_SWEEP_SECONDS,
+            first=INBOX_SWEEP_SECONDS,
             job_kwargs={"misfire_grace_time": INBOX_SWEEP_SECONDS},
         )
         if self.config.heartbeat_file is not None:
@@ -185,6 +186,9 @@ class TelegramFrontend:
             else:
                 await self._apologise(application.bot, entry)
         await self.inbox.forget_answered(now - KEEP_ANSWERED)
+
+    async def _sweep_inbox(self, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self.take_over_inbox(context.application)
 
     async def _resume_daily(self, context: ContextTypes.DEFAULT_TYPE) -> None:
         await self.daily.resume(context.job.data)

@@ -202,7 +202,7 @@ class TelegramEmulator:
             await asyncio.wait_for(self._changed.wait_for(find), timeout)
             return find()
 
-    async def ask(self, chat: dict, sender: dict | None, text: str, **extra) -> str:
+    async def ask(self, chat: dict, sender: dict | None, text: str, timeout: float = 15.0, **extra) -> str:
         """Send a text message and return the text of the bot's answer in that chat."""
         since = len(self.calls)
         self.send_text(chat, sender, text, **extra)
@@ -211,6 +211,7 @@ class TelegramEmulator:
                 call.method == "sendMessage" and call.status == 200 and int(call.params["chat_id"]) == chat["id"]
             ),
             since,
+            timeout,
         )
         return answer.params["text"]
 

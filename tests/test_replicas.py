@@ -7,7 +7,7 @@ from bot_harness import ALICE, BOB, TOKEN, private_chat
 from bot_process import bot_process
 from conftest import new_postgres_database
 from telegram_emulator import TelegramEmulator
-from test_crash_recovery import posts, schedule_a_missed_post
+from test_crash_recovery import SLOW, posts, schedule_a_missed_post
 
 pytest_plugins = ["bot_harness"]
 
@@ -23,15 +23,15 @@ async def test_two_replicas_share_one_database(postgres_server, tmp_path):
         bot_process(one, database_url, tmp_path, name="one", **hour),
         bot_process(two, database_url, tmp_path, name="two", **hour),
     ):
-        assert await one.ask(alice, ALICE, "/temperature 1.9") == "Temperature set to 1.9."
-        assert "temperature: 1.9" in await two.ask(alice, ALICE, "/settings"), "seen by the other replica"
+        assert await one.ask(alice, ALICE, "/temperature 1.9", timeout=SLOW) == "Temperature set to 1.9."
+        assert "temperature: 1.9" in await two.ask(alice, ALICE, "/settings", timeout=SLOW), "seen by the other replica"
 
-        speech = await one.ask(bob, BOB, "/speech We will")
+        speech = await one.ask(bob, BOB, "/speech We will", timeout=SLOW)
         assert speech.startswith("We will")
-        assert "One speech at a time, please. Try again in" in await two.ask(bob, BOB, "/speech")
+        assert "One speech at a time, please. Try again in" in await two.ask(bob, BOB, "/speech", timeout=SLOW)
 
         # Both replicas tried the missed post at start; by now both attempts are over.
-        await one.ask(alice, ALICE, "/settings")
-        await two.ask(alice, ALICE, "/settings")
+        await one.ask(alice, ALICE, "/settings", timeout=SLOW)
+        await two.ask(alice, ALICE, "/settings", timeout=SLOW)
         delivered = [call for emulator in (one, two) for call in posts(emulator)]
         assert len(delivered) == 1 and delivered[0].status == 200, "the due post is sent exactly once"
