@@ -226,7 +226,14 @@ class SpeechBot:
                 "Send the first few sentences and I'll continue from there."
             )
         now = self.clock()
-        settings, ready_at = await self.store.start_speech(chat.id, chat.type, now, self.cooldown)
+        try:
+            settings, ready_at = await self.store.start_speech(chat.id, chat.type, now, self.cooldown)
+            cooling = True
+        except SQLAlchemyError as error:
+            if not is_read_only(error):
+                raise
+            # The cooldown lives in the database, so a read-only one cannot hold it: speeches go on without.
+            settings, ready_at, cooling = await self.store.get(chat.id, chat.type), None, False
         if ready_at is not None:
             seconds = math.ceil((ready_at - now).total_seconds())
             return f"One speech at a time, please. Try again in {seconds} second{'s' * (seconds != 1)}."
@@ -238,7 +245,8 @@ class SpeechBot:
                     temperature=settings.temperature if temperature is None else temperature,
                 )
         except EngineBusy:
-            await self.store.cancel_cooldown(chat.id, now + self.cooldown)  # nothing was made
+            if cooling:
+                await self.store.cancel_cooldown(chat.id, now + self.cooldown)  # nothing was made
             return ENGINE_BUSY_REPLY
         return compose_speech(prompt, continuation)
 

@@ -34,7 +34,7 @@ from db.store import ChatSettings
 log = logging.getLogger(__name__)
 
 Send = Callable[[int, str], Awaitable[object]]
-Busy = Callable[[int], contextlib.AbstractAsyncContextManager]
+ShowTyping = Callable[[int], contextlib.AbstractAsyncContextManager]
 
 
 def job_name(chat_id: int) -> str:
@@ -48,7 +48,7 @@ class DailySpeeches:
         core: SpeechBot,
         inbox: Inbox,
         send: Send,
-        busy: Busy,
+        show_typing: ShowTyping,
         grace: timedelta,
         clock: Callable[[], datetime],
     ):
@@ -57,7 +57,7 @@ class DailySpeeches:
         self.store = core.store
         self.inbox = inbox
         self.send = send
-        self.busy = busy
+        self.show_typing = show_typing
         self.grace = grace
         self.clock = clock
 
@@ -138,7 +138,7 @@ class DailySpeeches:
 
     async def _write_and_send(self, settings: ChatSettings, key: str) -> bool:
         chat_id = settings.id
-        async with self.busy(chat_id):
+        async with self.show_typing(chat_id):
             text = await self.core.daily_speech(settings)
         # From here on the post is never made again, even after a crash: Telegram may have it.
         await self.inbox.mark(key, SENDING, self.clock())

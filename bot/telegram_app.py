@@ -45,6 +45,7 @@ from bot.engine import GenerationEngine
 from bot.heartbeat import HEARTBEAT_SECONDS, beat
 from bot.scheduling import DailySpeeches
 from bot.services import build_services
+from db.database import describe
 from db.inbox import ANSWERED, Inbox, OpenEntry, update_key
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class TelegramFrontend:
             self.core,
             self.inbox,
             send=lambda chat_id, text: self.send(application.bot, chat_id, text),
-            busy=lambda chat_id: self.typing(application.bot, chat_id),
+            show_typing=lambda chat_id: self.typing(application.bot, chat_id),
             grace=timedelta(minutes=self.config.missed_post_grace_minutes),
             clock=self.clock,
         )
@@ -317,7 +318,7 @@ class TelegramFrontend:
             if await claim:
                 await self.inbox.mark(update_key(update_id), ANSWERED, self.clock())
         except SQLAlchemyError as error:
-            log.warning("The inbox could not record update %s: %s", update_id, error)
+            log.warning("The inbox could not record update %s: %s", update_id, describe(error))
 
     async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message

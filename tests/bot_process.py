@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from bot_harness import TOKEN
+from bot_harness import TOKEN, bot_environment
 from telegram_emulator import TelegramEmulator
+
+from bot.modelfile import DEFAULT_MODEL_PATH
 
 
 class BotProcess:
@@ -35,7 +36,7 @@ class BotProcess:
 
 
 @contextlib.asynccontextmanager
-async def bot_process(
+async def killable_bot(
     emulator: TelegramEmulator, database_url: str, folder: Path, name: str = "bot", **environment: str
 ) -> AsyncIterator[BotProcess]:
     """Start the bot and wait until it polls for updates; SIGTERM it afterwards unless it is gone already."""
@@ -46,8 +47,6 @@ async def bot_process(
         "DATABASE_URL": database_url,
         "DEFAULT_LENGTH": "40",  # short speeches keep the suite fast on two shared cores
         "COOLDOWN_SECONDS": "0",
-        "ONNX_THREADS": "1",
-        "ONNX_LANES": "1",
     } | environment
     log = folder / f"{name}.log"
     with log.open("ab") as output:
@@ -57,7 +56,7 @@ async def bot_process(
             "bot",
             "run",
             cwd=folder,  # away from any .env in the checkout
-            env={key: value for key, value in os.environ.items() if key not in settings} | settings,
+            env=bot_environment(DEFAULT_MODEL_PATH, **settings),
             stdout=output,
             stderr=asyncio.subprocess.STDOUT,
         )

@@ -106,7 +106,16 @@ def _decode(value, types: list[str]):
 class TelegramEmulator:
     """Serve with `async with TelegramEmulator(token) as emulator:`; point the bot at `.base_url`."""
 
-    def __init__(self, token: str, bot_username: str = "SpeechTestBot", spec_path: Path = SPEC_PATH, port: int = 0):
+    def __init__(
+        self,
+        token: str,
+        bot_username: str = "SpeechTestBot",
+        spec_path: Path = SPEC_PATH,
+        port: int = 0,
+        first_update_id: int = 1,
+    ):
+        """`first_update_id`: emulators standing in for one bot's updates split between replicas must not
+        repeat each other's ids, as Telegram numbers a bot's updates once."""
         self.token = token
         self.port = port  # 0: any free port
         self.bot_user = {
@@ -126,7 +135,7 @@ class TelegramEmulator:
         self.migrated: dict[int, int] = {}
         self.commands: list[dict] = []
         self._updates: list[dict] = []
-        self._update_ids = itertools.count(1)
+        self._update_ids = itertools.count(first_update_id)
         self._message_ids = itertools.count(1000)
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None

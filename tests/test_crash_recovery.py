@@ -11,9 +11,10 @@ import asyncio
 from datetime import UTC, date, datetime, timedelta
 
 from bot_harness import ALICE, Clock, bot_config, private_chat, running_bot
-from bot_process import bot_process
+from bot_process import killable_bot
 from sqlalchemy import select
 
+from bot.config import LENGTH_MAX
 from bot.telegram_app import LATE_APOLOGY, REPLAY_WINDOW
 from db.database import create_db_engine, migrate
 from db.inbox import ANSWERED, CLAIMED, Inbox, daily_key, update_key
@@ -51,7 +52,7 @@ def posts(emulator) -> list:
 
 
 async def test_a_speech_in_flight_at_kill_9_is_answered_after_the_restart(emulator, tmp_path, database_url):
-    async with bot_process(emulator, database_url, tmp_path, name="first") as first:
+    async with killable_bot(emulator, database_url, tmp_path, name="first") as first:
         assert await emulator.ask(CHAT, ALICE, "/temperature 1.5", timeout=SLOW) == "Temperature set to 1.5."
         assert await emulator.ask(CHAT, ALICE, "/length 77", timeout=SLOW) == "Speech length set to 77 characters."
         assert "Daily speech set" in await emulator.ask(CHAT, ALICE, "/schedule 23:59 Asia/Tokyo", timeout=SLOW)
@@ -67,7 +68,7 @@ async def test_a_speech_in_flight_at_kill_9_is_answered_after_the_restart(emulat
     assert not [call for call in emulator.calls if answered(request)(call)], "killed before it answered"
     assert open_entries(database_url) == [update_key(request_update)], "only the speech was left unanswered"
 
-    async with bot_process(emulator, database_url, tmp_path, name="second"):
+    async with killable_bot(emulator, database_url, tmp_path, name="second"):
         speech = (await emulator.wait_for(answered(request), since, timeout=SLOW)).params["text"]
         assert speech.startswith("We will") and len(speech) > len("We will")
         settings = await emulator.ask(CHAT, ALICE, "/settings", timeout=SLOW)
@@ -76,8 +77,9 @@ async def test_a_speech_in_flight_at_kill_9_is_answered_after_the_restart(emulat
     assert len([call for call in emulator.calls if answered(request)(call)]) == 1
 
 
-async def schedule_a_missed_post(database_url: str) -> date:
-    """CHAT's daily speech was due two minutes ago and is not posted yet; returns the day it is for."""
+async def schedule_a_missed_post(database_url: str, length: int = 40) -> date:
+    """CHAT's daily speech (of `length` characters) was due two minutes ago and is not posted yet; returns the day
+    it is for."""
     engine = create_db_engine(database_url)
     migrate(engine)
     store = ChatStore(engine, 0.8, 40)
@@ -88,6 +90,7 @@ async def schedule_a_missed_post(database_url: str) -> date:
         daily_time=due.time().replace(second=0, microsecond=0),
         time_zone="UTC",
         schedule_enabled=True,
+        length=length,
         last_daily_post=due.date() - timedelta(days=2),
     )
     store.close()
@@ -118,16 +121,16 @@ def inbox_state(database_url: str, key: str) -> str | None:
 
 async def test_kill_9_while_a_daily_post_is_written_posts_it_once_after_the_restart(emulator, tmp_path):
     database_url = f"sqlite:///{tmp_path / 'bot.db'}"
-    day = await schedule_a_missed_post(database_url)
-    key = daily_key(CHAT["id"], day)
     # The longest post the bot writes, so that it is still being written when the claim is seen.
-    async with bot_process(emulator, database_url, tmp_path, name="first", DEFAULT_LENGTH="3000") as first:
+    day = await schedule_a_missed_post(database_url, length=LENGTH_MAX)
+    key = daily_key(CHAT["id"], day)
+    async with killable_bot(emulator, database_url, tmp_path, name="first") as first:
         await until(lambda: inbox_state(database_url, key) is not None, timeout=SLOW)
         await first.kill()
     assert posts(emulator) == [], "killed before the post was sent"
     assert inbox_state(database_url, key) == CLAIMED
 
-    async with bot_process(emulator, database_url, tmp_path, name="second"):
+    async with killable_bot(emulator, database_url, tmp_path, name="second"):
         post = await emulator.wait_for(lambda call: call in posts(emulator) and call.status == 200, timeout=SLOW)
         assert len(post.params["text"]) > 0
         assert "daily speech:" in await emulator.ask(CHAT, ALICE, "/settings", timeout=SLOW)
@@ -139,12 +142,12 @@ async def test_kill_9_while_a_daily_post_is_sent_never_posts_it_twice(emulator, 
     database_url = f"sqlite:///{tmp_path / 'bot.db'}"
     day = await schedule_a_missed_post(database_url)
     emulator.inject("sendMessage", "timeout", delay=HOLD, chat_id=CHAT["id"])
-    async with bot_process(emulator, database_url, tmp_path, name="first") as first:
+    async with killable_bot(emulator, database_url, tmp_path, name="first") as first:
         # Handed to Telegram, not yet confirmed.
         await emulator.wait_for(lambda call: call in posts(emulator), timeout=SLOW)
         await first.kill()
 
-    async with bot_process(emulator, database_url, tmp_path, name="second"):
+    async with killable_bot(emulator, database_url, tmp_path, name="second"):
         # The restart has taken over the inbox before it polls, so by this answer it has decided.
         assert "daily speech:" in await emulator.ask(CHAT, ALICE, "/settings", timeout=SLOW)
     assert inbox_state(database_url, daily_key(CHAT["id"], day)) == ANSWERED

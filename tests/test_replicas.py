@@ -4,7 +4,7 @@ of two webhook replicas would split the updates: one daily post, shared settings
 from __future__ import annotations
 
 from bot_harness import ALICE, BOB, TOKEN, private_chat
-from bot_process import bot_process
+from bot_process import killable_bot
 from conftest import new_postgres_database
 from telegram_emulator import TelegramEmulator
 from test_crash_recovery import SLOW, posts, schedule_a_missed_post
@@ -19,9 +19,9 @@ async def test_two_replicas_share_one_database(postgres_server, tmp_path):
     hour = {"COOLDOWN_SECONDS": "3600"}
     async with (
         TelegramEmulator(TOKEN) as one,
-        TelegramEmulator(TOKEN) as two,
-        bot_process(one, database_url, tmp_path, name="one", **hour),
-        bot_process(two, database_url, tmp_path, name="two", **hour),
+        TelegramEmulator(TOKEN, first_update_id=1_000_000) as two,
+        killable_bot(one, database_url, tmp_path, name="one", **hour),
+        killable_bot(two, database_url, tmp_path, name="two", **hour),
     ):
         assert await one.ask(alice, ALICE, "/temperature 1.9", timeout=SLOW) == "Temperature set to 1.9."
         assert "temperature: 1.9" in await two.ask(alice, ALICE, "/settings", timeout=SLOW), "seen by the other replica"
