@@ -2,7 +2,8 @@
 
 Telegram (bot/telegram_app.py), the terminal (`python -m bot console`) and the tests all drive
 this one class. It parses and validates arguments, reads and writes chat settings, enforces the
-per-chat cooldown and asks the generation engine for speeches. It never sends anything itself.
+per-chat cooldown (kept in the database, so replicas share it) and asks the generation engine for
+speeches. It never sends anything itself. Every store call is awaited: the database runs off the loop.
 """
 
 from __future__ import annotations
@@ -139,7 +140,6 @@ class SpeechBot:
         self.cooldown = timedelta(seconds=cooldown_seconds)
         self.clock = clock
         self.on_schedule_change = on_schedule_change
-        self._ready_at: dict[int, datetime] = {}
 
     # ---- entry points ----
 
@@ -177,7 +177,7 @@ class SpeechBot:
         try:
             if name == "speech":
                 return await self.speech(chat, args, show_typing)
-            return getattr(self, f"_{name}")(chat, args)
+            return await getattr(self, f"_{name}")(chat, args)
         except ArgumentError as error:
             return str(error)
         except SQLAlchemyError as error:
@@ -226,12 +226,17 @@ class SpeechBot:
                 "Send the first few sentences and I'll continue from there."
             )
         now = self.clock()
-        ready_at = self._ready_at.get(chat.id)
-        if ready_at is not None and now < ready_at:
+        try:
+            settings, ready_at = await self.store.start_speech(chat.id, chat.type, now, self.cooldown)
+            cooling = True
+        except SQLAlchemyError as error:
+            if not is_read_only(error):
+                raise
+            # The cooldown lives in the database, so a read-only one cannot hold it: speeches go on without.
+            settings, ready_at, cooling = await self.store.get(chat.id, chat.type), None, False
+        if ready_at is not None:
             seconds = math.ceil((ready_at - now).total_seconds())
             return f"One speech at a time, please. Try again in {seconds} second{'s' * (seconds != 1)}."
-        self._ready_at[chat.id] = now + self.cooldown
-        settings = self.store.get(chat.id, chat.type)
         try:
             async with show_typing():
                 continuation = await self.engine.agenerate(
@@ -240,19 +245,20 @@ class SpeechBot:
                     temperature=settings.temperature if temperature is None else temperature,
                 )
         except EngineBusy:
-            del self._ready_at[chat.id]  # nothing was made, so no cooldown either
+            if cooling:
+                await self.store.cancel_cooldown(chat.id, now + self.cooldown)  # nothing was made
             return ENGINE_BUSY_REPLY
         return compose_speech(prompt, continuation)
 
     # ---- commands that answer at once ----
 
-    def _start(self, chat: ChatRef, _args: str) -> str:
+    async def _start(self, chat: ChatRef, _args: str) -> str:
         return (
             "Hello! I write speeches in the style of Donald Trump's 2016 campaign, one character at a "
             "time, with a small neural network. They are machine-made parody, not real quotes.\n\n" + self.help_text()
         )
 
-    def _help(self, chat: ChatRef, _args: str) -> str:
+    async def _help(self, chat: ChatRef, _args: str) -> str:
         return self.help_text()
 
     @staticmethod
@@ -270,8 +276,8 @@ class SpeechBot:
             "messages or mention me. In groups only administrators can change settings."
         )
 
-    def _settings(self, chat: ChatRef, _args: str) -> str:
-        settings = self.store.get(chat.id, chat.type)
+    async def _settings(self, chat: ChatRef, _args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
         return "\n".join(
             [
                 "Settings for this chat:",
@@ -282,18 +288,18 @@ class SpeechBot:
             ]
         )
 
-    def _temperature(self, chat: ChatRef, args: str) -> str:
-        settings = self.store.get(chat.id, chat.type)
+    async def _temperature(self, chat: ChatRef, args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
         if not args:
             return f"Temperature is {settings.temperature:g}. Change it with /temperature 0.8 (above 0, at most 2)."
         if len(args.split()) > 1:
             raise ArgumentError("/temperature takes one number, above 0 and at most 2, e.g. /temperature 0.8.")
         value = parse_temperature(args)
-        self.store.update(chat.id, temperature=value)
+        await self.store.update(chat.id, temperature=value)
         return f"Temperature set to {value:g}."
 
-    def _length(self, chat: ChatRef, args: str) -> str:
-        settings = self.store.get(chat.id, chat.type)
+    async def _length(self, chat: ChatRef, args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
         if not args:
             return (
                 f"Speeches are {settings.length} characters long. "
@@ -302,11 +308,11 @@ class SpeechBot:
         if len(args.split()) > 1:
             raise ArgumentError(f"/length takes one whole number from {LENGTH_MIN} to {LENGTH_MAX}, e.g. /length 600.")
         value = parse_length(args)
-        self.store.update(chat.id, length=value)
+        await self.store.update(chat.id, length=value)
         return f"Speech length set to {value} characters."
 
-    def _schedule(self, chat: ChatRef, args: str) -> str:
-        settings = self.store.get(chat.id, chat.type)
+    async def _schedule(self, chat: ChatRef, args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
         usage = "Use /schedule HH:MM [time zone], e.g. /schedule 08:30 or /schedule 20:00 America/New_York."
         words = args.split()
         if not words:
@@ -327,7 +333,7 @@ class SpeechBot:
         # inside the missed-post grace window does not post it late.
         already_due = local_date(latest_due(now, daily_time, zone), zone)
         last = settings.last_daily_post
-        settings = self.store.update(
+        settings = await self.store.update(
             chat.id,
             daily_time=daily_time,
             time_zone=zone,
@@ -337,11 +343,11 @@ class SpeechBot:
         self._schedule_changed(settings)
         return f"Daily speech set for {self._schedule_text(settings)}."
 
-    def _unschedule(self, chat: ChatRef, _args: str) -> str:
-        settings = self.store.get(chat.id, chat.type)
+    async def _unschedule(self, chat: ChatRef, _args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
         if not settings.schedule_enabled:
             return "There is no daily speech to remove. Set one with /schedule 08:30 Europe/Berlin."
-        self._schedule_changed(self.store.update(chat.id, schedule_enabled=False))
+        self._schedule_changed(await self.store.update(chat.id, schedule_enabled=False))
         return "Daily speech removed."
 
     def _schedule_changed(self, settings: ChatSettings) -> None:

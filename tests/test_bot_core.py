@@ -153,7 +153,7 @@ async def test_bad_arguments_get_a_clear_reply(tmp_path, engine, command, expect
     reply = await bot.handle_text(PRIVATE, command)
     assert expected in reply
     assert len(reply) < 400
-    assert bot.store.get(PRIVATE.id, "private").temperature == 0.8, "nothing changed"
+    assert (await bot.store.get(PRIVATE.id, "private")).temperature == 0.8, "nothing changed"
 
 
 async def test_settings_commands_change_and_show(tmp_path, engine):

@@ -47,8 +47,9 @@ def stored_database(path: Path) -> Path:
     """A real bot database holding the console chat's row (length 40, so speeches are short)."""
     db = create_db_engine(f"sqlite:///{path}")
     migrate(db)
-    ChatStore(db, 0.8, 40).get(CONSOLE_CHAT_ID, "console")
-    db.dispose()
+    store = ChatStore(db, 0.8, 40)
+    asyncio.run(store.get(CONSOLE_CHAT_ID, "console"))
+    store.close()
     return path
 
 
