@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         "run the Telegram bot (the default)",
         "Run the Telegram bot: long polling, or a webhook server when WEBHOOK_URL is set. "
-        "Stops gracefully on Ctrl-C and SIGTERM. Exit code 2: bad configuration; 1: Telegram could not be reached.",
+        "Stops gracefully on Ctrl-C and SIGTERM. Exit code 2: bad configuration or Telegram could not be reached.",
     )
     _add_command(
         commands,
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"the database at DATABASE_URL cannot be used ({describe(error)})")
     except TelegramError as error:
         # Not the user's input but the network or Telegram: 1, so a supervisor's restart may help.
-        return fail(f"Telegram could not be reached: {error}", code=1)
+        return fail(f"Telegram could not be reached: {error}")
     except KeyboardInterrupt:
         return 130
     return 0

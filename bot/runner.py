@@ -71,6 +71,8 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 def read_model_info(path: str | Path) -> tuple[bytes, ModelInfo]:
     """The file's bytes and validated metadata, or a ModelFileError naming what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"model file {path} is a directory; give the .onnx file inside it")
     if not path.is_file():
         raise ModelFileError(
             f"model file {path} does not exist; export one with `python -m export CHECKPOINT -o {path}`"
