@@ -22,6 +22,7 @@ from bot.logs import redact, setup_logging
 from bot.runner import ModelFileError
 from bot.services import build_services, open_engine
 from db.database import DatabaseConfigError, create_db_engine, migrate
+from model.sampling import BOT_SAMPLING, TEMPERATURE_RANGE, SamplingParams
 
 CONSOLE_CHAT_ID = 0  # never a Telegram chat id, so the console's settings live beside real chats
 HEALTHY_HEARTBEAT_AGE = 120.0
@@ -38,12 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("run", help="run the Telegram bot (the default)")
     commands.add_parser("console", help="talk to the bot in this terminal, without Telegram")
     commands.add_parser("migrate", help="create or update the database schema")
-    generate = commands.add_parser("generate", help="print one speech from the model")
+    generate = commands.add_parser(
+        "generate",
+        help="print one speech from the model",
+        description="Print one speech, sampled as the bot samples (model/sampling.py BOT_SAMPLING) unless flags "
+        "say otherwise.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     generate.add_argument("--model", type=Path, help="ONNX model file (default: MODEL_PATH or the bundled one)")
     generate.add_argument("--prompt", default="", help="text the speech continues")
-    generate.add_argument("--length", type=int, default=500, help="characters to generate")
-    generate.add_argument("--temperature", type=float, default=0.8, help="above 0, at most 2")
-    generate.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest characters")
+    generate.add_argument("--length", type=int, default=500, help="characters to generate (about, see --exact-length)")
+    generate.add_argument("--exact-length", action="store_true", help="stop at exactly --length, not at a sentence end")
+    generate.add_argument("--temperature", type=float, default=0.8, help=TEMPERATURE_RANGE)
+    generate.add_argument(
+        "--top-k", type=int, default=BOT_SAMPLING.top_k, help="the k likeliest characters only (0: all)"
+    )
+    generate.add_argument(
+        "--top-p", type=float, default=BOT_SAMPLING.top_p, help="likeliest characters up to this mass (1: all)"
+    )
+    generate.add_argument(
+        "--min-p",
+        type=float,
+        default=BOT_SAMPLING.min_p,
+        help="drop characters below min_p times the likeliest's (0: off)",
+    )
+    generate.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=BOT_SAMPLING.repetition_penalty,
+        help="logit penalty for repeating a recent --repeat-ngram (0: off; docs/engine.md)",
+    )
+    generate.add_argument(
+        "--repeat-ngram", type=int, default=BOT_SAMPLING.repeat_ngram, help="characters that count as a repeat"
+    )
     generate.add_argument("--seed", type=int, default=None, help="for a repeatable speech")
     health = commands.add_parser("healthcheck", help="exit 0 if the running bot's heartbeat is fresh")
     health.add_argument("--max-age", type=float, default=HEALTHY_HEARTBEAT_AGE, help="seconds")
@@ -79,18 +107,21 @@ async def console(config: Config) -> None:
 
 
 def generate(config: Config, args: argparse.Namespace) -> None:
+    from bot.core import compose_speech, speech_options
+
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        repeat_ngram=args.repeat_ngram,
+    )
     engine = open_engine(config, args.model)
     try:
-        print(
-            args.prompt
-            + engine.generate(
-                prompt=args.prompt,
-                length=args.length,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                seed=args.seed,
-            )
-        )
+        ending = {} if args.exact_length else speech_options(args.prompt)
+        text = engine.generate(prompt=args.prompt, length=args.length, sampling=sampling, seed=args.seed, **ending)
+        print(args.prompt + text if args.exact_length else compose_speech(args.prompt, text))
     finally:
         engine.close()
 

@@ -18,6 +18,7 @@ from dotenv import dotenv_values
 
 from bot.engine_api import MAX_LANES
 from bot.modelfile import DEFAULT_MODEL_PATH
+from model.sampling import TEMPERATURE_MAX
 
 TOKEN_FORMAT = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
 WEBHOOK_SECRET_FORMAT = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
@@ -26,8 +27,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Telegram's documented overall flood limit; paid broadcasts or a local Bot API server allow more.
 TELEGRAM_MESSAGES_PER_SECOND = 30.0
 
-# Bounds that the commands and the configuration share.
-TEMPERATURE_MAX = 2.0
+# Bounds that the commands and the configuration share (sampling's: model.sampling).
 LENGTH_MIN, LENGTH_MAX = 20, 3000
 
 
