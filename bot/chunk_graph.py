@@ -45,9 +45,9 @@ _CONSTANTS = {
     "sampler_keep_going": np.array(True),
     "sampler_int_max": np.array([np.iinfo(np.int64).max], np.int64),
     "sampler_minus_one": np.array([-1], np.int64),
-    "sampler_zero_i": np.array(0, np.int64),
-    "sampler_one_i": np.array(1, np.int64),
-    "sampler_match_cap": np.array(REPEAT_NGRAM_MAX - 1, np.int64),
+    "sampler_zero_i": np.array(0, np.int32),
+    "sampler_one_i": np.array(1, np.int32),
+    "sampler_match_cap": np.array(REPEAT_NGRAM_MAX - 1, np.int32),
 }
 # The sampler's optional steps, each with its inputs [batch] (model.sampling says what they do).
 # A graph without a feature has neither its nodes nor its inputs, so plain sampling costs nothing for them.
@@ -108,7 +108,9 @@ def _settings_nodes(features: frozenset[str], vocab_size: int) -> list[onnx.Node
         nodes += [
             n("Unsqueeze", ["repetition_penalty", "sampler_axis1"], ["sampler_penalty"]),
             n("Sub", ["repeat_ngram", "sampler_one"], ["sampler_needed0"]),
-            n("Unsqueeze", ["sampler_needed0", "sampler_axis1"], ["sampler_needed"]),
+            n("Unsqueeze", ["sampler_needed0", "sampler_axis1"], ["sampler_needed1"]),
+            # History and match lengths are int32: half the memory traffic of int64 per step.
+            n("Cast", ["sampler_needed1"], ["sampler_needed"], to=TensorProto.INT32),
             # Scratch shapes: [batch, vocab + 1] flags (the last column takes the pad) and [batch, window - 1].
             n("Shape", ["history"], ["sampler_history_shape"]),
             n("Slice", ["sampler_history_shape", "sampler_zero", "sampler_one"], ["sampler_batch"]),
@@ -117,7 +119,7 @@ def _settings_nodes(features: frozenset[str], vocab_size: int) -> list[onnx.Node
             n("Sub", ["sampler_history_shape", "sampler_last_axis_one"], ["sampler_following_shape"]),
             n("ConstantOfShape", ["sampler_following_shape"], ["sampler_ones_following"], value=_float(1.0)),
             n("Concat", ["sampler_batch", "sampler_one"], ["sampler_column_shape"], axis=0),
-            n("ConstantOfShape", ["sampler_column_shape"], ["sampler_zero_column"], value=_int(0)),
+            n("ConstantOfShape", ["sampler_column_shape"], ["sampler_zero_column"], value=_int32(0)),
         ]
     return nodes
 
@@ -126,8 +128,8 @@ def _float(value: float) -> onnx.TensorProto:
     return numpy_helper.from_array(np.array([value], np.float32))
 
 
-def _int(value: int) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.array([value], np.int64))
+def _int32(value: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array([value], np.int32))
 
 
 def _sampling_nodes(
@@ -207,7 +209,8 @@ def _sampling_nodes(
     if "repetition" in features:
         # model.sampling.repetition_step
         nodes += [
-            n("Unsqueeze", [token, "sampler_axis1"], ["sampler_token_column"]),
+            n("Unsqueeze", [token, "sampler_axis1"], ["sampler_token_column64"]),
+            n("Cast", ["sampler_token_column64"], ["sampler_token_column"], to=TensorProto.INT32),
             n("Equal", ["sampler_following", "sampler_token_column"], ["sampler_same"]),
             n("Add", ["sampler_matched", "sampler_one_i"], ["sampler_grown0"]),
             n("Min", ["sampler_grown0", "sampler_match_cap"], ["sampler_grown"]),
@@ -220,7 +223,7 @@ def _sampling_nodes(
 
 def _vocab_constants(vocab_size: int) -> dict[str, np.ndarray]:
     return {
-        "sampler_vocab_i": np.array(vocab_size, np.int64),
+        "sampler_vocab_i": np.array(vocab_size, np.int32),
         "sampler_vocab_1d": np.array([vocab_size], np.int64),
         "sampler_vocab_plus_one": np.array([vocab_size + 1], np.int64),
         "sampler_last_axis_one": np.array([0, 1], np.int64),
@@ -240,8 +243,8 @@ def _carried(features: frozenset[str]) -> tuple[list[onnx.ValueInfoProto], list[
         return [], []
     shape = ["batch", "window"]
     return (
-        [_info("history_in", TensorProto.INT64, shape), _info("matches_in", TensorProto.INT64, shape)],
-        [_info("history_out", TensorProto.INT64, shape), _info("matches_out", TensorProto.INT64, shape)],
+        [_info("history_in", TensorProto.INT32, shape), _info("matches_in", TensorProto.INT32, shape)],
+        [_info("history_out", TensorProto.INT32, shape), _info("matches_out", TensorProto.INT32, shape)],
     )
 
 
@@ -255,8 +258,8 @@ def _outer_inputs(
         "repetition": [
             _info("repetition_penalty", TensorProto.FLOAT, ["batch"]),
             _info("repeat_ngram", TensorProto.INT64, ["batch"]),
-            _info("history", TensorProto.INT64, ["batch", "window"]),
-            _info("matches", TensorProto.INT64, ["batch", "window"]),
+            _info("history", TensorProto.INT32, ["batch", "window"]),
+            _info("matches", TensorProto.INT32, ["batch", "window"]),
         ],
     }
     return [
@@ -272,8 +275,8 @@ def _outer_outputs(
     vocab_size: int, state: list[onnx.ValueInfoProto], features: frozenset[str]
 ) -> list[onnx.ValueInfoProto]:
     history = [
-        _info("next_history", TensorProto.INT64, ["batch", "window"]),
-        _info("next_matches", TensorProto.INT64, ["batch", "window"]),
+        _info("next_history", TensorProto.INT32, ["batch", "window"]),
+        _info("next_matches", TensorProto.INT32, ["batch", "window"]),
     ]
     return [
         _info("tokens", TensorProto.INT64, ["batch", "chunk"]),

@@ -47,7 +47,8 @@ def settle(text: str, ending: Ending, exhausted: bool) -> tuple[int, str | None]
 
     The ending is the sentence end nearest `target` among the last one up to it (if at least `low`) and
     the first one after it (if at most `high`). Without either, the text is cut at the word boundary
-    nearest `target` in [low, high) (else the last before low) and gets an ellipsis. Every sentence end
+    nearest `target` in [low, high) and gets an ellipsis; with no boundary there either, it ends at the last
+    sentence end before low, else at the last boundary, else inside its one word. Every sentence end
     up to `target` comes before any of these cuts, so text up to it can be streamed at once.
     """
     ends = [m.end() for m in _SENTENCE_END.finditer(text, 0, min(len(text), ending.high + 1)) if m.end() <= ending.high]
@@ -67,6 +68,8 @@ def _cut_at_word(text: str, ending: Ending, certain: int) -> str:
     inside = [b for b in boundaries if ending.low <= b]
     if inside:
         cut = min(inside, key=lambda b: (abs(b - ending.target), b))
+    elif certain:  # the window holds no word boundary: a short speech that ends well beats a short one that trails
+        return text[:certain]
     elif boundaries:
         cut = boundaries[-1]
     else:  # one word longer than the whole window: nothing better than its first part

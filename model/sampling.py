@@ -31,9 +31,10 @@ TEMPERATURE_MAX = 2.0
 TEMPERATURE_RANGE = f"above 0 and at most {TEMPERATURE_MAX:g}"
 REPETITION_PENALTY_MAX = 20.0
 REPEAT_NGRAM_MIN, REPEAT_NGRAM_MAX = 2, 64
-# How far back the repetition penalty looks, in characters: a few sentences, so that a loop of a
-# sentence or two is caught; the chunk graph's cost per step grows with it.
-REPEAT_WINDOW = 256
+# How far back the repetition penalty looks, in characters: at low temperature a model also loops over
+# whole paragraphs, which a shorter window lets through (docs/engine.md); the chunk graph's cost per
+# step grows with it.
+REPEAT_WINDOW = 1024
 SENTENCE_ENDERS = ".!?"
 # The greedy walk from a newline to the first sentence end (see paragraph_start).
 PARAGRAPH_START_MAX_CHARS = 300
@@ -61,7 +62,7 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 0.0  # subtracted from a repeating character's logit
-    repeat_ngram: int = 12  # characters in the strings that count as repeated
+    repeat_ngram: int = 8  # characters in the strings that count as repeated
 
     def __post_init__(self) -> None:
         if not _is_number(self.temperature) or not 0 < self.temperature <= TEMPERATURE_MAX:
@@ -101,18 +102,18 @@ class SamplingParams:
 
 
 # The bot's sampling, chosen by measurement (docs/quality.md, "Text statistics"; bench/text_stats.py).
-BOT_SAMPLING = SamplingParams(temperature=0.8, min_p=0.1, repetition_penalty=1.0, repeat_ngram=12)
+BOT_SAMPLING = SamplingParams(temperature=0.8, min_p=0.1, repetition_penalty=3.0, repeat_ngram=8)
 
 
 def repetition_start(tokens: Sequence[int], pad: int) -> tuple[np.ndarray, np.ndarray]:
     """The repetition penalty's history after reading `tokens`: the last REPEAT_WINDOW tokens (`pad`
     before the first) and, for each, how many characters the text ending there shares with the text's
-    end (capped at REPEAT_NGRAM_MAX - 1), as repetition_step keeps them. Both int64 [REPEAT_WINDOW]."""
-    history = np.full((1, REPEAT_WINDOW), pad, np.int64)
-    matches = np.zeros((1, REPEAT_WINDOW), np.int64)
+    end (capped at REPEAT_NGRAM_MAX - 1), as repetition_step keeps them. Both int32 [REPEAT_WINDOW]."""
+    history = np.full((1, REPEAT_WINDOW), pad, np.int32)
+    matches = np.zeros((1, REPEAT_WINDOW), np.int32)
     # Only the last REPEAT_NGRAM_MAX characters before the window can still change a match length.
     for token in tokens[-(REPEAT_WINDOW + REPEAT_NGRAM_MAX) :]:
-        history, matches = repetition_step(history, matches, np.array([token], np.int64))
+        history, matches = repetition_step(history, matches, np.array([token], np.int32))
     return history[0], matches[0]
 
 
@@ -125,10 +126,10 @@ def repetition_step(history: np.ndarray, matches: np.ndarray, tokens: np.ndarray
     """
     following = history[:, 1:]
     grown = np.minimum(matches[:, :-1] + 1, REPEAT_NGRAM_MAX - 1)
-    head = np.where(following == tokens[:, None], grown, 0)
+    head = np.where(following == tokens[:, None], grown, 0).astype(matches.dtype)
     return (
-        np.concatenate([following, tokens[:, None]], axis=1),
-        np.concatenate([head, np.zeros((len(tokens), 1), np.int64)], axis=1),
+        np.concatenate([following, tokens[:, None].astype(history.dtype)], axis=1),
+        np.concatenate([head, np.zeros((len(tokens), 1), matches.dtype)], axis=1),
     )
 
 
