@@ -559,3 +559,34 @@ def test_the_message_limit_is_hit_mid_sentence(tmp_path):
 )
 def test_settle(text, target, limit, exhausted, expected):
     assert settle(text, Ending(target, limit), exhausted) == expected
+
+
+# ---- `python -m model sample`: plain by default, the new settings on request ----
+
+
+def test_model_sample_is_plain_by_default_and_takes_the_new_settings(tiny_checkpoint, capsys):
+    from model.__main__ import main as model_main
+    from model.checkpoint import load_checkpoint
+    from model.sample import sample_text
+    from model.text import Vocab
+
+    net, ckpt = load_checkpoint(tiny_checkpoint)
+    vocab, cleaning = Vocab(ckpt["vocab"], ckpt["unknown_policy"]), CleaningOptions.from_dict(ckpt["cleaning"])
+    plain = sample_text(net, vocab, cleaning, 200, "We", temperature=0.15, seed=5)
+    # SamplingParams with only a temperature is the old path: the same text for the same seed.
+    assert sample_text(net, vocab, cleaning, 200, "We", seed=5, sampling=SamplingParams(temperature=0.15)) == plain
+    penalised = SamplingParams(temperature=0.15, repetition_penalty=20, repeat_ngram=4)
+    varied = sample_text(net, vocab, cleaning, 200, "We", seed=5, sampling=penalised)
+    grams = lambda text: [text[i : i + 4] for i in range(len(text) - 3)]  # noqa: E731
+    assert len(set(grams(varied))) > len(set(grams(plain)))  # the penalty breaks the loops of 0.15
+    model_main(["sample", "--checkpoint", str(tiny_checkpoint), "--length", "40", "--min-p", "0.1", "--top-p", "0.9"])
+    assert len(capsys.readouterr().out.strip()) >= 30
+    for flag, value, message in [
+        ("--top-p", "0", "--top-p must be above 0 and at most 1"),
+        ("--min-p", "1", "--min-p must be at least 0"),
+        ("--repetition-penalty", "-1", "--repetition-penalty must be from 0"),
+        ("--repeat-ngram", "1", "--repeat-ngram must be a whole number from 2 to 64"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            model_main(["sample", "--checkpoint", str(tiny_checkpoint), flag, value])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

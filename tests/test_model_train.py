@@ -263,7 +263,7 @@ def test_training_and_sampling_bad_inputs(tiny_data, tiny_checkpoint, tmp_path, 
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a checkpoint")
     assert "not a readable PyTorch checkpoint" in run_cli_error(["sample", "--checkpoint", str(bogus)], capsys)
-    assert "--temperature must be in (0, 2]" in run_cli_error(
+    assert "--temperature must be above 0 and at most 2" in run_cli_error(
         ["sample", "--checkpoint", str(tiny_checkpoint), "--temperature", "0"], capsys
     )
 
