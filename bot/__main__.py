@@ -22,7 +22,7 @@ from bot.logs import redact, setup_logging
 from bot.runner import ModelFileError
 from bot.services import build_services, open_engine
 from db.database import DatabaseConfigError, create_db_engine, migrate
-from model.sampling import BOT_SAMPLING, TEMPERATURE_RANGE, SamplingParams
+from model.sampling import BOT_SAMPLING, TEMPERATURE_RANGE, InvalidSampling, SamplingParams
 
 CONSOLE_CHAT_ID = 0  # never a Telegram chat id, so the console's settings live beside real chats
 HEALTHY_HEARTBEAT_AGE = 120.0
@@ -109,14 +109,10 @@ async def console(config: Config) -> None:
 def generate(config: Config, args: argparse.Namespace) -> None:
     from bot.core import compose_speech, speech_options
 
-    sampling = SamplingParams(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        repeat_ngram=args.repeat_ngram,
-    )
+    try:
+        sampling = SamplingParams.from_args(args)
+    except InvalidSampling as exc:
+        raise ConfigError(exc.as_flag()) from None
     engine = open_engine(config, args.model)
     try:
         ending = {} if args.exact_length else speech_options(args.prompt)

@@ -73,26 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    """The flags as SamplingParams; --bot-sampling starts from the bot's settings instead of plain ones."""
-    base = BOT_SAMPLING if args.bot_sampling else SamplingParams()
+    """The flags as SamplingParams; --bot-sampling starts from the bot's settings (then only
+    --temperature and --top-k change them)."""
     try:
-        return replace(
-            base,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            **(
-                {}
-                if args.bot_sampling
-                else {
-                    "top_p": args.top_p,
-                    "min_p": args.min_p,
-                    "repetition_penalty": args.repetition_penalty,
-                    "repeat_ngram": args.repeat_ngram,
-                }
-            ),
-        )
+        if args.bot_sampling:
+            return replace(BOT_SAMPLING, temperature=args.temperature, top_k=args.top_k)
+        return SamplingParams.from_args(args)
     except InvalidSampling as exc:
-        raise UsageError(f"--{str(exc).replace('_', '-')}") from None
+        raise UsageError(exc.as_flag()) from None
 
 
 @torch.no_grad()

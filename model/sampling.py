@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,11 @@ PARAGRAPH_START_MAX_CHARS = 300
 
 class InvalidSampling(ValueError):
     """A sampling setting out of range; the message names it and what is valid."""
+
+    def as_flag(self) -> str:
+        """The message with the setting named as its command-line flag (top_p -> --top-p)."""
+        name, _, rest = str(self).partition(" ")
+        return f"--{name.replace('_', '-')} {rest}"
 
 
 def _is_number(value: Any) -> bool:
@@ -99,6 +104,12 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
+
+    @classmethod
+    def from_args(cls, args: Any, base: SamplingParams | None = None) -> SamplingParams:
+        """`base` (default: plain) with each setting that `args` (parsed flags) has as an attribute."""
+        present = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return replace(base or cls(), **present)
 
 
 # The bot's sampling, chosen by measurement (docs/quality.md, "Text statistics"; bench/text_stats.py).
