@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="subtracted from the logit of a character that repeats a recent --repeat-ngram (0: off; docs/engine.md)",
     )
-    p.add_argument("--repeat-ngram", type=int, default=8, help="characters in a string the penalty counts as repeated")
+    p.add_argument("--repeat-ngram", type=int, default=6, help="characters in a string the penalty counts as repeated")
     p.add_argument(
         "--bot-sampling",
         action="store_true",

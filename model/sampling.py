@@ -67,7 +67,7 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 0.0  # subtracted from a repeating character's logit
-    repeat_ngram: int = 8  # characters in the strings that count as repeated
+    repeat_ngram: int = 6  # characters in the strings that count as repeated
 
     def __post_init__(self) -> None:
         if not _is_number(self.temperature) or not 0 < self.temperature <= TEMPERATURE_MAX:
@@ -113,7 +113,7 @@ class SamplingParams:
 
 
 # The bot's sampling, chosen by measurement (docs/quality.md, "Text statistics"; bench/text_stats.py).
-BOT_SAMPLING = SamplingParams(temperature=0.8, min_p=0.1, repetition_penalty=3.0, repeat_ngram=8)
+BOT_SAMPLING = SamplingParams(temperature=0.8, min_p=0.1, repetition_penalty=3.0, repeat_ngram=6)
 
 
 def repetition_start(tokens: Sequence[int], pad: int) -> tuple[np.ndarray, np.ndarray]:
