@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bot.engine import GenerationEngine
-from bot.runner import DEFAULT_MODEL_PATH
+from bot.modelfile import DEFAULT_MODEL_PATH
 from model.cli import UsageError
 from model.dataset import load_dataset
 from model.sampling import BOT_SAMPLING, InvalidSampling, SamplingParams
