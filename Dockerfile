@@ -43,6 +43,7 @@ VOLUME /data
 
 ENV DATABASE_URL=sqlite:////data/bot.db \
     HEARTBEAT_FILE=/tmp/speechbot.heartbeat \
+    WEBHOOK_LISTEN=0.0.0.0 \
     LOG_LEVEL=INFO
 
 # Webhook mode only (WEBHOOK_URL set); long polling needs no open port.

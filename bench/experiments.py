@@ -94,8 +94,8 @@ def main() -> None:
     results["samples"] = []
     for iteration, path in stage_checkpoints(run):
         net, ckpt = load_checkpoint(path)
-        vocab, cleaning = Vocab(ckpt["vocab"]), CleaningOptions.from_dict(ckpt["cleaning"])
-        lines += [f"### After {iteration} iterations (val {ckpt['val_bpc']:.3f} bits/char)", ""]
+        vocab, cleaning = Vocab(ckpt.vocab), CleaningOptions.from_dict(ckpt.cleaning)
+        lines += [f"### After {iteration} iterations (val {ckpt.val_bpc:.3f} bits/char)", ""]
         for t in TEMPERATURES:
             text = sample_text(net, vocab, cleaning, args.sample_length, temperature=t, seed=1)
             results["samples"].append({"iter": iteration, "temperature": t, "text": text})

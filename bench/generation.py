@@ -44,7 +44,7 @@ from bot.engine import CHUNK, GenerationEngine
 from bot.modelfile import DEFAULT_MODEL_PATH
 from bot.runner import ModelRunner, read_model_info
 from export.pipeline import export_checkpoint
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import Checkpoint, load_checkpoint
 from model.model import CharRNN, ModelConfig
 from model.sample import sample_text
 from model.text import CleaningOptions, Vocab
@@ -93,17 +93,12 @@ def random_checkpoint(path: Path, rnn_size: int, num_layers: int) -> Path:
     vocab = read_model_info(DEFAULT_MODEL_PATH)[1].vocab
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=len(vocab), rnn_size=rnn_size, num_layers=num_layers, wordvec_size=64)
-    payload = {
-        "model_config": config.to_dict(),
-        "model": CharRNN(config).state_dict(),
-        "vocab": vocab,
-        "unknown_policy": "nearest",
-        "cleaning": CleaningOptions().to_dict(),
-        "dataset_sha256": [],
-        "val_bpc": None,
-        "iteration": 0,
-    }
-    save_checkpoint(path, payload)
+    Checkpoint(
+        model_config=config.to_dict(),
+        model=CharRNN(config).state_dict(),
+        vocab=vocab,
+        cleaning=CleaningOptions().to_dict(),
+    ).save(path)
     return path
 
 
@@ -141,8 +136,8 @@ def torch_runs(checkpoint: Path, length: int) -> dict[str, Callable[[], object]]
     (the engine does that once at load), so the difference over length - 1 is its time per character."""
     torch.set_num_threads(1)
     net, ckpt = load_checkpoint(checkpoint)
-    vocab = Vocab(ckpt["vocab"], ckpt["unknown_policy"])
-    cleaning = CleaningOptions.from_dict(ckpt["cleaning"])
+    vocab = Vocab(ckpt.vocab, ckpt.unknown_policy)
+    cleaning = CleaningOptions.from_dict(ckpt.cleaning)
     return {
         "torch_full": lambda: sample_text(net, vocab, cleaning, length, seed=1),
         "torch_walk": lambda: sample_text(net, vocab, cleaning, 1, seed=1),

@@ -179,7 +179,7 @@ def model_bits(checkpoint: str, corpus: Corpus, dynamic_lr: float = 0.0) -> dict
     # this shared 2-core CPU it measured 2-25x slower than one.
     torch.set_num_threads(1)
     net, ckpt = load_checkpoint(checkpoint)
-    if ckpt["vocab"] != corpus.vocab:
+    if ckpt.vocab != corpus.vocab:
         raise UsageError(f"{checkpoint} has a different vocabulary from the dataset")
     # One stream carrying its state: each character is predicted from its full left context,
     # exactly as `python -m model evaluate` scores it.

@@ -17,6 +17,7 @@ and the whole loop's speed against fp32, and writes JSON. Each size runs --round
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from model import train as train_module
+from model.config import TrainConfig
 from model.dataset import load_dataset
 from model.model import CharRNN, ModelConfig
 from model.plot import read_metrics
@@ -93,32 +95,24 @@ def bare_step_chars_per_sec(
 
 def whole_loop_chars_per_sec(data: str, rnn_size: int, iters: int, warmup: int, threads: int, amp: bool) -> float:
     with tempfile.TemporaryDirectory() as out:
-        argv = [
-            "--data",
-            data,
-            "--out",
-            out,
-            "--rnn-size",
-            str(rnn_size),
-            "--max-iters",
-            str(iters),
-            "--print-every",
-            str(warmup),
-            "--sample-every",
-            "0",
-            "--no-plots",
-            "--no-tensorboard",
-            "--no-progress",
-            "--threads",
-            str(threads),
-            "--amp" if amp else "--no-amp",
-        ]
-        args = train_module.build_parser().parse_args(argv)
-        train_module.train(args)
+        config = TrainConfig(
+            data=data,
+            out=out,
+            rnn_size=rnn_size,
+            max_iters=iters,
+            print_every=warmup,
+            sample_every=0,
+            plots=False,
+            tensorboard=False,
+            progress=False,
+            threads=threads,
+            amp=amp,
+        )
+        train_module.train(config)
         train, val = read_metrics(Path(out))
     first = next(r for r in train if r["iter"] == warmup)
     last = val[-1]  # the validation after the last iteration, so its cost is included
-    return args.batch_size * args.seq_length * (iters - warmup) / (last["elapsed"] - first["elapsed"])
+    return config.batch_size * config.seq_length * (iters - warmup) / (last["elapsed"] - first["elapsed"])
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
@@ -138,21 +132,15 @@ def main() -> None:
     p.add_argument("--json", default="docs/bench/train_speed.json", help="where to write the results")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    defaults = train_module.build_parser().parse_args(["--data", args.data])
+    defaults = TrainConfig(data=args.data)
     vocab_size = len(load_dataset(args.data).vocab)
     precisions = dict.fromkeys([None, train_module.autocast_dtype(torch.device("cpu"), enabled=True)])
     peaks = {dtype: matmul_peak_gflops(dtype or torch.float32) for dtype in precisions}
     fp32_peak = peaks[None]
     rows = []
     for size in args.sizes:
-        config = ModelConfig(
-            vocab_size=vocab_size,
-            rnn_size=size,
-            num_layers=2,
-            wordvec_size=defaults.wordvec_size,
-            dropout=defaults.dropout,
-            weight_drop=defaults.weight_drop,  # part of the default training step, so of both sides
-        )
+        # The default network at this size; its weight drop is part of the training step, so of both sides.
+        config = dataclasses.replace(defaults, rnn_size=size, num_layers=2).model_config(vocab_size)
         per_char = flops_per_char(config)
         fp32_whole = None
         for dtype in precisions:

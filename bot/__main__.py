@@ -9,47 +9,114 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 from telegram.error import InvalidToken, TelegramError
 
-from bot.config import Config, ConfigError
+from bot import heartbeat
+from bot.config import VARIABLES, Config, ConfigError
 from bot.logs import redact, setup_logging
 from bot.runner import ModelFileError
 from bot.services import build_services, open_engine
-from db.database import DatabaseConfigError, create_db_engine, migrate
+from db.database import DatabaseConfigError, create_db_engine, describe, migrate
 from model.sampling import BOT_SAMPLING, TEMPERATURE_RANGE, InvalidSampling, SamplingParams
 
+PROG = "python -m bot"
 CONSOLE_CHAT_ID = 0  # never a Telegram chat id, so the console's settings live beside real chats
-HEALTHY_HEARTBEAT_AGE = 120.0
+MODEL_VARIABLES = ("MODEL_PATH", "ONNX_PROVIDERS", "ONNX_THREADS", "ONNX_LANES")
+CHAT_VARIABLES = ("DATABASE_URL", *MODEL_VARIABLES, "DEFAULT_TEMPERATURE", "DEFAULT_LENGTH")
+# The environment variables each command reads (all of them come from .env too); its --help lists them.
+COMMAND_VARIABLES = {
+    "run": tuple(VARIABLES),
+    "console": (*CHAT_VARIABLES, "LOG_LEVEL"),
+    "migrate": ("DATABASE_URL",),
+    "generate": MODEL_VARIABLES,
+    "healthcheck": ("HEARTBEAT_FILE",),
+}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        raise ConfigError(f"{message} (see python -m bot {self.prog.split()[-1]} --help)")
+        where = self.prog if self.prog == PROG else f"{PROG} {self.prog.split()[-1]}"
+        raise ConfigError(f"{message} (see {where} --help)")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help; text of several lines (the environment list) kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        unset = action.default in (None, "", argparse.SUPPRESS) or action.default is False  # a switch that is off
+        if unset or not action.option_strings or action.help is None:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0, e.g. 120")
+    return value
+
+
+def _add_command(commands, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    width = max(len(variable) for variable in VARIABLES)
+    lines = [f"  {variable:<{width}}  {VARIABLES[variable]}" for variable in COMMAND_VARIABLES[name]]
+    return commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog="environment variables (also read from .env):\n" + "\n".join(lines),
+        formatter_class=_HelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m bot", description="A Telegram bot that talks like Donald Trump.")
+    parser = _Parser(prog=PROG, description="A Telegram bot that talks like Donald Trump.")
     commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
-    commands.add_parser("run", help="run the Telegram bot (the default)")
-    commands.add_parser("console", help="talk to the bot in this terminal, without Telegram")
-    commands.add_parser("migrate", help="create or update the database schema")
-    generate = commands.add_parser(
+    _add_command(
+        commands,
+        "run",
+        "run the Telegram bot (the default)",
+        "Run the Telegram bot: long polling, or a webhook server when WEBHOOK_URL is set. "
+        "Stops gracefully on Ctrl-C and SIGTERM. Exit code 2: bad configuration; 1: Telegram could not be reached.",
+    )
+    _add_command(
+        commands,
+        "console",
+        "talk to the bot in this terminal, without Telegram",
+        "Talk to the bot in this terminal: the same commands, core and database as in Telegram, no token. "
+        "/quit or Ctrl-D ends.",
+    )
+    _add_command(commands, "migrate", "create or update the database schema", "Create or update the database schema.")
+    generate = _add_command(
+        commands,
         "generate",
-        help="print one speech from the model",
-        description="Print one speech, sampled as the bot samples (model/sampling.py BOT_SAMPLING) unless flags "
-        "say otherwise.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "print one speech from the model",
+        "Print the prompt and the speech continuing it, sampled as the bot samples (model/sampling.py "
+        "BOT_SAMPLING) unless flags say otherwise.",
     )
     generate.add_argument("--model", type=Path, help="ONNX model file (default: MODEL_PATH or the bundled one)")
-    generate.add_argument("--prompt", default="", help="text the speech continues")
-    generate.add_argument("--length", type=int, default=500, help="characters to generate (about, see --exact-length)")
-    generate.add_argument("--exact-length", action="store_true", help="stop at exactly --length, not at a sentence end")
+    prompt = generate.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text the speech continues")
+    prompt.add_argument(
+        "--prompt-file", type=Path, metavar="FILE", help="read the prompt from this UTF-8 file (- for stdin)"
+    )
+    generate.add_argument("--length", type=int, default=500, help="characters to generate")
+    generate.add_argument(
+        "--exact-length", action="store_true", help="stop at exactly --length characters, not at a sentence end near it"
+    )
     generate.add_argument("--temperature", type=float, default=0.8, help=TEMPERATURE_RANGE)
     generate.add_argument(
         "--top-k", type=int, default=BOT_SAMPLING.top_k, help="the k likeliest characters only (0: all)"
@@ -73,8 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeat-ngram", type=int, default=BOT_SAMPLING.repeat_ngram, help="characters that count as a repeat"
     )
     generate.add_argument("--seed", type=int, default=None, help="for a repeatable speech")
-    health = commands.add_parser("healthcheck", help="exit 0 if the running bot's heartbeat is fresh")
-    health.add_argument("--max-age", type=float, default=HEALTHY_HEARTBEAT_AGE, help="seconds")
+    health = _add_command(
+        commands,
+        "healthcheck",
+        "exit 0 if the running bot's heartbeat is fresh",
+        "Exit 0 if the running bot rewrote HEARTBEAT_FILE within --max-age seconds, else 1.",
+    )
+    health.add_argument("--max-age", type=_positive_seconds, default=heartbeat.HEALTHY_AGE, help="seconds")
     return parser
 
 
@@ -82,6 +154,8 @@ def run_telegram(config: Config) -> None:
     from bot.telegram_app import run
 
     config.require_token()
+    if config.heartbeat_file is not None:
+        heartbeat.check_writable(config.heartbeat_file)
     run(config)
 
 
@@ -101,9 +175,20 @@ async def console(config: Config) -> None:
             if line.strip() in ("/quit", "/exit"):
                 break
             if line.strip():
-                print(await core.handle_text(chat, line) or "")
+                print(await core.handle_text(chat, line) or "", flush=True)
     finally:
         services.close()
+
+
+def read_prompt(path: Path) -> str:
+    if str(path) == "-":
+        return sys.stdin.read()
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--prompt-file {path} is not UTF-8 text (byte {error.start} is not valid)") from None
+    except OSError as error:
+        raise ConfigError(f"--prompt-file {path} cannot be read ({error.strerror}); give a UTF-8 text file") from None
 
 
 def generate(config: Config, args: argparse.Namespace) -> None:
@@ -113,11 +198,12 @@ def generate(config: Config, args: argparse.Namespace) -> None:
         sampling = SamplingParams.from_args(args)
     except InvalidSampling as exc:
         raise ConfigError(exc.as_flag()) from None
+    prompt = args.prompt if args.prompt_file is None else read_prompt(args.prompt_file)
     engine = open_engine(config, args.model)
     try:
-        ending = {} if args.exact_length else speech_options(args.prompt)
-        text = engine.generate(prompt=args.prompt, length=args.length, sampling=sampling, seed=args.seed, **ending)
-        print(args.prompt + text if args.exact_length else compose_speech(args.prompt, text))
+        ending = {} if args.exact_length else speech_options(prompt)
+        text = engine.generate(prompt=prompt, length=args.length, sampling=sampling, seed=args.seed, **ending)
+        print(prompt + text if args.exact_length else compose_speech(prompt, text))
     finally:
         engine.close()
 
@@ -125,9 +211,8 @@ def generate(config: Config, args: argparse.Namespace) -> None:
 def healthcheck(config: Config, max_age: float) -> int:
     if config.heartbeat_file is None:
         raise ConfigError("HEARTBEAT_FILE is not set, so there is no heartbeat to check")
-    try:
-        age = time.time() - config.heartbeat_file.stat().st_mtime
-    except FileNotFoundError:
+    age = heartbeat.age(config.heartbeat_file)
+    if age is None:
         print(f"unhealthy: no heartbeat file at {config.heartbeat_file}", file=sys.stderr)
         return 1
     if age > max_age:
@@ -165,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(error))
     except InvalidToken:
         return fail("Telegram rejected TELEGRAM_BOT_TOKEN; check it with @BotFather")
-    except OperationalError as error:
-        return fail(f"the database at DATABASE_URL cannot be used: {error.orig}")
+    except SQLAlchemyError as error:
+        return fail(f"the database at DATABASE_URL cannot be used ({describe(error)})")
     except TelegramError as error:
+        # Not the user's input but the network or Telegram: 1, so a supervisor's restart may help.
         return fail(f"Telegram could not be reached: {error}", code=1)
     except KeyboardInterrupt:
         return 130

@@ -6,9 +6,11 @@ valid, so `python -m bot` can print one line and exit with code 2.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from urllib.parse import urlparse
 from dotenv import dotenv_values
 
 from bot.engine_api import MAX_LANES
+from bot.heartbeat import HEARTBEAT_SECONDS
 from bot.modelfile import DEFAULT_MODEL_PATH
 from model.sampling import TEMPERATURE_MAX
 
@@ -26,6 +29,7 @@ PROVIDERS = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Telegram's documented overall flood limit; paid broadcasts or a local Bot API server allow more.
 TELEGRAM_MESSAGES_PER_SECOND = 30.0
+WEBHOOK_SECRET_DESCRIPTION = "1-256 of A-Z a-z 0-9 _ -"
 
 # Bounds that the commands and the configuration share (sampling's: model.sampling).
 LENGTH_MIN, LENGTH_MAX = 20, 3000
@@ -47,6 +51,7 @@ class Config:
     onnx_lanes: int | None = None
     log_level: str = "INFO"
     webhook_url: str | None = None
+    webhook_listen: str = "127.0.0.1"
     webhook_port: int = 8443
     webhook_secret: str | None = None
     default_temperature: float = 0.8
@@ -54,6 +59,12 @@ class Config:
     cooldown_seconds: float = 10.0
     missed_post_grace_minutes: float = 60.0
     heartbeat_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.webhook_url and not self.webhook_secret:
+            # Telegram echoes the secret in every update it posts; without one, anyone who can reach the
+            # port could post forged updates (an "anonymous admin" changing a group's settings, say).
+            object.__setattr__(self, "webhook_secret", secrets.token_urlsafe(32))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | Path = ".env") -> Config:
@@ -74,8 +85,9 @@ class Config:
             onnx_lanes=reader.number("ONNX_LANES", None, int, low=1, high=MAX_LANES),
             log_level=reader.choice("LOG_LEVEL", LOG_LEVELS, cls.log_level, str.upper),
             webhook_url=reader.url("WEBHOOK_URL", schemes=("https",)),
+            webhook_listen=reader.ip_address("WEBHOOK_LISTEN", cls.webhook_listen),
             webhook_port=reader.number("WEBHOOK_PORT", cls.webhook_port, int, low=1, high=65535),
-            webhook_secret=reader.pattern("WEBHOOK_SECRET", WEBHOOK_SECRET_FORMAT, "1-256 of A-Z a-z 0-9 _ -"),
+            webhook_secret=reader.pattern("WEBHOOK_SECRET", WEBHOOK_SECRET_FORMAT, WEBHOOK_SECRET_DESCRIPTION),
             default_temperature=reader.number(
                 "DEFAULT_TEMPERATURE", cls.default_temperature, float, low=0, high=TEMPERATURE_MAX, open_low=True
             ),
@@ -99,6 +111,31 @@ class Config:
     @property
     def log_level_number(self) -> int:
         return logging.getLevelNamesMapping()[self.log_level]
+
+
+# Every variable Config.from_env reads, with what it means; `python -m bot CMD --help` lists the ones CMD uses.
+VARIABLES = {
+    "TELEGRAM_BOT_TOKEN": "the token from @BotFather (required)",
+    "TELEGRAM_API_BASE_URL": "a self-hosted Bot API server, e.g. http://localhost:8081/bot",
+    "TELEGRAM_MESSAGES_PER_SECOND": f"overall sending rate, 1-100000 (default {Config.telegram_messages_per_second:g})",
+    "DATABASE_URL": f"SQLAlchemy URL (default {Config.database_url})",
+    "MODEL_PATH": "the ONNX model to serve (default: the bundled one)",
+    "ONNX_PROVIDERS": f"{', '.join(PROVIDERS)} (default {Config.onnx_providers})",
+    "ONNX_THREADS": "onnxruntime threads per lane, 1-256 (default 1)",
+    "ONNX_LANES": f"generation workers, 1-{MAX_LANES} (default: from the CPU count)",
+    "LOG_LEVEL": f"{', '.join(LOG_LEVELS)} (default {Config.log_level})",
+    "WEBHOOK_URL": "public https:// URL for updates; unset: long polling",
+    "WEBHOOK_LISTEN": f"address the webhook server binds (default {Config.webhook_listen}; 0.0.0.0 in a container)",
+    "WEBHOOK_PORT": f"port the webhook server listens on (default {Config.webhook_port})",
+    "WEBHOOK_SECRET": f"{WEBHOOK_SECRET_DESCRIPTION} (default: a random one at each start)",
+    "DEFAULT_TEMPERATURE": f"for new chats, 0 < t <= {TEMPERATURE_MAX:g} (default {Config.default_temperature:g})",
+    "DEFAULT_LENGTH": f"speech length for new chats, {LENGTH_MIN}-{LENGTH_MAX} (default {Config.default_length})",
+    "COOLDOWN_SECONDS": f"per-chat pause between speeches, 0-3600 (default {Config.cooldown_seconds:g})",
+    "MISSED_POST_GRACE_MINUTES": (
+        f"how late a missed daily post may still go out, 0-1440 (default {Config.missed_post_grace_minutes:g})"
+    ),
+    "HEARTBEAT_FILE": f"a file the bot rewrites every {HEARTBEAT_SECONDS} s, for healthcheck (default: none)",
+}
 
 
 class _Reader:
@@ -148,6 +185,17 @@ class _Reader:
         parsed = urlparse(raw)
         if parsed.scheme not in schemes or not parsed.netloc:
             raise ConfigError(f"{name}={raw!r} is not a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return raw
+
+    def ip_address(self, name: str, default: str) -> str:
+        raw = self.values.get(name, default)
+        try:
+            ipaddress.ip_address(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{name}={raw!r} is not an IP address; use 127.0.0.1 (this machine only, behind a reverse proxy) "
+                "or 0.0.0.0 (every interface, e.g. in a container)"
+            ) from None
         return raw
 
     def pattern(self, name: str, pattern: re.Pattern, description: str) -> str | None:

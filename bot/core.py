@@ -8,6 +8,7 @@ per-chat cooldown and asks the generation engine for speeches. It never sends an
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,11 +17,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from bot.config import LENGTH_MAX, LENGTH_MIN
 from bot.dailytime import latest_due, local_date, next_due, parse_daily_time, resolve_time_zone
 from bot.engine_api import EngineBusy
+from db.database import describe, is_read_only
 from db.store import ChatSettings, ChatStore
 from model.sampling import TEMPERATURE_RANGE, InvalidSampling, SamplingParams
+
+log = logging.getLogger(__name__)
 
 PROMPT_MAX = 1000
 MESSAGE_MAX = 4096  # Telegram's limit for one text message
@@ -115,6 +121,10 @@ def parse_length(text: str) -> int:
 def compose_speech(prompt: str, continuation: str) -> str:
     """The reply: the prompt as it was sent and its continuation, which the engine ended as a speech ends
     within what one Telegram message holds (speech_options)."""
+    # A lone surrogate in the prompt (JSON allows "\ud800") cannot be encoded, so the whole reply would fail to send.
+    prompt, continuation = (
+        part.encode("utf-16", "surrogatepass").decode("utf-16", "replace") for part in (prompt, continuation)
+    )
     text = (prompt + continuation).rstrip() if prompt else continuation.strip()
     return text or "…"  # Telegram rejects empty messages
 
@@ -179,6 +189,8 @@ class SpeechBot:
             return getattr(self, f"_{name}")(chat, args)
         except ArgumentError as error:
             return str(error)
+        except SQLAlchemyError as error:
+            return self._database_failed(error)
 
     async def prompt(self, chat: ChatRef, text: str, show_typing: TypingIndicator = _no_typing) -> str:
         """A plain message: the speech continues it."""
@@ -186,6 +198,20 @@ class SpeechBot:
             return await self._generate(chat, None, text.strip(), show_typing)
         except ArgumentError as error:
             return str(error)
+        except SQLAlchemyError as error:
+            return self._database_failed(error)
+
+    @staticmethod
+    def _database_failed(error: SQLAlchemyError) -> str:
+        # The chat gets an answer that says what failed; the operator's log gets one line, the traceback at DEBUG.
+        log.error("The database failed: %s", describe(error))
+        log.debug("Database failure", exc_info=error)
+        if is_read_only(error):
+            return (
+                "I can't save that: my settings database is read-only right now. "
+                "Everything that changes nothing still works, e.g. /speech and /settings."
+            )
+        return f"My settings database cannot be used right now ({describe(error)[:200]}). Please tell my operator."
 
     async def speech(self, chat: ChatRef, args: str, show_typing: TypingIndicator = _no_typing) -> str:
         first, *rest = args.split(maxsplit=1) or [""]

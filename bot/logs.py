@@ -2,6 +2,8 @@
 
 httpx logs every request URL, which carries the token, at INFO; exception texts carry it too.
 So the HTTP loggers are held at WARNING and every record passes a redaction filter on the way out.
+python-telegram-bot logs a full traceback for each failed network call (some 130 lines when
+Telegram cannot be reached at start); below DEBUG those records keep one line with the reason.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import re
 import sys
 from collections.abc import Iterable
 from typing import TextIO
+
+from telegram.error import TelegramError
 
 # Any bot token: numeric bot id, colon, secret. Also catches tokens of other bots in URLs.
 TOKEN_PATTERN = re.compile(r"\d{3,}:[A-Za-z0-9_-]{30,}")
@@ -50,16 +54,28 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class TelegramTracebacksAtDebug(logging.Filter):
+    """python-telegram-bot's network errors as one line: the traceback tells a user nothing the reason does not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("telegram") and record.exc_info and isinstance(record.exc_info[1], TelegramError):
+            record.msg, record.args = f"{record.getMessage()} ({record.exc_info[1]})", None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(level: int | str, secrets: Iterable[str | None] = (), stream: TextIO | None = None) -> None:
     """One redacting handler on the root logger; quiet HTTP client loggers."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactSecrets(secrets))
     root = logging.getLogger()
+    root.setLevel(level)
+    if root.level > logging.DEBUG:
+        handler.addFilter(TelegramTracebacksAtDebug())
+    handler.addFilter(RedactSecrets(secrets))
     # Calling this again (tests, console then run) replaces the handler instead of doubling output.
     for old in [h for h in root.handlers if any(isinstance(f, RedactSecrets) for f in h.filters)]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)

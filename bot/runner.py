@@ -106,7 +106,36 @@ def read_model_info(path: str | Path) -> tuple[bytes, ModelInfo]:
     outputs = [o.name for o in probe.get_outputs()]
     if inputs != ["tokens", *state_in] or outputs != ["logits", *state_out]:
         raise ModelFileError(f"{path} has inputs {inputs} and outputs {outputs}, not those of a speechbot model")
+    _check_graph_matches_metadata(path, info, probe)
     return data, info
+
+
+def _check_graph_matches_metadata(path: Path, info: ModelInfo, probe: ort.InferenceSession) -> None:
+    """Compare the graph's fixed dimensions with what model_config and the vocabulary promise.
+
+    Otherwise a mismatch (an edited or hand-assembled file) surfaces as onnxruntime's InvalidArgument
+    on the first request, long after start.
+    """
+    layers, _, hidden = info.state_shape(1)
+    state_in, state_out = state_names(info.is_lstm)
+    expected = {name: [layers, "batch", hidden] for name in [*state_in, *state_out]}
+    expected["logits"] = ["batch", "seq", len(info.vocab)]
+    for node in [*probe.get_inputs(), *probe.get_outputs()]:
+        want = expected.get(node.name)
+        if want is None:
+            continue
+        # Symbolic dimensions (names or None) cannot be compared here; the trial run in ModelRunner covers them.
+        pairs = zip(node.shape, want, strict=False)
+        if len(node.shape) != len(want) or any(isinstance(have, int) and have != need for have, need in pairs):
+            raise ModelFileError(
+                f"{path}'s metadata does not match its graph: {node.name} is {_dims(node.shape)} in the graph, but "
+                f"model_config ({layers} layers of {hidden} units, {len(info.vocab)} characters) means {_dims(want)}; "
+                "re-export the model with `python -m export`"
+            )
+
+
+def _dims(shape: list) -> str:
+    return "[" + ", ".join(str(dim) for dim in shape) + "]"
 
 
 class ModelRunner:
@@ -125,6 +154,11 @@ class ModelRunner:
         # for the bundled model) and is built when a batch first needs it; the file's bytes are kept for that.
         self._data = data
         self._chunk_sessions = {frozenset(): self._chunk_session(frozenset())}
+        try:
+            self.prime(np.zeros((1, 1), np.int64), self.zero_state(1))
+        except Exception as exc:  # onnxruntime's error types are not exported in one place
+            reason = str(exc).strip().splitlines()[0][:300]
+            raise ModelFileError(f"{path} does not run as its metadata describes: {reason}") from exc
         kind = self.info.model_config["model_type"]
         log.info(
             "loaded %s (%s, %s) on %s",

@@ -36,6 +36,7 @@ from telegram.ext import (
 from bot.config import TELEGRAM_MESSAGES_PER_SECOND, Config
 from bot.core import COMMANDS, ChatRef, SpeechBot, utc_now
 from bot.engine import GenerationEngine
+from bot.heartbeat import HEARTBEAT_SECONDS, beat
 from bot.scheduling import DailySpeeches
 from bot.services import build_services
 
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 ADMIN_CACHE_SECONDS = 60.0
 TYPING_REFRESH_SECONDS = 4.5  # Telegram shows "typing" for 5 s per action
-HEARTBEAT_SECONDS = 30
 # Updates in process beyond what the engine holds, so commands and "busy" answers go on while it is full.
 UPDATES_BEYOND_ENGINE = 64
 # Chat actions on the wire at once; a refresh beyond that is skipped rather than queued (best effort).
@@ -152,7 +152,7 @@ class TelegramFrontend:
 
     async def _heartbeat(self, _context: ContextTypes.DEFAULT_TYPE | None) -> None:
         # Proves to the container's healthcheck that the event loop is alive.
-        self.config.heartbeat_file.write_text(f"{time.time():.0f}\n")
+        beat(self.config.heartbeat_file)
 
     # ---- sending ----
 
@@ -354,11 +354,11 @@ def build_application(
 def webhook_options(config: Config) -> dict:
     """Where python-telegram-bot's webhook server listens and what it registers with Telegram."""
     return {
-        "listen": "0.0.0.0",
+        "listen": config.webhook_listen,
         "port": config.webhook_port,
         "url_path": urlparse(config.webhook_url).path.lstrip("/"),
         "webhook_url": config.webhook_url,
-        "secret_token": config.webhook_secret,
+        "secret_token": config.webhook_secret,  # always set in webhook mode (Config makes one up if need be)
     }
 
 

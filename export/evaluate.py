@@ -12,11 +12,24 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from tqdm import tqdm
 
 from bot.modelfile import ModelInfo, state_names
 from bot.runner import PROVIDER_CHOICES, ModelRunner
-from model.cli import UsageError
+from model.cli import UsageError, check_input_file
 from model.prepare import read_utf8
+
+# Characters a stream reads before it scores: enough that the state no longer depends on its zero start,
+# so the many-stream score matches the one-stream score (bench/export_evaluate.py measures the difference).
+BURN_IN = 512
+STREAMS = 64
+# Each part at least this long, so the burn-ins' small differences stay below 1e-4 bits/char overall.
+MIN_PART = 2 * BURN_IN
+
+
+def stream_count(scored: int, streams: int = STREAMS) -> int:
+    """At most `streams` parts of at least MIN_PART characters each (at least one)."""
+    return min(streams, max(1, scored // MIN_PART))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")
     p.add_argument("--providers", choices=PROVIDER_CHOICES, default="auto", help="onnxruntime execution provider")
     p.add_argument("--seq-length", type=int, default=512, help="characters per call (speed only)")
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=STREAMS,
+        help=f"at most this many parts of the text (each at least {MIN_PART} characters) scored side by side "
+        f"in one batch, each after a burn-in of {BURN_IN} characters (speed; 1: the text as one stream)",
+    )
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     return p
 
 
@@ -35,25 +56,59 @@ def zero_state(info: ModelInfo, batch: int) -> dict[str, np.ndarray]:
     return {name: np.zeros(info.state_shape(batch), np.float32) for name in state_names(info.is_lstm)[0]}
 
 
+def stream_layout(scored: int, streams: int, burn_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each stream starts reading and where its scored part starts, for `scored` predictions.
+
+    The predictions are cut into `streams` consecutive parts. Stream k reads from `burn_in` characters
+    before its part (from the text's start for the first), so its state has forgotten the zero start
+    by the time it scores; the first stream is exactly the one-stream protocol.
+    """
+    bounds = np.linspace(0, scored, streams + 1).round().astype(np.int64)
+    return np.maximum(bounds[:-1] - burn_in, 0), bounds
+
+
 def onnx_char_nats(
-    session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, seq_length: int = 512
+    session: ort.InferenceSession,
+    info: ModelInfo,
+    ids: np.ndarray,
+    seq_length: int = 512,
+    streams: int = 1,
+    burn_in: int = BURN_IN,
+    progress: bool = False,
 ) -> np.ndarray:
-    """Cross-entropy in nats of predicting each ids[t+1] from ids[..t]: one value per scored character."""
+    """Cross-entropy in nats of predicting each ids[t+1] from ids[..t]: one value per scored character.
+
+    streams=1 reads the text as one stream from a zero state. More streams read consecutive parts
+    side by side in one batch, as training does, each after a burn-in (stream_layout): a batch row costs
+    little more than one stream, and the score stays that of the one stream (docs/export.md, Evaluate).
+    """
     if len(ids) < 2:
         raise ValueError(f"text of {len(ids)} characters is too short to evaluate (need at least 2)")
-    state = zero_state(info, 1)
+    scored = len(ids) - 1
+    streams = max(1, min(streams, scored))
+    reads, bounds = stream_layout(scored, streams, burn_in)
+    width = int((bounds[1:] - reads).max())
+    tokens = np.zeros((streams, width), np.int64)
+    targets = np.zeros((streams, width), np.int64)
+    keep = np.zeros((streams, width), bool)
+    for k, (read, first, end) in enumerate(zip(reads, bounds[:-1], bounds[1:], strict=True)):
+        tokens[k, : end - read] = ids[read:end]
+        targets[k, : end - read] = ids[read + 1 : end + 1]
+        keep[k, first - read : end - read] = True
+    state = zero_state(info, streams)
     _, state_out = state_names(info.is_lstm)
-    pieces = []
-    for start in range(0, len(ids) - 1, seq_length):
-        chunk = ids[start : min(start + seq_length, len(ids) - 1)]
-        targets = ids[start + 1 : start + 1 + len(chunk)]
-        logits, *new_state = session.run(["logits", *state_out], {"tokens": chunk[None, :], **state})
+    nats = np.zeros((streams, width))
+    chunks = range(0, width, seq_length)
+    for start in tqdm(chunks, desc="scoring", unit="chunk", disable=not progress, leave=False):
+        chunk = slice(start, start + seq_length)
+        logits, *new_state = session.run(["logits", *state_out], {"tokens": tokens[:, chunk], **state})
         state = dict(zip(state, new_state, strict=True))
-        scores = logits[0].astype(np.float64)
-        top = scores.max(axis=1)
-        log_norm = top + np.log(np.exp(scores - top[:, None]).sum(axis=1))
-        pieces.append(log_norm - scores[np.arange(len(chunk)), targets])
-    return np.concatenate(pieces)
+        scores = logits.astype(np.float64)
+        top = scores.max(axis=2, keepdims=True)
+        log_norm = (top + np.log(np.exp(scores - top).sum(axis=2, keepdims=True)))[..., 0]
+        nats[:, chunk] = log_norm - np.take_along_axis(scores, targets[:, chunk, None], axis=2)[..., 0]
+    # Row-major order: stream 0's part, then stream 1's, ...: the text's order.
+    return nats[keep]
 
 
 def onnx_nats(session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, seq_length: int = 512) -> float:
@@ -62,15 +117,19 @@ def onnx_nats(session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, s
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.seq_length < 1:
-        raise UsageError(f"--seq-length must be a positive number, not {args.seq_length}")
+    for name, value in (("--seq-length", args.seq_length), ("--streams", args.streams)):
+        if value < 1:
+            raise UsageError(f"{name} must be a positive number, not {value}")
+    check_input_file(args.model, "model file")  # the bot's loader says only "does not exist"
     runner = ModelRunner(args.model, args.providers)
     session, info, provider = runner.session, runner.info, runner.provider
     text, _ = read_utf8(Path(args.text))
     ids, unknown = info.text_ids(text)
     if len(ids) < 2:
         raise UsageError(f"{args.text} has fewer than 2 characters after cleaning; nothing to score")
-    nats = onnx_nats(session, info, ids, args.seq_length)
+    streams = stream_count(len(ids) - 1, args.streams)
+    nats = float(onnx_char_nats(session, info, ids, args.seq_length, streams, progress=args.progress).mean())
     vocab_note = f"{unknown:,} outside the vocabulary ({info.unknown_policy} policy)"
-    print(f"{args.text}: {len(ids) - 1:,} characters scored, {vocab_note}; {info.precision} model on {provider}")
+    how = f"{info.precision} model on {provider}, {streams} stream{'s' if streams > 1 else ''}"
+    print(f"{args.text}: {len(ids) - 1:,} characters scored, {vocab_note}; {how}")
     print(f"loss {nats:.4f} nats/char, {nats / math.log(2):.4f} bits/char")

@@ -21,7 +21,8 @@ from bot.modelfile import ModelInfo
 from export.int8_lstm import build_int8_lstm
 from export.torch_graph import fp16_graph, fp32_graph
 from export.verify import SAMPLE_TEXT, Verification, verify
-from model.cli import UsageError
+from model.checkpoint import Checkpoint
+from model.cli import UsageError, check_output_file
 from model.ensemble import CHECKPOINTS_HELP, Ensemble, load_models
 from model.model import CharRNN
 from model.prepare import read_utf8
@@ -93,30 +94,32 @@ def corpus_ids(text_path: str | None, info: ModelInfo) -> np.ndarray:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def info_from_checkpoints(ckpts: list[dict], precision: str = "fp32") -> ModelInfo:
+def info_from_checkpoints(ckpts: list[Checkpoint], precision: str = "fp32") -> ModelInfo:
     """Metadata for one checkpoint's network, or for the ensemble of several (model.ensemble).
 
     An ensemble's val_bpc is unknown here (each checkpoint knows only its own); the exporter fills it in.
     """
     ckpt = ckpts[0]
-    config = dict(ckpt["model_config"])
+    config = dict(ckpt.model_config)
     if len(ckpts) > 1:
         # The state is as wide as the widest member (model.ensemble pads the others).
-        sizes = [c["model_config"]["rnn_size"] for c in ckpts]
+        sizes = [c.model_config["rnn_size"] for c in ckpts]
         config |= {"rnn_size": max(sizes), "members": len(ckpts), "member_sizes": sizes}
     return ModelInfo(
-        vocab=list(ckpt["vocab"]),
-        cleaning=dict(ckpt.get("cleaning", {})),
-        unknown_policy=ckpt.get("unknown_policy", "nearest"),
+        vocab=list(ckpt.vocab),
+        cleaning=dict(ckpt.cleaning),
+        unknown_policy=ckpt.unknown_policy,
         model_config=config,
-        corpus_sha256=list(ckpt.get("dataset_sha256", [])),
-        val_bpc=ckpt.get("val_bpc") if len(ckpts) == 1 else None,
+        corpus_sha256=list(ckpt.dataset_sha256),
+        val_bpc=ckpt.val_bpc if len(ckpts) == 1 else None,
         exporter_version=EXPORTER_VERSION,
         precision=precision,
     )
@@ -128,7 +131,10 @@ def export_checkpoint(
     precision: str = "fp32",
     text: str | None = None,
 ):
-    net, ckpts = load_models(checkpoints)
+    paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
+    # Checked before the minutes of building and verifying, and never over an input.
+    output = check_output_file(output, "output", [*paths, *([text] if text else [])])
+    net, ckpts = load_models(paths)
     info = info_from_checkpoints(ckpts, precision)
     graph = build_graph(net, precision)
     data = serialize(graph, info)
@@ -140,7 +146,6 @@ def export_checkpoint(
     if len(ckpts) > 1 and text and check is not None:
         # No checkpoint knows the ensemble's bits per character; the check just measured them on --text.
         data = serialize(graph, dataclasses.replace(info, val_bpc=check.torch_bpc))
-    output = Path(output)
     write_atomically(output, data)
     return ExportResult(output, precision, len(data), check)
 

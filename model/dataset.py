@@ -1,4 +1,4 @@
-"""A prepared dataset on disk: meta.json plus one .npy array of token ids per split. Torch-free."""
+"""A prepared dataset on disk: meta.json, one .npy array of token ids and one .txt per split. Torch-free."""
 
 from __future__ import annotations
 
@@ -43,7 +43,10 @@ def write_dataset(out_dir: Path, ids: np.ndarray, vocab: Vocab, meta: dict, size
     dtype = np.uint8 if len(vocab) <= 256 else np.uint16
     start = 0
     for name in SPLITS:
-        np.save(out_dir / f"{name}.npy", ids[start : start + sizes[name]].astype(dtype))
+        split = ids[start : start + sizes[name]]
+        np.save(out_dir / f"{name}.npy", split.astype(dtype))
+        # The cleaned text too, for the commands that take --text (export's check, export evaluate).
+        (out_dir / f"{name}.txt").write_text(vocab.decode(split.tolist()), encoding="utf-8")
         start += sizes[name]
     full_meta = {"format": DATASET_FORMAT, **vocab.to_meta(), **meta, "split_sizes": sizes}
     (out_dir / "meta.json").write_text(json.dumps(full_meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

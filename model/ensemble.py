@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import CheckpointError, load_checkpoint
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.model import CharRNN, State
 
 # For the --checkpoint help of every command that takes several checkpoints.
@@ -75,7 +75,7 @@ class Ensemble(nn.Module):
 
 def load_models(
     paths: str | Path | Sequence[str | Path], device: str | torch.device = "cpu"
-) -> tuple[CharRNN | Ensemble, list[dict]]:
+) -> tuple[CharRNN | Ensemble, list[Checkpoint]]:
     """One checkpoint's network, or several checkpoints' ensemble, in eval mode, with the checkpoint dicts."""
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     loaded = [load_checkpoint(path, device) for path in paths]
@@ -85,7 +85,7 @@ def load_models(
     ckpts = [ckpt for _, ckpt in loaded]
     for path, ckpt in zip(paths[1:], ckpts[1:], strict=True):
         for key in SHARED_FIELDS:
-            if ckpt.get(key) != ckpts[0].get(key):
+            if getattr(ckpt, key) != getattr(ckpts[0], key):
                 raise CheckpointError(f"{path} has a different {key.replace('_', ' ')} from {paths[0]}; not averaged")
     try:
         net = Ensemble([net for net, _ in loaded])

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.checkpoint import Checkpoint
 from model.cli import UsageError
 from model.dataset import load_dataset
 from model.ensemble import CHECKPOINTS_HELP, Ensemble, load_models
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CKPT",
         help=f"checkpoint to evaluate; {CHECKPOINTS_HELP}",
     )
-    p.add_argument("--data", metavar="DIR", help="prepared dataset for --split")
+    p.add_argument(
+        "--data", metavar="DIR", help="prepared dataset for --split (default: the one the checkpoint was trained on)"
+    )
     p.add_argument("--split", choices=("train", "val", "test"), default="val", help="split of --data to score")
     p.add_argument("--text", metavar="FILE", help="score this text file instead (cleaned like the training text)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="dynamic evaluation: step size, in units of each weight's training-gradient RMS (0: off; 3e-4 "
-        "suits the speeches model); needs --data for the gradient statistics",
+        "suits the speeches model); the dataset's training split gives the gradient statistics",
     )
     p.add_argument(
         "--dynamic-decay",
@@ -193,30 +196,39 @@ def evaluate_ids(
     return float(nats.mean()), nats.numel()
 
 
+def checkpoint_dataset(ckpt: Checkpoint, path: str) -> str:
+    """The dataset folder a checkpoint was trained on, if it is still there and still the same data."""
+    data_dir = ckpt.dataset or ckpt.train_config.get("data")
+    if not data_dir:
+        raise UsageError(f"{path} does not record its dataset; give --data DIR (with --split) or --text FILE")
+    if not (Path(data_dir) / "meta.json").is_file():
+        raise UsageError(f"{path} was trained on {data_dir}, which is not there; give --data DIR or --text FILE")
+    if load_dataset(data_dir).sha256 != ckpt.dataset_sha256:
+        raise UsageError(f"{data_dir} was prepared again from other text since {path} was trained; give --data DIR")
+    return data_dir
+
+
 def main(args: argparse.Namespace) -> None:
     if args.dynamic_lr < 0 or not 0 <= args.dynamic_decay <= 1 or args.dynamic_segment < 1:
         raise UsageError("--dynamic-lr must be at least 0, --dynamic-decay from 0 to 1, --dynamic-segment at least 1")
-    if args.dynamic_lr and not args.data:
-        raise UsageError("--dynamic-lr needs --data DIR: its training split gives the gradient statistics")
     if args.dynamic_lr and len(args.checkpoint) > 1:
         raise UsageError("--dynamic-lr evaluates one network; give one --checkpoint")
     net, (ckpt, *_) = load_models(args.checkpoint, args.device)
-    vocab = Vocab(ckpt["vocab"], ckpt.get("unknown_policy", "nearest"))
+    vocab = Vocab(ckpt.vocab, ckpt.unknown_policy)
     dataset = None
-    if args.data:
-        dataset = load_dataset(args.data)
+    if args.data or not args.text or args.dynamic_lr:
+        data_dir = args.data or checkpoint_dataset(ckpt, args.checkpoint[0])
+        dataset = load_dataset(data_dir)
         if dataset.vocab.chars != vocab.chars:
-            raise UsageError(f"{args.data} has a different vocabulary from the checkpoint")
+            raise UsageError(f"{data_dir} has a different vocabulary from the checkpoint")
     unknown = 0
     if args.text:
         text, _ = read_utf8(Path(args.text))
-        token_ids, unknown = text_to_ids(text, vocab, CleaningOptions.from_dict(ckpt["cleaning"]))
+        token_ids, unknown = text_to_ids(text, vocab, CleaningOptions.from_dict(ckpt.cleaning))
         ids = np.array(token_ids, dtype=np.int64)
         source = args.text
-    elif dataset is not None:
-        ids, source = dataset.splits[args.split], f"{args.data} ({args.split} split)"
     else:
-        raise UsageError("give --data DIR (with --split) or --text FILE")
+        ids, source = dataset.splits[args.split], f"{data_dir} ({args.split} split)"
     if args.dynamic_lr:
         rms = gradient_rms(net, dataset.splits["train"], args.dynamic_segment, args.device)
         all_nats = dynamic_char_nats(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.cli import UsageError
+from model.cli import UsageError, check_input_file, writable_dir
 from model.dataset import split_sizes, write_dataset
 from model.text import CAPS_POLICIES, UNKNOWN_POLICIES, CleaningOptions, Vocab, clean_text
 
@@ -19,7 +19,8 @@ DEFAULT_SEQ_LENGTH = 128
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m model prepare",
-        description="Clean text files and write a dataset (meta.json + train/val/test .npy).",
+        description="Clean text files and write a dataset: meta.json, train/val/test.npy (token ids) and "
+        "train/val/test.txt (the cleaned text of each split, e.g. for `--text DIR/val.txt`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -88,10 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_utf8(path: Path) -> tuple[str, str]:
-    """The text and its sha256; a clear error for a missing or non-UTF-8 file."""
-    if not path.is_file():
-        raise UsageError(f"input file {path} does not exist")
-    data = path.read_bytes()
+    """The text and its sha256; a clear error for a missing, non-file or non-UTF-8 input."""
+    data = check_input_file(path, "input file").read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -125,6 +124,10 @@ def prepare(
 ) -> dict:
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise UsageError("--val-frac and --test-frac must be in [0, 1) and add up to less than 1")
+    for name, value in (("--batch-size", batch_size), ("--seq-length", seq_length)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, not {value}")
+    writable_dir(out_dir, "--out")
     text, sources = read_cleaned(inputs, options, "train+val+test")
     if not text.strip():
         raise UsageError("the input is empty after cleaning; check the files or turn cleaning steps off")
@@ -147,7 +150,9 @@ def prepare(
         )
     vocab = Vocab.from_text(text, unknown_policy)
     ids = np.array(vocab.encode(text), dtype=np.int64)
-    write_dataset(out_dir, ids, vocab, {"cleaning": options.to_dict(), "sources": sources}, sizes)
+    write_dataset(
+        writable_dir(out_dir, "--out"), ids, vocab, {"cleaning": options.to_dict(), "sources": sources}, sizes
+    )
     return {"chars": len(text), "vocab_size": len(vocab), "split_sizes": sizes, "sources": sources}
 
 

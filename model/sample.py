@@ -72,9 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# A sane ceiling for one request: about two minutes for the default 2x640 on one CPU thread.
+MAX_LENGTH = 100_000
+
+
+def validate_length(length: int, prefix: str = "--") -> None:
+    """prefix: how the flags are named where they are checked (`--` here, `--sample-` in training)."""
+    if not 1 <= length <= MAX_LENGTH:
+        raise UsageError(f"{prefix}length must be a number of characters from 1 to {MAX_LENGTH:,}, not {length}")
+
+
+def validate_sampling(length: int, temperature: float, top_k: int = 0, prefix: str = "--") -> SamplingParams:
+    """Plain sampling settings, checked by SamplingParams; prefix as for validate_length."""
+    validate_length(length, prefix)
+    try:
+        return SamplingParams(temperature=temperature, top_k=top_k)
+    except InvalidSampling as exc:
+        raise UsageError(exc.as_flag(prefix)) from None
+
+
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    """The flags as SamplingParams; --bot-sampling starts from the bot's settings (then only
-    --temperature and --top-k change them)."""
+    """The flags as SamplingParams (--length checked too); --bot-sampling starts from the bot's settings
+    (then only --temperature and --top-k change them)."""
+    validate_length(args.length)
     try:
         if args.bot_sampling:
             return replace(BOT_SAMPLING, temperature=args.temperature, top_k=args.top_k)
@@ -143,13 +163,11 @@ def sample_text(
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.length < 1:
-        raise UsageError(f"--length must be a positive number of characters, not {args.length}")
     sampling = sampling_params(args)
     start = time.perf_counter()
     net, (ckpt, *_) = load_models(args.checkpoint, args.device)
-    vocab = Vocab(ckpt["vocab"], ckpt.get("unknown_policy", "nearest"))
-    cleaning = CleaningOptions.from_dict(ckpt["cleaning"])
+    vocab = Vocab(ckpt.vocab, ckpt.unknown_policy)
+    cleaning = CleaningOptions.from_dict(ckpt.cleaning)
     loaded = time.perf_counter()
     text = sample_text(
         net,

@@ -43,10 +43,11 @@ PARAGRAPH_START_MAX_CHARS = 300
 class InvalidSampling(ValueError):
     """A sampling setting out of range; the message names it and what is valid."""
 
-    def as_flag(self) -> str:
-        """The message with the setting named as its command-line flag (top_p -> --top-p)."""
+    def as_flag(self, prefix: str = "--") -> str:
+        """The message with the setting named as its command-line flag (top_p -> --top-p; with prefix
+        "--sample-", --sample-top-p)."""
         name, _, rest = str(self).partition(" ")
-        return f"--{name.replace('_', '-')} {rest}"
+        return f"{prefix}{name.replace('_', '-')} {rest}"
 
 
 def _is_number(value: Any) -> bool:

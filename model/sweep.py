@@ -7,6 +7,7 @@ iterations from the same seed, then writes one PNG comparing the loss curves and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from model import train as train_module
-from model.cli import UsageError
+from model.cli import UsageError, from_namespace
+from model.config import OPTIMIZERS, TrainConfig
 from model.plot import read_metrics
 from model.schedule import parse_piecewise
 
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizers",
         nargs="+",
         default=["rmsprop"],
-        choices=train_module.OPTIMIZERS,
+        choices=OPTIMIZERS,
         help="optimisers to sweep (the article used RMSprop)",
     )
     p.add_argument(
@@ -61,17 +63,36 @@ def scaled_steps(spec: str, max_iters: int) -> str:
     return ",".join(f"{round(it * max_iters / 10000)}:{lr}" for it, lr in table.items())
 
 
-def candidates(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+def candidates(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(run name, the TrainConfig settings that make it) for each run of the sweep."""
     runs = []
     for opt in args.optimizers:
         for lr in args.learning_rates:
-            runs.append(
-                (f"{opt}-lr{lr:g}", ["--optimizer", opt, "--learning-rate", str(lr), "--lr-schedule", "constant"])
-            )
+            runs.append((f"{opt}-lr{lr:g}", {"optimizer": opt, "learning_rate": lr, "lr_schedule": "constant"}))
         if args.lr_steps:
             steps = scaled_steps(args.lr_steps, args.max_iters)
-            runs.append((f"{opt}-decay", ["--optimizer", opt, "--lr-schedule", "piecewise", "--lr-steps", steps]))
+            runs.append((f"{opt}-decay", {"optimizer": opt, "lr_schedule": "piecewise", "lr_steps": steps}))
     return runs
+
+
+def base_config(args: argparse.Namespace) -> TrainConfig:
+    """The settings every run shares: the train flags after `--`, then the sweep's own."""
+    extra = [f for f in args.train_flags if f != "--"]
+    try:
+        flags = train_module.build_parser().parse_args(["--data", args.data, *extra])
+    except SystemExit as exc:
+        raise UsageError(f"bad training flags for the sweep: {' '.join(extra)}") from exc
+    return dataclasses.replace(
+        from_namespace(TrainConfig, flags),
+        max_iters=args.max_iters,
+        eval_every=args.eval_every,
+        checkpoint_every=args.max_iters,
+        sample_every=0,
+        plots=False,
+        tensorboard=False,
+        # A run without summary.json was interrupted: it starts again from scratch.
+        overwrite=True,
+    )
 
 
 def plot_sweep(out: Path, results: list[dict]) -> None:
@@ -106,7 +127,6 @@ def sweep_result(out: Path, name: str, summary: dict) -> dict:
 
 
 def main(args: argparse.Namespace) -> None:
-    extra = [f for f in args.train_flags if f != "--"]
     out = Path(args.out)
     if args.replot:
         summary = out / "lr_sweep.json"
@@ -114,8 +134,9 @@ def main(args: argparse.Namespace) -> None:
             raise UsageError(f"{out} holds no finished sweep (no lr_sweep.json)")
         plot_sweep(out, json.loads(summary.read_text(encoding="utf-8")))
         return
+    base = base_config(args)
     results = []
-    for name, flags in candidates(args):
+    for name, settings in candidates(args):
         finished = out / name / "summary.json"
         if finished.is_file():
             # An interrupted sweep is run again with the same command: runs that finished are kept.
@@ -125,29 +146,8 @@ def main(args: argparse.Namespace) -> None:
                 results.append(sweep_result(out, name, summary))
                 continue
         print(f"=== {name} ===")
-        argv = [
-            "--data",
-            args.data,
-            "--out",
-            str(out / name),
-            "--max-iters",
-            str(args.max_iters),
-            "--eval-every",
-            str(args.eval_every),
-            "--checkpoint-every",
-            str(args.max_iters),
-            "--sample-every",
-            "0",
-            "--no-plots",
-            "--no-tensorboard",
-            *flags,
-            *extra,
-        ]
-        try:
-            run_args = train_module.build_parser().parse_args(argv)
-        except SystemExit as exc:
-            raise UsageError(f"bad training flags for the sweep: {' '.join(extra)}") from exc
-        results.append(sweep_result(out, name, train_module.train(run_args)))
+        config = dataclasses.replace(base, out=str(out / name), **settings)
+        results.append(sweep_result(out, name, train_module.train(config)))
 
     (out / "lr_sweep.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot_sweep(out, results)

@@ -226,9 +226,6 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.chars)
 
-    def __contains__(self, ch: str) -> bool:
-        return ch in self.index
-
     def _substitute(self, ch: str) -> str:
         """What an out-of-vocabulary character becomes; may be '' (dropped)."""
         if self.unknown_policy == "nearest":

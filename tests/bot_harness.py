@@ -5,7 +5,12 @@ Test modules load this as a pytest plugin (`pytest_plugins = ["bot_harness"]`) f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -15,11 +20,12 @@ import pytest
 from telegram.ext import Application
 from telegram_emulator import TelegramEmulator
 
-from bot.config import Config
+from bot.config import VARIABLES, Config
 from bot.engine import GenerationEngine
 from bot.modelfile import DEFAULT_MODEL_PATH
 from bot.telegram_app import build_application
 
+REPO = Path(__file__).resolve().parents[1]
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
 ALICE = {"id": 111, "is_bot": False, "first_name": "Alice"}
 BOB = {"id": 222, "is_bot": False, "first_name": "Bob"}
@@ -55,6 +61,56 @@ def bot_config(emulator: TelegramEmulator, db_path, **overrides) -> Config:
         cooldown_seconds=0,
     )
     return replace(config, **overrides)
+
+
+def bot_environment(model_path: Path, **settings: str) -> dict[str, str]:
+    """The environment of a `python -m bot` subprocess: none of the machine's bot settings, one CPU lane."""
+    inherited = {name: value for name, value in os.environ.items() if name not in VARIABLES}
+    defaults = {"ONNX_PROVIDERS": "cpu", "ONNX_THREADS": "1", "ONNX_LANES": "1", "MODEL_PATH": str(model_path)}
+    return inherited | defaults | {"PYTHONPATH": str(REPO)} | settings
+
+
+def emulated_telegram_environment(emulator: TelegramEmulator, db_path: Path, model_path: Path, **settings: str) -> dict:
+    """bot_environment for `python -m bot run` against the emulator, logging at DEBUG."""
+    return bot_environment(
+        model_path,
+        TELEGRAM_BOT_TOKEN=TOKEN,
+        TELEGRAM_API_BASE_URL=emulator.base_url,
+        DATABASE_URL=f"sqlite:///{db_path}",
+        LOG_LEVEL="DEBUG",
+        **settings,
+    )
+
+
+def run_bot(cwd: Path, environment: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """`python -m bot ARGS` to completion, in `cwd` (no .env there), with its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        cwd=cwd,
+        env=environment,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,  # only a safety net: a loaded machine can be slow to start Python
+    )
+
+
+@contextlib.asynccontextmanager
+async def bot_process(cwd: Path, environment: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`python -m bot` running in the background, writing cwd/bot.log; stopped with SIGTERM when the block ends."""
+    log = cwd / "bot.log"  # a file, not a pipe: a full pipe would block the bot's logging
+    with log.open("w") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", cwd=cwd, env=environment, stdout=log_file, stderr=log_file
+        )
+    try:
+        yield process
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 120)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 @contextlib.asynccontextmanager

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from export.pipeline import export_checkpoint
-from model.checkpoint import save_checkpoint
+from model.checkpoint import Checkpoint
 from model.model import CharRNN, ModelConfig
 from model.text import CleaningOptions, Vocab, clean_text
 
@@ -49,19 +49,16 @@ def train_tiny(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    save_checkpoint(
-        path,
-        {
-            "model_config": config.to_dict(),
-            "model": net.state_dict(),
-            "vocab": vocab.chars,
-            "unknown_policy": vocab.unknown_policy,
-            "cleaning": cleaning.to_dict(),
-            "dataset_sha256": ["0" * 64],
-            "val_bpc": loss.item() / np.log(2),
-            "iteration": iterations,
-        },
-    )
+    Checkpoint(
+        model_config=config.to_dict(),
+        model=net.state_dict(),
+        vocab=vocab.chars,
+        unknown_policy=vocab.unknown_policy,
+        cleaning=cleaning.to_dict(),
+        dataset_sha256=["0" * 64],
+        val_bpc=loss.item() / math.log(2),
+        iteration=iterations,
+    ).save(path)
     return path
 
 

@@ -5,33 +5,24 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
-import signal
 import sqlite3
 import sys
-from pathlib import Path
 
 import pytest
-from bot_harness import ALICE, TOKEN, private_chat
+from bot_harness import ALICE, TOKEN, bot_process, emulated_telegram_environment, private_chat
 from telegram_emulator import TelegramEmulator
 
 from bot.__main__ import main
+from bot.config import VARIABLES
 
 pytest_plugins = ["bot_harness"]
-
-REPO = Path(__file__).resolve().parents[1]
-SETTINGS = (
-    "TELEGRAM_BOT_TOKEN", "TELEGRAM_API_BASE_URL", "DATABASE_URL", "MODEL_PATH", "ONNX_PROVIDERS", "ONNX_THREADS",
-    "ONNX_LANES", "LOG_LEVEL", "WEBHOOK_URL", "WEBHOOK_PORT", "WEBHOOK_SECRET", "DEFAULT_TEMPERATURE", "DEFAULT_LENGTH",
-    "COOLDOWN_SECONDS", "MISSED_POST_GRACE_MINUTES", "HEARTBEAT_FILE",
-)  # fmt: skip
 
 
 @pytest.fixture
 def env(tmp_path, monkeypatch, model_path):
     """A clean working directory (no .env) and no bot settings inherited from the machine."""
     monkeypatch.chdir(tmp_path)
-    for name in SETTINGS:
+    for name in VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ONNX_PROVIDERS", "cpu")
     monkeypatch.setenv("MODEL_PATH", str(model_path))
@@ -109,39 +100,63 @@ def test_console_uses_the_same_commands_and_database(env, tmp_path, capsys):
 
 async def test_run_serves_telegram_and_stops_gracefully_on_sigterm(tmp_path, model_path):
     async with TelegramEmulator(TOKEN) as emulator:
-        environment = {name: value for name, value in os.environ.items() if name not in SETTINGS} | {
-            "TELEGRAM_BOT_TOKEN": TOKEN,
-            "TELEGRAM_API_BASE_URL": emulator.base_url,
-            "DATABASE_URL": f"sqlite:///{tmp_path / 'bot.db'}",
-            "ONNX_PROVIDERS": "cpu",
-            "ONNX_THREADS": "1",
-            "MODEL_PATH": str(model_path),
-            "DEFAULT_LENGTH": "30",
-            "HEARTBEAT_FILE": str(tmp_path / "heartbeat"),
-            "LOG_LEVEL": "DEBUG",
-            "PYTHONPATH": str(REPO),
-        }
-        log = tmp_path / "bot.log"  # a file, not a pipe: a full pipe would block the bot's logging
-        with log.open("w") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bot", cwd=tmp_path, env=environment, stdout=log_file, stderr=log_file
-            )
-        try:
-            await emulator.wait_for(lambda call: call.method == "getUpdates", timeout=30)
+        environment = emulated_telegram_environment(
+            emulator, tmp_path / "bot.db", model_path, DEFAULT_LENGTH="30", HEARTBEAT_FILE=str(tmp_path / "heartbeat")
+        )
+        async with bot_process(tmp_path, environment) as process:
+            await emulator.wait_for(lambda call: call.method == "getUpdates", timeout=300)
             answer = await emulator.ask(private_chat(ALICE), ALICE, "/speech 0.6 We will")
             assert answer.startswith("We will")
             healthcheck = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bot", "healthcheck", cwd=tmp_path, env=environment
             )
             assert await healthcheck.wait() == 0
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 30)
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-    output = log.read_text()
+    output = (tmp_path / "bot.log").read_text()
     assert process.returncode == 0, output
     assert "Traceback" not in output
     assert "DEBUG" in output and TOKEN not in output
     assert "Application.stop() complete" in output, output[-2000:]
+
+
+@pytest.mark.parametrize("max_age", ["nan", "inf", "-5", "0", "soon"])
+def test_healthcheck_refuses_a_max_age_that_is_not_a_positive_number(env, tmp_path, capsys, max_age):
+    env.setenv("HEARTBEAT_FILE", str(tmp_path / "heartbeat"))
+    (tmp_path / "heartbeat").write_text("0\n")
+    assert main(["healthcheck", "--max-age", max_age]) == 2
+    assert f"'{max_age}' is not a number of seconds above 0" in one_error_line(capsys)
+
+
+def test_errors_point_at_the_right_help(env, capsys):
+    assert main(["dance"]) == 2
+    assert one_error_line(capsys).endswith("(see python -m bot --help)\n")
+    assert main(["generate", "--length", "many"]) == 2
+    assert one_error_line(capsys).endswith("(see python -m bot generate --help)\n")
+
+
+def test_each_command_help_lists_its_options_defaults_and_environment(env, capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in VARIABLES), out
+    with pytest.raises(SystemExit):
+        main(["console", "--help"])
+    out = capsys.readouterr().out
+    assert "DATABASE_URL" in out and "MODEL_PATH" in out and "TELEGRAM_BOT_TOKEN" not in out
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "characters to generate (default: 500)" in out and "(default: 0.8)" in out and "--prompt-file FILE" in out
+
+
+def test_generate_reads_a_long_prompt_from_a_file(env, tmp_path, capsys):
+    prompt = "We will make our country great again, folks. " * 20  # far beyond what a shell line is comfortable with
+    (tmp_path / "prompt.txt").write_text(prompt, encoding="utf-8")
+    assert main(["generate", "--prompt-file", "prompt.txt", "--length", "20", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and len(out.strip()) > len(prompt.strip())
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9".encode("latin-1"))
+    for name, reason in [("missing.txt", "cannot be read (No such file or directory)"), ("latin1.txt", "is not UTF-8")]:
+        assert main(["generate", "--prompt-file", name]) == 2
+        assert reason in one_error_line(capsys)
+    assert main(["generate", "--prompt", "x", "--prompt-file", "prompt.txt"]) == 2
+    assert "not allowed with argument" in one_error_line(capsys)

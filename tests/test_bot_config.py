@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+import re
 from pathlib import Path
 
 import pytest
 
-from bot.config import Config, ConfigError
+from bot.config import VARIABLES, Config, ConfigError
+from bot.heartbeat import HeartbeatError, check_writable
 from bot.modelfile import DEFAULT_MODEL_PATH
 
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
@@ -54,6 +58,7 @@ def test_dotenv_is_read_and_environment_wins(tmp_path):
         ("ONNX_LANES", "9", "out of range"),
         ("TELEGRAM_MESSAGES_PER_SECOND", "0.5", "use at least 1 and at most 100000"),
         ("TELEGRAM_MESSAGES_PER_SECOND", "fast", "not a number"),
+        ("WEBHOOK_LISTEN", "everywhere", "is not an IP address; use 127.0.0.1"),
     ],
 )
 def test_invalid_values_name_the_variable_and_the_valid_form(tmp_path, name, value, expected):
@@ -68,3 +73,35 @@ def test_a_bad_token_is_never_echoed(tmp_path):
     with pytest.raises(ConfigError) as error:
         Config.from_env({"TELEGRAM_BOT_TOKEN": secret}, dotenv_path=tmp_path / "none")
     assert secret not in str(error.value)
+
+
+def test_webhook_mode_always_has_a_secret_and_listens_on_loopback_by_default(tmp_path):
+    hook = {"WEBHOOK_URL": "https://bot.example.org/hook"}
+    first, second = (Config.from_env(hook, dotenv_path=tmp_path / "none") for _ in range(2))
+    assert first.webhook_secret and second.webhook_secret and first.webhook_secret != second.webhook_secret
+    assert len(first.webhook_secret) >= 32
+    assert first.webhook_listen == "127.0.0.1"
+    configured = Config.from_env(
+        hook | {"WEBHOOK_SECRET": "mine", "WEBHOOK_LISTEN": "::"}, dotenv_path=tmp_path / "none"
+    )
+    assert (configured.webhook_secret, configured.webhook_listen) == ("mine", "::")
+    assert Config.from_env({}, dotenv_path=tmp_path / "none").webhook_secret is None, "long polling needs none"
+
+
+def test_the_heartbeat_check_leaves_no_fresh_heartbeat_behind(tmp_path):
+    missing = tmp_path / "heartbeat"
+    check_writable(missing)
+    assert not missing.exists(), "a file made by the check would look like a beat"
+    old = tmp_path / "old-heartbeat"
+    old.write_text("0\n")
+    os.utime(old, (1000, 1000))
+    check_writable(old)
+    assert old.stat().st_mtime == 1000
+    for bad in (tmp_path / "no" / "heartbeat", tmp_path):
+        with pytest.raises(HeartbeatError, match=r"HEARTBEAT_FILE=.* cannot be written"):
+            check_writable(bad)
+
+
+def test_every_variable_read_is_described_for_help():
+    read = set(re.findall(r'"([A-Z][A-Z_]+)"', inspect.getsource(Config.from_env)))
+    assert read | {"TELEGRAM_BOT_TOKEN"} == set(VARIABLES)  # the token's name is in _Reader.token

@@ -11,7 +11,7 @@ from bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat,
 from telegram_emulator import ANONYMOUS_ADMIN
 
 from bot.core import COMMANDS
-from bot.telegram_app import SORRY, build_application, webhook_options
+from bot.telegram_app import build_application, webhook_options
 
 pytest_plugins = ["bot_harness"]
 
@@ -250,11 +250,12 @@ async def test_webhook_mode_checks_the_secret_and_answers(emulator, engine, tmp_
             await application.stop()
 
 
-async def test_a_failing_handler_is_reported_and_the_bot_keeps_running(bot, emulator, tmp_path, caplog):
+async def test_a_failing_database_is_reported_and_the_bot_keeps_running(bot, emulator, tmp_path, caplog):
     with sqlite3.connect(tmp_path / "bot.db") as db:
         db.execute("ALTER TABLE chats RENAME TO chats_elsewhere")
-    assert await emulator.ask(ALICE_CHAT, ALICE, "/settings") == SORRY
-    assert any(record.levelname == "ERROR" and record.exc_info for record in caplog.records)
+    reply = await emulator.ask(ALICE_CHAT, ALICE, "/settings")
+    assert reply.startswith("My settings database cannot be used right now (no such table: chats)")
+    assert any(record.levelname == "ERROR" and "no such table" in record.getMessage() for record in caplog.records)
     with sqlite3.connect(tmp_path / "bot.db") as db:
         db.execute("ALTER TABLE chats_elsewhere RENAME TO chats")
     assert "Settings for this chat" in await emulator.ask(ALICE_CHAT, ALICE, "/settings")

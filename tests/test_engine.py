@@ -571,7 +571,7 @@ def test_model_sample_is_plain_by_default_and_takes_the_new_settings(tiny_checkp
     from model.text import Vocab
 
     net, ckpt = load_checkpoint(tiny_checkpoint)
-    vocab, cleaning = Vocab(ckpt["vocab"], ckpt["unknown_policy"]), CleaningOptions.from_dict(ckpt["cleaning"])
+    vocab, cleaning = Vocab(ckpt.vocab, ckpt.unknown_policy), CleaningOptions.from_dict(ckpt.cleaning)
     plain = sample_text(net, vocab, cleaning, 200, "We", temperature=0.15, seed=5)
     # SamplingParams with only a temperature is the old path: the same text for the same seed.
     assert sample_text(net, vocab, cleaning, 200, "We", seed=5, sampling=SamplingParams(temperature=0.15)) == plain

@@ -125,7 +125,7 @@ def test_model_commands_take_several_checkpoints_as_an_ensemble(tiny_dir, tiny_c
     model_main(["evaluate", "--checkpoint", *both, "--text", str(tiny_dir / "corpus.txt")])
     reported = float(capsys.readouterr().out.split(" bits/char")[0].rsplit(" ", 1)[1])
     ensemble, (ckpt, _) = load_models(both)
-    ids, _ = text_to_ids(TINY_CORPUS, Vocab(ckpt["vocab"]), CleaningOptions.from_dict(ckpt["cleaning"]))
+    ids, _ = text_to_ids(TINY_CORPUS, Vocab(ckpt.vocab), CleaningOptions.from_dict(ckpt.cleaning))
     assert reported == pytest.approx(evaluate_ids(ensemble, np.array(ids))[0] / math.log(2), abs=1e-4)
     samples = []
     for _ in range(2):

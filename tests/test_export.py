@@ -57,12 +57,12 @@ def test_export_is_one_valid_file_with_contract_io(tiny_onnx):
 def test_metadata_round_trip(tiny_checkpoint, tiny_onnx):
     _, ckpt = load_checkpoint(tiny_checkpoint)
     _, info = read_model_info(tiny_onnx)
-    assert info.vocab == ckpt["vocab"]
-    assert info.cleaning == ckpt["cleaning"]
-    assert info.unknown_policy == ckpt["unknown_policy"]
-    assert info.model_config == ckpt["model_config"]
-    assert info.corpus_sha256 == ckpt["dataset_sha256"]
-    assert info.val_bpc == pytest.approx(ckpt["val_bpc"])
+    assert info.vocab == ckpt.vocab
+    assert info.cleaning == ckpt.cleaning
+    assert info.unknown_policy == ckpt.unknown_policy
+    assert info.model_config == ckpt.model_config
+    assert info.corpus_sha256 == ckpt.dataset_sha256
+    assert info.val_bpc == pytest.approx(ckpt.val_bpc)
     assert info.precision == "fp32"
     assert parse_props(info.to_props()) == info
 

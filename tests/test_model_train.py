@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.__main__ import main as model_main
-from model.checkpoint import load_checkpoint
+from model.checkpoint import Checkpoint, load_checkpoint
 from model.dataset import load_dataset
 from model.evaluate import char_nats, dynamic_char_nats, evaluate_ids, gradient_rms
 from model.model import CharRNN, ModelConfig
@@ -90,7 +90,7 @@ def test_tiny_model_overfits_repetitive_corpus(tiny_data, tmp_path):
     # A 47-character sentence repeated: the model should become nearly certain of every character.
     assert sum(losses[-10:]) / 10 < 0.3
     net, ckpt = load_checkpoint(out / "last.pt")
-    vocab = Vocab(ckpt["vocab"])
+    vocab = Vocab(ckpt.vocab)
     text = sample_text(net, vocab, CleaningOptions(), length=47, start_text="We will make", argmax=True)
     assert "America great again" in text
 
@@ -143,10 +143,12 @@ def test_resume_gives_the_same_losses_as_uninterrupted_training(tiny_data, tmp_p
     checkpoint = next(killed.glob("ckpt_iter12_*.pt"))
     model_main(["train", "--out", str(killed), "--max-iters", "24", "--resume", str(checkpoint), *common])
     train, val = read_metrics(killed)
-    assert [r["iter"] for r in train] == list(range(1, 25)) and [r["iter"] for r in val] == [10, 20, 24]
+    # Validated every 10 iterations, at the end, and at each checkpoint (12), whose name carries that val.
+    assert [r["iter"] for r in train] == list(range(1, 25)) and [r["iter"] for r in val] == [10, 12, 20, 24]
     assert max(abs(a - b) for a, b in zip(straight, train_losses(killed), strict=True)) < 1e-5
-    # Checkpoint names carry the validation loss, as char-rnn's do.
-    assert any(p.name.startswith("ckpt_iter12_val") for p in (tmp_path / "split").iterdir())
+    # Checkpoint names carry the validation loss of their own iteration, as char-rnn's do.
+    val_at_12 = next(r["val_bpc"] for r in val if r["iter"] == 12)
+    assert (tmp_path / "split" / f"ckpt_iter12_val{val_at_12:.4f}.pt").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +161,7 @@ def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
 
 def test_same_seed_same_sample_and_low_temperature_is_argmax(tiny_checkpoint):
     net, ckpt = load_checkpoint(tiny_checkpoint)
-    vocab, cleaning = Vocab(ckpt["vocab"]), CleaningOptions.from_dict(ckpt["cleaning"])
+    vocab, cleaning = Vocab(ckpt.vocab), CleaningOptions.from_dict(ckpt.cleaning)
     first = sample_text(net, vocab, cleaning, 80, "We", temperature=1.0, seed=7)
     assert first == sample_text(net, vocab, cleaning, 80, "We", temperature=1.0, seed=7)
     assert first != sample_text(net, vocab, cleaning, 80, "We", temperature=1.0, seed=8)
@@ -184,7 +186,7 @@ def test_dynamic_evaluation_learns_from_the_text_it_has_read(tiny_checkpoint, ti
     rms = gradient_rms(net, load_dataset(tiny_data).splits["train"][:400], segment=20)
     assert [r.shape for r in rms] == [p.shape for p in net.parameters()] and all((r >= 0).all() for r in rms)
     # A phrase the tiny model has never seen, said four times: a model that adapts predicts the repeats better.
-    ids = np.tile(np.random.default_rng(0).integers(len(ckpt["vocab"]), size=60), 4)
+    ids = np.tile(np.random.default_rng(0).integers(len(ckpt.vocab), size=60), 4)
     static = char_nats(net, ids, seq_length=50)
     unchanged = dynamic_char_nats(net, ids, rms, lr=0.0, decay=0.0)
     assert torch.allclose(unchanged, static, atol=1e-5)  # no step: the static score
@@ -211,10 +213,15 @@ def test_evaluate_text_reports_bpc_and_unknown(tiny_checkpoint, tiny_data, tmp_p
     model_main(
         ["evaluate", "--checkpoint", str(tiny_checkpoint), "--text", str(text), "--data", str(tiny_data), *dynamic]
     )
-    assert "dynamic evaluation (lr 0.001, decay 0.03, segment 50)" in capsys.readouterr().out
-    assert "needs --data" in run_cli_error(
-        ["evaluate", "--checkpoint", str(tiny_checkpoint), "--text", str(text), *dynamic], capsys
-    )
+    with_data = capsys.readouterr().out
+    assert "dynamic evaluation (lr 0.001, decay 0.03, segment 50)" in with_data
+    # The checkpoint knows its dataset: --data is not needed, for --dynamic-lr or for --split.
+    model_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--text", str(text), *dynamic])
+    assert capsys.readouterr().out == with_data
+    model_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--split", "val"])
+    by_split = capsys.readouterr().out
+    model_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--split", "val", "--data", str(tiny_data)])
+    assert f"{tiny_data} (val split)" in by_split and by_split == capsys.readouterr().out
     unknown = int(out.split("characters scored, ")[1].split(" outside")[0])
     assert unknown == sum(ch not in "We will make America great again. Believe me." for ch in "Zimbabwe")
 
@@ -262,7 +269,9 @@ def test_training_and_sampling_bad_inputs(tiny_data, tiny_checkpoint, tmp_path, 
     assert "does not exist" in run_cli_error(["sample", "--checkpoint", str(tmp_path / "x.pt")], capsys)
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a checkpoint")
-    assert "not a readable PyTorch checkpoint" in run_cli_error(["sample", "--checkpoint", str(bogus)], capsys)
+    assert "not a readable speechbot checkpoint (not a PyTorch file" in run_cli_error(
+        ["sample", "--checkpoint", str(bogus)], capsys
+    )
     assert "--temperature must be above 0 and at most 2" in run_cli_error(
         ["sample", "--checkpoint", str(tiny_checkpoint), "--temperature", "0"], capsys
     )
@@ -279,9 +288,9 @@ def test_mixed_precision_trains_with_fp32_weights_and_state(tiny_data, tmp_path,
         banner = capsys.readouterr().out
         expected = "bfloat16 autocast" if flag == "--amp" and native else ", fp32"
         assert expected in banner.splitlines()[0]
-        ckpt = torch.load(out / "last.pt", weights_only=False)
-        assert {t.dtype for t in ckpt["model"].values()} == {torch.float32}
-        assert {t.dtype for t in ckpt["rnn_state"]} == {torch.float32}
+        ckpt = Checkpoint.load(out / "last.pt")
+        assert {t.dtype for t in ckpt.model.values()} == {torch.float32}
+        assert {t.dtype for t in ckpt.rnn_state} == {torch.float32}
         runs[flag] = train_losses(out)
     assert all(math.isfinite(x) for x in runs["--amp"])
     # Autocast really ran in bf16 where it is on: the losses differ from fp32's, yet only slightly.
