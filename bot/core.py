@@ -20,11 +20,12 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from bot.config import LENGTH_MAX, LENGTH_MIN, TEMPERATURE_MAX
+from bot.config import LENGTH_MAX, LENGTH_MIN
 from bot.dailytime import latest_due, local_date, next_due, parse_daily_time, resolve_time_zone
 from bot.engine_api import EngineBusy
 from db.database import describe, is_read_only
 from db.store import ChatSettings, ChatStore
+from model.sampling import TEMPERATURE_RANGE, InvalidSampling, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ ENGINE_BUSY_REPLY = "I'm writing a lot of speeches right now. Please try again i
 # Shown by /help and registered with setMyCommands, in this order.
 COMMANDS = {
     "speech": "a speech: /speech [temperature] [prompt]",
-    "temperature": "show or set the temperature (0 < t ≤ 2)",
+    "temperature": f"show or set the temperature ({TEMPERATURE_RANGE})",
     "length": f"show or set the speech length ({LENGTH_MIN}-{LENGTH_MAX} characters)",
     "schedule": "a daily speech: /schedule HH:MM [time zone]",
     "unschedule": "stop the daily speech",
@@ -99,13 +100,13 @@ def looks_like_number(word: str) -> bool:
 
 
 def parse_temperature(text: str) -> float:
-    example = "Use a number above 0 and at most 2, e.g. /temperature 0.8 or /speech 1.2"
+    example = f"Use a number {TEMPERATURE_RANGE}, e.g. /temperature 0.8 or /speech 1.2"
     if not looks_like_number(text):
         raise ArgumentError(f"{_shown(text)} is not a temperature. {example}.")
-    value = float(text.replace(",", "."))
-    if not (math.isfinite(value) and 0 < value <= TEMPERATURE_MAX):
-        raise ArgumentError(f"Temperature {_shown(text)} is out of range. {example}.")
-    return value
+    try:
+        return SamplingParams(temperature=float(text.replace(",", "."))).temperature
+    except InvalidSampling:
+        raise ArgumentError(f"Temperature {_shown(text)} is out of range. {example}.") from None
 
 
 def parse_length(text: str) -> int:
@@ -119,11 +120,19 @@ def parse_length(text: str) -> int:
 
 
 def compose_speech(prompt: str, continuation: str) -> str:
-    """The reply: the prompt and its continuation, trimmed to what one Telegram message holds."""
+    """The reply: the prompt as it was sent and its continuation, which the engine ended as a speech ends
+    within what one Telegram message holds (speech_options)."""
     # A lone surrogate in the prompt (JSON allows "\ud800") cannot be encoded, so the whole reply would fail to send.
-    text = (prompt + continuation).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    text = text.strip()[:MESSAGE_MAX].strip()
+    prompt, continuation = (
+        part.encode("utf-16", "surrogatepass").decode("utf-16", "replace") for part in (prompt, continuation)
+    )
+    text = (prompt + continuation).rstrip() if prompt else continuation.strip()
     return text or "…"  # Telegram rejects empty messages
+
+
+def speech_options(prompt: str) -> dict:
+    """Engine options for a reply that continues `prompt`: end at a sentence, fit one message."""
+    return {"end_sentence": True, "max_chars": max(1, MESSAGE_MAX - len(prompt))}
 
 
 class SpeechBot:
@@ -212,7 +221,9 @@ class SpeechBot:
 
     async def daily_speech(self, settings: ChatSettings) -> str:
         """The scheduled post; no cooldown, since the schedule itself limits it."""
-        continuation = await self.engine.agenerate(length=settings.length, temperature=settings.temperature)
+        continuation = await self.engine.agenerate(
+            length=settings.length, temperature=settings.temperature, **speech_options("")
+        )
         return compose_speech("", continuation)
 
     # ---- generation ----
@@ -243,6 +254,7 @@ class SpeechBot:
                     prompt=prompt,
                     length=settings.length,
                     temperature=settings.temperature if temperature is None else temperature,
+                    **speech_options(prompt),
                 )
         except EngineBusy:
             if cooling:
@@ -267,7 +279,7 @@ class SpeechBot:
             "Commands:\n"
             "/speech - a speech. /speech 0.5 - calmer; /speech 1.3 - wilder; "
             "/speech 0.9 We will build - continues your words\n"
-            "/temperature 0.8 - this chat's default temperature (above 0, at most 2)\n"
+            f"/temperature 0.8 - this chat's default temperature ({TEMPERATURE_RANGE})\n"
             f"/length 600 - speech length in characters ({LENGTH_MIN} to {LENGTH_MAX})\n"
             "/schedule 08:30 Europe/Berlin - a speech every day at that local time (zone optional, default UTC)\n"
             "/unschedule - stop the daily speech\n"
@@ -281,7 +293,7 @@ class SpeechBot:
         return "\n".join(
             [
                 "Settings for this chat:",
-                f"temperature: {settings.temperature:g} (change with /temperature, above 0 and at most 2)",
+                f"temperature: {settings.temperature:g} (change with /temperature, {TEMPERATURE_RANGE})",
                 f"length: {settings.length} characters (change with /length, {LENGTH_MIN} to {LENGTH_MAX})",
                 f"daily speech: {self._schedule_text(settings)}",
                 f"cooldown between speeches: {self.cooldown.total_seconds():g} seconds",
@@ -291,9 +303,9 @@ class SpeechBot:
     async def _temperature(self, chat: ChatRef, args: str) -> str:
         settings = await self.store.get(chat.id, chat.type)
         if not args:
-            return f"Temperature is {settings.temperature:g}. Change it with /temperature 0.8 (above 0, at most 2)."
+            return f"Temperature is {settings.temperature:g}. Change it with /temperature 0.8 ({TEMPERATURE_RANGE})."
         if len(args.split()) > 1:
-            raise ArgumentError("/temperature takes one number, above 0 and at most 2, e.g. /temperature 0.8.")
+            raise ArgumentError(f"/temperature takes one number, {TEMPERATURE_RANGE}, e.g. /temperature 0.8.")
         value = parse_temperature(args)
         await self.store.update(chat.id, temperature=value)
         return f"Temperature set to {value:g}."
