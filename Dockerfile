@@ -29,7 +29,7 @@ COPY pyproject.toml README.md ./
 COPY bot ./bot
 COPY db ./db
 # The bot's one module from training's package: torch-free text cleaning (README, "Layout").
-COPY model/__init__.py model/text.py ./model/
+COPY model/__init__.py model/text.py model/sampling.py ./model/
 # The runtime dependencies from pyproject.toml only (the `train` extra with torch is not installed).
 # onnxruntime and onnxruntime-gpu provide the same module, so the GPU build swaps one for the other.
 RUN pip install . \

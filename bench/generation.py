@@ -149,8 +149,7 @@ def bare_chunks(runner: ModelRunner, rows: int) -> Callable[[], object]:
     inputs = (
         np.zeros((rows, len(runner.info.vocab)), np.float32),
         runner.zero_state(rows),
-        np.ones(rows, np.float32),
-        np.zeros(rows, np.int64),
+        {"temperature": np.ones(rows, np.float32)},
         np.full((rows, CHUNK), 0.5, np.float32),
     )
     return lambda: [runner.sample(*inputs) for _ in range(GRAPH_CHUNKS)]

@@ -98,10 +98,12 @@ def inline_candidates(engine: GenerationEngine, core: SpeechBot) -> list[Candida
 
     async def serial(query: str) -> None:
         for _, temperature in INLINE_STYLES:
-            await engine.agenerate(query, INLINE_LENGTH, temperature=temperature, stop_at_sentence_end=True)
+            await engine.agenerate(
+                query, INLINE_LENGTH, temperature=temperature, end_sentence=True, max_chars=INLINE_LENGTH
+            )
 
     async def single(query: str) -> None:
-        await engine.agenerate(query, INLINE_LENGTH, temperature=0.9, stop_at_sentence_end=True)
+        await engine.agenerate(query, INLINE_LENGTH, temperature=0.9, end_sentence=True, max_chars=INLINE_LENGTH)
 
     return [timed("batch", batch), timed("serial", serial), timed("single", single)]
 

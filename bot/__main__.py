@@ -23,6 +23,7 @@ from bot.logs import redact, setup_logging
 from bot.runner import ModelFileError
 from bot.services import build_services, open_engine
 from db.database import DatabaseConfigError, create_db_engine, describe, migrate
+from model.sampling import BOT_SAMPLING, TEMPERATURE_RANGE, InvalidSampling, SamplingParams
 
 PROG = "python -m bot"
 CONSOLE_CHAT_ID = 0  # never a Telegram chat id, so the console's settings live beside real chats
@@ -53,7 +54,8 @@ class _HelpFormatter(argparse.HelpFormatter):
         return super()._fill_text(text, width, indent)
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, "", argparse.SUPPRESS) or not action.option_strings or action.help is None:
+        unset = action.default in (None, "", argparse.SUPPRESS) or action.default is False  # a switch that is off
+        if unset or not action.option_strings or action.help is None:
             return action.help
         return f"{action.help} (default: %(default)s)"
 
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         "run the Telegram bot (the default)",
         "Run the Telegram bot: long polling, or a webhook server when WEBHOOK_URL is set. "
-        "Stops gracefully on Ctrl-C and SIGTERM. Exit code 2: bad configuration; 1: Telegram could not be reached.",
+        "Stops gracefully on Ctrl-C and SIGTERM. Exit code 2: bad configuration or Telegram could not be reached.",
     )
     _add_command(
         commands,
@@ -99,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_command(commands, "migrate", "create or update the database schema", "Create or update the database schema.")
     generate = _add_command(
-        commands, "generate", "print one speech from the model", "Print the prompt and the speech continuing it."
+        commands,
+        "generate",
+        "print one speech from the model",
+        "Print the prompt and the speech continuing it, sampled as the bot samples (model/sampling.py "
+        "BOT_SAMPLING) unless flags say otherwise.",
     )
     generate.add_argument("--model", type=Path, help="ONNX model file (default: MODEL_PATH or the bundled one)")
     prompt = generate.add_mutually_exclusive_group()
@@ -108,8 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-file", type=Path, metavar="FILE", help="read the prompt from this UTF-8 file (- for stdin)"
     )
     generate.add_argument("--length", type=int, default=500, help="characters to generate")
-    generate.add_argument("--temperature", type=float, default=0.8, help="above 0, at most 2")
-    generate.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest characters")
+    generate.add_argument(
+        "--exact-length", action="store_true", help="stop at exactly --length characters, not at a sentence end near it"
+    )
+    generate.add_argument("--temperature", type=float, default=0.8, help=TEMPERATURE_RANGE)
+    generate.add_argument(
+        "--top-k", type=int, default=BOT_SAMPLING.top_k, help="the k likeliest characters only (0: all)"
+    )
+    generate.add_argument(
+        "--top-p", type=float, default=BOT_SAMPLING.top_p, help="likeliest characters up to this mass (1: all)"
+    )
+    generate.add_argument(
+        "--min-p",
+        type=float,
+        default=BOT_SAMPLING.min_p,
+        help="drop characters below min_p times the likeliest's (0: off)",
+    )
+    generate.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=BOT_SAMPLING.repetition_penalty,
+        help="logit penalty for repeating a recent --repeat-ngram (0: off; docs/engine.md)",
+    )
+    generate.add_argument(
+        "--repeat-ngram", type=int, default=BOT_SAMPLING.repeat_ngram, help="characters that count as a repeat"
+    )
     generate.add_argument("--seed", type=int, default=None, help="for a repeatable speech")
     health = _add_command(
         commands,
@@ -174,19 +203,18 @@ def read_prompt(path: Path) -> str:
 
 
 def generate(config: Config, args: argparse.Namespace) -> None:
+    from bot.core import compose_speech, speech_options
+
+    try:
+        sampling = SamplingParams.from_args(args)
+    except InvalidSampling as exc:
+        raise ConfigError(exc.as_flag()) from None
     prompt = args.prompt if args.prompt_file is None else read_prompt(args.prompt_file)
     engine = open_engine(config, args.model)
     try:
-        print(
-            prompt
-            + engine.generate(
-                prompt=prompt,
-                length=args.length,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                seed=args.seed,
-            )
-        )
+        ending = {} if args.exact_length else speech_options(prompt)
+        text = engine.generate(prompt=prompt, length=args.length, sampling=sampling, seed=args.seed, **ending)
+        print(prompt + text if args.exact_length else compose_speech(prompt, text))
     finally:
         engine.close()
 
@@ -237,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"the database at DATABASE_URL cannot be used ({describe(error)})")
     except TelegramError as error:
         # Not the user's input but the network or Telegram: 1, so a supervisor's restart may help.
-        return fail(f"Telegram could not be reached: {error}", code=1)
+        return fail(f"Telegram could not be reached: {error}")
     except KeyboardInterrupt:
         return 130
     return 0

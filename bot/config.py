@@ -21,6 +21,7 @@ from dotenv import dotenv_values
 from bot.engine_api import MAX_LANES
 from bot.heartbeat import HEARTBEAT_SECONDS
 from bot.modelfile import DEFAULT_MODEL_PATH
+from model.sampling import TEMPERATURE_MAX
 
 TOKEN_FORMAT = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
 WEBHOOK_SECRET_FORMAT = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
@@ -30,8 +31,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TELEGRAM_MESSAGES_PER_SECOND = 30.0
 WEBHOOK_SECRET_DESCRIPTION = "1-256 of A-Z a-z 0-9 _ -"
 
-# Bounds that the commands and the configuration share.
-TEMPERATURE_MAX = 2.0
+# Bounds that the commands and the configuration share (sampling's: model.sampling).
 LENGTH_MIN, LENGTH_MAX = 20, 3000
 
 

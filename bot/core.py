@@ -2,7 +2,8 @@
 
 Telegram (bot/telegram_app.py), the terminal (`python -m bot console`) and the tests all drive
 this one class. It parses and validates arguments, reads and writes chat settings, enforces the
-per-chat cooldown and asks the generation engine for speeches. It never sends anything itself.
+per-chat cooldown (kept in the database, so replicas share it) and asks the generation engine for
+speeches. It never sends anything itself. Every store call is awaited: the database runs off the loop.
 Beside commands: the choices offered under each speech (Another, Calmer, Wilder), /speech in reply
 to a message, and inline mode's three short speeches (docs/interactive.md).
 """
@@ -24,11 +25,12 @@ from zoneinfo import ZoneInfo
 from aiolimiter import AsyncLimiter
 from sqlalchemy.exc import SQLAlchemyError
 
-from bot.config import LENGTH_MAX, LENGTH_MIN, TEMPERATURE_MAX
+from bot.config import LENGTH_MAX, LENGTH_MIN
 from bot.dailytime import latest_due, local_date, next_due, parse_daily_time, resolve_time_zone
 from bot.engine_api import EngineBusy
 from db.database import describe, is_read_only
 from db.store import ChatSettings, ChatStore
+from model.sampling import TEMPERATURE_MAX, TEMPERATURE_RANGE, InvalidSampling, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ NO_TEXT_TO_CONTINUE = (
 # Shown by /help and registered with setMyCommands, in this order.
 COMMANDS = {
     "speech": "a speech: /speech [temperature] [prompt], or as a reply to continue that message",
-    "temperature": "show or set the temperature (0 < t ≤ 2)",
+    "temperature": f"show or set the temperature ({TEMPERATURE_RANGE})",
     "length": f"show or set the speech length ({LENGTH_MIN}-{LENGTH_MAX} characters)",
     "schedule": "a daily speech: /schedule HH:MM [time zone]",
     "unschedule": "stop the daily speech",
@@ -153,13 +155,13 @@ def looks_like_number(word: str) -> bool:
 
 
 def parse_temperature(text: str) -> float:
-    example = "Use a number above 0 and at most 2, e.g. /temperature 0.8 or /speech 1.2"
+    example = f"Use a number {TEMPERATURE_RANGE}, e.g. /temperature 0.8 or /speech 1.2"
     if not looks_like_number(text):
         raise ArgumentError(f"{_shown(text)} is not a temperature. {example}.")
-    value = float(text.replace(",", "."))
-    if not (math.isfinite(value) and 0 < value <= TEMPERATURE_MAX):
-        raise ArgumentError(f"Temperature {_shown(text)} is out of range. {example}.")
-    return value
+    try:
+        return SamplingParams(temperature=float(text.replace(",", "."))).temperature
+    except InvalidSampling:
+        raise ArgumentError(f"Temperature {_shown(text)} is out of range. {example}.") from None
 
 
 def parse_length(text: str) -> int:
@@ -191,11 +193,19 @@ def parse_choice(data: str) -> float:
 
 
 def compose_speech(prompt: str, continuation: str) -> str:
-    """The reply: the prompt and its continuation, trimmed to what one Telegram message holds."""
+    """The reply: the prompt as it was sent and its continuation, which the engine ended as a speech ends
+    within what one Telegram message holds (speech_options)."""
     # A lone surrogate in the prompt (JSON allows "\ud800") cannot be encoded, so the whole reply would fail to send.
-    text = (prompt + continuation).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    text = text.strip()[:MESSAGE_MAX].strip()
+    prompt, continuation = (
+        part.encode("utf-16", "surrogatepass").decode("utf-16", "replace") for part in (prompt, continuation)
+    )
+    text = (prompt + continuation).rstrip() if prompt else continuation.strip()
     return text or "…"  # Telegram rejects empty messages
+
+
+def speech_options(prompt: str) -> dict:
+    """Engine options for a reply that continues `prompt`: end at a sentence, fit one message."""
+    return {"end_sentence": True, "max_chars": max(1, MESSAGE_MAX - len(prompt))}
 
 
 class SpeechBot:
@@ -212,7 +222,6 @@ class SpeechBot:
         self.cooldown = timedelta(seconds=cooldown_seconds)
         self.clock = clock
         self.on_schedule_change = on_schedule_change
-        self._ready_at: dict[int, datetime] = {}
         self._inline: dict[int, asyncio.Task] = {}  # each user's inline batch still running
         self._inline_limits: OrderedDict[int, AsyncLimiter] = OrderedDict()
 
@@ -252,7 +261,7 @@ class SpeechBot:
         try:
             if name == "speech":
                 return await self.speech(chat, args, show_typing)
-            return getattr(self, f"_{name}")(chat, args)
+            return await getattr(self, f"_{name}")(chat, args)
         except ArgumentError as error:
             return str(error)
         except SQLAlchemyError as error:
@@ -338,7 +347,11 @@ class SpeechBot:
         requests = [
             asyncio.ensure_future(
                 self.engine.agenerate(
-                    prompt=prompt, length=INLINE_LENGTH, temperature=temperature, stop_at_sentence_end=True
+                    prompt=prompt,
+                    length=INLINE_LENGTH,
+                    temperature=temperature,
+                    end_sentence=True,
+                    max_chars=INLINE_LENGTH,
                 )
             )
             for _, temperature in INLINE_STYLES
@@ -365,7 +378,9 @@ class SpeechBot:
 
     async def daily_speech(self, settings: ChatSettings) -> str:
         """The scheduled post; no cooldown, since the schedule itself limits it."""
-        continuation = await self.engine.agenerate(length=settings.length, temperature=settings.temperature)
+        continuation = await self.engine.agenerate(
+            length=settings.length, temperature=settings.temperature, **speech_options("")
+        )
         return Speech(compose_speech("", continuation), settings.temperature)
 
     # ---- generation ----
@@ -379,18 +394,26 @@ class SpeechBot:
                 "Send the first few sentences and I'll continue from there."
             )
         now = self.clock()
-        ready_at = self._ready_at.get(chat.id)
-        if ready_at is not None and now < ready_at:
+        try:
+            settings, ready_at = await self.store.start_speech(chat.id, chat.type, now, self.cooldown)
+            cooling = True
+        except SQLAlchemyError as error:
+            if not is_read_only(error):
+                raise
+            # The cooldown lives in the database, so a read-only one cannot hold it: speeches go on without.
+            settings, ready_at, cooling = await self.store.get(chat.id, chat.type), None, False
+        if ready_at is not None:
             seconds = math.ceil((ready_at - now).total_seconds())
             return f"One speech at a time, please. Try again in {seconds} second{'s' * (seconds != 1)}."
-        self._ready_at[chat.id] = now + self.cooldown
-        settings = self.store.get(chat.id, chat.type)
         temperature = settings.temperature if temperature is None else temperature
         try:
             async with show_typing() as on_text:
-                continuation = await self._continue(prompt, on_text, length=settings.length, temperature=temperature)
+                continuation = await self._continue(
+                    prompt, on_text, length=settings.length, temperature=temperature, **speech_options(prompt)
+                )
         except EngineBusy:
-            del self._ready_at[chat.id]  # nothing was made, so no cooldown either
+            if cooling:
+                await self.store.cancel_cooldown(chat.id, now + self.cooldown)  # nothing was made
             return ENGINE_BUSY_REPLY
         return Speech(compose_speech(prompt, continuation), temperature)
 
@@ -409,13 +432,13 @@ class SpeechBot:
 
     # ---- commands that answer at once ----
 
-    def _start(self, chat: ChatRef, _args: str) -> str:
+    async def _start(self, chat: ChatRef, _args: str) -> str:
         return (
             "Hello! I write speeches in the style of Donald Trump's 2016 campaign, one character at a "
             "time, with a small neural network. They are machine-made parody, not real quotes.\n\n" + self.help_text()
         )
 
-    def _help(self, chat: ChatRef, _args: str) -> str:
+    async def _help(self, chat: ChatRef, _args: str) -> str:
         return self.help_text()
 
     @staticmethod
@@ -425,7 +448,7 @@ class SpeechBot:
             "/speech - a speech. /speech 0.5 - calmer; /speech 1.3 - wilder; "
             "/speech 0.9 We will build - continues your words; sent as a reply to a message, /speech continues "
             "that message\n"
-            "/temperature 0.8 - this chat's default temperature (above 0, at most 2)\n"
+            f"/temperature 0.8 - this chat's default temperature ({TEMPERATURE_RANGE})\n"
             f"/length 600 - speech length in characters ({LENGTH_MIN} to {LENGTH_MAX})\n"
             "/schedule 08:30 Europe/Berlin - a speech every day at that local time (zone optional, default UTC)\n"
             "/unschedule - stop the daily speech\n"
@@ -436,30 +459,30 @@ class SpeechBot:
             "In any chat, type my @username and a few words to pick one of three short speeches."
         )
 
-    def _settings(self, chat: ChatRef, _args: str) -> str:
-        settings = self.store.get(chat.id, chat.type)
+    async def _settings(self, chat: ChatRef, _args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
         return "\n".join(
             [
                 "Settings for this chat:",
-                f"temperature: {settings.temperature:g} (change with /temperature, above 0 and at most 2)",
+                f"temperature: {settings.temperature:g} (change with /temperature, {TEMPERATURE_RANGE})",
                 f"length: {settings.length} characters (change with /length, {LENGTH_MIN} to {LENGTH_MAX})",
                 f"daily speech: {self._schedule_text(settings)}",
                 f"cooldown between speeches: {self.cooldown.total_seconds():g} seconds",
             ]
         )
 
-    def _temperature(self, chat: ChatRef, args: str) -> str:
-        settings = self.store.get(chat.id, chat.type)
+    async def _temperature(self, chat: ChatRef, args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
         if not args:
-            return f"Temperature is {settings.temperature:g}. Change it with /temperature 0.8 (above 0, at most 2)."
+            return f"Temperature is {settings.temperature:g}. Change it with /temperature 0.8 ({TEMPERATURE_RANGE})."
         if len(args.split()) > 1:
-            raise ArgumentError("/temperature takes one number, above 0 and at most 2, e.g. /temperature 0.8.")
+            raise ArgumentError(f"/temperature takes one number, {TEMPERATURE_RANGE}, e.g. /temperature 0.8.")
         value = parse_temperature(args)
-        self.store.update(chat.id, temperature=value)
+        await self.store.update(chat.id, temperature=value)
         return f"Temperature set to {value:g}."
 
-    def _length(self, chat: ChatRef, args: str) -> str:
-        settings = self.store.get(chat.id, chat.type)
+    async def _length(self, chat: ChatRef, args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
         if not args:
             return (
                 f"Speeches are {settings.length} characters long. "
@@ -468,11 +491,11 @@ class SpeechBot:
         if len(args.split()) > 1:
             raise ArgumentError(f"/length takes one whole number from {LENGTH_MIN} to {LENGTH_MAX}, e.g. /length 600.")
         value = parse_length(args)
-        self.store.update(chat.id, length=value)
+        await self.store.update(chat.id, length=value)
         return f"Speech length set to {value} characters."
 
-    def _schedule(self, chat: ChatRef, args: str) -> str:
-        settings = self.store.get(chat.id, chat.type)
+    async def _schedule(self, chat: ChatRef, args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
         usage = "Use /schedule HH:MM [time zone], e.g. /schedule 08:30 or /schedule 20:00 America/New_York."
         words = args.split()
         if not words:
@@ -493,7 +516,7 @@ class SpeechBot:
         # inside the missed-post grace window does not post it late.
         already_due = local_date(latest_due(now, daily_time, zone), zone)
         last = settings.last_daily_post
-        settings = self.store.update(
+        settings = await self.store.update(
             chat.id,
             daily_time=daily_time,
             time_zone=zone,
@@ -503,11 +526,11 @@ class SpeechBot:
         self._schedule_changed(settings)
         return f"Daily speech set for {self._schedule_text(settings)}."
 
-    def _unschedule(self, chat: ChatRef, _args: str) -> str:
-        settings = self.store.get(chat.id, chat.type)
+    async def _unschedule(self, chat: ChatRef, _args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
         if not settings.schedule_enabled:
             return "There is no daily speech to remove. Set one with /schedule 08:30 Europe/Berlin."
-        self._schedule_changed(self.store.update(chat.id, schedule_enabled=False))
+        self._schedule_changed(await self.store.update(chat.id, schedule_enabled=False))
         return "Daily speech removed."
 
     def _schedule_changed(self, settings: ChatSettings) -> None:

@@ -8,6 +8,7 @@ and steps CHUNK characters per call, for every row of a batch, with each row's o
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 _PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+# When a batch needs each optional step of the sampler: some row has the setting (this input) on.
+_USED: dict[str, tuple[str, Callable[[np.ndarray], bool]]] = {
+    "top_k": ("top_k", lambda k: bool(k.any())),
+    "top_p": ("top_p", lambda p: bool((p < 1).any())),
+    "min_p": ("min_p", lambda p: bool((p > 0).any())),
+    "repetition": ("repetition_penalty", lambda penalty: bool((penalty > 0).any())),
+}
 
 
 class ModelFileError(ValueError):
@@ -71,6 +81,8 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 def read_model_info(path: str | Path) -> tuple[bytes, ModelInfo]:
     """The file's bytes and validated metadata, or a ModelFileError naming what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"model file {path} is a directory; give the .onnx file inside it")
     if not path.is_file():
         raise ModelFileError(
             f"model file {path} does not exist; export one with `python -m export CHECKPOINT -o {path}`"
@@ -139,11 +151,11 @@ class ModelRunner:
         self.session = ort.InferenceSession(data, self._options, providers=self._providers)
         self.provider = self.session.get_providers()[0]
         self.state_names, _ = state_names(self.info.is_lstm)
-        # Sampling with a top-k cut costs five nodes more per step, so batches without one use a graph
-        # without them. The bot never asks for top-k, so that variant (~45 MB for the bundled model) is
-        # built when a request first does; the file's bytes are kept for it (~15 MB).
+        # Each optional sampler step costs nodes per character, so a batch runs the graph with only the
+        # steps its rows use (bot.chunk_graph.FEATURES). Each graph holds a copy of the weights (~45 MB
+        # for the bundled model) and is built when a batch first needs it; the file's bytes are kept for that.
         self._data = data
-        self._chunk_sessions = {False: self._chunk_session(top_k=False)}
+        self._chunk_sessions = {frozenset(): self._chunk_session(frozenset())}
         try:
             self.prime(np.zeros((1, 1), np.int64), self.zero_state(1))
         except Exception as exc:  # onnxruntime's error types are not exported in one place
@@ -158,10 +170,10 @@ class ModelRunner:
             self.provider,
         )
 
-    def _chunk_session(self, top_k: bool) -> ort.InferenceSession:
+    def _chunk_session(self, features: frozenset[str]) -> ort.InferenceSession:
         contract = onnx.load_from_string(self._data)
         try:
-            graph = chunk_graph(contract, len(self.info.vocab), self.info.is_lstm, top_k)
+            graph = chunk_graph(contract, len(self.info.vocab), self.info.is_lstm, features)
         except ChunkGraphError as exc:
             raise ModelFileError(f"{self.path} cannot be served: {exc}") from exc
         return ort.InferenceSession(graph.SerializeToString(), self._options, providers=self._providers)
@@ -176,30 +188,34 @@ class ModelRunner:
         return logits, new_state
 
     def sample(
-        self,
-        logits: np.ndarray,
-        state: list[np.ndarray],
-        temperature: np.ndarray,
-        top_k: np.ndarray,
-        uniforms: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        self, logits: np.ndarray, state: list[np.ndarray], rows: Mapping[str, np.ndarray], uniforms: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
         """Chunk graph: one character per uniform for each row.
 
-        logits [batch, vocab] (the next character's), state, temperature [batch] float32, top_k [batch]
-        int64 (0: no limit, else below the vocabulary size), uniforms [batch, chunk] float32 in [0, 1)
-        (bot.chunk_graph says how they pick a token) -> tokens [batch, chunk], the
-        logits after them and the new state. Each state array is [layers, batch, hidden].
+        logits [batch, vocab] (the next character's), state (each [layers, batch, hidden]), the rows'
+        settings by chunk-graph input name, each [batch]: `temperature` float32 and any of `top_k` int64
+        (0: no limit, else below the vocabulary size), `top_p` and `min_p` float32, `repetition_penalty`
+        float32 with `repeat_ngram` int64, `history` and `matches` int64 [batch, window]
+        (model.sampling.repetition_start); uniforms [batch, chunk] float32 in [0, 1)
+        (bot.chunk_graph says how they pick a token) -> tokens [batch, chunk], the logits after them,
+        the new state and the new (history, matches) (those given, unchanged, without a penalty).
         """
-        limited = bool(top_k.any())
-        if limited not in self._chunk_sessions:
-            log.info("building the chunk graph with top-k sampling")
-            self._chunk_sessions[limited] = self._chunk_session(top_k=True)
-        feed = {
+        features = frozenset(f for f, (name, used) in _USED.items() if name in rows and used(rows[name]))
+        if features not in self._chunk_sessions:
+            log.info("building the chunk graph with %s", ", ".join(sorted(features)))
+            self._chunk_sessions[features] = self._chunk_session(features)
+        session = self._chunk_sessions[features]
+        given = {
             "logits": logits,
             **dict(zip(self.state_names, state, strict=True)),
-            "temperature": temperature,
-            "top_k": top_k,
+            **rows,
             "uniforms": uniforms,
         }
-        tokens, next_logits, *new_state = self._chunk_sessions[limited].run(None, feed)
-        return tokens, next_logits, new_state
+        feed = {i.name: given[i.name] for i in session.get_inputs()}
+        tokens, next_logits, *rest = session.run(None, feed)
+        new_state = rest[: len(self.state_names)]
+        if "repetition" in features:
+            history = (rest[-2], rest[-1])
+        else:
+            history = (rows["history"], rows["matches"]) if "history" in rows else None
+        return tokens, next_logits, new_state, history

@@ -8,10 +8,16 @@ Missed posts: if the bot was down at a chat's due time and starts again within t
 (MISSED_POST_GRACE_MINUTES, default 60), it posts that day's speech once, late. Later than that,
 the day is skipped. The same window is the scheduler's misfire_grace_time, so a job delayed by a
 busy event loop still runs.
+
+A crash while a post is written (kill -9, a power cut) is not the end of it: the claim opened an
+inbox entry (db/inbox.py), and the next start, or another replica, writes and sends the post then,
+within the same grace window. Once the post is handed to Telegram it is never made again, so a
+crash in that instant can cost the day's post but never doubles it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta
@@ -22,11 +28,13 @@ from telegram.ext import ContextTypes, JobQueue
 
 from bot.core import SpeechBot
 from bot.dailytime import latest_due, local_date
+from db.inbox import ANSWERED, SENDING, Inbox, OpenEntry, daily_key
 from db.store import ChatSettings
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[int, str], Awaitable[object]]
+ShowTyping = Callable[[int], contextlib.AbstractAsyncContextManager]
 
 
 def job_name(chat_id: int) -> str:
@@ -38,14 +46,18 @@ class DailySpeeches:
         self,
         job_queue: JobQueue,
         core: SpeechBot,
+        inbox: Inbox,
         send: Send,
+        show_typing: ShowTyping,
         grace: timedelta,
         clock: Callable[[], datetime],
     ):
         self.job_queue = job_queue
         self.core = core
         self.store = core.store
+        self.inbox = inbox
         self.send = send
+        self.show_typing = show_typing
         self.grace = grace
         self.clock = clock
 
@@ -54,10 +66,10 @@ class DailySpeeches:
         # APScheduler's own misfire_grace_time defaults to 1 s and silently drops later runs.
         return {"misfire_grace_time": max(1, int(self.grace.total_seconds())), "coalesce": True}
 
-    def rebuild(self) -> int:
+    async def rebuild(self) -> int:
         """Create the jobs for every enabled schedule and post missed speeches; returns the count."""
         # The terminal's chat (python -m bot console) shares the database but is no Telegram chat.
-        scheduled = [settings for settings in self.store.scheduled() if settings.type != "console"]
+        scheduled = [settings for settings in await self.store.scheduled() if settings.type != "console"]
         now = self.clock()
         for settings in scheduled:
             self.sync(settings)
@@ -99,11 +111,37 @@ class DailySpeeches:
 
     async def post_if_due(self, chat_id: int) -> bool:
         """Post the chat's daily speech if it is due and this call wins the day's claim."""
-        settings = self.store.find(chat_id)
+        settings = await self.store.find(chat_id)
         day = None if settings is None else self.due_day(settings, self.clock())
-        if day is None or not self.store.claim_daily_post(chat_id, day):
+        if day is None or not await self.store.claim_daily_post(chat_id, day, self.inbox.owner, self.clock()):
             return False
-        text = await self.core.daily_speech(settings)
+        return await self._post(settings, daily_key(chat_id, day))
+
+    async def resume(self, entry: OpenEntry) -> bool:
+        """Make a claimed post that a crashed process never sent, if it is still within the grace window."""
+        settings = await self.store.find(entry.chat_id)
+        if settings is None or not settings.schedule_enabled or self.clock() - entry.received_at > self.grace:
+            log.info("Dropping the unfinished daily speech of chat %s for %s", entry.chat_id, entry.day)
+            await self.inbox.mark(entry.key, ANSWERED, self.clock())
+            return False
+        return await self._post(settings, entry.key)
+
+    async def _post(self, settings: ChatSettings, key: str) -> bool:
+        try:
+            posted = await self._write_and_send(settings, key)
+        except Exception:
+            await self.inbox.mark(key, ANSWERED, self.clock())
+            raise
+        # Not reached when the task is cancelled at shutdown: the entry stays open for the next start.
+        await self.inbox.mark(key, ANSWERED, self.clock())
+        return posted
+
+    async def _write_and_send(self, settings: ChatSettings, key: str) -> bool:
+        chat_id = settings.id
+        async with self.show_typing(chat_id):
+            text = await self.core.daily_speech(settings)
+        # From here on the post is never made again, even after a crash: Telegram may have it.
+        await self.inbox.mark(key, SENDING, self.clock())
         try:
             await self.send(chat_id, text)
         except (Forbidden, BadRequest) as error:
@@ -111,7 +149,7 @@ class DailySpeeches:
                 raise
             # Blocked, removed from the group or the chat is gone: stop for good, no retry loop.
             log.info("Disabling the daily speech of chat %s: %s", chat_id, error.message)
-            self.store.update(chat_id, schedule_enabled=False)
+            await self.store.update(chat_id, schedule_enabled=False)
             self.remove(chat_id)
             return False
         return True

@@ -42,7 +42,7 @@ class Services:
     def close(self) -> None:
         if self.owns_engine:
             self.engine.close()
-        self.database.dispose()
+        self.store.close()  # its database threads, then the engine's connections
 
 
 def build_services(

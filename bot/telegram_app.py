@@ -7,6 +7,11 @@ error handler and the daily-speech scheduler. Updates run side by side across ch
 another within a chat (ChatOrderedUpdateProcessor), as many at once as the engine can hold; replies
 leave at the configured overall rate (docs/speed.md, "Many chats at once"). Inline mode, the buttons
 under speeches, drafts and /speech in reply live in bot/telegram_interactive.py.
+
+Nothing a user sent is lost to a crash: each update that will get a reply is recorded in the
+database's inbox (db/inbox.py) while it is handled and marked answered once the reply is sent. At
+start, and every INBOX_SWEEP_SECONDS for replicas that died, open entries are taken over: updates
+younger than REPLAY_WINDOW are handled again, older ones get LATE_APOLOGY. See docs/operations.md.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from urllib.parse import urlparse
 
+from sqlalchemy.exc import SQLAlchemyError
 from telegram import BotCommand, Message, MessageEntity, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType
 from telegram.error import BadRequest, ChatMigrated, Forbidden, NetworkError, TelegramError
@@ -41,6 +47,8 @@ from bot.heartbeat import HEARTBEAT_SECONDS, beat
 from bot.scheduling import DailySpeeches
 from bot.services import build_services
 from bot.telegram_interactive import InteractiveHandlers, replied_message, speech_keyboard
+from db.database import describe
+from db.inbox import ANSWERED, Inbox, OpenEntry, update_key
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,12 @@ UPDATES_BEYOND_ENGINE = 64
 # Chat actions on the wire at once; a refresh beyond that is skipped rather than queued (best effort).
 TYPING_IN_FLIGHT_MAX = 32
 SORRY = "Sorry, something went wrong while handling that. Please try again in a moment."
+# Requests left unanswered by a crash are answered after a restart if they are younger than this;
+# older ones get LATE_APOLOGY instead, since an answer that late would be out of place.
+REPLAY_WINDOW = timedelta(minutes=10)
+LATE_APOLOGY = "Sorry, I was down when you sent this and could not answer it in time. Please send it again."
+INBOX_SWEEP_SECONDS = 60
+KEEP_ANSWERED = timedelta(days=1)  # how long answered entries refuse a repeat of their update
 
 
 class RetryingRateLimiter(AIORateLimiter):
@@ -127,6 +141,7 @@ class TelegramFrontend:
         self.config = config
         self.core = core
         self.store = core.store
+        self.inbox = Inbox(core.store.database)
         self.clock = clock
         self.daily: DailySpeeches | None = None
         self._admins: dict[int, tuple[float, frozenset[int]]] = {}
@@ -138,21 +153,58 @@ class TelegramFrontend:
 
     async def post_init(self, application: Application) -> None:
         await application.bot.set_my_commands([BotCommand(name, text) for name, text in COMMANDS.items()])
+        await self.inbox.open()
         self.daily = DailySpeeches(
             application.job_queue,
             self.core,
+            self.inbox,
             send=lambda chat_id, text: self.send(application.bot, chat_id, text),
+            show_typing=lambda chat_id: self.typing(application.bot, chat_id),
             grace=timedelta(minutes=self.config.missed_post_grace_minutes),
             clock=self.clock,
         )
         self.core.on_schedule_change = self.daily.sync
-        self.daily.rebuild()
+        await self.daily.rebuild()
+        await self.take_over_inbox(application)
+        application.job_queue.run_repeating(
+            self._sweep_inbox,
+            interval=INBOX_SWEEP_SECONDS,
+            first=INBOX_SWEEP_SECONDS,
+            job_kwargs={"misfire_grace_time": INBOX_SWEEP_SECONDS},
+        )
         if self.config.heartbeat_file is not None:
             await self._heartbeat(None)
             application.job_queue.run_repeating(
                 self._heartbeat, interval=HEARTBEAT_SECONDS, job_kwargs={"misfire_grace_time": HEARTBEAT_SECONDS}
             )
         log.info("Bot @%s is up", application.bot.username)
+
+    async def take_over_inbox(self, application: Application) -> None:
+        """Answer what crashed processes (an earlier run of this one, or another replica) left unanswered."""
+        now = self.clock()
+        for entry in await self.inbox.take_over(now):
+            if not entry.is_update:
+                application.job_queue.run_once(self._resume_daily, when=0, data=entry, name=f"resume:{entry.key}")
+            elif now - entry.received_at <= REPLAY_WINDOW:
+                log.info("Handling %s again, left unanswered by a crash", entry.key)
+                await application.update_queue.put(Update.de_json(entry.payload, application.bot))
+            else:
+                await self._apologise(application.bot, entry)
+        await self.inbox.forget_answered(now - KEEP_ANSWERED)
+
+    async def _sweep_inbox(self, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self.take_over_inbox(context.application)
+
+    async def _resume_daily(self, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self.daily.resume(context.job.data)
+
+    async def _apologise(self, bot, entry: OpenEntry) -> None:
+        message = Update.de_json(entry.payload, bot).effective_message
+        try:
+            await self.send(bot, entry.chat_id, LATE_APOLOGY, reply_to=message)
+        except TelegramError as error:
+            log.info("Could not apologise in chat %s: %s", entry.chat_id, error)
+        await self.inbox.mark(entry.key, ANSWERED, self.clock())
 
     async def _heartbeat(self, _context: ContextTypes.DEFAULT_TYPE | None) -> None:
         # Proves to the container's healthcheck that the event loop is alive.
@@ -174,11 +226,11 @@ class TelegramFrontend:
         try:
             return await bot.send_message(chat_id, text, reply_parameters=reply, reply_markup=keyboard)
         except ChatMigrated as moved:
-            self.chat_moved(chat_id, moved.new_chat_id)
+            await self.chat_moved(chat_id, moved.new_chat_id)
             return await bot.send_message(moved.new_chat_id, text, reply_markup=keyboard)
 
-    def chat_moved(self, old_id: int, new_id: int) -> None:
-        settings = self.store.migrate_chat(old_id, new_id)
+    async def chat_moved(self, old_id: int, new_id: int) -> None:
+        settings = await self.store.migrate_chat(old_id, new_id)
         log.info("Chat %s became supergroup %s", old_id, new_id)
         if settings is not None and self.daily is not None:
             self.daily.remove(old_id)
@@ -245,20 +297,61 @@ class TelegramFrontend:
     def _chat(self, update: Update) -> ChatRef:
         return ChatRef(update.effective_chat.id, update.effective_chat.type)
 
+    async def answer(
+        self,
+        update: Update,
+        context: ContextTypes.DEFAULT_TYPE,
+        reply: Awaitable[str | None],
+        send: Callable[[str], Awaitable[object]] | None = None,
+    ) -> None:
+        """Send what `reply` comes to (if anything) with the update kept in the inbox until it is answered;
+        `send` replaces the plain reply to the update's message (e.g. /speech in reply quotes another one)."""
+        message = update.effective_message
+        # Recorded beside the handling rather than before it, so a locked database holds up only the
+        # replies that need it; a crash within the few milliseconds the record takes loses the update.
+        claim = asyncio.create_task(
+            self.inbox.claim_update(update.update_id, message.chat_id, update.to_dict(), self.clock())
+        )
+        try:
+            text = await reply
+            if self._answered_elsewhere(claim):
+                log.info(
+                    "Update %s is answered already or by another process; not answering it again", update.update_id
+                )
+                return
+            if text is not None:
+                await (send(text) if send else self.send(context.bot, message.chat_id, text, reply_to=message))
+        except Exception:
+            await self._close_entry(claim, update.update_id)  # the error handler's apology is the answer
+            raise
+        # Not reached when the task is cancelled at shutdown: the entry stays open for the next start.
+        await self._close_entry(claim, update.update_id)
+
+    @staticmethod
+    def _answered_elsewhere(claim: asyncio.Task) -> bool:
+        # Only when the inbox has already said so: waiting for it would hold up replies that need no database.
+        return claim.done() and not claim.cancelled() and claim.exception() is None and not claim.result()
+
+    async def _close_entry(self, claim: asyncio.Task, update_id: int) -> None:
+        try:
+            if await claim:
+                await self.inbox.mark(update_key(update_id), ANSWERED, self.clock())
+        except SQLAlchemyError as error:
+            log.warning("The inbox could not record update %s: %s", update_id, describe(error))
+
     async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
         name, args = split_command(message.text) or ("", "")
         if name == "speech" and replied_message(message) is not None:
             await self.interactive.speech_in_reply(update, context, args)
             return
-        reply = await self.core.handle_text(
+        reply = self.core.handle_text(
             self._chat(update),
             message.text,
             check_admin=lambda: self.is_admin(update, context.bot),
             show_typing=self.interactive.showing_progress(context.bot, message.chat),
         )
-        if reply is not None:
-            await self.send(context.bot, message.chat_id, reply, reply_to=message)
+        await self.answer(update, context, reply)
 
     async def on_private_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await self._answer_prompt(update, context, update.effective_message.text)
@@ -281,25 +374,25 @@ class TelegramFrontend:
 
     async def _answer_prompt(self, update: Update, context: ContextTypes.DEFAULT_TYPE, prompt: str) -> None:
         message = update.effective_message
-        reply = await self.core.prompt(
+        reply = self.core.prompt(
             self._chat(update), prompt, show_typing=self.interactive.showing_progress(context.bot, message.chat)
         )
-        await self.send(context.bot, message.chat_id, reply, reply_to=message)
+        await self.answer(update, context, reply)
 
     async def on_migration(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
         if message.migrate_to_chat_id:
-            self.chat_moved(message.chat_id, message.migrate_to_chat_id)
+            await self.chat_moved(message.chat_id, message.migrate_to_chat_id)
         elif message.migrate_from_chat_id:
-            self.chat_moved(message.migrate_from_chat_id, message.chat_id)
+            await self.chat_moved(message.migrate_from_chat_id, message.chat_id)
 
     async def on_my_chat_member(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
         """Removed from a group or blocked in private: its daily speech stops."""
         change = update.my_chat_member
         if change.new_chat_member.status in (ChatMemberStatus.LEFT, ChatMemberStatus.BANNED):
-            settings = self.store.find(change.chat.id)
+            settings = await self.store.find(change.chat.id)
             if settings is not None and settings.schedule_enabled:
-                self.store.update(change.chat.id, schedule_enabled=False)
+                await self.store.update(change.chat.id, schedule_enabled=False)
                 if self.daily is not None:
                     self.daily.remove(change.chat.id)
 
@@ -335,6 +428,7 @@ def build_application(
     frontend = TelegramFrontend(config, services.core, clock)
 
     async def post_shutdown(_application: Application) -> None:
+        frontend.inbox.close()
         services.close()
 
     builder = (

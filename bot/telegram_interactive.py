@@ -198,20 +198,25 @@ class InteractiveHandlers:
         message = update.effective_message
         replied = replied_message(message)
         text = replied.text or replied.caption
-        reply = await self.core.reply_speech(
+        reply = self.core.reply_speech(
             ChatRef(message.chat.id, message.chat.type),
             args,
             text,
             show_typing=self.showing_progress(context.bot, message.chat),
         )
-        if not isinstance(reply, Speech):
-            await self.frontend.send(context.bot, message.chat_id, reply, reply_to=message)
-            return
-        quote = text if len(text) <= QUOTE_MAX else None
-        try:
-            await self.frontend.send(context.bot, message.chat_id, reply, reply_to=replied, quote=quote)
-        except BadRequest:
-            if quote is None:
-                raise
-            # Telegram matches quotes against the message as it stored it; without the quote the reply stands.
-            await self.frontend.send(context.bot, message.chat_id, reply, reply_to=replied)
+
+        async def send(answer: str) -> None:
+            if not isinstance(answer, Speech):
+                await self.frontend.send(context.bot, message.chat_id, answer, reply_to=message)
+                return
+            quote = text if len(text) <= QUOTE_MAX else None
+            try:
+                await self.frontend.send(context.bot, message.chat_id, answer, reply_to=replied, quote=quote)
+            except BadRequest:
+                if quote is None:
+                    raise
+                # Telegram matches quotes against the message as it stored it; without the quote the reply stands.
+                await self.frontend.send(context.bot, message.chat_id, answer, reply_to=replied)
+
+        # Through the inbox like every other reply, so a crash while it is written does not lose it.
+        await self.frontend.answer(update, context, reply, send=send)

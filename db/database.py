@@ -1,23 +1,47 @@
-"""Opening the database named by a URL, bringing its schema up to date with Alembic, and saying what is wrong.
+"""Opening the database named by a URL, bringing its schema up to date with Alembic, saying what is
+wrong, and running its blocking calls on threads of their own.
 
 Every way a database can be unusable at start (a bad URL, a missing driver, a folder that cannot be
 made, a file that is not a database, a read-only file) becomes a DatabaseConfigError with one line
 naming it; `describe` turns errors met later, mid-session, into the same kind of line.
+
+Database work never runs on the event loop: a SQLite file locked by another process (or a slow
+PostgreSQL server) must hold up only the chat that needs it, not every chat. SQLAlchemy's asyncio
+extension would do the same through a thread per connection for SQLite (aiosqlite) and a second
+PostgreSQL driver (asyncpg); a small executor around the one synchronous store keeps one code
+path for the bot, the console and `migrate`, and the drivers the project already has.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_READONLY = 8  # sqlite3's primary result code; extended codes keep it in the low byte
 POSTGRES_READ_ONLY_TRANSACTION = "25006"
+# Threads for database calls. Fewer than SQLAlchemy's default pool (5 + 10 overflow), so a call never
+# waits for a connection, and separate from asyncio's default executor, so calls stuck on a lock
+# cannot starve anything else that runs in threads.
+DATABASE_THREADS = 8
+
+# The first key of PostgreSQL advisory locks taken here; any fixed 32-bit number that other
+# applications sharing the database are unlikely to use.
+MIGRATION_LOCK_CLASS = 0x5BEEC5
+
+T = TypeVar("T")
 
 
 class DatabaseConfigError(ValueError):
@@ -82,14 +106,21 @@ def describe(error: SQLAlchemyError) -> str:
     return " ".join(reason.split())
 
 
-def migrate(engine: Engine) -> None:
-    """Apply every Alembic migration not yet applied (idempotent); a DatabaseConfigError if the database is unusable."""
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Apply every Alembic migration up to `revision` not yet applied (idempotent); a DatabaseConfigError if the
+    database is unusable."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     try:
         with engine.begin() as connection:
+            # Processes starting together would otherwise race to create the same tables; the lock
+            # makes the later ones wait and then find nothing left to do.
+            if engine.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:kind, 0)"), {"kind": MIGRATION_LOCK_CLASS})
+            elif engine.dialect.name == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock, before the schema is read
             config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            command.upgrade(config, revision)
     except SQLAlchemyError as error:
         where = engine.url.render_as_string(hide_password=True)
         if is_read_only(error):
@@ -99,3 +130,39 @@ def migrate(engine: Engine) -> None:
         else:
             hint = "check that the server is up and DATABASE_URL's host, port, user, password and database name"
         raise DatabaseConfigError(f"the database at {where} cannot be used ({describe(error)}); {hint}") from None
+
+
+def insert_new(session: Session, model: type, **values) -> bool:
+    """Insert a row unless its key exists; True if it was inserted. One statement, so racing inserts are safe."""
+    insert = postgresql_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+    # RETURNING rather than rowcount, which psycopg leaves at -1 for ON CONFLICT DO NOTHING.
+    key = model.__mapper__.primary_key[0]
+    statement = insert(model).values(**values).on_conflict_do_nothing().returning(key)
+    return session.execute(statement).first() is not None
+
+
+class Database:
+    """An engine plus the threads its calls run on; `await database.run(work)` is one transaction."""
+
+    def __init__(self, engine: Engine, threads: int = DATABASE_THREADS):
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="database")
+
+    def run_here(self, work: Callable[[Session], T]) -> T:
+        """`work(session)` in one transaction, committed before this returns, on the calling thread."""
+        with self._sessions.begin() as session:
+            return work(session)
+
+    async def run(self, work: Callable[[Session], T]) -> T:
+        """run_here on a database thread, so the event loop goes on while the database waits."""
+        return await self.call(self.run_here, work)
+
+    async def call(self, function: Callable[..., T], *args) -> T:
+        """`function(*args)` on a database thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.engine.dispose()

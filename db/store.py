@@ -1,13 +1,15 @@
-"""ChatStore: every read and write of chat settings, each write committed at once."""
+"""ChatStore: every read and write of chat settings, each write committed at once, none on the event loop."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, time
+from datetime import date, datetime, time, timedelta
 
 from sqlalchemy import Engine, delete, or_, select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session
 
+from db.database import Database, insert_new
+from db.inbox import CLAIMED, add_entry, daily_key
 from db.models import Chat, utc_now
 
 
@@ -39,38 +41,54 @@ class ChatSettings:
 
 
 class ChatStore:
-    """Chat rows keyed by Telegram chat id. New chats start with the given default settings."""
+    """Chat rows keyed by Telegram chat id. New chats start with the given default settings.
+
+    Every method is a coroutine whose transaction runs on a database thread (db.database.Database).
+    """
 
     def __init__(self, engine: Engine, default_temperature: float, default_length: int):
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self.database = Database(engine)
         self.default_temperature = default_temperature
         self.default_length = default_length
 
-    def get(self, chat_id: int, chat_type: str) -> ChatSettings:
-        """The chat's settings, creating its row with the defaults on first contact."""
-        with self._sessions.begin() as session:
-            row = session.get(Chat, chat_id)
-            if row is None:
-                row = Chat(
-                    id=chat_id,
-                    type=chat_type,
-                    temperature=self.default_temperature,
-                    length=self.default_length,
-                )
-                session.add(row)
-            elif row.type != chat_type:
-                row.type = chat_type
-            session.flush()
-            return ChatSettings.from_row(row)
+    def close(self) -> None:
+        self.database.close()
 
-    def find(self, chat_id: int) -> ChatSettings | None:
-        with self._sessions() as session:
+    def _get_row(self, session: Session, chat_id: int, chat_type: str) -> Chat:
+        row = session.get(Chat, chat_id)
+        if row is None:
+            # Two replicas may meet a new chat at the same moment: the insert lets the first one win.
+            insert_new(
+                session,
+                Chat,
+                id=chat_id,
+                type=chat_type,
+                temperature=self.default_temperature,
+                length=self.default_length,
+            )
+            row = session.get(Chat, chat_id)
+        if row.type != chat_type:
+            row.type = chat_type
+            session.flush()
+        return row
+
+    async def get(self, chat_id: int, chat_type: str) -> ChatSettings:
+        """The chat's settings, creating its row with the defaults on first contact."""
+        return await self.database.run(
+            lambda session: ChatSettings.from_row(self._get_row(session, chat_id, chat_type))
+        )
+
+    async def find(self, chat_id: int) -> ChatSettings | None:
+        def work(session: Session) -> ChatSettings | None:
             row = session.get(Chat, chat_id)
             return None if row is None else ChatSettings.from_row(row)
 
-    def update(self, chat_id: int, **values) -> ChatSettings:
+        return await self.database.run(work)
+
+    async def update(self, chat_id: int, **values) -> ChatSettings:
         """Change columns of an existing chat; the commit happens before this returns."""
-        with self._sessions.begin() as session:
+
+        def work(session: Session) -> ChatSettings:
             row = session.get(Chat, chat_id)
             if row is None:
                 raise KeyError(f"chat {chat_id} is not stored")
@@ -79,19 +97,55 @@ class ChatStore:
             session.flush()
             return ChatSettings.from_row(row)
 
-    def scheduled(self) -> list[ChatSettings]:
-        with self._sessions() as session:
+        return await self.database.run(work)
+
+    async def scheduled(self) -> list[ChatSettings]:
+        def work(session: Session) -> list[ChatSettings]:
             rows = session.scalars(select(Chat).where(Chat.schedule_enabled.is_(True)).order_by(Chat.id))
             return [ChatSettings.from_row(row) for row in rows]
 
-    def claim_daily_post(self, chat_id: int, day: date) -> bool:
+        return await self.database.run(work)
+
+    async def start_speech(
+        self, chat_id: int, chat_type: str, now: datetime, cooldown: timedelta
+    ) -> tuple[ChatSettings, datetime | None]:
+        """Start the chat's cooldown and return its settings, or, if a cooldown runs, when it ends.
+
+        One conditional UPDATE, so two replicas asked at the same moment cannot both start a speech.
+        """
+
+        def work(session: Session) -> tuple[ChatSettings, datetime | None]:
+            settings = ChatSettings.from_row(self._get_row(session, chat_id, chat_type))
+            started = session.execute(
+                update(Chat)
+                .where(Chat.id == chat_id, or_(Chat.speech_ready_at.is_(None), Chat.speech_ready_at <= now))
+                .values(speech_ready_at=now + cooldown)
+            )
+            if started.rowcount == 1:
+                return settings, None
+            return settings, session.scalar(select(Chat.speech_ready_at).where(Chat.id == chat_id))
+
+        return await self.database.run(work)
+
+    async def cancel_cooldown(self, chat_id: int, ready_at: datetime) -> None:
+        """Undo start_speech's cooldown (nothing was made), unless a later speech has set its own."""
+        await self.database.run(
+            lambda session: session.execute(
+                update(Chat).where(Chat.id == chat_id, Chat.speech_ready_at == ready_at).values(speech_ready_at=None)
+            )
+        )
+
+    async def claim_daily_post(self, chat_id: int, day: date, owner: int, now: datetime | None = None) -> bool:
         """Record that `day`'s post is being made; False if it already was, or the schedule is off.
 
-        One conditional UPDATE, so two processes or two timers racing for the same day cannot
-        both win: this is the at-most-once-per-day guard.
+        One conditional UPDATE, so two processes or two timers racing for the same day cannot both
+        win: the at-most-once-per-day guard. The same transaction opens the post's inbox entry, so a
+        crash while it is written leaves it to be made again (db/inbox.py).
         """
-        with self._sessions.begin() as session:
-            result = session.execute(
+        now = now or utc_now()
+
+        def work(session: Session) -> bool:
+            claimed = session.execute(
                 update(Chat)
                 .where(
                     Chat.id == chat_id,
@@ -100,11 +154,17 @@ class ChatStore:
                 )
                 .values(last_daily_post=day, updated_at=utc_now())
             )
-            return result.rowcount == 1
+            if claimed.rowcount != 1:
+                return False
+            add_entry(session, daily_key(chat_id, day), chat_id, owner, CLAIMED, now)
+            return True
 
-    def migrate_chat(self, old_id: int, new_id: int) -> ChatSettings | None:
+        return await self.database.run(work)
+
+    async def migrate_chat(self, old_id: int, new_id: int) -> ChatSettings | None:
         """Move a group's row to its new supergroup id (Telegram's ChatMigrated)."""
-        with self._sessions.begin() as session:
+
+        def work(session: Session) -> ChatSettings | None:
             old = session.get(Chat, old_id)
             if old is None:
                 return None
@@ -114,3 +174,5 @@ class ChatStore:
             moved = {"id": new_id, "type": "supergroup", "updated_at": utc_now()}
             session.execute(update(Chat).where(Chat.id == old_id).values(**moved))
             return ChatSettings.from_row(session.get(Chat, new_id, populate_existing=True))
+
+        return await self.database.run(work)

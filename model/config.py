@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from model.cli import UsageError, option
 from model.model import INIT_SCHEMES, RNN_TYPES, ModelConfig
 from model.sample import validate_sampling
+from model.sampling import TEMPERATURE_RANGE
 from model.schedule import SCHEDULES, parse_piecewise
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
@@ -52,7 +53,7 @@ class TrainConfig:
     print_every: int = option(10, "log metrics every N iterations", RUN)
     sample_every: int = option(500, "print a sample every N iterations (0: never)", RUN)
     sample_length: int = option(200, "characters per printed sample", RUN)
-    sample_temperature: float = option(0.9, "temperature of printed samples, in (0, 2]", RUN)
+    sample_temperature: float = option(0.9, f"temperature of printed samples, {TEMPERATURE_RANGE}", RUN)
     init_from: str | None = option(None, "fine-tune from this checkpoint's weights", RUN, metavar="CKPT")
     reset_iterations: bool = option(True, "with --init-from: start counting iterations from 0", RUN)
     resume: str | None = option(None, "continue exactly where this checkpoint stopped", RUN, metavar="CKPT")

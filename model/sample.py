@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
+import numpy as np
 import torch
 
 from model.cli import UsageError
 from model.ensemble import CHECKPOINTS_HELP, Ensemble, load_models
 from model.model import CharRNN
+from model.sampling import (
+    BOT_SAMPLING,
+    TEMPERATURE_RANGE,
+    InvalidSampling,
+    SamplingParams,
+    paragraph_start,
+    repeated_characters,
+    repetition_start,
+    repetition_step,
+    sampling_distribution,
+)
 from model.text import CleaningOptions, Vocab, normalize_prompt
 
 
@@ -29,9 +42,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--length", type=int, default=2000, help="characters to generate")
     p.add_argument("--start-text", default="", help="prime the model with this text (printed first)")
-    p.add_argument("--temperature", type=float, default=0.9, help="softmax temperature, in (0, 2]")
+    p.add_argument("--temperature", type=float, default=0.9, help=f"softmax temperature, {TEMPERATURE_RANGE}")
     p.add_argument("--argmax", action="store_true", help="always take the most likely character")
     p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely characters (0: all)")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="sample from the likeliest characters up to this mass (1: all)"
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="drop characters below min_p times the likeliest's probability (0: off)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=0.0,
+        help="subtracted from the logit of a character that repeats a recent --repeat-ngram (0: off; docs/engine.md)",
+    )
+    p.add_argument("--repeat-ngram", type=int, default=6, help="characters in a string the penalty counts as repeated")
+    p.add_argument(
+        "--bot-sampling",
+        action="store_true",
+        help="the bot's min-p, top-p and repetition penalty (model/sampling.py BOT_SAMPLING) at --temperature",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
     p.add_argument("--verbose", action="store_true", help="print timing")
@@ -42,37 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
 MAX_LENGTH = 100_000
 
 
-def validate_sampling(length: int, temperature: float, top_k: int, prefix: str = "--") -> None:
+def validate_length(length: int, prefix: str = "--") -> None:
     """prefix: how the flags are named where they are checked (`--` here, `--sample-` in training)."""
     if not 1 <= length <= MAX_LENGTH:
         raise UsageError(f"{prefix}length must be a number of characters from 1 to {MAX_LENGTH:,}, not {length}")
-    if not 0 < temperature <= 2:
-        raise UsageError(f"{prefix}temperature must be in (0, 2], not {temperature}")
-    if top_k < 0:
-        raise UsageError(f"--top-k must be 0 (off) or a positive number, not {top_k}")
 
 
-@torch.no_grad()
-def paragraph_start(net: CharRNN | Ensemble, vocab: Vocab, device: str | torch.device = "cpu", max_chars: int = 300):
-    """Logits and state at the start of a sentence that the model wrote itself.
+def validate_sampling(length: int, temperature: float, top_k: int = 0, prefix: str = "--") -> SamplingParams:
+    """Plain sampling settings, checked by SamplingParams; prefix as for validate_length."""
+    validate_length(length, prefix)
+    try:
+        return SamplingParams(temperature=temperature, top_k=top_k)
+    except InvalidSampling as exc:
+        raise UsageError(exc.as_flag(prefix)) from None
 
-    Training sees a zero state once an epoch, so text sampled straight from it starts with odd
-    characters ("éFire, that"). Instead the model reads a newline and writes greedily until it ends
-    a sentence (". ", "? ", "! " or a newline; at most max_chars), and generation starts there.
-    The bot's engine does the same.
-    """
-    newline = vocab.encode("\n")[:1] or [0]
-    enders = set(vocab.encode(".!?"))
-    breaks = set(vocab.encode(" ")) | set(newline)
-    logits, state = net(torch.tensor([newline], device=device))
-    previous = newline[0]
-    for _ in range(max_chars):
-        token = int(logits[0, -1].argmax())
-        logits, state = net(torch.tensor([[token]], device=device), state)
-        if token in breaks and previous in enders:
-            break
-        previous = token
-    return logits, state
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The flags as SamplingParams (--length checked too); --bot-sampling starts from the bot's settings
+    (then only --temperature and --top-k change them)."""
+    validate_length(args.length)
+    try:
+        if args.bot_sampling:
+            return replace(BOT_SAMPLING, temperature=args.temperature, top_k=args.top_k)
+        return SamplingParams.from_args(args)
+    except InvalidSampling as exc:
+        raise UsageError(exc.as_flag()) from None
 
 
 @torch.no_grad()
@@ -87,35 +115,55 @@ def sample_text(
     top_k: int = 0,
     seed: int | None = None,
     device: str | torch.device = "cpu",
+    sampling: SamplingParams | None = None,
 ) -> str:
-    """The continuation of start_text (not including it). Uses its own generator, never the global RNG."""
+    """The continuation of start_text (not including it). Uses its own generator, never the global RNG.
+
+    `sampling` replaces temperature and top_k when given. Plain sampling (temperature, top-k) draws as it
+    always has, so a seed gives the same text as before min-p, top-p and the penalty existed; with any
+    of those the draw follows model.sampling's reference arithmetic, as the bot's chunk graph does.
+    """
+    params = sampling or SamplingParams(temperature=temperature, top_k=top_k)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed if seed is not None else torch.seed())
     was_training = net.training
     net.eval()
-    logits, state = paragraph_start(net, vocab, device)
+
+    def step(tokens: list[int], state):
+        logits, state = net(torch.tensor([tokens], device=device), state)
+        return logits[0, -1], state
+
+    logits, state = paragraph_start(step, vocab.encode)
     prompt_ids = vocab.encode(normalize_prompt(start_text, cleaning))
     if prompt_ids:
-        logits, state = net(torch.tensor([prompt_ids], device=device), state)
+        logits, state = step(prompt_ids, state)
+    pad = len(vocab)
+    history, matches = (x[None] for x in repetition_start(prompt_ids, pad))
+    ngram = np.array([params.repeat_ngram])
     out: list[int] = []
     for _ in range(length):
-        last = logits[0, -1].float().cpu()
+        last = logits.float().cpu()
         if argmax:
             token = int(last.argmax())
-        else:
-            scaled = last / temperature
-            if top_k:
-                kth = torch.topk(scaled, min(top_k, scaled.numel())).values[-1]
+        elif params.is_plain:
+            scaled = last / params.temperature
+            if params.top_k:
+                kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
                 scaled = scaled.masked_fill(scaled < kth, -torch.inf)
             token = int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator))
+        else:
+            repeated = repeated_characters(history, matches, ngram, pad)
+            probabilities = torch.from_numpy(sampling_distribution(last.numpy()[None], [params], repeated)[0])
+            token = int(torch.multinomial(probabilities, 1, generator=generator))
+        history, matches = repetition_step(history, matches, np.array([token]))
         out.append(token)
-        logits, state = net(torch.tensor([[token]], device=device), state)
+        logits, state = step([token], state)
     net.train(was_training)
     return vocab.decode(out)
 
 
 def main(args: argparse.Namespace) -> None:
-    validate_sampling(args.length, args.temperature, args.top_k)
+    sampling = sampling_params(args)
     start = time.perf_counter()
     net, (ckpt, *_) = load_models(args.checkpoint, args.device)
     vocab = Vocab(ckpt.vocab, ckpt.unknown_policy)
@@ -127,11 +175,10 @@ def main(args: argparse.Namespace) -> None:
         cleaning,
         args.length,
         args.start_text,
-        args.temperature,
-        args.argmax,
-        args.top_k,
-        args.seed,
-        args.device,
+        argmax=args.argmax,
+        seed=args.seed,
+        device=args.device,
+        sampling=sampling,
     )
     done = time.perf_counter()
     print(args.start_text + text)

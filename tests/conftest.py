@@ -1,13 +1,25 @@
-"""Shared fixtures for export and engine tests: a tiny LSTM trained briefly on a tiny corpus, and its exports."""
+"""Shared fixtures: a tiny LSTM trained briefly on a tiny corpus and its exports, and the databases.
+
+`database_url` runs a test on SQLite and on a real PostgreSQL server, which one session fixture starts
+from Debian's postgresql package (as the `postgres` user when tests run as root, since initdb refuses
+root), on 127.0.0.1 with its data in a temporary folder; every test gets a database of its own.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import create_engine, text
 
 from export.pipeline import export_checkpoint
 from model.checkpoint import Checkpoint
@@ -85,3 +97,52 @@ def tiny_onnx(tiny_dir, tiny_checkpoint) -> Path:
 def tiny_int8(tiny_dir, tiny_checkpoint) -> Path:
     export_checkpoint(tiny_checkpoint, tiny_dir / "tiny-int8.onnx", "int8", str(tiny_dir / "corpus.txt"))
     return tiny_dir / "tiny-int8.onnx"
+
+
+POSTGRES_BIN = Path(os.environ.get("POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
+_database_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server; yields the URL of its maintenance database."""
+    if not (POSTGRES_BIN / "pg_ctl").is_file():
+        pytest.fail(f"no PostgreSQL server at {POSTGRES_BIN} (apt-get install postgresql, or set POSTGRES_BIN)")
+    root = Path(tempfile.mkdtemp(prefix="speechbot-postgres-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(root, "postgres", "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = root / "data"
+
+    def pg(tool: str, *args: str) -> None:
+        subprocess.run([*as_postgres, str(POSTGRES_BIN / tool), *args], check=True, capture_output=True)
+
+    pg("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-sync")
+    # fsync off: a test server's data need not survive a power cut, and syncing is most of its cost.
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c full_page_writes=off"
+    pg("pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        pg("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def new_postgres_database(server_url: str) -> str:
+    name = f"test_{os.getpid()}_{next(_database_names)}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """An empty database: a SQLite file, or a fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bot.db'}"
+    return new_postgres_database(request.getfixturevalue("postgres_server"))

@@ -111,7 +111,16 @@ def _decode(value, types: list[str]):
 class TelegramEmulator:
     """Serve with `async with TelegramEmulator(token) as emulator:`; point the bot at `.base_url`."""
 
-    def __init__(self, token: str, bot_username: str = "SpeechTestBot", spec_path: Path = SPEC_PATH, port: int = 0):
+    def __init__(
+        self,
+        token: str,
+        bot_username: str = "SpeechTestBot",
+        spec_path: Path = SPEC_PATH,
+        port: int = 0,
+        first_update_id: int = 1,
+    ):
+        """`first_update_id`: emulators standing in for one bot's updates split between replicas must not
+        repeat each other's ids, as Telegram numbers a bot's updates once."""
         self.token = token
         self.port = port  # 0: any free port
         self.bot_user = {
@@ -131,7 +140,7 @@ class TelegramEmulator:
         self.migrated: dict[int, int] = {}
         self.commands: list[dict] = []
         self._updates: list[dict] = []
-        self._update_ids = itertools.count(1)
+        self._update_ids = itertools.count(first_update_id)
         self._message_ids = itertools.count(1000)
         self._query_ids = itertools.count(5000)
         self._changed = asyncio.Condition()
@@ -241,7 +250,7 @@ class TelegramEmulator:
             await asyncio.wait_for(self._changed.wait_for(find), timeout)
             return find()
 
-    async def ask(self, chat: dict, sender: dict | None, text: str, **extra) -> str:
+    async def ask(self, chat: dict, sender: dict | None, text: str, timeout: float = 15.0, **extra) -> str:
         """Send a text message and return the text of the bot's answer in that chat."""
         since = len(self.calls)
         self.send_text(chat, sender, text, **extra)
@@ -250,6 +259,7 @@ class TelegramEmulator:
                 call.method == "sendMessage" and call.status == 200 and int(call.params["chat_id"]) == chat["id"]
             ),
             since,
+            timeout,
         )
         return answer.params["text"]
 

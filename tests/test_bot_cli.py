@@ -52,6 +52,9 @@ def one_error_line(capsys) -> str:
         (["dance"], {}, "invalid choice: 'dance'"),
         (["generate", "--length", "many"], {}, "invalid int value: 'many'"),
         (["generate", "--model", "missing.onnx"], {}, "missing.onnx"),
+        (["generate", "--min-p", "1"], {}, "--min-p must be at least 0 (off) and below 1, not 1.0"),
+        (["generate", "--temperature", "3"], {}, "--temperature must be above 0 and at most 2, not 3.0"),
+        (["generate", "--repeat-ngram", "99"], {}, "--repeat-ngram must be a whole number from 2 to 64"),
         (["healthcheck"], {}, "HEARTBEAT_FILE is not set"),
     ],
 )

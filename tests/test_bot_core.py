@@ -110,10 +110,11 @@ def test_due_times_follow_daylight_saving():
     assert next_due(saturday, time(2, 30), "Europe/Berlin") == datetime(2026, 3, 29, 1, 30, tzinfo=UTC)
 
 
-def test_compose_speech_fits_one_message():
-    assert compose_speech("We will", " build a wall") == "We will build a wall"
+def test_compose_speech_keeps_the_prompt_as_sent():
+    assert compose_speech("We will", " build a wall.") == "We will build a wall."
+    assert compose_speech("  We will", "\n\nbuild.") == "  We will\n\nbuild."
+    assert compose_speech("", "\n Thank you. ") == "Thank you."
     assert compose_speech("", "   ") == "…"
-    assert len(compose_speech("x" * 1000, "y" * 5000)) == MESSAGE_MAX
 
 
 # ---- the core with a real engine and database ----
@@ -128,6 +129,10 @@ async def test_speech_continues_the_prompt_at_the_given_temperature(tmp_path, en
     assert plain.startswith("Make America")
     free = await bot.handle_text(PRIVATE, "/speech")
     assert 1 <= len(free) <= MESSAGE_MAX
+    # The chat's length is 40: each continuation ends a sentence (or stops between words with "…") near it.
+    for speech, prompt in ((reply, "We will build"), (plain, "Make America"), (free, "")):
+        assert 30 - (not prompt) * 2 <= len(speech) - len(prompt) <= 50
+        assert speech[-1] in ".!?\"”’'…"
 
 
 @pytest.mark.parametrize(
@@ -153,7 +158,7 @@ async def test_bad_arguments_get_a_clear_reply(tmp_path, engine, command, expect
     reply = await bot.handle_text(PRIVATE, command)
     assert expected in reply
     assert len(reply) < 400
-    assert bot.store.get(PRIVATE.id, "private").temperature == 0.8, "nothing changed"
+    assert (await bot.store.get(PRIVATE.id, "private")).temperature == 0.8, "nothing changed"
 
 
 async def test_settings_commands_change_and_show(tmp_path, engine):

@@ -59,9 +59,10 @@ def core(tmp_path_factory, tiny_onnx):
     migrate(db)
     engine = GenerationEngine(tiny_onnx, providers="cpu", threads=1)
     # The shortest allowed speeches keep a few hundred examples fast.
-    yield SpeechBot(ChatStore(db, 0.8, 20), engine, cooldown_seconds=0)
+    store = ChatStore(db, 0.8, 20)
+    yield SpeechBot(store, engine, cooldown_seconds=0)
     engine.close()
-    db.dispose()
+    store.close()
 
 
 @pytest.fixture(scope="module")

@@ -47,8 +47,9 @@ def stored_database(path: Path) -> Path:
     """A real bot database holding the console chat's row (length 40, so speeches are short)."""
     db = create_db_engine(f"sqlite:///{path}")
     migrate(db)
-    ChatStore(db, 0.8, 40).get(CONSOLE_CHAT_ID, "console")
-    db.dispose()
+    store = ChatStore(db, 0.8, 40)
+    asyncio.run(store.get(CONSOLE_CHAT_ID, "console"))
+    store.close()
     return path
 
 
@@ -139,7 +140,7 @@ def test_telegram_unreachable_at_start_is_one_line_without_a_traceback(tmp_path,
         LOG_LEVEL="WARNING",
     )
     result = run_bot(tmp_path, environment, "run")
-    assert_one_error_line(result, "Telegram could not be reached", code=1)
+    assert_one_error_line(result, "Telegram could not be reached", code=2)
     assert len(result.stderr.splitlines()) <= 6, result.stderr  # the retry warnings and PTB's one line
 
 
@@ -190,3 +191,9 @@ async def test_webhook_without_a_configured_secret_refuses_forged_updates(tmp_pa
     assert process.returncode == 0, output[-3000:]
     assert "Request did not include the secret token" in output  # python-telegram-bot's refusal, at DEBUG
     assert secret not in output, "the made-up secret is redacted from the logs like a configured one"
+
+
+def test_a_model_path_that_is_a_directory_is_named_as_one(tmp_path):
+    environment = bot_environment(tmp_path)  # MODEL_PATH is the folder itself
+    line = assert_one_error_line(run_bot(tmp_path, environment, "generate", "--length", "20"), "is a directory")
+    assert str(tmp_path) in line

@@ -10,12 +10,13 @@ from bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat,
 from test_bot_concurrency import HoldingEmulator
 
 from bot.core import INLINE_LENGTH, INLINE_STYLES, NO_TEXT_TO_CONTINUE, STALE_CHOICE
+from bot.ending import ELLIPSIS
 from bot.telegram_interactive import INLINE_CACHE_SECONDS, INLINE_PREVIEW_CHARS
 
 pytest_plugins = ["bot_harness"]
 
 ALICE_CHAT = private_chat(ALICE)
-SENTENCE_ENDS = (".", "!", "?")
+SPEECH_ENDS = (".", "!", "?", ELLIPSIS)  # a sentence end, else a word and "…" (bot/ending.py)
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ async def press(emulator, message: dict, sender: dict, data: str) -> tuple[str |
 
 
 @pytest.mark.parametrize("query", ["We will", ""])
-async def test_inline_query_offers_calm_classic_and_wild_speeches_ending_on_sentences(bot, emulator, query):
+async def test_inline_query_offers_calm_classic_and_wild_speeches_ending_as_speeches_end(bot, emulator, query):
     answer = await answer_of(emulator, "answerInlineQuery", emulator.inline_query(ALICE, query))
     results = answer.params["results"]
     assert [result["title"] for result in results] == [f"{s} speech ({t:g})" for s, t in INLINE_STYLES]
@@ -71,7 +72,7 @@ async def test_inline_query_offers_calm_classic_and_wild_speeches_ending_on_sent
     for result in results:
         text = result["input_message_content"]["message_text"]
         assert result["type"] == "article" and text.startswith(query)
-        assert text.endswith(SENTENCE_ENDS), text
+        assert text.endswith(SPEECH_ENDS), text
         assert len(query) < len(text) <= len(query) + INLINE_LENGTH
         preview = result["description"]
         assert len(preview) <= INLINE_PREVIEW_CHARS and " ".join(text.split()).startswith(preview.removesuffix("…"))

@@ -46,8 +46,8 @@ async def test_job_uses_local_time_across_daylight_saving(emulator, engine, tmp_
         assert job.job.misfire_grace_time == 3600, "set explicitly: APScheduler's default is 1 s"
 
 
-async def test_daily_speech_fires_once_per_day_even_across_a_restart(emulator, engine, tmp_path):
-    config = bot_config(emulator, tmp_path / "bot.db")
+async def test_daily_speech_fires_once_per_day_even_across_a_restart(emulator, engine, tmp_path, database_url):
+    config = bot_config(emulator, tmp_path / "bot.db", database_url=database_url)
     clock = Clock(NOON)
     async with running_bot(emulator, engine, config, clock) as app:
         await emulator.ask(CHAT, ALICE, "/schedule 12:30")

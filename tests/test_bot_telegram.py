@@ -175,8 +175,8 @@ async def test_getupdates_errors_do_not_stop_polling(bot, emulator):
     assert [call.status for call in emulator.calls if call.method == "getUpdates"][:2] == [503, 503]
 
 
-async def test_settings_survive_a_restart(emulator, engine, tmp_path):
-    config = bot_config(emulator, tmp_path / "bot.db")
+async def test_settings_survive_a_restart(emulator, engine, tmp_path, database_url):
+    config = bot_config(emulator, tmp_path / "bot.db", database_url=database_url)
     group = group_chat(-4004)
     emulator.admins[group["id"]] = [ALICE]
     async with running_bot(emulator, engine, config, Clock()):
@@ -187,7 +187,15 @@ async def test_settings_survive_a_restart(emulator, engine, tmp_path):
         assert "length: 33 characters" in await emulator.ask(group, BOB, "/settings")
 
 
-async def test_group_upgraded_to_supergroup_keeps_its_settings(bot, emulator):
+@pytest.fixture
+async def bot_on_both(emulator, engine, tmp_path, database_url):
+    """The bot on SQLite and on PostgreSQL."""
+    config = bot_config(emulator, tmp_path / "bot.db", database_url=database_url)
+    async with running_bot(emulator, engine, config, Clock()) as application:
+        yield application
+
+
+async def test_group_upgraded_to_supergroup_keeps_its_settings(bot_on_both, emulator):
     group, supergroup = group_chat(-4005), group_chat(-1004005, "supergroup")
     emulator.admins[group["id"]] = [ALICE]
     emulator.admins[supergroup["id"]] = [ALICE]
@@ -206,7 +214,7 @@ async def test_group_upgraded_to_supergroup_keeps_its_settings(bot, emulator):
     assert "temperature: 0.3" in await emulator.ask(supergroup, ALICE, "/settings")
 
 
-async def test_migration_service_message_moves_the_row(bot, emulator):
+async def test_migration_service_message_moves_the_row(bot_on_both, emulator):
     group, supergroup = group_chat(-4006), group_chat(-1004006, "supergroup")
     emulator.admins[group["id"]] = [ALICE]
     await emulator.ask(group, ALICE, "/length 77")
@@ -281,3 +289,30 @@ async def test_a_user_who_blocked_the_bot_is_not_an_error(bot, emulator, caplog)
     assert not [record for record in caplog.records if record.levelname == "ERROR"]
     emulator.blocked.clear()
     assert "parody" in await emulator.ask(ALICE_CHAT, ALICE, "/start")
+
+
+async def test_a_locked_database_holds_up_only_the_chat_that_needs_it(bot, emulator, tmp_path):
+    """Another process's write lock on the SQLite file: chat A's write waits out the busy timeout
+    and is told the database cannot be used, while chat B's /help, which needs no database, is answered meanwhile."""
+    chat_a, chat_b = ALICE_CHAT, private_chat(BOB)
+    locker = sqlite3.connect(tmp_path / "bot.db", isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # the write lock, held until ROLLBACK below
+    try:
+        since = len(emulator.calls)
+        emulator.send_text(chat_a, ALICE, "/temperature 0.5")
+        emulator.send_text(chat_b, BOB, "/help")
+        help_reply = await emulator.wait_for(
+            lambda call: call.method == "sendMessage" and int(call.params["chat_id"]) == chat_b["id"], since
+        )
+        assert "/schedule 08:30" in help_reply.params["text"]
+        assert not emulator.sent(chat_id=chat_a["id"]), "chat A is still waiting for the database"
+        sorry = await emulator.wait_for(
+            lambda call: call.method == "sendMessage" and int(call.params["chat_id"]) == chat_a["id"], since
+        )
+        assert sorry.params["text"].startswith("My settings database cannot be used right now (database is locked)"), (
+            "the lock outlasted the busy timeout"
+        )
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert await emulator.ask(chat_a, ALICE, "/temperature 0.5") == "Temperature set to 0.5."

@@ -1,5 +1,12 @@
 """The model shipped in the repository loads, passes its metadata checks and writes a speech."""
 
+import re
+
+import pytest
+
+from bot.config import Config
+from bot.core import compose_speech, speech_options
+from bot.ending import SLACK
 from bot.engine import GenerationEngine
 from bot.modelfile import DEFAULT_MODEL_PATH
 from bot.runner import read_model_info
@@ -31,3 +38,20 @@ def test_bundled_model_writes_a_300_character_speech():
     # Fluent English has short words separated by spaces, not a soup of characters.
     assert len(words) > SPEECH_LENGTH / 10
     assert sum(len(w) for w in words) / len(words) < 8
+
+
+@pytest.mark.parametrize("prompt", ["", "We will"])
+def test_bundled_model_speech_with_the_bot_defaults_ends_at_a_sentence(prompt):
+    # What the bot sends for /speech in a new chat: its default length and temperature, BOT_SAMPLING.
+    with GenerationEngine(DEFAULT_MODEL_PATH, providers="cpu", threads=1) as engine:
+        continuation = engine.generate(
+            prompt,
+            length=Config.default_length,
+            temperature=Config.default_temperature,
+            seed=3,
+            **speech_options(prompt),
+        )
+    speech = compose_speech(prompt, continuation)
+    assert re.search(r"[.!?][\"”’']*$", speech), speech[-80:]
+    assert (1 - SLACK) * Config.default_length <= len(continuation) <= (1 + SLACK) * Config.default_length
+    assert speech.startswith(prompt)

@@ -1,73 +1,203 @@
-"""The chat store on real SQLite files: migrations, defaults, the daily guard, group migration."""
+"""The chat store and the inbox on real SQLite files and a real PostgreSQL server: migrations, defaults,
+the daily guard, the shared cooldown, group migration, and taking over what a crashed process left."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from datetime import date, time
+from datetime import UTC, date, datetime, time, timedelta
 
 import pytest
-from sqlalchemy import inspect
+from conftest import new_postgres_database
+from sqlalchemy import inspect, text
 
 from db.database import DatabaseConfigError, create_db_engine, migrate
+from db.inbox import ANSWERED, CLAIMED, QUEUED, SENDING, Inbox, daily_key, update_key
 from db.store import ChatStore
 
+NOW = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
-def open_store(path) -> ChatStore:
-    engine = create_db_engine(f"sqlite:///{path}")
+
+def open_store(url: str) -> ChatStore:
+    engine = create_db_engine(url)
     migrate(engine)
     return ChatStore(engine, default_temperature=0.8, default_length=300)
+
+
+@pytest.fixture
+def stores(database_url):
+    """Opens stores on the test's database (each its own engine, like separate processes); closes them after."""
+    opened = []
+
+    def open_one() -> ChatStore:
+        opened.append(open_store(database_url))
+        return opened[-1]
+
+    yield open_one
+    for store in opened:
+        store.close()
+
+
+def revision(engine) -> str:
+    with engine.connect() as connection:
+        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
 
 
 def test_migration_creates_folder_table_and_wal(tmp_path):
     path = tmp_path / "nested" / "bot.db"
     engine = create_db_engine(f"sqlite:///{path}")
     migrate(engine)
-    migrate(engine)  # a second start finds nothing to do
-    assert "chats" in inspect(engine).get_table_names()
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0001"
 
 
-def test_new_chat_gets_defaults_and_changes_survive_reopen(tmp_path):
-    store = open_store(tmp_path / "bot.db")
-    settings = store.get(42, "private")
+def test_upgrade_from_empty(database_url):
+    engine = create_db_engine(database_url)
+    migrate(engine)
+    migrate(engine)  # a second start finds nothing to do
+    assert {"chats", "inbox"} <= set(inspect(engine).get_table_names())
+    assert "speech_ready_at" in {column["name"] for column in inspect(engine).get_columns("chats")}
+    assert revision(engine) == "0002"
+    engine.dispose()
+
+
+def test_upgrade_from_the_previous_revision_keeps_the_rows(database_url):
+    engine = create_db_engine(database_url)
+    migrate(engine, "0001")
+    assert "inbox" not in inspect(engine).get_table_names()
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO chats (id, type, temperature, length, time_zone, schedule_enabled, last_daily_post,"
+                " created_at, updated_at) VALUES (-100123, 'group', 1.1, 222, 'Asia/Tokyo', :on, :day, :now, :now)"
+            ),
+            {"on": True, "day": date(2026, 2, 28), "now": NOW},
+        )
+    migrate(engine)
+    assert revision(engine) == "0002"
+    store = ChatStore(engine, 0.8, 300)
+    settings = asyncio.run(store.find(-100123))
+    assert (settings.temperature, settings.length, settings.time_zone) == (1.1, 222, "Asia/Tokyo")
+    assert (settings.schedule_enabled, settings.last_daily_post) == (True, date(2026, 2, 28))
+    store.close()
+
+
+async def test_replicas_migrating_at_once_both_start(database_url):
+    engines = [create_db_engine(database_url) for _ in range(3)]
+    await asyncio.gather(*(asyncio.to_thread(migrate, engine) for engine in engines))
+    assert {revision(engine) for engine in engines} == {"0002"}
+    for engine in engines:
+        engine.dispose()
+
+
+async def test_new_chat_gets_defaults_and_changes_survive_reopen(stores):
+    store = stores()
+    settings = await store.get(42, "private")
     assert (settings.temperature, settings.length, settings.schedule_enabled) == (0.8, 300, False)
-    store.update(42, temperature=1.3, length=120, daily_time=time(7, 30), time_zone="Europe/Berlin")
+    await store.update(42, temperature=1.3, length=120, daily_time=time(7, 30), time_zone="Europe/Berlin")
+    store.close()
 
-    reopened = open_store(tmp_path / "bot.db")
-    settings = reopened.find(42)
+    settings = await stores().find(42)
     assert (settings.temperature, settings.length) == (1.3, 120)
     assert (settings.daily_time, settings.time_zone) == (time(7, 30), "Europe/Berlin")
 
 
-def test_daily_claim_is_won_once_per_day_and_only_when_enabled(tmp_path):
-    store = open_store(tmp_path / "bot.db")
-    store.get(-5, "group")
-    assert not store.claim_daily_post(-5, date(2026, 3, 1)), "no schedule yet"
-    store.update(-5, daily_time=time(9, 0), schedule_enabled=True)
-    assert store.claim_daily_post(-5, date(2026, 3, 1))
-    assert not store.claim_daily_post(-5, date(2026, 3, 1))
-    assert not open_store(tmp_path / "bot.db").claim_daily_post(-5, date(2026, 3, 1)), "across a restart"
-    assert not store.claim_daily_post(-5, date(2026, 2, 28)), "a day already passed"
-    assert store.claim_daily_post(-5, date(2026, 3, 2))
-    assert [chat.id for chat in store.scheduled()] == [-5]
+async def test_daily_claim_is_won_once_per_day_and_only_when_enabled(stores):
+    store = stores()
+    await store.get(-5, "group")
+    assert not await store.claim_daily_post(-5, date(2026, 3, 1), owner=1), "no schedule yet"
+    await store.update(-5, daily_time=time(9, 0), schedule_enabled=True)
+    assert await store.claim_daily_post(-5, date(2026, 3, 1), owner=1)
+    assert not await store.claim_daily_post(-5, date(2026, 3, 1), owner=1)
+    assert not await stores().claim_daily_post(-5, date(2026, 3, 1), owner=2), "from another process"
+    assert not await store.claim_daily_post(-5, date(2026, 2, 28), owner=1), "a day already passed"
+    assert await store.claim_daily_post(-5, date(2026, 3, 2), owner=1)
+    assert [chat.id for chat in await store.scheduled()] == [-5]
 
 
-def test_migrate_chat_moves_settings_to_the_supergroup(tmp_path):
-    store = open_store(tmp_path / "bot.db")
-    store.get(-100, "group")
-    store.update(-100, temperature=0.4, daily_time=time(8, 0), schedule_enabled=True)
-    store.get(-1000000000100, "supergroup")  # the supergroup spoke before the migration arrived
-    moved = store.migrate_chat(-100, -1000000000100)
+async def test_racing_processes_claim_a_day_once_and_share_the_cooldown(stores):
+    replicas = [stores() for _ in range(4)]
+    await replicas[0].get(-6, "group")
+    await replicas[0].update(-6, daily_time=time(9, 0), schedule_enabled=True)
+    claims = await asyncio.gather(
+        *(store.claim_daily_post(-6, date(2026, 3, 1), owner=i) for i, store in enumerate(replicas))
+    )
+    assert sorted(claims) == [False, False, False, True]
+
+    cooldown = timedelta(seconds=10)
+    starts = await asyncio.gather(*(store.start_speech(7, "private", NOW, cooldown) for store in replicas))
+    waits = [ready_at for _settings, ready_at in starts]
+    assert waits.count(None) == 1, "one replica starts the speech"
+    assert [ready_at for ready_at in waits if ready_at is not None] == [NOW + cooldown] * 3
+    assert (await replicas[1].start_speech(7, "private", NOW + cooldown, cooldown))[1] is None, "cooldown over"
+
+
+async def test_cancelled_cooldown_lets_the_next_speech_start(stores):
+    store = stores()
+    cooldown = timedelta(seconds=10)
+    assert (await store.start_speech(7, "private", NOW, cooldown))[1] is None
+    await store.cancel_cooldown(7, NOW + cooldown)
+    assert (await store.start_speech(7, "private", NOW, cooldown))[1] is None
+    assert (await store.start_speech(7, "private", NOW, cooldown))[1] == NOW + cooldown
+
+
+async def test_migrate_chat_moves_settings_to_the_supergroup(stores):
+    store = stores()
+    await store.get(-100, "group")
+    await store.update(-100, temperature=0.4, daily_time=time(8, 0), schedule_enabled=True)
+    await store.get(-1000000000100, "supergroup")  # the supergroup spoke before the migration arrived
+    moved = await store.migrate_chat(-100, -1000000000100)
     assert (moved.id, moved.type, moved.temperature, moved.schedule_enabled) == (
         -1000000000100,
         "supergroup",
         0.4,
         True,
     )
-    assert store.find(-100) is None
-    assert store.migrate_chat(-100, -1000000000100) is None, "a second notice is harmless"
+    assert await store.find(-100) is None
+    assert await store.migrate_chat(-100, -1000000000100) is None, "a second notice is harmless"
+
+
+async def test_inbox_hands_what_a_gone_process_left_to_the_next(stores):
+    crashed_store, next_store = stores(), stores()
+    crashed, survivor = Inbox(crashed_store.database, owner=11), Inbox(next_store.database, owner=22)
+    message = {"update_id": 5, "message": {"message_id": 1, "date": 0, "chat": {"id": 7, "type": "private"}}}
+    assert await crashed.claim_update(5, 7, message, NOW)
+    assert not await survivor.claim_update(5, 7, message, NOW), "a copy of the same update is not handled twice"
+    assert await crashed.claim_update(6, 7, message | {"update_id": 6}, NOW)
+    await crashed.mark(update_key(6), ANSWERED, NOW)
+    await crashed_store.get(-8, "group")
+    await crashed_store.update(-8, daily_time=time(9, 0), schedule_enabled=True)
+    assert await crashed_store.claim_daily_post(-8, date(2026, 3, 1), owner=11, now=NOW)
+    await crashed_store.get(-9, "group")
+    await crashed_store.update(-9, daily_time=time(9, 0), schedule_enabled=True)
+    assert await crashed_store.claim_daily_post(-9, date(2026, 3, 1), owner=11, now=NOW)
+    await crashed.mark(daily_key(-9, date(2026, 3, 1)), SENDING, NOW)
+    crashed_store.close()  # kill -9: its connections are gone, nothing else happens
+
+    taken = {entry.key: entry for entry in await survivor.take_over(NOW)}
+    assert set(taken) == {update_key(5), daily_key(-8, date(2026, 3, 1))}, "answered and sending ones are not"
+    assert (taken[update_key(5)].state, taken[update_key(5)].payload) == (QUEUED, message)
+    assert taken[daily_key(-8, date(2026, 3, 1))].state == CLAIMED
+    assert taken[update_key(5)].received_at == NOW
+    assert await survivor.claim_update(5, 7, message, NOW), "the replayed copy is handled"
+    assert not await survivor.claim_update(5, 7, message, NOW), "once"
+    assert await survivor.take_over(NOW) == [], "nothing is left for a third process"
+    assert await survivor.forget_answered(NOW + timedelta(seconds=1)) == 2
+
+
+async def test_postgresql_tells_a_live_process_from_a_gone_one(postgres_server):
+    url = new_postgres_database(postgres_server)
+    first_store, second_store = open_store(url), open_store(url)
+    first, second = Inbox(first_store.database), Inbox(second_store.database)
+    await first.open()
+    await second.open()
+    assert await first.claim_update(9, 7, {"update_id": 9}, NOW)
+    assert await second.take_over(NOW) == [], "the first process is alive: its work is not taken"
+    first.close()  # what the server sees when the process dies: its connections close
+    first_store.close()
+    assert [entry.key for entry in await second.take_over(NOW)] == [update_key(9)]
+    second.close()
+    second_store.close()
 
 
 @pytest.mark.parametrize(

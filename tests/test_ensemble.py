@@ -70,10 +70,8 @@ def test_an_exported_ensemble_matches_pytorch_and_the_engine_serves_it(
     # (for int8 its Loop's own nodes, bit for bit).
     tokens = np.random.default_rng(0).integers(len(runner.info.vocab), size=(4, 12))
     logits, state = runner.prime(tokens, runner.zero_state(4))
-    greedy = np.ones(4, np.int64)
-    chunk, next_logits, _ = runner.sample(
-        logits[:, -1], state, np.ones(4, np.float32), greedy, np.zeros((4, 8), np.float32)
-    )
+    greedy = {"temperature": np.ones(4, np.float32), "top_k": np.ones(4, np.int64)}
+    chunk, next_logits, _, _ = runner.sample(logits[:, -1], state, greedy, np.zeros((4, 8), np.float32))
     replayed, _ = runner.prime(chunk, state)
     assert (chunk[:, 1:] == replayed[:, :-1].argmax(axis=2)).all()
     np.testing.assert_allclose(next_logits, replayed[:, -1], rtol=0, atol=0 if precision == "int8" else 1e-5)

@@ -272,7 +272,7 @@ def test_training_and_sampling_bad_inputs(tiny_data, tiny_checkpoint, tmp_path, 
     assert "not a readable speechbot checkpoint (not a PyTorch file" in run_cli_error(
         ["sample", "--checkpoint", str(bogus)], capsys
     )
-    assert "--temperature must be in (0, 2]" in run_cli_error(
+    assert "--temperature must be above 0 and at most 2" in run_cli_error(
         ["sample", "--checkpoint", str(tiny_checkpoint), "--temperature", "0"], capsys
     )
 

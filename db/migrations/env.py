@@ -2,7 +2,6 @@
 
 from alembic import context
 
-from db.database import create_db_engine
 from db.models import Base
 
 
@@ -14,9 +13,7 @@ def run_migrations(connection) -> None:
 
 
 connection = context.config.attributes.get("connection")
-if connection is not None:
-    run_migrations(connection)
-else:
-    # Plain `alembic` command line use, e.g. `alembic revision --autogenerate`.
-    with create_db_engine(context.config.get_main_option("sqlalchemy.url")).begin() as connection:
-        run_migrations(connection)
+if connection is None:
+    # The project has no alembic.ini: the schema is migrated by the bot itself.
+    raise SystemExit("error: run migrations with `python -m bot migrate` (DATABASE_URL names the database)")
+run_migrations(connection)

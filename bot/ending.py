@@ -1,0 +1,77 @@
+"""Where a speech ends: at a sentence end near the chat's length, else at a word boundary with "…".
+
+The engine generates a little past the target length (up to SLACK more) and asks `settle` after every
+chunk how much of the text is final so far and whether it has found the ending. docs/engine.md has
+the rules; tests/test_engine.py checks each.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+SLACK = 0.25  # a speech may be this much shorter or longer than asked
+ELLIPSIS = "…"
+# A sentence ends at ., ! or ? (and any closing quotes after it) followed by whitespace, so that "U.S.A"
+# and "3.5" are not ends; the whitespace is generated but not kept.
+_SENTENCE_END = re.compile(r"[.!?][\"”’']*(?=\s)")
+_WORD_BOUNDARY = re.compile(r"(?<=\S)\s")
+_DANGLING = " \t\n,;:-–—"  # dropped before an ellipsis
+
+
+@dataclass(frozen=True)
+class Ending:
+    """A continuation of about `target` characters that may hold at most `limit` (both at least 1)."""
+
+    target: int
+    limit: int
+
+    @property
+    def low(self) -> int:
+        return min(math.ceil(self.target * (1 - SLACK)), self.high)
+
+    @property
+    def high(self) -> int:
+        return max(1, min(math.floor(self.target * (1 + SLACK)), self.limit))
+
+    @property
+    def to_generate(self) -> int:
+        """Characters to generate at most: one past `high`, to see whether a sentence ends there."""
+        return self.high + 1
+
+
+def settle(text: str, ending: Ending, exhausted: bool) -> tuple[int, str | None]:
+    """How much of `text` (the continuation so far) is certain to begin the speech, and the speech's
+    whole continuation once it is decided (None while more text could find a better ending).
+
+    The ending is the sentence end nearest `target` among the last one up to it (if at least `low`) and
+    the first one after it (if at most `high`). Without either, the text is cut at the word boundary
+    nearest `target` in [low, high) and gets an ellipsis; with no boundary there either, it ends at the last
+    sentence end before low, else at the last boundary, else inside its one word. Every sentence end
+    up to `target` comes before any of these cuts, so text up to it can be streamed at once.
+    """
+    ends = [m.end() for m in _SENTENCE_END.finditer(text, 0, min(len(text), ending.high + 1)) if m.end() <= ending.high]
+    certain = max((e for e in ends if e <= ending.target), default=0)
+    after = next((e for e in ends if e > ending.target), None)
+    if after is None and not exhausted and len(text) <= ending.high:
+        return certain, None
+    candidates = [e for e in (certain if certain >= ending.low else None, after) if e is not None]
+    if candidates:
+        return certain, text[: min(candidates, key=lambda e: (abs(e - ending.target), e))]
+    return certain, _cut_at_word(text, ending, certain)
+
+
+def _cut_at_word(text: str, ending: Ending, certain: int) -> str:
+    """The text up to the word boundary nearest the target (leaving room for the ellipsis), plus "…"."""
+    boundaries = [m.start() for m in _WORD_BOUNDARY.finditer(text, 0, ending.high)]
+    inside = [b for b in boundaries if ending.low <= b]
+    if inside:
+        cut = min(inside, key=lambda b: (abs(b - ending.target), b))
+    elif certain:  # the window holds no word boundary: a short speech that ends well beats a short one that trails
+        return text[:certain]
+    elif boundaries:
+        cut = boundaries[-1]
+    else:  # one word longer than the whole window: nothing better than its first part
+        cut = ending.high - 1
+    return text[: max(len(text[:cut].rstrip(_DANGLING)), certain)] + ELLIPSIS
