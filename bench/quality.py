@@ -42,6 +42,7 @@ from bench.baselines import (
     shouted_mask,
     unigram_bits,
 )
+from bench.text_stats import DOCS_HEADING
 from bot.runner import ModelFileError, ModelRunner
 from export.evaluate import onnx_char_nats
 from model.cli import UsageError, fail
@@ -450,9 +451,13 @@ def main(argv: list[str] | None = None) -> None:
             for c in corpora
         ],
     }
+    page = markdown(corpora, command)
+    previous = Path(args.markdown).read_text(encoding="utf-8") if Path(args.markdown).is_file() else ""
+    if f"\n{DOCS_HEADING}\n" in previous:  # bench/text_stats.py's section: not ours to drop
+        page = page.rstrip("\n") + "\n\n" + previous[previous.index(f"\n{DOCS_HEADING}\n") + 1 :]
     for path, content in (
         (args.json, json.dumps(results, indent=2) + "\n"),
-        (args.markdown, markdown(corpora, command)),
+        (args.markdown, page),
     ):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(content, encoding="utf-8")

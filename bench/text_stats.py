@@ -40,6 +40,7 @@ MEMORY_CHARS = 20
 _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
 DOCS_START = "<!-- text-stats:start (bench/text_stats.py writes this part) -->"
 DOCS_END = "<!-- text-stats:end -->"
+DOCS_HEADING = "## Text statistics"  # bench/quality.py keeps this section when it rewrites the page
 _SETTING_FIELDS = ("top_k", "top_p", "min_p", "repetition_penalty", "repeat_ngram")
 
 
@@ -187,7 +188,7 @@ def write_docs(path: Path, section: str) -> None:
         before, rest = text.split(DOCS_START, 1)
         text = before + block + rest.split(DOCS_END, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n## Text statistics\n\n" + block + "\n"
+        text = text.rstrip("\n") + f"\n\n{DOCS_HEADING}\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
 
 

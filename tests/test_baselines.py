@@ -190,7 +190,10 @@ def test_quality_script_gives_baselines_the_train_only_text_and_meets_models_on_
     out_json = tmp_path / "quality.json"
     args = ["--data", str(both), str(alone), "--source", str(raw), "--onnx", str(tiny_onnx)]
     args += ["--text", str(raw), "--text-train-only", str(extra), "--max-order", "4", "--ppmd-orders", "3"]
-    quality.main([*args, "--json", str(out_json), "--markdown", str(tmp_path / "q.md")])
+    page = tmp_path / "q.md"
+    page.write_text("old tables\n\n## Text statistics\n\nwritten by bench/text_stats.py\n", encoding="utf-8")
+    quality.main([*args, "--json", str(out_json), "--markdown", str(page)])
+    assert "old tables" not in page.read_text() and page.read_text().endswith("written by bench/text_stats.py\n")
     corpora = json.loads(out_json.read_text())["corpora"]
     assert [c["mode"] for c in corpora] == ["data", "data", "text"]
     assert "train + rallies.txt" in corpora[0]["label"] and "train + rallies.txt" not in corpora[1]["label"]
