@@ -7,11 +7,16 @@ import logging
 
 import pytest
 from bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat, running_bot
+from sqlalchemy import select
 from test_bot_concurrency import HoldingEmulator
+from test_crash_recovery import until
 
 from bot.core import INLINE_LENGTH, INLINE_STYLES, NO_TEXT_TO_CONTINUE, STALE_CHOICE
 from bot.ending import ELLIPSIS
 from bot.telegram_interactive import INLINE_CACHE_SECONDS, INLINE_PREVIEW_CHARS
+from db.database import create_db_engine
+from db.inbox import ANSWERED
+from db.models import InboxEntry
 
 pytest_plugins = ["bot_harness"]
 
@@ -177,7 +182,15 @@ async def test_refused_drafts_fall_back_silently(bot, emulator, caplog):
 # ---- /speech in reply ----
 
 
-async def test_speech_in_reply_continues_and_quotes_that_message(bot, emulator):
+def inbox_states(database_url: str) -> list[str]:
+    engine = create_db_engine(database_url)
+    with engine.connect() as connection:
+        states = connection.execute(select(InboxEntry.state)).scalars().all()
+    engine.dispose()
+    return list(states)
+
+
+async def test_speech_in_reply_continues_and_quotes_that_message(bot, emulator, tmp_path):
     group = group_chat(-5002)
     original = emulator.send_text(group, BOB, "Our jobs are leaving")
     since = len(emulator.calls)
@@ -187,6 +200,9 @@ async def test_speech_in_reply_continues_and_quotes_that_message(bot, emulator):
     assert call.params["reply_parameters"]["message_id"] == original["message_id"]
     assert call.params["reply_parameters"]["quote"] == "Our jobs are leaving"
     assert buttons(call.result)[0] == ("Another", "speech:0.7")
+    # Answered through the inbox like every reply: the one update that got an answer is marked answered.
+    database_url = f"sqlite:///{tmp_path / 'bot.db'}"
+    await until(lambda: inbox_states(database_url) == [ANSWERED])
 
 
 async def test_speech_in_reply_takes_captions_and_explains_when_there_is_no_text(bot, emulator):
