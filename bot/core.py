@@ -524,7 +524,10 @@ class SpeechBot:
             last_daily_post=already_due if last is None or last < already_due else last,
         )
         self._schedule_changed(settings)
-        return f"Daily speech set for {self._schedule_text(settings)}."
+        reply = f"Daily speech set for {self._schedule_text(settings)}."
+        if chat.type == "console":
+            reply += " Only Telegram chats get daily posts: run the bot with `python -m bot run` for them."
+        return reply
 
     async def _unschedule(self, chat: ChatRef, _args: str) -> str:
         settings = await self.store.get(chat.id, chat.type)

@@ -72,9 +72,8 @@ def _step(b: _Builder, token: str, cs: list[str], hqs: list[str], member: str) -
     """One step of every layer of one network: token [B], c and quantized h [B, H] -> logits [B, V],
     new h, c, quantized h. `member` prefixes the network's constants and values.
 
-    Each gate has its own matmul (and layer 0 its own table): onnxruntime's Split copies, and four
-    matmuls with no Split measured 13% faster at 32 rows than one matmul split into gates, for +9%
-    at one row (README, Speed).
+    Each gate has its own matmul (and layer 0 its own table): onnxruntime's Split copies, which costs
+    more than three extra matmul calls at the batch sizes a busy bot runs (docs/speed.md, Generation).
     """
     new_h, new_c, new_hq = [], [], []
     for layer, (c, h_q) in enumerate(zip(cs, hqs, strict=True)):

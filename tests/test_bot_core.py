@@ -182,6 +182,13 @@ async def test_schedule_later_today_is_due_today(tmp_path, engine):
     bot = make_bot(tmp_path, engine, Clock(datetime(2026, 6, 1, 12, 0, tzinfo=UTC)))
     reply = await bot.handle_text(PRIVATE, "/schedule 18:00")
     assert reply == "Daily speech set for 18:00 UTC, next on Mon 01 Jun 2026."
+    assert "Only Telegram chats get daily posts" not in reply
+
+
+async def test_the_console_is_told_that_only_telegram_chats_get_daily_posts(tmp_path, engine):
+    bot = make_bot(tmp_path, engine, Clock(datetime(2026, 6, 1, 12, 0, tzinfo=UTC)))
+    reply = await bot.handle_text(ChatRef(0, "console"), "/schedule 18:00")
+    assert reply.startswith("Daily speech set for 18:00 UTC") and "Only Telegram chats get daily posts" in reply
 
 
 async def test_help_start_and_unknown_commands(tmp_path, engine):

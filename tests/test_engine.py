@@ -538,8 +538,12 @@ def test_the_message_limit_is_hit_mid_sentence(tmp_path):
         continuation = reply[len(prompt) : -len(ELLIPSIS)]
         assert Ending(3000, MESSAGE_MAX - len(prompt)).low <= len(continuation) + 1 <= MESSAGE_MAX - len(prompt)
         assert sentence.startswith(continuation) and sentence[len(continuation)] == " ", "not mid-word"
+
         # A daily post ends the same way, at the sentence.
-        assert asyncio.run(bot.daily_speech(bot.store.get(2, "private"))) == sentence[:3100]
+        async def daily() -> str:
+            return await bot.daily_speech(await bot.store.get(2, "private"))
+
+        assert asyncio.run(daily()) == sentence[:3100]
 
 
 @pytest.mark.parametrize(
