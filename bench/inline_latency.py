@@ -40,7 +40,7 @@ from pathlib import Path
 from bot.config import Config
 from bot.core import INLINE_LENGTH, INLINE_STYLES, ChatRef, SpeechBot
 from bot.engine import GenerationEngine
-from bot.runner import DEFAULT_MODEL_PATH
+from bot.modelfile import DEFAULT_MODEL_PATH
 from bot.services import build_services
 
 QUERIES = ("", "We will", "Our jobs are", "Believe me, folks,", "Mexico", "The wall", "China is", "We're going to")
