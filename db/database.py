@@ -15,6 +15,8 @@ path for the bot, the console and `migrate`, and the drivers the project already
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +42,7 @@ DATABASE_THREADS = 8
 # The first key of PostgreSQL advisory locks taken here; any fixed 32-bit number that other
 # applications sharing the database are unlikely to use.
 MIGRATION_LOCK_CLASS = 0x5BEEC5
+WAL_SWITCH_ATTEMPTS = 100  # 50 ms apart: as long as the busy timeout
 
 T = TypeVar("T")
 
@@ -50,11 +53,20 @@ class DatabaseConfigError(ValueError):
 
 def _enable_sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=5000")
     # WAL lets the scheduler read while a handler writes; NORMAL sync in WAL mode keeps every
     # committed transaction across a crash or kill -9 (only a power cut can lose the last ones).
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # Switching a new file to WAL needs it alone, and SQLite answers "database is locked" at once,
+    # without its busy wait, to a connection opened at the same moment as another: so try again.
+    for attempt in range(WAL_SWITCH_ATTEMPTS):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == WAL_SWITCH_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05)
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
