@@ -1,7 +1,8 @@
 """Where a speech ends: at a sentence end near the chat's length, else at a word boundary with "…".
 
 The engine generates a little past the target length (up to SLACK more) and asks `settle` after every
-chunk how much of the text is final so far and whether it has found the ending. docs/engine.md has
+chunk how much of the text is final so far and whether it has found the ending, which it often knows
+before it reaches a sentence end after the target. docs/engine.md has
 the rules; tests/test_engine.py checks each.
 """
 
@@ -55,7 +56,11 @@ def settle(text: str, ending: Ending, exhausted: bool) -> tuple[int, str | None]
     certain = max((e for e in ends if e <= ending.target), default=0)
     after = next((e for e in ends if e > ending.target), None)
     if after is None and not exhausted and len(text) <= ending.high:
-        return certain, None
+        if certain < ending.low or len(text) - ending.target < ending.target - certain:
+            return certain, None
+        # Any end still to come lies at least as far past the target as `certain` lies before it, and a
+        # tie goes to the earlier end: `certain` is the ending, and generating on would be wasted.
+        return certain, text[:certain]
     candidates = [e for e in (certain if certain >= ending.low else None, after) if e is not None]
     if candidates:
         return certain, text[: min(candidates, key=lambda e: (abs(e - ending.target), e))]

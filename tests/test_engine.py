@@ -551,6 +551,9 @@ def test_the_message_limit_is_hit_mid_sentence(tmp_path):
     [
         ("One. Two. Three. ", 9, 100, False, (9, "One. Two.")),  # the end at the target
         ("One. Two three", 20, 100, False, (4, None)),  # not yet: an end nearer 20 may come
+        # 2 past the target, as "much." is 2 before it: no end still to come is nearer, so stop generating.
+        ("We win, win, win so very much. And", 32, 100, False, (30, "We win, win, win so very much.")),
+        ("We win, win, win so very much. An", 32, 100, False, (30, None)),  # one character sooner: not yet
         ("One two three. Four five six seven", 14, 100, False, (14, "One two three.")),  # none after it in the window
         ("One. Two three four five six", 9, 100, False, (4, "One. Two" + ELLIPSIS)),  # "One." is too short
         ("Yes! ", 4, 100, True, (4, "Yes!")),
