@@ -1,7 +1,7 @@
 """Many chats at once: time to reply when N private chats each send /speech within a few seconds.
 
-    python bench/bot_load.py                                   # 50, 200, 1000 chats; 30/s and 1000/s
-    python bench/bot_load.py --chats 200 --rates 30            # one size, Telegram's default rate
+    python -m bench.bot_load                                   # 50, 200, 1000 chats; 30/s and 1000/s
+    python -m bench.bot_load --chats 200 --rates 30            # one size, Telegram's default rate
 
 The real bot (bot.telegram_app.build_application: python-telegram-bot's HTTP stack, the real engine on
 the bundled model, SQLite) polls the project's Bot API emulator (tests/telegram_emulator.py, which has
@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the emulator and the harness that run
 from bot_harness import TOKEN, running_bot  # noqa: E402
 from telegram_emulator import TelegramEmulator  # noqa: E402
 
+from bench.report import write_json  # noqa: E402
 from bot.config import Config  # noqa: E402
 from bot.core import ENGINE_BUSY_REPLY, utc_now  # noqa: E402
 from bot.modelfile import DEFAULT_MODEL_PATH  # noqa: E402
@@ -189,7 +190,7 @@ def median_row(runs: list[dict]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/bot_load.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.bot_load", description=__doc__.splitlines()[0])
     p.add_argument("--chats", type=int, nargs="+", default=[50, 200, 1000], help="private chats, one row each")
     p.add_argument("--rates", type=float, nargs="+", default=[30.0, 1000.0], help="overall messages per second")
     p.add_argument("--wirings", nargs="+", type=wiring, default=["16", "capacity"], help="the first is the baseline")
@@ -205,10 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_row(args: argparse.Namespace, wiring: str, chats: int, rate: float) -> dict:
     """One row in a fresh process: its own engine, its own peak RSS."""
-    command = [sys.executable, __file__, "--row", wiring, str(chats), str(rate)]
+    command = [sys.executable, "-m", "bench.bot_load", "--row", wiring, str(chats), str(rate)]
     command += ["--length", str(args.length), "--spread", str(args.spread), "--model", str(args.model)]
     command += ["--seed", str(args.seed)]
-    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     return json.loads(done.stdout.splitlines()[-1])
 
 
@@ -263,25 +264,18 @@ def main() -> None:
         "(the engine's throughput, measured in each run's process); range: p95÷floor's lowest and highest run; "
         f"base÷this: the p95 of wiring {base} over this row's; batch: the most rows one engine lane stepped together"
     )
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "length": args.length,
-                "spread_s": args.spread,
-                "model": os.path.relpath(args.model, ROOT),
-                "cpu_count": os.cpu_count(),
-                "load_average_before": load_before,
-                "load_average_after": os.getloadavg()[0],
-                "repeats": args.repeats,
-                "rows": rows,
-                "runs": runs,
-            },
-            indent=2,
-        )
+    write_json(
+        args.json,
+        {
+            "length": args.length,
+            "spread_s": args.spread,
+            "model": os.path.relpath(args.model, ROOT),
+            "load_average_before": load_before,
+            "repeats": args.repeats,
+            "rows": rows,
+            "runs": runs,
+        },
     )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Reproduce the article's experiments from finished runs and write docs/experiments.md with its plots.
 
-    python bench/experiments.py --run runs/default --sweeps runs/lr-sweep-rmsprop runs/lr-sweep-adam \
+    python -m bench.experiments --run runs/default --sweeps runs/lr-sweep-rmsprop runs/lr-sweep-adam \
         --data data/speeches --out docs
 
 - loss curves of the learning-rate sweeps (made by `python -m model lr-sweep`);
@@ -61,7 +61,7 @@ def main() -> None:
     lines = [
         "# The article's experiments, reproduced",
         "",
-        f"Made by `python bench/experiments.py` from the run in `{run}` (see docs/default-model.md).",
+        f"Made by `python -m bench.experiments` from the run in `{run}` (see docs/default-model.md).",
         "",
     ]
     results: dict = {}

@@ -5,18 +5,18 @@ only mode before --streams) and then as several consecutive parts read side by s
 burn-in, and prints a table of seconds, bits/char, the difference from the one-stream score and the
 speed-up, and writes JSON. The text defaults to the tail of the speeches (the val/test region).
 
-    python bench/export_evaluate.py --model bot/assets/speechbot.onnx --text ../shared/data/speeches.txt \
+    python -m bench.export_evaluate --model bot/assets/speechbot.onnx --text ../shared/data/speeches.txt \
         --chars 40000 --json docs/bench/export_evaluate.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 
+from bench.report import write_json
 from bot.runner import ModelRunner
 from export.evaluate import BURN_IN, onnx_char_nats, stream_count
 from model.prepare import read_utf8
@@ -42,7 +42,6 @@ def main() -> None:
 
     score(4, 16)  # warm-up: first-call allocations
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model, "text": args.text, "chars": args.chars, "threads": args.threads, "rows": []}
     print(f"{args.model} ({runner.info.precision}), last {args.chars:,} characters of {args.text}: ", end="")
     print(f"{len(ids) - 1:,} scored; `export evaluate` would use {stream_count(len(ids) - 1)} streams")
@@ -60,7 +59,7 @@ def main() -> None:
             flush=True,
         )
         # Written after every row, so a run cut short keeps what it measured.
-        out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_json(out, record, quiet=True)
     print(f"wrote {out}")
 
 

@@ -1,9 +1,9 @@
 """Generation speed: PyTorch eager vs onnxruntime fp32 vs onnxruntime int8, one stream and many.
 
-    python bench/generation.py                     # a 2x256 LSTM with random weights
-    python bench/generation.py --checkpoint CKPT # a trained model
-    python bench/generation.py --model bot/assets/speechbot.onnx   # a shipped export (ORT rows only)
-    python bench/generation.py --model old.onnx new.onnx           # exports side by side, in the same rounds
+    python -m bench.generation                     # a 2x256 LSTM with random weights
+    python -m bench.generation --checkpoint CKPT # a trained model
+    python -m bench.generation --model bot/assets/speechbot.onnx   # a shipped export (ORT rows only)
+    python -m bench.generation --model old.onnx new.onnx           # exports side by side, in the same rounds
 
 Single stream: µs per character and the latency of one 500-character speech (empty prompt), through
 each path's real sampling loop (model.sample for PyTorch, bot.engine for onnxruntime; PyTorch without
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import tempfile
@@ -40,6 +39,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from bench.report import write_json
 from bot.engine import CHUNK, GenerationEngine
 from bot.modelfile import DEFAULT_MODEL_PATH
 from bot.runner import ModelRunner, read_model_info
@@ -54,7 +54,7 @@ HOST_ROWS = 32  # a lane's share of the engine's default max_batch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/generation.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="trained checkpoint (default: random 2x256 LSTM)")
     source.add_argument("--model", nargs="+", help="exported .onnx files: onnxruntime rows only, side by side")
@@ -314,26 +314,19 @@ def main() -> None:
             f"in the batched rounds, best against best ({host_scaling_median:.2f}× the median of rounds; 2.00 would "
             "be two whole cores; lanes cannot do better)"
         )
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "model": label,
-                "length": args.length,
-                "cpu_count": os.cpu_count(),
-                "onnxruntime": ort.__version__,
-                "torch": torch.__version__,
-                "load_average": os.getloadavg()[0],
-                "host_two_thread_scaling": host_scaling,
-                "host_two_thread_scaling_median_of_rounds": host_scaling_median,
-                "repeats": args.repeats,
-                "rows": rows,
-            },
-            indent=2,
-        )
+    write_json(
+        args.json,
+        {
+            "model": label,
+            "length": args.length,
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+            "host_two_thread_scaling": host_scaling,
+            "host_two_thread_scaling_median_of_rounds": host_scaling_median,
+            "repeats": args.repeats,
+            "rows": rows,
+        },
     )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

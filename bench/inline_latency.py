@@ -20,7 +20,7 @@ Both print p50 / p95 / max per candidate and its ratio to the first row, and go 
 engine is opened as the bot opens it by default (CPU, default threads and lanes). Telegram's round trip
 (one request per answer, draft or message) is not included.
 
-    python bench/inline_latency.py --json docs/bench/inline_latency.json
+    python -m bench.inline_latency --json docs/bench/inline_latency.json
 """
 
 from __future__ import annotations
@@ -28,15 +28,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+from bench.report import write_json
 from bot.config import Config
 from bot.core import INLINE_LENGTH, INLINE_STYLES, ChatRef, SpeechBot
 from bot.engine import GenerationEngine
@@ -52,7 +51,7 @@ Candidate = Callable[[int], Awaitable[dict[str, float]]]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/inline_latency.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.inline_latency", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="ONNX model (default: the bundled one)")
     p.add_argument("--rounds", type=int, default=20, help="timed rounds per candidate")
     p.add_argument("--warmup", type=int, default=2)
@@ -166,8 +165,6 @@ def main() -> None:
     inline_p95, first_p95 = results["inline"]["batch"]["p95_s"], results["first_text"]["streamed first text"]["p95_s"]
     print(f"inline p95 {inline_p95:.3f} s {'meets' if inline_p95 <= 1.0 else 'misses'} the goal of 1 s")
     print(f"first text p95 {first_p95:.3f} s {'meets' if first_p95 <= 0.3 else 'misses'} the goal of 0.3 s")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     run = {
         "model": str(args.model),
         "inline_length": INLINE_LENGTH,
@@ -176,14 +173,9 @@ def main() -> None:
         "rounds": args.rounds,
         "pause_s": args.pause,
         "lanes": lanes,
-        "cpus": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
         "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
     }
-    run |= {"summary": results, "seconds": {"inline": inline, "first_text": first_text}}
-    out.write_text(json.dumps(run, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.json, run | {"summary": results, "seconds": {"inline": inline, "first_text": first_text}})
 
 
 if __name__ == "__main__":

@@ -34,14 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.baselines import (
-    KneserNey,
-    compressors,
-    conditional_bits,
-    ppmd,
-    shouted_mask,
-    unigram_bits,
-)
+from bench.baselines import KneserNey, compressors, conditional_bits, ppmd, shouted_mask, unigram_bits
 from bench.text_stats import DOCS_HEADING
 from bot.runner import ModelFileError, ModelRunner
 from export.evaluate import onnx_char_nats

@@ -1,7 +1,7 @@
 """Text statistics of generated speeches, per temperature and sampling setting: are they words, do they
 repeat themselves, do they copy the training text?
 
-    python bench/text_stats.py --model bot/assets/speechbot.onnx --train data/speeches --write-docs docs/quality.md
+    python -m bench.text_stats --model bot/assets/speechbot.onnx --train data/speeches --write-docs docs/quality.md
 
 For each sampling setting and temperature the bot's engine writes one sample of --length characters
 (empty prompt) per seed, all in one batch, and the script measures, pooled over the seeds:
@@ -17,8 +17,6 @@ text-statistics markers of that Markdown file (adding the section if it has none
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import write_json
 from bot.engine import GenerationEngine
 from bot.modelfile import DEFAULT_MODEL_PATH
 from model.cli import UsageError
@@ -193,7 +192,7 @@ def write_docs(path: Path, section: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/text_stats.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.text_stats", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL_PATH), help="exported .onnx model")
     p.add_argument("--train", nargs="+", required=True, help="prepared dataset folder(s) or text files")
     p.add_argument("--length", type=int, default=4000, help="characters per sample")
@@ -239,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = (
         f"Model {args.model}; {args.length}-character samples (empty prompt), seeds {args.seeds}, pooled; "
         f"training text {' '.join(args.train)} ({len(index.words):,} distinct words). Made by "
-        f"`python bench/text_stats.py --model {args.model} --train {' '.join(args.train)}`"
+        f"`python -m bench.text_stats --model {args.model} --train {' '.join(args.train)}`"
         + (f" --length {args.length}" if args.length != 4000 else "")
         + (f" --seeds {args.seeds}" if args.seeds != "5,6,7" else "")
         + f" in {seconds:.0f} s. The bot's default is {BOT_SAMPLING.to_dict()} (temperature: the chat's)."
@@ -249,26 +248,19 @@ def main(argv: list[str] | None = None) -> int:
             f"The bot's default misses: {'; '.join(missed)}." if missed else "The bot's default meets them all."
         )
     print(summary + "\n\n" + table)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "model": args.model,
-                "train": args.train,
-                "length": args.length,
-                "seeds": seeds,
-                "bot_sampling": BOT_SAMPLING.to_dict(),
-                "goals_missed_by_bot_default": missed,
-                "seconds": seconds,
-                "cpu_count": os.cpu_count(),
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_json(
+        args.json,
+        {
+            "model": args.model,
+            "train": args.train,
+            "length": args.length,
+            "seeds": seeds,
+            "bot_sampling": BOT_SAMPLING.to_dict(),
+            "goals_missed_by_bot_default": missed,
+            "seconds": seconds,
+            "rows": rows,
+        },
     )
-    print(f"wrote {out}")
     if args.write_docs:
         write_docs(Path(args.write_docs), summary + "\n\n" + table)
         print(f"wrote the tables into {args.write_docs}")

@@ -11,14 +11,13 @@ and prints a table of chars/s, the share of the fp32 peak and of the precision's
 and the whole loop's speed against fp32, and writes JSON. Each size runs --rounds rounds of
 (bare, whole) per precision and keeps the best of each.
 
-    python bench/train_speed.py --data data/speeches --json docs/bench/train_speed.json
+    python -m bench.train_speed --data data/speeches --json docs/bench/train_speed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
 from contextlib import nullcontext
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.report import write_json
 from model import train as train_module
 from model.config import TrainConfig
 from model.dataset import load_dataset
@@ -186,20 +186,14 @@ def main() -> None:
             f"{r['bare_share_of_fp32_peak']:>13.0%} {r['whole_share_of_fp32_peak']:>14.0%} "
             f"{r['whole_share_of_own_peak']:>13.0%} {r['whole_vs_fp32']:>7.2f}×"
         )
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "matmul_peak_gflops": {precision_name(dtype): peak for dtype, peak in peaks.items()},
-                "threads": args.threads,
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_json(
+        args.json,
+        {
+            "matmul_peak_gflops": {precision_name(dtype): peak for dtype, peak in peaks.items()},
+            "threads": args.threads,
+            "rows": rows,
+        },
     )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

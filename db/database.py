@@ -147,9 +147,10 @@ def migrate(engine: Engine, revision: str = "head") -> None:
 def insert_new(session: Session, model: type, **values) -> bool:
     """Insert a row unless its key exists; True if it was inserted. One statement, so racing inserts are safe."""
     insert = postgresql_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
-    # RETURNING rather than rowcount, which psycopg leaves at -1 for ON CONFLICT DO NOTHING.
-    key = model.__mapper__.primary_key[0]
-    statement = insert(model).values(**values).on_conflict_do_nothing().returning(key)
+    # RETURNING rather than rowcount, which psycopg leaves at -1 for ON CONFLICT DO NOTHING. On the table,
+    # not the mapped class: a Core statement skips the ORM's bulk-insert bookkeeping (docs/speed.md).
+    table = model.__table__
+    statement = insert(table).values(**values).on_conflict_do_nothing().returning(*table.primary_key)
     return session.execute(statement).first() is not None
 
 

@@ -54,18 +54,17 @@ class ChatStore:
     def close(self) -> None:
         self.database.close()
 
+    def _insert_defaults(self, session: Session, chat_id: int, chat_type: str) -> bool:
+        """A row with the default settings for a chat met for the first time; True if it was new.
+
+        Two replicas may meet a new chat at the same moment: the insert lets the first one win."""
+        values = {"temperature": self.default_temperature, "length": self.default_length}
+        return insert_new(session, Chat, id=chat_id, type=chat_type, **values)
+
     def _get_row(self, session: Session, chat_id: int, chat_type: str) -> Chat:
         row = session.get(Chat, chat_id)
         if row is None:
-            # Two replicas may meet a new chat at the same moment: the insert lets the first one win.
-            insert_new(
-                session,
-                Chat,
-                id=chat_id,
-                type=chat_type,
-                temperature=self.default_temperature,
-                length=self.default_length,
-            )
+            self._insert_defaults(session, chat_id, chat_type)
             row = session.get(Chat, chat_id)
         if row.type != chat_type:
             row.type = chat_type
@@ -114,16 +113,25 @@ class ChatStore:
         One conditional UPDATE, so two replicas asked at the same moment cannot both start a speech.
         """
 
+        # Core statements on the table, two for every speech: this runs once per speech, and the ORM's
+        # identity map and bulk-update bookkeeping cost more than the statements (docs/speed.md).
+        chats = Chat.__table__
+        ready = chats.c.speech_ready_at
+
         def work(session: Session) -> tuple[ChatSettings, datetime | None]:
-            settings = ChatSettings.from_row(self._get_row(session, chat_id, chat_type))
-            started = session.execute(
-                update(Chat)
-                .where(Chat.id == chat_id, or_(Chat.speech_ready_at.is_(None), Chat.speech_ready_at <= now))
-                .values(speech_ready_at=now + cooldown)
-            )
-            if started.rowcount == 1:
-                return settings, None
-            return settings, session.scalar(select(Chat.speech_ready_at).where(Chat.id == chat_id))
+            self._insert_defaults(session, chat_id, chat_type)
+            row = session.execute(
+                update(chats)
+                .where(chats.c.id == chat_id, or_(ready.is_(None), ready <= now))
+                .values(speech_ready_at=now + cooldown, type=chat_type)
+                .returning(*chats.c)
+            ).first()
+            if row is not None:
+                return ChatSettings.from_row(row), None
+            row = session.execute(
+                update(chats).where(chats.c.id == chat_id).values(type=chat_type).returning(*chats.c)
+            ).one()
+            return ChatSettings.from_row(row), row.speech_ready_at
 
         return await self.database.run(work)
 

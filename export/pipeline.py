@@ -23,7 +23,7 @@ from export.torch_graph import fp16_graph, fp32_graph
 from export.verify import SAMPLE_TEXT, Verification, verify
 from model.checkpoint import Checkpoint
 from model.cli import UsageError, check_output_file
-from model.ensemble import CHECKPOINTS_HELP, Ensemble, load_models
+from model.ensemble import Ensemble, add_checkpoints_argument, load_models
 from model.model import CharRNN
 from model.prepare import read_utf8
 
@@ -37,12 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a checkpoint to one .onnx file (graph, weights and metadata), verified against "
         "PyTorch before it is written. `python -m export evaluate MODEL.onnx --text FILE` scores a model.",
     )
-    p.add_argument(
-        "checkpoints",
-        nargs="+",
-        metavar="CHECKPOINT",
-        help=f"checkpoint written by `python -m model train`; {CHECKPOINTS_HELP}",
-    )
+    add_checkpoints_argument(p, "checkpoint written by `python -m model train`", "checkpoints")
     p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="file to write")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--int8", action="store_true", help="int8 weights for CPU (LSTM models)")

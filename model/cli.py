@@ -21,12 +21,18 @@ def option(default, help: str, group: str = "", **argparse_kwargs) -> dataclasse
     return dataclasses.field(default=default, metadata={"help": help, "group": group, **argparse_kwargs})
 
 
-def dataclass_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """One flag per field of `cls`: its name dashed, its type, default and help; bools get --x/--no-x."""
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A `python -m model` command's parser: defaults shown in --help, and --config (parse_with_config)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
+    return parser
+
+
+def dataclass_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """One flag per field of `cls`: its name dashed, its type, default and help; bools get --x/--no-x."""
+    parser = command_parser(prog, description)
     groups: dict[str, argparse._ArgumentGroup] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

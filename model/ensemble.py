@@ -10,6 +10,7 @@ ONNX contract, engine and batching.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,15 @@ from model.model import CharRNN, State
 
 # For the --checkpoint help of every command that takes several checkpoints.
 CHECKPOINTS_HELP = "several with the same cell, layer count and vocabulary act as their ensemble (mean probability)"
+
+
+def add_checkpoints_argument(parser: argparse.ArgumentParser, help: str, *names: str) -> None:
+    """The one or more checkpoints a command reads (`--checkpoint` unless `names` says otherwise)."""
+    options = {"required": True} if not names or names[0].startswith("-") else {}
+    parser.add_argument(
+        *(names or ("--checkpoint",)), nargs="+", metavar="CKPT", help=f"{help}; {CHECKPOINTS_HELP}", **options
+    )
+
 
 # Checkpoint fields that must agree for networks to be averaged: same tokens, same text cleaning.
 SHARED_FIELDS = ("vocab", "cleaning", "unknown_policy")

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import Checkpoint
-from model.cli import UsageError
+from model.cli import UsageError, command_parser
 from model.dataset import load_dataset
-from model.ensemble import CHECKPOINTS_HELP, Ensemble, load_models
+from model.ensemble import Ensemble, add_checkpoints_argument, load_models
 from model.model import CharRNN, detach_state, nats_to_bits
 from model.prepare import read_utf8
 from model.text import CleaningOptions, Vocab, text_to_ids
@@ -35,20 +35,12 @@ RMS_FLOOR = 0.1  # share of the mean gradient RMS below which a weight's RMS is 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m model evaluate",
-        description="Report loss (nats) and bits per character. Each character is predicted from all the "
+    p = command_parser(
+        "python -m model evaluate",
+        "Report loss (nats) and bits per character. Each character is predicted from all the "
         "characters before it, starting from a zero state; the first character is not scored.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        nargs="+",
-        metavar="CKPT",
-        help=f"checkpoint to evaluate; {CHECKPOINTS_HELP}",
-    )
+    add_checkpoints_argument(p, "checkpoint to evaluate")
     p.add_argument(
         "--data", metavar="DIR", help="prepared dataset for --split (default: the one the checkpoint was trained on)"
     )

@@ -10,18 +10,15 @@ import argparse
 import json
 from pathlib import Path
 
-from model.cli import UsageError
+from model.cli import UsageError, command_parser
 from model.dataset import load_dataset
 from model.prepare import read_utf8
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m model novel",
-        description="Share of a sample's n-character substrings found verbatim in the training split.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = command_parser(
+        "python -m model novel", "Share of a sample's n-character substrings found verbatim in the training split."
     )
-    p.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
     p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset (its train split is searched)")
     p.add_argument("--sample", required=True, metavar="FILE", help="text file with the sample")
     p.add_argument("--n", type=int, nargs="+", default=[10, 15, 20, 30, 50], help="substring lengths")

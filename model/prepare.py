@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.cli import UsageError, check_input_file, writable_dir
+from model.cli import UsageError, check_input_file, command_parser, writable_dir
 from model.dataset import split_sizes, write_dataset
 from model.text import CAPS_POLICIES, UNKNOWN_POLICIES, CleaningOptions, Vocab, clean_text
 
@@ -17,11 +17,10 @@ DEFAULT_SEQ_LENGTH = 128
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m model prepare",
-        description="Clean text files and write a dataset: meta.json, train/val/test.npy (token ids) and "
+    p = command_parser(
+        "python -m model prepare",
+        "Clean text files and write a dataset: meta.json, train/val/test.npy (token ids) and "
         "train/val/test.txt (the cleaned text of each split, e.g. for `--text DIR/val.txt`).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, in order (val, test: the tail)"
@@ -35,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(val and test stay the tail of --input, so scores stay comparable)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the dataset")
-    p.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
     p.add_argument("--val-frac", type=float, default=0.1, help="share of the text for validation")
     p.add_argument("--test-frac", type=float, default=0.1, help="share of the text for test")
     p.add_argument(

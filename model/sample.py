@@ -9,8 +9,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from model.cli import UsageError
-from model.ensemble import CHECKPOINTS_HELP, Ensemble, load_models
+from model.cli import UsageError, command_parser
+from model.ensemble import Ensemble, add_checkpoints_argument, load_models
 from model.model import CharRNN
 from model.sampling import (
     BOT_SAMPLING,
@@ -27,19 +27,8 @@ from model.text import CleaningOptions, Vocab, normalize_prompt
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m model sample",
-        description="Generate text from a checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        nargs="+",
-        metavar="CKPT",
-        help=f"checkpoint to sample from; {CHECKPOINTS_HELP}",
-    )
+    p = command_parser("python -m model sample", "Generate text from a checkpoint.")
+    add_checkpoints_argument(p, "checkpoint to sample from")
     p.add_argument("--length", type=int, default=2000, help="characters to generate")
     p.add_argument("--start-text", default="", help="prime the model with this text (printed first)")
     p.add_argument("--temperature", type=float, default=0.9, help=f"softmax temperature, {TEMPERATURE_RANGE}")

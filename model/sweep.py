@@ -18,20 +18,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from model import train as train_module
-from model.cli import UsageError, from_namespace
+from model.cli import UsageError, command_parser, from_namespace
 from model.config import OPTIMIZERS, TrainConfig
 from model.plot import read_metrics
 from model.schedule import parse_piecewise
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m model lr-sweep",
-        description="Train the same network under several learning rates / schedules and compare them. "
+    p = command_parser(
+        "python -m model lr-sweep",
+        "Train the same network under several learning rates / schedules and compare them. "
         "Any `python -m model train` flag after `--` is passed to every run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--config", help="TOML/YAML/JSON file with these flags as keys")
     p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset")
     p.add_argument("--out", default="runs/lr-sweep", metavar="DIR", help="folder for the runs, plot and table")
     p.add_argument(

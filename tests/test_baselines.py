@@ -10,14 +10,7 @@ import numpy as np
 import pytest
 
 from bench import quality
-from bench.baselines import (
-    KneserNey,
-    compressors,
-    conditional_bits,
-    ppmd,
-    shouted_mask,
-    unigram_bits,
-)
+from bench.baselines import KneserNey, compressors, conditional_bits, ppmd, shouted_mask, unigram_bits
 from model.checkpoint import load_checkpoint
 from model.dataset import load_dataset
 from model.evaluate import dynamic_char_nats, evaluate_ids, gradient_rms

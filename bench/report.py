@@ -1,0 +1,30 @@
+"""What every benchmark writes beside its table: its results and the machine they come from, as JSON.
+
+Benchmarks are run from the repository root as modules (`python -m bench.NAME`), so they share this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+
+def host() -> dict:
+    """The machine as it was when the results were written: speed numbers mean little without it."""
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg()[0],
+    }
+
+
+def write_json(path: str | Path, results: dict, quiet: bool = False) -> Path:
+    """`results` and `host()` as indented JSON at `path` (its folder made if need be)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results | {"host": host()}, indent=2) + "\n", encoding="utf-8")
+    if not quiet:
+        print(f"wrote {out}")
+    return out
