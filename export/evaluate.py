@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,16 @@ BURN_IN = 512
 STREAMS = 64
 # Each part at least this long, so the burn-ins' small differences stay below 1e-4 bits/char overall.
 MIN_PART = 2 * BURN_IN
+# A lane's batch is compute-bound from about 16 streams (docs/export.md): fewer per lane waste its core.
+MIN_LANE_STREAMS = 16
+
+
+def lane_count(provider: str, streams: int) -> int:
+    """One session per core on CPU, each with at least MIN_LANE_STREAMS streams; one on a GPU."""
+    if provider != "CPUExecutionProvider":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, streams // MIN_LANE_STREAMS))
 
 
 def stream_count(scored: int, streams: int = STREAMS) -> int:
@@ -48,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"at most this many parts of the text (each at least {MIN_PART} characters) scored side by side "
         f"in one batch, each after a burn-in of {BURN_IN} characters (speed; 1: the text as one stream)",
     )
+    p.add_argument(
+        "--lanes",
+        type=int,
+        help=f"onnxruntime sessions scoring their share of the streams side by side (default: one per core on "
+        f"CPU, each with at least {MIN_LANE_STREAMS} streams; one on a GPU)",
+    )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     return p
 
@@ -68,7 +87,7 @@ def stream_layout(scored: int, streams: int, burn_in: int) -> tuple[np.ndarray, 
 
 
 def onnx_char_nats(
-    session: ort.InferenceSession,
+    session: ort.InferenceSession | Sequence[ort.InferenceSession],
     info: ModelInfo,
     ids: np.ndarray,
     seq_length: int = 512,
@@ -81,9 +100,11 @@ def onnx_char_nats(
     streams=1 reads the text as one stream from a zero state. More streams read consecutive parts
     side by side in one batch, as training does, each after a burn-in (stream_layout): a batch row costs
     little more than one stream, and the score stays that of the one stream (docs/export.md, Evaluate).
+    Several sessions (one per core, as the bot's lanes) each take a share of the streams, side by side.
     """
     if len(ids) < 2:
         raise ValueError(f"text of {len(ids)} characters is too short to evaluate (need at least 2)")
+    sessions = [session] if isinstance(session, ort.InferenceSession) else list(session)
     scored = len(ids) - 1
     streams = max(1, min(streams, scored))
     reads, bounds = stream_layout(scored, streams, burn_in)
@@ -95,11 +116,33 @@ def onnx_char_nats(
         tokens[k, : end - read] = ids[read:end]
         targets[k, : end - read] = ids[read + 1 : end + 1]
         keep[k, first - read : end - read] = True
-    state = zero_state(info, streams)
+    shares = [rows for rows in np.array_split(np.arange(streams), len(sessions)) if len(rows)]
+    calls = len(shares) * -(-width // seq_length)
+    with tqdm(total=calls, desc="scoring", unit="chunk", disable=not progress, leave=False) as bar:
+
+        def score(lane: ort.InferenceSession, rows: np.ndarray) -> np.ndarray:
+            return _score_rows(lane, info, tokens[rows], targets[rows], seq_length, bar.update)
+
+        # onnxruntime releases the GIL while it runs, so the sessions' threads run on separate cores.
+        with ThreadPoolExecutor(len(shares)) as pool:
+            nats = np.concatenate(list(pool.map(score, sessions, shares)))
+    # Row-major order: stream 0's part, then stream 1's, ...: the text's order.
+    return nats[keep]
+
+
+def _score_rows(
+    session: ort.InferenceSession,
+    info: ModelInfo,
+    tokens: np.ndarray,
+    targets: np.ndarray,
+    seq_length: int,
+    on_call: Callable[[], object],
+) -> np.ndarray:
+    """The nats of each of these streams' predictions, read `seq_length` characters per call."""
+    state = zero_state(info, len(tokens))
     _, state_out = state_names(info.is_lstm)
-    nats = np.zeros((streams, width))
-    chunks = range(0, width, seq_length)
-    for start in tqdm(chunks, desc="scoring", unit="chunk", disable=not progress, leave=False):
+    nats = np.zeros(tokens.shape)
+    for start in range(0, tokens.shape[1], seq_length):
         chunk = slice(start, start + seq_length)
         logits, *new_state = session.run(["logits", *state_out], {"tokens": tokens[:, chunk], **state})
         state = dict(zip(state, new_state, strict=True))
@@ -107,8 +150,8 @@ def onnx_char_nats(
         top = scores.max(axis=2, keepdims=True)
         log_norm = (top + np.log(np.exp(scores - top).sum(axis=2, keepdims=True)))[..., 0]
         nats[:, chunk] = log_norm - np.take_along_axis(scores, targets[:, chunk, None], axis=2)[..., 0]
-    # Row-major order: stream 0's part, then stream 1's, ...: the text's order.
-    return nats[keep]
+        on_call()
+    return nats
 
 
 def onnx_nats(session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, seq_length: int = 512) -> float:
@@ -117,8 +160,8 @@ def onnx_nats(session: ort.InferenceSession, info: ModelInfo, ids: np.ndarray, s
 
 
 def main(args: argparse.Namespace) -> None:
-    for name, value in (("--seq-length", args.seq_length), ("--streams", args.streams)):
-        if value < 1:
+    for name, value in (("--seq-length", args.seq_length), ("--streams", args.streams), ("--lanes", args.lanes)):
+        if value is not None and value < 1:
             raise UsageError(f"{name} must be a positive number, not {value}")
     check_input_file(args.model, "model file")  # the bot's loader says only "does not exist"
     runner = ModelRunner(args.model, args.providers)
@@ -128,8 +171,11 @@ def main(args: argparse.Namespace) -> None:
     if len(ids) < 2:
         raise UsageError(f"{args.text} has fewer than 2 characters after cleaning; nothing to score")
     streams = stream_count(len(ids) - 1, args.streams)
-    nats = float(onnx_char_nats(session, info, ids, args.seq_length, streams, progress=args.progress).mean())
+    lanes = min(args.lanes or lane_count(provider, streams), streams)
+    sessions = [session] + [ModelRunner(args.model, args.providers).session for _ in range(lanes - 1)]
+    nats = float(onnx_char_nats(sessions, info, ids, args.seq_length, streams, progress=args.progress).mean())
     vocab_note = f"{unknown:,} outside the vocabulary ({info.unknown_policy} policy)"
     how = f"{info.precision} model on {provider}, {streams} stream{'s' if streams > 1 else ''}"
+    how += f" in {lanes} lanes" if lanes > 1 else ""
     print(f"{args.text}: {len(ids) - 1:,} characters scored, {vocab_note}; {how}")
     print(f"loss {nats:.4f} nats/char, {nats / math.log(2):.4f} bits/char")

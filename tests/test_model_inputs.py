@@ -274,6 +274,19 @@ def test_export_evaluate_in_many_streams_scores_as_one_stream(tiny_onnx, capsys)
     many = onnx_char_nats(runner.session, runner.info, ids, seq_length=100, streams=8, burn_in=200)
     assert many.shape == one.shape and abs(many.mean() - one.mean()) / math.log(2) < 1e-4
     assert not np.array_equal(many, one)  # the streams really started afresh
+    # Three sessions side by side (lanes), each with its share of the streams, score as one session does.
+    lanes = [runner.session] + [ModelRunner(tiny_onnx, "cpu").session for _ in range(2)]
+    shared = onnx_char_nats(lanes, runner.info, ids, seq_length=100, streams=8, burn_in=200)
+    assert shared.shape == many.shape and np.abs(shared - many).max() < 1e-6
+
+
+def test_export_evaluate_checks_its_numbers(tiny_onnx, tiny_dir, capsys):
+    text = str(tiny_dir / "corpus.txt")
+    for flag in ("--lanes", "--streams", "--seq-length"):
+        err = one_line_error(capsys, export_main, ["evaluate", str(tiny_onnx), "--text", text, flag, "0"])
+        assert f"{flag} must be a positive number, not 0" in err
+    export_main(["evaluate", str(tiny_onnx), "--text", text, "--lanes", "3", "--streams", "8", "--no-progress"])
+    assert "bits/char" in capsys.readouterr().out
 
 
 def test_export_evaluate_names_a_directory_as_such(tiny_dir, tiny_onnx, capsys):
