@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from aiolimiter import AsyncLimiter
 from telegram import (
+    CallbackQuery,
     Chat,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
@@ -120,6 +121,12 @@ class Drafts:
             draft.stop()
 
 
+async def _toast(callback: CallbackQuery, text: str | None) -> None:
+    """Answer a button press, with a short notice or none (Telegram shows a spinner until it is answered)."""
+    with contextlib.suppress(BadRequest):  # "query is too old" after a long wait: nothing left to show
+        await callback.answer(None if text is None else text[:200])
+
+
 def replied_message(message: Message) -> Message | None:
     """The message a command replies to; in forum topics every message "replies" to the topic's first one."""
     replied = message.reply_to_message
@@ -175,21 +182,32 @@ class InteractiveHandlers:
     # ---- buttons ----
 
     async def on_speech_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Another / Calmer / Wilder: a new speech in that chat, or a toast (cooldown, stale or forged data)."""
+        """Another / Calmer / Wilder: a new speech in that chat, or a toast (cooldown, stale or forged data).
+
+        A speech goes through the durable inbox as a command's reply does, so a crash while it is made
+        does not swallow the press: the next start makes it (bot.telegram_app.TelegramFrontend.answer)."""
         callback = update.callback_query
         message = callback.message
         if message is None:  # a button on a message sent inline: no chat the bot could write to
-            reply = STALE_CHOICE
-        else:
+            await _toast(callback, STALE_CHOICE)
+            return
+
+        async def speech_or_toast() -> str | None:
             reply = await self.core.choice(
                 ChatRef(message.chat.id, message.chat.type),
                 callback.data or "",
                 show_typing=self.showing_progress(context.bot, message.chat),
             )
-        if isinstance(reply, Speech):
-            await self.frontend.send(context.bot, message.chat.id, reply)
-        with contextlib.suppress(BadRequest):  # "query is too old" after a long wait: nothing left to show
-            await callback.answer(None if isinstance(reply, Speech) else reply[:200])
+            if isinstance(reply, Speech):
+                return reply
+            await _toast(callback, reply)  # nothing owed to the chat: no speech, a toast for the presser
+            return None
+
+        async def send_speech(speech: str) -> None:
+            await self.frontend.send(context.bot, message.chat.id, speech)
+            await _toast(callback, None)
+
+        await self.frontend.answer(update, context, speech_or_toast(), send=send_speech)
 
     # ---- /speech in reply ----
 

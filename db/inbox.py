@@ -27,7 +27,7 @@ from sqlalchemy import Connection, delete, select, text, update
 from sqlalchemy.orm import Session
 
 from db.database import Database, insert_new
-from db.models import InboxEntry
+from db.models import Chat, InboxEntry
 
 # Any fixed 32-bit number: the first key of the two-key advisory locks, so ours cannot collide with
 # other applications' locks on the same database.
@@ -161,6 +161,11 @@ class Inbox:
                     .values(**values)
                 )
                 if won.rowcount == 1 and not never_again:
+                    if row.key.startswith("update:"):
+                        # The cooldown the cut-short request started is its own: without this, a speech
+                        # handled again soon after the crash would be told to wait for itself.
+                        chats = Chat.__table__
+                        session.execute(update(chats).where(chats.c.id == row.chat_id).values(speech_ready_at=None))
                     payload = None if row.payload is None else json.loads(row.payload)
                     state = values.get("state", row.state)
                     taken.append(OpenEntry(row.key, row.chat_id, payload, state, row.received_at))

@@ -8,6 +8,7 @@ entry is still `claimed` and checking afterwards that it was.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 from bot_harness import ALICE, Clock, bot_config, private_chat, running_bot
@@ -15,6 +16,7 @@ from bot_process import killable_bot
 from sqlalchemy import select
 
 from bot.config import LENGTH_MAX
+from bot.core import CHOICE_PREFIX
 from bot.telegram_app import LATE_APOLOGY, REPLAY_WINDOW
 from db.database import create_db_engine, migrate
 from db.inbox import ANSWERED, CLAIMED, Inbox, daily_key, update_key
@@ -175,3 +177,45 @@ async def test_requests_left_by_a_crash_are_answered_if_recent_and_apologised_fo
         assert "temperature: 1.2" in settings and "length: 40 characters" in settings, "the old one was not done"
     assert inbox_state(config.database_url, update_key(901)) == ANSWERED
     assert inbox_state(config.database_url, update_key(902)) == ANSWERED
+
+
+async def test_a_button_press_left_by_a_crash_gets_its_speech_after_the_restart(emulator, engine, tmp_path):
+    """Another / Calmer / Wilder go through the inbox as commands do: a crash while the speech is made
+    does not swallow the press."""
+    config = bot_config(emulator, tmp_path / "bot.db")
+    clock = Clock()
+    store = ChatStore(create_db_engine(config.database_url), 0.8, 40)
+    migrate(store.database.engine)
+    under = emulator.message(CHAT, emulator.bot_user, "We will win so much.")
+    press = {"id": "7", "from": ALICE, "message": under, "chat_instance": "i", "data": f"{CHOICE_PREFIX}1.3"}
+    crashed = Inbox(store.database, owner=12345)
+    assert await crashed.claim_update(903, CHAT["id"], {"update_id": 903, "callback_query": press}, clock.now)
+    store.close()
+
+    def speech_to_chat(call) -> bool:
+        return pending("sendMessage", CHAT["id"])(call) and call.status == 200
+
+    async with running_bot(emulator, engine, config, clock):
+        speech = await emulator.wait_for(speech_to_chat, timeout=SLOW)
+        assert len(speech.params["text"]) > 20, "a speech, not a notice"
+        await until(lambda: inbox_state(config.database_url, update_key(903)) == ANSWERED)
+    assert [call.params["text"] for call in emulator.calls if speech_to_chat(call)] == [speech.params["text"]]
+
+
+async def test_a_speech_handled_again_after_a_crash_is_not_refused_for_its_own_cooldown(emulator, engine, tmp_path):
+    config = replace(bot_config(emulator, tmp_path / "bot.db"), cooldown_seconds=30)
+    clock = Clock()
+    store = ChatStore(create_db_engine(config.database_url), 0.8, 40)
+    migrate(store.database.engine)
+    # What the crashed process did: it started the chat's cooldown for this /speech, then died.
+    _, waiting = await store.start_speech(CHAT["id"], "private", clock.now, timedelta(seconds=30))
+    assert waiting is None
+    request = {"update_id": 904, "message": emulator.message(CHAT, ALICE, "/speech We will")}
+    assert await Inbox(store.database, owner=12345).claim_update(904, CHAT["id"], request, clock.now)
+    store.close()
+
+    async with running_bot(emulator, engine, config, clock):
+        reply = (await emulator.wait_for(answered(request["message"]), timeout=SLOW)).params["text"]
+        assert reply.startswith("We will") and "One speech at a time" not in reply
+        # The cooldown holds again from the speech that was made.
+        assert "One speech at a time" in await emulator.ask(CHAT, ALICE, "/speech", timeout=SLOW)
