@@ -58,6 +58,11 @@ TYPING_REFRESH_SECONDS = 4.5  # Telegram shows "typing" for 5 s per action
 UPDATES_BEYOND_ENGINE = 64
 # Chat actions on the wire at once; a refresh beyond that is skipped rather than queued (best effort).
 TYPING_IN_FLIGHT_MAX = 32
+# Bot API requests on the wire at once (all but getUpdates, which has its own connections). httpcore's
+# pool scans its connections for every request, in work that grows with their square: with one connection
+# per update in process (~400) a burst of 1,000 chats spent three quarters of the event loop there
+# (docs/speed.md). 64 carry far more than the 30 messages a second Telegram allows; the rest wait here.
+HTTP_IN_FLIGHT_MAX = 64
 SORRY = "Sorry, something went wrong while handling that. Please try again in a moment."
 # Requests left unanswered by a crash are answered after a restart if they are younger than this;
 # older ones get LATE_APOLOGY instead, since an answer that late would be out of place.
@@ -78,15 +83,21 @@ class RetryingRateLimiter(AIORateLimiter):
     ):
         super().__init__(overall_max_rate=messages_per_second, max_retries=max_retries)
         self.retry_delays = retry_delays
+        self._on_the_wire = asyncio.Semaphore(HTTP_IN_FLIGHT_MAX)
 
     async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):
+        async def on_the_wire(*call_args, **call_kwargs):
+            # Held only while the request is on the wire, not while a 429's retry_after is waited out.
+            async with self._on_the_wire:
+                return await callback(*call_args, **call_kwargs)
+
         if endpoint in ("sendChatAction", "sendMessageDraft"):
             # Best effort, and it must not use up the 20-messages-a-minute budget of a group, nor hold up other
             # requests while a 429 is waited out (drafts have their own budget, bot/telegram_interactive.py).
-            return await callback(*args, **kwargs)
+            return await on_the_wire(*args, **kwargs)
         for delay in (*self.retry_delays, None):
             try:
-                return await super().process_request(callback, args, kwargs, endpoint, data, rate_limit_args)
+                return await super().process_request(on_the_wire, args, kwargs, endpoint, data, rate_limit_args)
             except BadRequest:
                 raise  # the request itself is wrong (BadRequest derives from NetworkError)
             except NetworkError as error:
@@ -438,9 +449,9 @@ def build_application(
         .concurrent_updates(ChatOrderedUpdateProcessor(concurrent_updates))
         .read_timeout(read_timeout)
         .write_timeout(read_timeout)
-        # Each update in process has at most one request on the wire besides its chat actions, so no
-        # reply waits for a free connection (and fails after pool_timeout); daily posts share the pool.
-        .connection_pool_size(concurrent_updates + TYPING_IN_FLIGHT_MAX)
+        # A connection for each request the rate limiter lets on the wire, so none waits for one (and
+        # fails after pool_timeout); daily posts share the pool.
+        .connection_pool_size(HTTP_IN_FLIGHT_MAX)
         .post_init(frontend.post_init)
         .post_shutdown(post_shutdown)
     )

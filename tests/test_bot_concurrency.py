@@ -9,6 +9,7 @@ import asyncio
 from bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, group_chat, private_chat, running_bot
 from telegram_emulator import Call, TelegramEmulator
 
+from bot import telegram_app
 from bot.core import ENGINE_BUSY_REPLY
 from bot.engine import GenerationEngine
 from bot.telegram_app import UPDATES_BEYOND_ENGINE
@@ -38,6 +39,25 @@ class HoldingEmulator(TelegramEmulator):
         ):
             self._holding = False
             await self.release.wait()
+        return await super()._answer(method, params)
+
+
+class GateEmulator(TelegramEmulator):
+    """Holds every sendMessage until the gate opens, and notes the most held at once."""
+
+    def __init__(self):
+        super().__init__(TOKEN)
+        self.gate = asyncio.Event()
+        self.held = self.most_held = 0
+
+    async def _answer(self, method: str, params: dict):
+        if method == "sendMessage":
+            self.held += 1
+            self.most_held = max(self.most_held, self.held)
+            try:
+                await self.gate.wait()
+            finally:
+                self.held -= 1
         return await super()._answer(method, params)
 
 
@@ -111,3 +131,23 @@ async def test_a_full_engine_queue_answers_busy_at_once(emulator, model_path, tm
     order = [int(call.params["chat_id"]) for call in speeches]
     busy_chat = next(chat for chat, text in replies.items() if text == ENGINE_BUSY_REPLY)
     assert order.index(busy_chat) < order.index(ALICE_CHAT["id"]), "busy is answered at once, not after the speech"
+
+
+async def test_requests_beyond_the_in_flight_cap_wait_their_turn_and_all_arrive(engine, tmp_path, monkeypatch):
+    # httpcore's pool work grows with the square of its connections, so the bot keeps the wire to a cap
+    # (4 here) and queues the rest itself.
+    monkeypatch.setattr(telegram_app, "HTTP_IN_FLIGHT_MAX", 4)
+    users = [{"id": 7000 + i, "is_bot": False, "first_name": f"User{i}"} for i in range(10)]
+    async with GateEmulator() as emulator:
+        config = bot_config(emulator, tmp_path / "bot.db")
+        async with running_bot(emulator, engine, config, Clock(), read_timeout=30.0):
+            for user in users:
+                emulator.send_text(private_chat(user), user, "/help")
+            while emulator.held < 4:
+                await asyncio.sleep(0.01)
+            await emulator.settle()  # time enough for a fifth to arrive, were it let through
+            assert emulator.held == 4
+            emulator.gate.set()
+            await emulator.wait_for(lambda call: len(emulator.sent()) == len(users))
+    assert emulator.most_held == 4
+    assert sorted(int(call.params["chat_id"]) for call in emulator.sent()) == [user["id"] for user in users]
