@@ -78,6 +78,9 @@ TypingIndicator = Callable[[], contextlib.AbstractAsyncContextManager]
 class Engine(Protocol):
     """The part of bot.engine.GenerationEngine the core uses."""
 
+    @property
+    def full(self) -> bool: ...
+
     async def agenerate(self, prompt: str = "", length: int = 500, temperature: float = 0.9, **options) -> str: ...
 
     def astream(
@@ -393,6 +396,11 @@ class SpeechBot:
                 f"That prompt has {len(prompt)} characters; the most I take is {PROMPT_MAX}. "
                 "Send the first few sentences and I'll continue from there."
             )
+        if self.engine.full:
+            # Told at once, without the database: in a crowd of a thousand chats, the writes that start and
+            # cancel a cooldown held "busy" up for seconds (docs/speed.md). A queue that fills after this
+            # still raises EngineBusy below.
+            return ENGINE_BUSY_REPLY
         now = self.clock()
         try:
             settings, ready_at = await self.store.start_speech(chat.id, chat.type, now, self.cooldown)

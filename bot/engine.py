@@ -356,6 +356,11 @@ class GenerationEngine:
         return self.max_batch + self._queue.maxsize
 
     @property
+    def full(self) -> bool:
+        """True while one more request would be refused with EngineBusy (its queue is full)."""
+        return self._queue.full()
+
+    @property
     def peak_batch(self) -> int:
         """The most requests that one lane has stepped together so far."""
         return max(self.lane_peaks)

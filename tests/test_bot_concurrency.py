@@ -5,6 +5,7 @@ measured by bench/bot_load.py."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 from bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, group_chat, private_chat, running_bot
 from telegram_emulator import Call, TelegramEmulator
@@ -151,3 +152,27 @@ async def test_requests_beyond_the_in_flight_cap_wait_their_turn_and_all_arrive(
             await emulator.wait_for(lambda call: len(emulator.sent()) == len(users))
     assert emulator.most_held == 4
     assert sorted(int(call.params["chat_id"]) for call in emulator.sent()) == [user["id"] for user in users]
+
+
+async def test_busy_is_answered_without_the_database(emulator, model_path, tmp_path):
+    """With the engine's queue full, "busy" comes at once even while another process holds the database's
+    write lock: it needs no database (a crowd of a thousand chats used to wait seconds on the writes that
+    started and cancelled each refused chat's cooldown)."""
+    small = GenerationEngine(model_path, providers="cpu", threads=1, max_batch=1, max_queue=1)
+    try:
+        running = small.stream("", length=20_000, seed=0)
+        next(running)  # in the batch, for seconds
+        waiting = small.stream("", length=5, seed=1)  # and one in the queue: full
+        async with running_bot(emulator, small, bot_config(emulator, tmp_path / "bot.db"), Clock()):
+            assert small.full
+            locker = sqlite3.connect(tmp_path / "bot.db", isolation_level=None)
+            locker.execute("BEGIN IMMEDIATE")  # the write lock, held until ROLLBACK below
+            try:
+                assert await emulator.ask(ALICE_CHAT, ALICE, "/speech") == ENGINE_BUSY_REPLY
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+        running.close()
+        waiting.close()
+    finally:
+        small.close()

@@ -47,6 +47,10 @@ class RecordingEngine:
     def astream(self, prompt: str = "", **options):
         return self.engine.astream(prompt, **options)
 
+    @property
+    def full(self) -> bool:
+        return self.engine.full
+
 
 async def started(recorder: RecordingEngine, count: int) -> None:
     while len(recorder.started) < count:
