@@ -152,8 +152,9 @@ async def test_a_typing_indicator_that_yields_a_callback_is_streamed_the_speech_
     async def streaming():
         yield seen.append
 
-    # Long enough to take several engine chunks: the engine streams only text that is sure to stay.
-    await bot.handle_text(PRIVATE, "/length 400")
+    # Long enough to hold a sentence end before the target: the engine streams only text sure to stay
+    # (tests/test_bot_interactive.py, DRAFTED_LENGTH).
+    await bot.handle_text(PRIVATE, "/length 600")
     speech = await bot.handle_text(PRIVATE, "/speech 0.9 We will", show_typing=streaming)
     assert len(seen) > 1 and seen[-1] == speech
     assert all(speech.startswith(text) and text.startswith("We will") for text in seen)

@@ -68,8 +68,9 @@ async def test_every_command_in_a_private_chat(bot, emulator):
 
 async def test_plain_text_in_private_is_a_prompt_answered_as_plain_text(bot, emulator):
     prompt = "<b>We</b> *will* _win_"
-    # Long enough to take several engine chunks: the engine streams only text that is sure to stay.
-    assert "set to 400" in await emulator.ask(ALICE_CHAT, ALICE, "/length 400")
+    # Long enough to hold a sentence end before the target: the engine streams only text sure to stay
+    # (tests/test_bot_interactive.py, DRAFTED_LENGTH).
+    assert "set to 600" in await emulator.ask(ALICE_CHAT, ALICE, "/length 600")
     reply_call_count = len(emulator.sent())
     assert (await emulator.ask(ALICE_CHAT, ALICE, prompt)).startswith(prompt)
     call = emulator.sent()[reply_call_count]
