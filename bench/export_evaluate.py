@@ -39,8 +39,8 @@ def main() -> None:
     )
     p.add_argument("--json", default="docs/bench/export_evaluate.json", help="where to write the results")
     args = p.parse_args()
-    sessions = [ModelRunner(args.model, "cpu", args.threads).session for _ in range(max(args.lanes))]
-    info = ModelRunner(args.model, "cpu", args.threads).info
+    runners = [ModelRunner(args.model, "cpu", args.threads) for _ in range(max(args.lanes))]
+    sessions, info = [runner.session for runner in runners], runners[0].info
     ids, _ = info.text_ids(read_utf8(Path(args.text))[0][-args.chars :])
 
     def score(streams: int, burn_in: int, lanes: int = 1) -> tuple[float, float]:

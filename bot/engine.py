@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -32,7 +31,7 @@ import numpy as np
 from bot.ending import Ending, settle
 from bot.engine_api import MAX_LANES, EngineBusy, EngineClosed
 from bot.modelfile import DEFAULT_MODEL_PATH
-from bot.runner import ModelRunner
+from bot.runner import ModelRunner, usable_cores
 from model.sampling import BOT_SAMPLING, SamplingParams, paragraph_start, repetition_start
 from model.text import CleaningOptions, Vocab, normalize_prompt
 
@@ -54,8 +53,7 @@ def default_lanes(provider: str, threads: int | None, max_batch: int) -> int:
     of max_batch stays at least MIN_LANE_BATCH rows; one on a GPU, which batches within one graph call."""
     if provider != "CPUExecutionProvider":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_LANES, cores // (threads or 1), max_batch // MIN_LANE_BATCH))
+    return max(1, min(MAX_LANES, usable_cores() // (threads or 1), max_batch // MIN_LANE_BATCH))
 
 
 class InvalidLength(ValueError):

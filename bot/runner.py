@@ -8,6 +8,7 @@ and steps CHUNK characters per call, for every row of a batch, with each row's o
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -61,6 +62,11 @@ def choose_provider(choice: str, precision: str) -> str:
             "use an fp32 or int8 export (`python -m export CKPT -o model.onnx --int8`) on CPU"
         )
     return _PROVIDER_NAMES["cuda" if use_cuda else "cpu"]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it): one session each."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:

@@ -34,13 +34,14 @@ from db.models import Chat, InboxEntry
 ADVISORY_LOCK_CLASS = 0x5BEEC4
 
 HANDLING, QUEUED, CLAIMED, SENDING, ANSWERED = "handling", "queued", "claimed", "sending", "answered"
-# The table itself, for the statements run for every update: Core statements skip the ORM's bulk-update
-# bookkeeping, which cost more than the statements (docs/speed.md).
-ENTRIES = InboxEntry.__table__
+# The tables themselves, for the statements run for every update: Core statements skip the ORM's
+# bulk-update bookkeeping, which cost more than the statements (docs/speed.md).
+ENTRIES, CHATS = InboxEntry.__table__, Chat.__table__
+UPDATE_PREFIX = "update:"
 
 
 def update_key(update_id: int) -> str:
-    return f"update:{update_id}"
+    return f"{UPDATE_PREFIX}{update_id}"
 
 
 def daily_key(chat_id: int, day: date) -> str:
@@ -59,7 +60,7 @@ class OpenEntry:
 
     @property
     def is_update(self) -> bool:
-        return self.key.startswith("update:")
+        return self.key.startswith(UPDATE_PREFIX)
 
     @property
     def day(self) -> date:
@@ -161,11 +162,10 @@ class Inbox:
                     .values(**values)
                 )
                 if won.rowcount == 1 and not never_again:
-                    if row.key.startswith("update:"):
+                    if row.key.startswith(UPDATE_PREFIX):
                         # The cooldown the cut-short request started is its own: without this, a speech
                         # handled again soon after the crash would be told to wait for itself.
-                        chats = Chat.__table__
-                        session.execute(update(chats).where(chats.c.id == row.chat_id).values(speech_ready_at=None))
+                        session.execute(update(CHATS).where(CHATS.c.id == row.chat_id).values(speech_ready_at=None))
                     payload = None if row.payload is None else json.loads(row.payload)
                     state = values.get("state", row.state)
                     taken.append(OpenEntry(row.key, row.chat_id, payload, state, row.received_at))

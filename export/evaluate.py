@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from bot.modelfile import ModelInfo, state_names
-from bot.runner import PROVIDER_CHOICES, ModelRunner
+from bot.runner import PROVIDER_CHOICES, ModelRunner, usable_cores
 from model.cli import UsageError, check_input_file
 from model.prepare import read_utf8
 
@@ -36,8 +35,7 @@ def lane_count(provider: str, streams: int) -> int:
     """One session per core on CPU, each with at least MIN_LANE_STREAMS streams; one on a GPU."""
     if provider != "CPUExecutionProvider":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, streams // MIN_LANE_STREAMS))
+    return max(1, min(usable_cores(), streams // MIN_LANE_STREAMS))
 
 
 def stream_count(scored: int, streams: int = STREAMS) -> int:
