@@ -27,7 +27,7 @@ BURN_IN = 512
 STREAMS = 64
 # Each part at least this long, so the burn-ins' small differences stay below 1e-4 bits/char overall.
 MIN_PART = 2 * BURN_IN
-# A lane's batch is compute-bound from about 16 streams (docs/export.md): fewer per lane waste its core.
+# Fewer streams a lane leave its core waiting on small matrix-vector products (docs/export.md, Evaluate).
 MIN_LANE_STREAMS = 16
 
 
