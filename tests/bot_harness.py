@@ -1,6 +1,6 @@
 """Running the real bot (python-telegram-bot's HTTP stack, real engine, SQLite) against the emulator.
 
-Test modules load this as a pytest plugin (`pytest_plugins = ["bot_harness"]`) for its fixtures.
+tests/conftest.py loads this as a pytest plugin (`pytest_plugins`) for its fixtures.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ from model.text import CleaningOptions, Vocab, clean_text
 
 torch.set_num_threads(1)
 
+# Registered here, before any test module imports it, so that pytest rewrites its asserts too.
+pytest_plugins = ["bot_harness"]
+
 TINY_CORPUS = (
     "SPEECH 1\nThank you very much. We are going to make America great again! (APPLAUSE)\n"
     "We will win so much, you'll get tired of winning. Believe me, folks. Who pays for the wall? Mexico.\n"

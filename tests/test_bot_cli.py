@@ -15,8 +15,6 @@ from telegram_emulator import TelegramEmulator
 from bot.__main__ import main
 from bot.config import VARIABLES
 
-pytest_plugins = ["bot_harness"]
-
 
 @pytest.fixture
 def env(tmp_path, monkeypatch, model_path):

@@ -15,8 +15,6 @@ from bot.core import ENGINE_BUSY_REPLY
 from bot.engine import GenerationEngine
 from bot.telegram_app import UPDATES_BEYOND_ENGINE
 
-pytest_plugins = ["bot_harness"]
-
 ALICE_CHAT, BOB_CHAT = private_chat(ALICE), private_chat(BOB)
 
 

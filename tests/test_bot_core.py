@@ -22,8 +22,6 @@ from bot.core import (
 from bot.dailytime import latest_due, next_due, parse_daily_time, resolve_time_zone
 from bot.services import build_services
 
-pytest_plugins = ["bot_harness"]
-
 PRIVATE = ChatRef(7, "private")
 GROUP = ChatRef(-70, "group")
 

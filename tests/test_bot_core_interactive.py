@@ -25,8 +25,6 @@ from bot.core import (
 from bot.ending import ELLIPSIS
 from bot.engine import GenerationEngine
 
-pytest_plugins = ["bot_harness"]
-
 
 class RecordingEngine:
     """The real engine, noting the prompts it was asked for and those whose generation was cancelled."""

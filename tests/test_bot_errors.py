@@ -22,8 +22,6 @@ from telegram_emulator import ANONYMOUS_ADMIN, TelegramEmulator
 from db.database import create_db_engine, migrate
 from db.store import ChatStore
 
-pytest_plugins = ["bot_harness"]
-
 PAGE = 4096  # SQLite's default page size
 CONSOLE_CHAT_ID = 0
 

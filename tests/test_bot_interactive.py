@@ -18,8 +18,6 @@ from db.database import create_db_engine
 from db.inbox import ANSWERED
 from db.models import InboxEntry
 
-pytest_plugins = ["bot_harness"]
-
 ALICE_CHAT = private_chat(ALICE)
 SPEECH_ENDS = (".", "!", "?", ELLIPSIS)  # a sentence end, else a word and "…" (bot/ending.py)
 

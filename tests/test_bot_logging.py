@@ -11,8 +11,6 @@ from telegram_emulator import TelegramEmulator
 
 from bot.logs import REDACTED, RedactSecrets, setup_logging
 
-pytest_plugins = ["bot_harness"]
-
 OTHER_TOKEN = "987654321:BBAnotherFakeToken_0123456789abcdefgh"
 
 

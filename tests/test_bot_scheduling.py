@@ -13,8 +13,6 @@ from bot_harness import ALICE, Clock, bot_config, group_chat, private_chat, runn
 from bot.core import ChatRef
 from bot.scheduling import job_name
 
-pytest_plugins = ["bot_harness"]
-
 CHAT = private_chat(ALICE)
 NOON = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 

@@ -14,8 +14,6 @@ from telegram_emulator import ANONYMOUS_ADMIN, SPEC_PATH
 from bot.core import COMMANDS, SpeechBot
 from bot.telegram_app import build_application, webhook_options
 
-pytest_plugins = ["bot_harness"]
-
 ALICE_CHAT = private_chat(ALICE)
 
 

@@ -23,8 +23,6 @@ from db.inbox import ANSWERED, CLAIMED, Inbox, daily_key, update_key
 from db.models import InboxEntry
 from db.store import ChatStore
 
-pytest_plugins = ["bot_harness"]
-
 CHAT = private_chat(ALICE)
 HOLD = 60.0  # seconds the emulator holds a request: far longer than any test waits for it
 # A restarted bot process answers after loading its model and taking over the inbox: on a busy

@@ -9,8 +9,6 @@ from conftest import new_postgres_database
 from telegram_emulator import TelegramEmulator
 from test_crash_recovery import SLOW, posts, schedule_a_missed_post
 
-pytest_plugins = ["bot_harness"]
-
 
 async def test_two_replicas_share_one_database(postgres_server, tmp_path):
     database_url = new_postgres_database(postgres_server)
