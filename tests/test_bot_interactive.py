@@ -4,6 +4,7 @@ stack against the Bot API emulator (every call and the objects inside it checked
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat, running_bot
@@ -19,7 +20,8 @@ from db.inbox import ANSWERED
 from db.models import InboxEntry
 
 ALICE_CHAT = private_chat(ALICE)
-SPEECH_ENDS = (".", "!", "?", ELLIPSIS)  # a sentence end, else a word and "…" (bot/ending.py)
+# A sentence end, closing quotes included, else a word and "…" (bot/ending.py).
+SPEECH_END = re.compile(rf"([.!?][\"”’']*|{ELLIPSIS})$")
 
 
 @pytest.fixture
@@ -75,7 +77,7 @@ async def test_inline_query_offers_calm_classic_and_wild_speeches_ending_as_spee
     for result in results:
         text = result["input_message_content"]["message_text"]
         assert result["type"] == "article" and text.startswith(query)
-        assert text.endswith(SPEECH_ENDS), text
+        assert SPEECH_END.search(text), text
         assert len(query) < len(text) <= len(query) + INLINE_LENGTH
         preview = result["description"]
         assert len(preview) <= INLINE_PREVIEW_CHARS and " ".join(text.split()).startswith(preview.removesuffix("…"))

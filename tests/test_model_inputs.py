@@ -184,7 +184,7 @@ def test_checked_in_configs_are_valid(tmp_path):
         if path.name != "lr-sweep.toml":
             TrainConfig(**{k: v for k, v in vars(args).items() if k != "config"})
     bundled = parse_with_config(build_parser(), ["--config", "configs/bundled.toml"])
-    assert (bundled.rnn_size, bundled.dropout, bundled.weight_drop, bundled.max_epochs) == (640, 0.3, 0.2, 4)
+    assert (bundled.rnn_size, bundled.dropout, bundled.weight_drop, bundled.max_epochs) == (640, 0.3, 0.2, 10)
     assert bundled.data == "data/both" and bundled.threads == 1 and bundled.checkpoint_every == 250
     # The defaults of the dataclass are those of the default run's file.
     default = parse_with_config(build_parser(), ["--config", "configs/default.toml"])
