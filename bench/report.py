@@ -14,7 +14,7 @@ from pathlib import Path
 def cpu_model() -> str:
     """The CPU's model name and the int8 matrix instructions it offers, which decide how far batching gains.
 
-    platform.processor() is empty on Linux, and two x86_64 VMs here differ threefold in batched int8 speed.
+    platform.processor() is empty on Linux, and two x86_64 VMs here differ about fivefold in batched int8 speed.
     """
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 SLACK = 0.25  # a speech may be this much shorter or longer than asked
 ELLIPSIS = "…"
-# A sentence ends at ., ! or ? (and any closing quotes after it) followed by whitespace, so that "U.S.A"
-# and "3.5" are not ends; the whitespace is generated but not kept.
-_SENTENCE_END = re.compile(r"[.!?][\"”’']*(?=\s)")
+# A sentence ends at ., ! or ? and any closing quotes after it; in generated text only where whitespace
+# follows, so that "U.S.A" and "3.5" are not ends (the whitespace is generated but not kept).
+SENTENCE_END = r"[.!?][\"”’']*"
+_SENTENCE_END = re.compile(SENTENCE_END + r"(?=\s)")
 _WORD_BOUNDARY = re.compile(r"(?<=\S)\s")
 _DANGLING = " \t\n,;:-–—"  # dropped before an ellipsis
 

@@ -27,7 +27,7 @@ BURN_IN = 512
 STREAMS = 64
 # Each part at least this long, so the burn-ins' small differences stay below 1e-4 bits/char overall.
 MIN_PART = 2 * BURN_IN
-# Fewer streams a lane leave its core waiting on small matrix-vector products (docs/export.md, Evaluate).
+# Fewer streams than this per lane leave its core waiting on small matrix-vector products (docs/export.md).
 MIN_LANE_STREAMS = 16
 
 

@@ -13,15 +13,14 @@ from test_bot_concurrency import HoldingEmulator
 from test_crash_recovery import until
 
 from bot.core import INLINE_LENGTH, INLINE_STYLES, NO_TEXT_TO_CONTINUE, STALE_CHOICE
-from bot.ending import ELLIPSIS
+from bot.ending import ELLIPSIS, SENTENCE_END
 from bot.telegram_interactive import INLINE_CACHE_SECONDS, INLINE_PREVIEW_CHARS
 from db.database import create_db_engine
 from db.inbox import ANSWERED
 from db.models import InboxEntry
 
 ALICE_CHAT = private_chat(ALICE)
-# A sentence end, closing quotes included, else a word and "…" (bot/ending.py).
-SPEECH_END = re.compile(rf"([.!?][\"”’']*|{ELLIPSIS})$")
+SPEECH_END = re.compile(rf"({SENTENCE_END}|{ELLIPSIS})$")  # a sentence end, else a word and "…"
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 
 from bot.config import Config
 from bot.core import compose_speech, speech_options
-from bot.ending import SLACK
+from bot.ending import SENTENCE_END, SLACK
 from bot.engine import GenerationEngine
 from bot.modelfile import DEFAULT_MODEL_PATH
 from bot.runner import read_model_info
@@ -52,6 +52,6 @@ def test_bundled_model_speech_with_the_bot_defaults_ends_at_a_sentence(prompt):
             **speech_options(prompt),
         )
     speech = compose_speech(prompt, continuation)
-    assert re.search(r"[.!?][\"”’']*$", speech), speech[-80:]
+    assert re.search(rf"{SENTENCE_END}$", speech), speech[-80:]
     assert (1 - SLACK) * Config.default_length <= len(continuation) <= (1 + SLACK) * Config.default_length
     assert speech.startswith(prompt)
