@@ -28,7 +28,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY bot ./bot
 COPY db ./db
-# The bot's one module from training's package: torch-free text cleaning (README, "Layout").
+# Two torch-free modules of training's package that the bot shares: text cleaning and sampling settings.
 COPY model/__init__.py model/text.py model/sampling.py ./model/
 # The runtime dependencies from pyproject.toml only (the `train` extra with torch is not installed).
 # onnxruntime and onnxruntime-gpu provide the same module, so the GPU build swaps one for the other.

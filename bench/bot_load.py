@@ -3,7 +3,7 @@
     python -m bench.bot_load                                   # 50, 200, 1000 chats; 30/s and 1000/s
     python -m bench.bot_load --chats 200 --rates 30            # one size, Telegram's default rate
 
-The real bot (bot.telegram_app.build_application: python-telegram-bot's HTTP stack, the real engine on
+The real bot (bot.telegram.app.build_application: python-telegram-bot's HTTP stack, the real engine on
 the bundled model, SQLite) polls the project's Bot API emulator (tests/telegram_emulator.py, which has
 no flood limits) on 127.0.0.1. Each of N private chats sends `/speech` once, at a random moment within
 --spread seconds, and gets a --length character speech. Time to reply runs from the moment its update
@@ -11,7 +11,7 @@ is queued at the emulator to the moment the bot's sendMessage to that chat arriv
 
 Wirings run side by side, in alternating order, each run in a process of its own (so peak RSS is
 that run's): "capacity", the update processor sized by the engine as the bot has it
-(bot/telegram_app.py), or a fixed number of concurrent updates, such as the 16 the bot had (the
+(bot/telegram/app.py), or a fixed number of concurrent updates, such as the 16 the bot had (the
 default baseline, which the last column compares with). Everything else is common to all.
 
 The floor is what no wiring can beat: the larger of N messages at the overall rate
@@ -49,8 +49,8 @@ from telegram_emulator import TelegramEmulator  # noqa: E402
 
 from bench.report import write_json  # noqa: E402
 from bot.config import Config  # noqa: E402
-from bot.core import ENGINE_BUSY_REPLY, utc_now  # noqa: E402
-from bot.modelfile import DEFAULT_MODEL_PATH  # noqa: E402
+from bot.core.speechbot import ENGINE_BUSY_REPLY, utc_now  # noqa: E402
+from bot.inference.modelfile import DEFAULT_MODEL_PATH  # noqa: E402
 from bot.services import open_engine  # noqa: E402
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.report import write_json
-from bot.runner import ModelRunner
+from bot.inference.runner import ModelRunner
 from export.evaluate import BURN_IN, onnx_char_nats, stream_count
 from model.prepare import read_utf8
 

@@ -6,12 +6,12 @@
     python -m bench.generation --model old.onnx new.onnx           # exports side by side, in the same rounds
 
 Single stream: µs per character and the latency of one 500-character speech (empty prompt), through
-each path's real sampling loop (model.sample for PyTorch, bot.engine for onnxruntime; PyTorch without
+each path's real sampling loop (model.sample for PyTorch, bot.inference.engine for onnxruntime; PyTorch without
 the paragraph-start walk that the engine does once at load). Batched: characters per second with N
 concurrent requests (agenerate from one asyncio loop, as the bot awaits them) through the engine's
 continuous batching, and the ratio to one stream; each onnxruntime path runs with 1 and 2 engine lanes
-(workers on separate cores, bot/engine.py). "graph µs" is a bare ModelRunner.sample of whole chunks at
-batch 1, per character (the chunk graph alone, bot/chunk_graph.py). A host probe in the batched
+(workers on separate cores, bot/inference/engine.py). "graph µs" is a bare ModelRunner.sample of whole chunks at
+batch 1, per character (the chunk graph alone, bot/inference/chunk_graph.py). A host probe in the batched
 rounds times bare 32-row chunk graphs on one thread and on two: what two lanes could gain at best on
 this machine at that time (a shared VM's second core comes and goes).
 The machine is shared, so candidates are timed in rounds, each round running every candidate once
@@ -40,9 +40,9 @@ import onnxruntime as ort
 import torch
 
 from bench.report import write_json
-from bot.engine import CHUNK, GenerationEngine
-from bot.modelfile import DEFAULT_MODEL_PATH
-from bot.runner import ModelRunner, read_model_info
+from bot.inference.engine import CHUNK, GenerationEngine
+from bot.inference.modelfile import DEFAULT_MODEL_PATH
+from bot.inference.runner import ModelRunner, read_model_info
 from export.pipeline import export_checkpoint
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.model import CharRNN, ModelConfig

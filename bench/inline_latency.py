@@ -7,7 +7,7 @@ the goal is p95 ≤ 1 s for one user with the bundled model. Each round, in alte
 - `serial`: the same three speeches one after another, the design the batch replaces;
 - `single`: one speech of the same length, the floor a batch of three is compared with.
 Queries are spaced by --pause seconds, as a user reading the results would, so the per-user limit
-(bot/core.py INLINE_RATE_*) does not hold them back.
+(bot/core/speechbot.py INLINE_RATE_*) does not hold them back.
 
 First visible text: in private chats a speech streams in with sendMessageDraft, so the user sees text
 after the engine's first chunk instead of after its last. For a --first-text-length speech (500, the
@@ -37,9 +37,9 @@ from pathlib import Path
 
 from bench.report import write_json
 from bot.config import Config
-from bot.core import INLINE_LENGTH, INLINE_STYLES, ChatRef, SpeechBot
-from bot.engine import GenerationEngine
-from bot.modelfile import DEFAULT_MODEL_PATH
+from bot.core.speechbot import INLINE_LENGTH, INLINE_STYLES, ChatRef, SpeechBot
+from bot.inference.engine import GenerationEngine
+from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.services import build_services
 
 QUERIES = ("", "We will", "Our jobs are", "Believe me, folks,", "Mexico", "The wall", "China is", "We're going to")

@@ -36,7 +36,7 @@ import numpy as np
 
 from bench.baselines import KneserNey, compressors, conditional_bits, ppmd, shouted_mask, unigram_bits
 from bench.text_stats import DOCS_HEADING
-from bot.runner import ModelFileError, ModelRunner
+from bot.inference.runner import ModelFileError, ModelRunner
 from export.evaluate import onnx_char_nats
 from model.cli import UsageError, fail
 from model.dataset import SPLITS, load_dataset, split_sizes

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import write_json
-from bot.engine import GenerationEngine
-from bot.modelfile import DEFAULT_MODEL_PATH
+from bot.inference.engine import GenerationEngine
+from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from model.cli import UsageError
 from model.dataset import load_dataset
 from model.sampling import BOT_SAMPLING, InvalidSampling, SamplingParams

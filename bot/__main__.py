@@ -19,8 +19,8 @@ from telegram.error import InvalidToken, TelegramError
 
 from bot import heartbeat
 from bot.config import VARIABLES, Config, ConfigError
+from bot.inference.runner import ModelFileError
 from bot.logs import redact, setup_logging
-from bot.runner import ModelFileError
 from bot.services import build_services, open_engine
 from db.database import DatabaseConfigError, create_db_engine, describe, migrate
 from model.sampling import BOT_SAMPLING, TEMPERATURE_RANGE, InvalidSampling, SamplingParams
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_telegram(config: Config) -> None:
-    from bot.telegram_app import run
+    from bot.telegram.app import run
 
     config.require_token()
     if config.heartbeat_file is not None:
@@ -160,7 +160,7 @@ def run_telegram(config: Config) -> None:
 
 
 async def console(config: Config) -> None:
-    from bot.core import ChatRef, Speech, speech_choices
+    from bot.core.speechbot import ChatRef, Speech, speech_choices
 
     services = build_services(replace(config, cooldown_seconds=0))  # one person at a keyboard
     core = services.core
@@ -203,7 +203,7 @@ def read_prompt(path: Path) -> str:
 
 
 def generate(config: Config, args: argparse.Namespace) -> None:
-    from bot.core import compose_speech, speech_options
+    from bot.core.speechbot import compose_speech, speech_options
 
     try:
         sampling = SamplingParams.from_args(args)

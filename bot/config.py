@@ -18,9 +18,9 @@ from urllib.parse import urlparse
 
 from dotenv import dotenv_values
 
-from bot.engine_api import MAX_LANES
 from bot.heartbeat import HEARTBEAT_SECONDS
-from bot.modelfile import DEFAULT_MODEL_PATH
+from bot.inference.api import MAX_LANES
+from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from model.sampling import TEMPERATURE_MAX
 
 TOKEN_FORMAT = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")

@@ -1,6 +1,6 @@
 """The composition root: the one place that builds the bot's parts from a Config.
 
-Telegram (bot/telegram_app.py), the console (`python -m bot console`) and the tests all get their
+Telegram (bot/telegram/app.py), the console (`python -m bot console`) and the tests all get their
 database, store, generation engine and SpeechBot from build_services, so they cannot drift apart.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import sqlalchemy
 
 from bot.config import Config
-from bot.core import SpeechBot, utc_now
-from bot.engine import GenerationEngine
+from bot.core.speechbot import SpeechBot, utc_now
+from bot.inference.engine import GenerationEngine
 from db.database import create_db_engine, migrate
 from db.store import ChatStore
 

@@ -16,8 +16,8 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from bot.modelfile import ModelInfo, state_names
-from bot.runner import PROVIDER_CHOICES, ModelRunner, usable_cores
+from bot.inference.modelfile import ModelInfo, state_names
+from bot.inference.runner import PROVIDER_CHOICES, ModelRunner, usable_cores
 from model.cli import UsageError, check_input_file
 from model.prepare import read_utf8
 

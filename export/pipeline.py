@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bot.modelfile import ModelInfo
+from bot.inference.modelfile import ModelInfo
 from export.int8_lstm import build_int8_lstm
 from export.torch_graph import fp16_graph, fp32_graph
 from export.verify import SAMPLE_TEXT, Verification, verify

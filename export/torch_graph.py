@@ -9,7 +9,7 @@ import onnx
 import torch
 from torch import nn
 
-from bot.modelfile import state_names
+from bot.inference.modelfile import state_names
 from model.ensemble import Ensemble
 from model.model import CharRNN
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from bot.modelfile import ModelInfo, state_names
+from bot.inference.modelfile import ModelInfo, state_names
 from export.evaluate import onnx_nats
 from model.ensemble import Ensemble
 from model.evaluate import evaluate_ids

@@ -2,7 +2,7 @@
 
 `SamplingParams` holds every sampling setting and is the one place their bounds are checked (the bot's
 commands, its configuration, the engine and `python -m model sample` all build one). The numpy
-functions here are the specification that bot/chunk_graph.py builds into ONNX and that
+functions here are the specification that bot/inference/chunk_graph.py builds into ONNX and that
 `python -m model sample` runs directly; docs/engine.md explains each step and the order they run in:
 
 1. repetition penalty: subtract `repetition_penalty` from the logit of every character that would

@@ -21,9 +21,9 @@ from telegram.ext import Application
 from telegram_emulator import TelegramEmulator
 
 from bot.config import VARIABLES, Config
-from bot.engine import GenerationEngine
-from bot.modelfile import DEFAULT_MODEL_PATH
-from bot.telegram_app import build_application
+from bot.inference.engine import GenerationEngine
+from bot.inference.modelfile import DEFAULT_MODEL_PATH
+from bot.telegram.app import build_application
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"

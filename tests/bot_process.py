@@ -16,7 +16,7 @@ from pathlib import Path
 from bot_harness import TOKEN, bot_environment
 from telegram_emulator import TelegramEmulator
 
-from bot.modelfile import DEFAULT_MODEL_PATH
+from bot.inference.modelfile import DEFAULT_MODEL_PATH
 
 
 class BotProcess:

@@ -11,7 +11,7 @@ import pytest
 
 from bot.config import VARIABLES, Config, ConfigError
 from bot.heartbeat import HeartbeatError, check_writable
-from bot.modelfile import DEFAULT_MODEL_PATH
+from bot.inference.modelfile import DEFAULT_MODEL_PATH
 
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
 

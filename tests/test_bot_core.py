@@ -8,7 +8,8 @@ import pytest
 from bot_harness import Clock
 
 from bot.config import Config
-from bot.core import (
+from bot.core.dailytime import latest_due, next_due, parse_daily_time, resolve_time_zone
+from bot.core.speechbot import (
     LENGTH_MAX,
     MESSAGE_MAX,
     ArgumentError,
@@ -19,7 +20,6 @@ from bot.core import (
     parse_temperature,
     split_command,
 )
-from bot.dailytime import latest_due, next_due, parse_daily_time, resolve_time_zone
 from bot.services import build_services
 
 PRIVATE = ChatRef(7, "private")

@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 from test_bot_core import PRIVATE, make_bot
 
-from bot.core import (
+from bot.core.speechbot import (
     INLINE_LENGTH,
     INLINE_RATE_BURST,
     INLINE_STYLES,
@@ -22,8 +22,8 @@ from bot.core import (
     parse_choice,
     speech_choices,
 )
-from bot.ending import ELLIPSIS
-from bot.engine import GenerationEngine
+from bot.inference.ending import ELLIPSIS
+from bot.inference.engine import GenerationEngine
 
 
 class RecordingEngine:
@@ -109,7 +109,7 @@ async def test_inline_speeches_are_short_and_end_as_speeches_end(tmp_path, engin
     speeches = await make_bot(tmp_path, engine).inline_speeches(1, "  We will ")
     assert [(s.style, s.temperature) for s in speeches] == list(INLINE_STYLES)
     for speech in speeches:
-        # At a sentence end, or at a word with an ellipsis where none is near (bot/ending.py).
+        # At a sentence end, or at a word with an ellipsis where none is near (bot/inference/ending.py).
         assert speech.text.startswith("We will") and speech.text.endswith((".", "!", "?", ELLIPSIS))
         assert len(speech.text) <= len("We will") + INLINE_LENGTH
 

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.core import COMMANDS, MESSAGE_MAX, ChatRef, SpeechBot, split_command
-from bot.engine import GenerationEngine
+from bot.core.speechbot import COMMANDS, MESSAGE_MAX, ChatRef, SpeechBot, split_command
+from bot.inference.engine import GenerationEngine
 from db.database import create_db_engine, migrate
 from db.store import ChatStore
 

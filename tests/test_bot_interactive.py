@@ -12,9 +12,9 @@ from sqlalchemy import select
 from test_bot_concurrency import HoldingEmulator
 from test_crash_recovery import until
 
-from bot.core import INLINE_LENGTH, INLINE_STYLES, NO_TEXT_TO_CONTINUE, STALE_CHOICE
-from bot.ending import ELLIPSIS, SENTENCE_END
-from bot.telegram_interactive import INLINE_CACHE_SECONDS, INLINE_PREVIEW_CHARS
+from bot.core.speechbot import INLINE_LENGTH, INLINE_STYLES, NO_TEXT_TO_CONTINUE, STALE_CHOICE
+from bot.inference.ending import ELLIPSIS, SENTENCE_END
+from bot.telegram.interactive import INLINE_CACHE_SECONDS, INLINE_PREVIEW_CHARS
 from db.database import create_db_engine
 from db.inbox import ANSWERED
 from db.models import InboxEntry
@@ -94,7 +94,7 @@ async def test_a_superseded_inline_query_is_cancelled_and_never_answered(bot, em
 
 
 async def test_a_chosen_inline_result_is_taken_quietly(bot, emulator, caplog):
-    caplog.set_level(logging.INFO, "bot.telegram_interactive")
+    caplog.set_level(logging.INFO, "bot.telegram.interactive")
     emulator.choose_inline_result(ALICE, "wild-0123456789abcdef", "We will")
     await emulator.settle()
     assert "Inline speech chosen: wild" in caplog.text

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 
 from bot_harness import ALICE, Clock, bot_config, group_chat, private_chat, running_bot
 
-from bot.core import ChatRef
-from bot.scheduling import job_name
+from bot.core.speechbot import ChatRef
+from bot.telegram.daily import job_name
 
 CHAT = private_chat(ALICE)
 NOON = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

@@ -11,8 +11,8 @@ import pytest
 from bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat, running_bot
 from telegram_emulator import ANONYMOUS_ADMIN, SPEC_PATH
 
-from bot.core import COMMANDS, SpeechBot
-from bot.telegram_app import build_application, webhook_options
+from bot.core.speechbot import COMMANDS, SpeechBot
+from bot.telegram.app import build_application, webhook_options
 
 ALICE_CHAT = private_chat(ALICE)
 

@@ -5,11 +5,11 @@ import re
 import pytest
 
 from bot.config import Config
-from bot.core import compose_speech, speech_options
-from bot.ending import SENTENCE_END, SLACK
-from bot.engine import GenerationEngine
-from bot.modelfile import DEFAULT_MODEL_PATH
-from bot.runner import read_model_info
+from bot.core.speechbot import compose_speech, speech_options
+from bot.inference.ending import SENTENCE_END, SLACK
+from bot.inference.engine import GenerationEngine
+from bot.inference.modelfile import DEFAULT_MODEL_PATH
+from bot.inference.runner import read_model_info
 
 SPEECH_LENGTH = 300
 # What the bundled model was trained on (../shared/data/README.md): speeches.txt, whose tail is val and test,

@@ -16,8 +16,8 @@ from bot_process import killable_bot
 from sqlalchemy import select
 
 from bot.config import LENGTH_MAX
-from bot.core import CHOICE_PREFIX
-from bot.telegram_app import LATE_APOLOGY, REPLAY_WINDOW
+from bot.core.speechbot import CHOICE_PREFIX
+from bot.telegram.app import LATE_APOLOGY, REPLAY_WINDOW
 from db.database import create_db_engine, migrate
 from db.inbox import ANSWERED, CLAIMED, Inbox, daily_key, update_key
 from db.models import InboxEntry

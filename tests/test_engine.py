@@ -13,10 +13,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from bot.ending import ELLIPSIS, Ending, settle
-from bot.engine import EngineBusy, EngineClosed, GenerationEngine, InvalidLength, default_lanes
-from bot.modelfile import INT8_LOGITS_BATCH_FIRST, INT8_LOOP, INT8_READ_TOKEN
-from bot.runner import ModelFileError, ModelRunner, ProviderError
+from bot.inference.ending import ELLIPSIS, Ending, settle
+from bot.inference.engine import EngineBusy, EngineClosed, GenerationEngine, InvalidLength, default_lanes
+from bot.inference.modelfile import INT8_LOGITS_BATCH_FIRST, INT8_LOOP, INT8_READ_TOKEN
+from bot.inference.runner import ModelFileError, ModelRunner, ProviderError
 from model.sampling import (
     BOT_SAMPLING,
     REPEAT_WINDOW,
@@ -38,7 +38,7 @@ def engine(request, tiny_onnx, tiny_int8):
 
 
 def test_importing_the_engine_does_not_import_torch():
-    code = "import bot.engine, sys; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import bot.inference.engine, sys; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -519,7 +519,7 @@ def test_the_message_limit_is_hit_mid_sentence(tmp_path):
     """/length 3000: the sentence that ends nearest the length ends 3100 characters in. After a short prompt
     that is the speech; after a 1000-character prompt it would pass Telegram's 4096, so the speech stops
     inside the limit between words. The prompt stays as it was sent."""
-    from bot.core import MESSAGE_MAX, ChatRef, SpeechBot
+    from bot.core.speechbot import MESSAGE_MAX, ChatRef, SpeechBot
     from db.database import create_db_engine, migrate
     from db.store import ChatStore
 

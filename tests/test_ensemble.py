@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bench import quality
-from bot.engine import GenerationEngine
-from bot.runner import ModelRunner
+from bot.inference.engine import GenerationEngine
+from bot.inference.runner import ModelRunner
 from export.__main__ import main as export_main
 from export.evaluate import onnx_nats
 from export.pipeline import export_checkpoint

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import TINY_CORPUS, train_tiny
 
-from bot.engine import GenerationEngine
-from bot.modelfile import MetadataError, parse_props
-from bot.runner import ModelFileError, ProviderError, read_model_info
+from bot.inference.engine import GenerationEngine
+from bot.inference.modelfile import MetadataError, parse_props
+from bot.inference.runner import ModelFileError, ProviderError, read_model_info
 from export.__main__ import main as export_main
 from export.pipeline import export_checkpoint, info_from_checkpoints, serialize
 from export.torch_graph import fp32_graph
@@ -162,7 +162,7 @@ def test_fp16_is_never_opened_on_cpu(tiny_dir, tiny_checkpoint, capsys):
     assert info.precision == "fp16"
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert "not verified" in capsys.readouterr().out
-        from bot.engine import GenerationEngine
+        from bot.inference.engine import GenerationEngine
 
         with pytest.raises(ProviderError, match="fp16"):
             GenerationEngine(out_path, providers="auto")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TINY_CORPUS
 
-from bot.runner import ModelRunner
+from bot.inference.runner import ModelRunner
 from export.__main__ import main as export_main
 from export.evaluate import onnx_char_nats
 from model.__main__ import main as model_main

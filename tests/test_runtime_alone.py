@@ -14,7 +14,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from bot.ending import ELLIPSIS, SENTENCE_END
+from bot.inference.ending import ELLIPSIS, SENTENCE_END
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_the_images_files_run_without_torch_or_export(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     imported, speech = result.stdout.split("\n", 1)
     assert int(imported.split()[1]) >= 10
-    # The bot's sampling and ending: about 60 characters (bot.ending.SLACK), ending at a sentence, or at a
+    # The bot's sampling and ending: about 60 characters (bot.inference.ending.SLACK), ending at a sentence, or at a
     # word with "…" where no sentence ends that near.
     assert 0.75 * 60 <= len(speech.rstrip("\n")) <= 1.25 * 60, speech
     assert re.search(rf"({SENTENCE_END}|{ELLIPSIS})$", speech.rstrip()), speech
@@ -77,8 +77,8 @@ def test_the_images_files_run_without_torch_or_export(tmp_path):
 
 def test_settings_and_commands_load_without_the_engine():
     code = (
-        "import sys, bot.config, bot.core; "
-        "loaded = {'onnxruntime', 'onnx', 'bot.engine', 'bot.runner'} & set(sys.modules); "
+        "import sys, bot.config, bot.core.speechbot; "
+        "loaded = {'onnxruntime', 'onnx', 'bot.inference.engine', 'bot.inference.runner'} & set(sys.modules); "
         "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

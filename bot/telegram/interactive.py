@@ -1,7 +1,7 @@
 """The interactive Telegram features: inline mode, the buttons under each speech, speeches streamed as
 drafts in private chats, and /speech in reply to a message (docs/interactive.md).
 
-What to say lives in bot/core.py (SpeechBot.inline_speeches, .choice, .reply_speech); this module turns
+What to say lives in bot/core/speechbot.py (SpeechBot.inline_speeches, .choice, .reply_speech); this module turns
 updates into those calls and their answers into Bot API requests.
 """
 
@@ -33,10 +33,10 @@ from telegram.constants import ChatType
 from telegram.error import BadRequest, TelegramError
 from telegram.ext import Application, CallbackQueryHandler, ChosenInlineResultHandler, ContextTypes, InlineQueryHandler
 
-from bot.core import STALE_CHOICE, ChatRef, Speech, speech_choices
+from bot.core.speechbot import STALE_CHOICE, ChatRef, Speech, speech_choices
 
 if TYPE_CHECKING:
-    from bot.telegram_app import TelegramFrontend
+    from bot.telegram.app import TelegramFrontend
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class InteractiveHandlers:
         """Another / Calmer / Wilder: a new speech in that chat, or a toast (cooldown, stale or forged data).
 
         A speech goes through the durable inbox as a command's reply does, so a crash while it is made
-        does not swallow the press: the next start makes it (bot.telegram_app.TelegramFrontend.answer)."""
+        does not swallow the press: the next start makes it (bot.telegram.app.TelegramFrontend.answer)."""
         callback = update.callback_query
         message = callback.message
         if message is None:  # a button on a message sent inline: no chat the bot could write to

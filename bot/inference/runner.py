@@ -1,7 +1,7 @@
 """Loading a speechbot model file and running its graphs: validation, provider choice, prime and chunks.
 
 The file's contract graph (tokens [batch, seq], state) -> (logits, state) primes prompts. Text is then
-written by the chunk graph (bot.chunk_graph), built from the contract graph at load time: it samples
+written by the chunk graph (bot.inference.chunk_graph), built from the contract graph at load time: it samples
 and steps CHUNK characters per call, for every row of a batch, with each row's own settings.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bot.chunk_graph import ChunkGraphError, chunk_graph
-from bot.modelfile import MetadataError, ModelInfo, parse_props, state_names
+from bot.inference.chunk_graph import ChunkGraphError, chunk_graph
+from bot.inference.modelfile import MetadataError, ModelInfo, parse_props, state_names
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class ModelRunner:
         self.provider = self.session.get_providers()[0]
         self.state_names, _ = state_names(self.info.is_lstm)
         # Each optional sampler step costs nodes per character, so a batch runs the graph with only the
-        # steps its rows use (bot.chunk_graph.FEATURES). Each graph holds a copy of the weights (~45 MB
+        # steps its rows use (bot.inference.chunk_graph.FEATURES). Each graph holds a copy of the weights (~45 MB
         # for the bundled model) and is built when a batch first needs it; the file's bytes are kept for that.
         self._data = data
         self._chunk_sessions = {frozenset(): self._chunk_session(frozenset())}
@@ -203,7 +203,7 @@ class ModelRunner:
         (0: no limit, else below the vocabulary size), `top_p` and `min_p` float32, `repetition_penalty`
         float32 with `repeat_ngram` int64, `history` and `matches` int64 [batch, window]
         (model.sampling.repetition_start); uniforms [batch, chunk] float32 in [0, 1)
-        (bot.chunk_graph says how they pick a token) -> tokens [batch, chunk], the logits after them,
+        (bot.inference.chunk_graph says how they pick a token) -> tokens [batch, chunk], the logits after them,
         the new state and the new (history, matches) (those given, unchanged, without a penalty).
         """
         features = frozenset(f for f, (name, used) in _USED.items() if name in rows and used(rows[name]))

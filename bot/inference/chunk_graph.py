@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
-from bot.modelfile import INT8_LOGITS_BATCH_FIRST, INT8_LOOP, INT8_READ_TOKEN, state_names
+from bot.inference.modelfile import INT8_LOGITS_BATCH_FIRST, INT8_LOOP, INT8_READ_TOKEN, state_names
 from model.sampling import REPEAT_NGRAM_MAX
 
 _CONSTANTS = {

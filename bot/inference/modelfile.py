@@ -17,11 +17,11 @@ import numpy as np
 
 from model.text import CleaningOptions, Vocab, text_to_ids
 
-DEFAULT_MODEL_PATH = Path(__file__).parent / "assets" / "speechbot.onnx"
+DEFAULT_MODEL_PATH = Path(__file__).parent.parent / "assets" / "speechbot.onnx"
 FORMAT_VERSION = "1"
 PRECISIONS = ("fp32", "int8", "fp16")
 
-# Names of the int8 graph's nodes (export.int8_lstm), by which bot.chunk_graph rewires its Loop:
+# Names of the int8 graph's nodes (export.int8_lstm), by which bot.inference.chunk_graph rewires its Loop:
 # the Loop over the sequence, the body's Gather of the step's token, the Transpose of the scanned logits.
 INT8_LOOP = "int8_loop"
 INT8_READ_TOKEN = "int8_read_token"

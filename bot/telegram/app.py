@@ -6,7 +6,7 @@ action while generating, ChatMigrated handling, retries for 429, 5xx and network
 error handler and the daily-speech scheduler. Updates run side by side across chats and one after
 another within a chat (ChatOrderedUpdateProcessor), as many at once as the engine can hold; replies
 leave at the configured overall rate (docs/speed.md, "Many chats at once"). Inline mode, the buttons
-under speeches, drafts and /speech in reply live in bot/telegram_interactive.py.
+under speeches, drafts and /speech in reply live in bot/telegram/interactive.py.
 
 Nothing a user sent is lost to a crash: each update that will get a reply is recorded in the
 database's inbox (db/inbox.py) while it is handled and marked answered once the reply is sent. At
@@ -41,12 +41,12 @@ from telegram.ext import (
 )
 
 from bot.config import TELEGRAM_MESSAGES_PER_SECOND, Config
-from bot.core import COMMANDS, ChatRef, SpeechBot, split_command, utc_now
-from bot.engine import GenerationEngine
+from bot.core.speechbot import COMMANDS, ChatRef, SpeechBot, split_command, utc_now
 from bot.heartbeat import HEARTBEAT_SECONDS, beat
-from bot.scheduling import DailySpeeches
+from bot.inference.engine import GenerationEngine
 from bot.services import build_services
-from bot.telegram_interactive import InteractiveHandlers, replied_message, speech_keyboard
+from bot.telegram.daily import DailySpeeches
+from bot.telegram.interactive import InteractiveHandlers, replied_message, speech_keyboard
 from db.database import describe
 from db.inbox import ANSWERED, Inbox, OpenEntry, update_key
 
@@ -93,7 +93,7 @@ class RetryingRateLimiter(AIORateLimiter):
 
         if endpoint in ("sendChatAction", "sendMessageDraft"):
             # Best effort, and it must not use up the 20-messages-a-minute budget of a group, nor hold up other
-            # requests while a 429 is waited out (drafts have their own budget, bot/telegram_interactive.py).
+            # requests while a 429 is waited out (drafts have their own budget, bot/telegram/interactive.py).
             return await on_the_wire(*args, **kwargs)
         for delay in (*self.retry_delays, None):
             try:

@@ -1,6 +1,6 @@
 """What the rest of the bot needs from the generation engine without loading it: its limits and the
 errors its callers handle. Light on purpose: the configuration and the commands import this, not
-bot.engine, so they never load onnxruntime or a model.
+bot.inference.engine, so they never load onnxruntime or a model.
 """
 
 from __future__ import annotations

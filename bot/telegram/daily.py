@@ -26,8 +26,8 @@ from zoneinfo import ZoneInfo
 from telegram.error import BadRequest, Forbidden
 from telegram.ext import ContextTypes, JobQueue
 
-from bot.core import SpeechBot
-from bot.dailytime import latest_due, local_date
+from bot.core.dailytime import latest_due, local_date
+from bot.core.speechbot import SpeechBot
 from db.inbox import ANSWERED, SENDING, Inbox, OpenEntry, daily_key
 from db.store import ChatSettings
 

@@ -1,9 +1,9 @@
 """Text generation with onnxruntime: one model file, continuous batching. Never imports torch.
 
-Lanes (`Lane`) each own a model runner (bot.runner.ModelRunner), a batch, the queue they take requests
+Lanes (`Lane`) each own a model runner (bot.inference.runner.ModelRunner), a batch, the queue they take requests
 from and their counters, and run on a thread of their own. Each request is primed alone (its whole
 prompt in one call), then joins its lane's batch. A batch advances CHUNK characters per call of the
-chunk graph (bot.chunk_graph), which samples and steps in onnxruntime without coming back to Python;
+chunk graph (bot.inference.chunk_graph), which samples and steps in onnxruntime without coming back to Python;
 between calls, finished requests leave and new ones join. Lane 0 reads the engine's queue and keeps
 each request until it holds its share of max_batch; then its `Dispatcher` hands requests to the first
 other lane with room. onnxruntime releases the GIL while it runs, so on a CPU the lanes' graphs run on
@@ -28,10 +28,10 @@ from typing import Protocol
 
 import numpy as np
 
-from bot.ending import Ending, settle
-from bot.engine_api import MAX_LANES, EngineBusy, EngineClosed
-from bot.modelfile import DEFAULT_MODEL_PATH
-from bot.runner import ModelRunner, usable_cores
+from bot.inference.api import MAX_LANES, EngineBusy, EngineClosed
+from bot.inference.ending import Ending, settle
+from bot.inference.modelfile import DEFAULT_MODEL_PATH
+from bot.inference.runner import ModelRunner, usable_cores
 from model.sampling import BOT_SAMPLING, SamplingParams, paragraph_start, repetition_start
 from model.text import CleaningOptions, Vocab, normalize_prompt
 
@@ -65,7 +65,7 @@ class InvalidSeed(ValueError):
 
 
 class Runner(Protocol):
-    """What a lane needs of bot.runner.ModelRunner (tests drive lanes with a fake one)."""
+    """What a lane needs of bot.inference.runner.ModelRunner (tests drive lanes with a fake one)."""
 
     def zero_state(self, batch: int) -> list[np.ndarray]: ...
 
@@ -125,7 +125,7 @@ class _Request:
         return False
 
 
-# The rows' sampler settings as the chunk graph takes them (bot.runner.ModelRunner.sample).
+# The rows' sampler settings as the chunk graph takes them (bot.inference.runner.ModelRunner.sample).
 _SETTINGS = {
     "temperature": (np.float32, lambda p: p.temperature),
     "top_k": (np.int64, lambda p: p.top_k),
@@ -442,7 +442,7 @@ class GenerationEngine:
     ) -> _Request:
         """Queue a request. `sampling` (default: the bot's, model.sampling.BOT_SAMPLING), with any of its
         fields given by name in `settings` (None keeps one); `end_sentence`: end the text as a speech
-        ends (bot.ending) at about `length` characters, and at most `max_chars`."""
+        ends (bot.inference.ending) at about `length` characters, and at most `max_chars`."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
         if len(prompt) > MAX_PROMPT_CHARS:

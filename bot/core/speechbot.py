@@ -1,6 +1,6 @@
 """What the bot does, without any transport: commands in, reply text out.
 
-Telegram (bot/telegram_app.py), the terminal (`python -m bot console`) and the tests all drive
+Telegram (bot/telegram/app.py), the terminal (`python -m bot console`) and the tests all drive
 this one class. It parses and validates arguments, reads and writes chat settings, enforces the
 per-chat cooldown (kept in the database, so replicas share it) and asks the generation engine for
 speeches. It never sends anything itself. Every store call is awaited: the database runs off the loop.
@@ -26,8 +26,8 @@ from aiolimiter import AsyncLimiter
 from sqlalchemy.exc import SQLAlchemyError
 
 from bot.config import LENGTH_MAX, LENGTH_MIN
-from bot.dailytime import latest_due, local_date, next_due, parse_daily_time, resolve_time_zone
-from bot.engine_api import EngineBusy
+from bot.core.dailytime import latest_due, local_date, next_due, parse_daily_time, resolve_time_zone
+from bot.inference.api import EngineBusy
 from db.database import describe, is_read_only
 from db.store import ChatSettings, ChatStore
 from model.sampling import TEMPERATURE_MAX, TEMPERATURE_RANGE, InvalidSampling, SamplingParams
@@ -76,7 +76,7 @@ TypingIndicator = Callable[[], contextlib.AbstractAsyncContextManager]
 
 
 class Engine(Protocol):
-    """The part of bot.engine.GenerationEngine the core uses."""
+    """The part of bot.inference.engine.GenerationEngine the core uses."""
 
     @property
     def full(self) -> bool: ...

@@ -1,0 +1,1 @@
+"""The Telegram adapter: python-telegram-bot wired to the core (handlers, sending, drafts, daily posts)."""
