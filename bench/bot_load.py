@@ -4,7 +4,7 @@
     python -m bench.bot_load --chats 200 --rates 30            # one size, Telegram's default rate
 
 The real bot (bot.telegram.app.build_application: python-telegram-bot's HTTP stack, the real engine on
-the bundled model, SQLite) polls the project's Bot API emulator (tests/telegram_emulator.py, which has
+the bundled model, SQLite) polls the project's Bot API emulator (tests/support/telegram_emulator.py, which has
 no flood limits) on 127.0.0.1. Each of N private chats sends `/speech` once, at a random moment within
 --spread seconds, and gets a --length character speech. Time to reply runs from the moment its update
 is queued at the emulator to the moment the bot's sendMessage to that chat arrives there.
@@ -41,17 +41,16 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import write_json
+from bot.config import Config
+from bot.core.speechbot import ENGINE_BUSY_REPLY
+from bot.inference.modelfile import DEFAULT_MODEL_PATH
+from bot.services import open_engine
+from db.models import utc_now
+from tests.support.bot_harness import TOKEN, running_bot
+from tests.support.telegram_emulator import TelegramEmulator
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the emulator and the harness that runs the bot against it
-
-from bot_harness import TOKEN, running_bot  # noqa: E402
-from telegram_emulator import TelegramEmulator  # noqa: E402
-
-from bench.report import write_json  # noqa: E402
-from bot.config import Config  # noqa: E402
-from bot.core.speechbot import ENGINE_BUSY_REPLY, utc_now  # noqa: E402
-from bot.inference.modelfile import DEFAULT_MODEL_PATH  # noqa: E402
-from bot.services import open_engine  # noqa: E402
 
 
 def wiring(text: str) -> str:
@@ -88,9 +87,7 @@ async def engine_throughput(engine, length: int, tries: int = 2) -> float:
     best = 0.0
     for _ in range(tries):
         start = time.perf_counter()
-        texts = await asyncio.gather(
-            *(engine.agenerate(length=length, temperature=0.8) for _ in range(2 * engine.max_batch))
-        )
+        texts = await asyncio.gather(*(engine.agenerate(length=length) for _ in range(2 * engine.max_batch)))
         best = max(best, sum(map(len, texts)) / (time.perf_counter() - start))
     return best
 

@@ -37,10 +37,12 @@ from pathlib import Path
 
 from bench.report import write_json
 from bot.config import Config
-from bot.core.speechbot import INLINE_LENGTH, INLINE_STYLES, ChatRef, SpeechBot
+from bot.core.bounds import INLINE_LENGTH, INLINE_STYLES
+from bot.core.speechbot import ChatRef, SpeechBot
 from bot.inference.engine import GenerationEngine
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.services import build_services
+from model.sampling import BOT_SAMPLING
 
 QUERIES = ("", "We will", "Our jobs are", "Believe me, folks,", "Mexico", "The wall", "China is", "We're going to")
 USER_ID = 1
@@ -98,11 +100,21 @@ def inline_candidates(engine: GenerationEngine, core: SpeechBot) -> list[Candida
     async def serial(query: str) -> None:
         for _, temperature in INLINE_STYLES:
             await engine.agenerate(
-                query, INLINE_LENGTH, temperature=temperature, end_sentence=True, max_chars=INLINE_LENGTH
+                query,
+                INLINE_LENGTH,
+                sampling=BOT_SAMPLING.with_options(temperature=temperature),
+                end_sentence=True,
+                max_chars=INLINE_LENGTH,
             )
 
     async def single(query: str) -> None:
-        await engine.agenerate(query, INLINE_LENGTH, temperature=0.9, end_sentence=True, max_chars=INLINE_LENGTH)
+        await engine.agenerate(
+            query,
+            INLINE_LENGTH,
+            end_sentence=True,
+            max_chars=INLINE_LENGTH,
+            sampling=BOT_SAMPLING.with_options(temperature=0.9),
+        )
 
     return [timed("batch", batch), timed("serial", serial), timed("single", single)]
 

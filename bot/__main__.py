@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--exact-length", action="store_true", help="stop at exactly --length characters, not at a sentence end near it"
     )
-    generate.add_argument("--temperature", type=float, default=0.8, help=TEMPERATURE_RANGE)
+    generate.add_argument("--temperature", type=float, default=BOT_SAMPLING.temperature, help=TEMPERATURE_RANGE)
     generate.add_argument(
         "--top-k", type=int, default=BOT_SAMPLING.top_k, help="the k likeliest characters only (0: all)"
     )
@@ -151,16 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_telegram(config: Config) -> None:
-    from bot.telegram.app import run
+    from bot.services import build_application
+    from bot.telegram.app import serve
 
     config.require_token()
     if config.heartbeat_file is not None:
         heartbeat.check_writable(config.heartbeat_file)
-    run(config)
+    serve(build_application(config), config)
 
 
 async def console(config: Config) -> None:
-    from bot.core.speechbot import ChatRef, Speech, speech_choices
+    from bot.core.speech import Speech, speech_choices
+    from bot.core.speechbot import ChatRef
 
     services = build_services(replace(config, cooldown_seconds=0))  # one person at a keyboard
     core = services.core
@@ -203,7 +205,7 @@ def read_prompt(path: Path) -> str:
 
 
 def generate(config: Config, args: argparse.Namespace) -> None:
-    from bot.core.speechbot import compose_speech, speech_options
+    from bot.core.speech import compose_speech, reply_room
 
     try:
         sampling = SamplingParams.from_args(args)
@@ -212,8 +214,14 @@ def generate(config: Config, args: argparse.Namespace) -> None:
     prompt = args.prompt if args.prompt_file is None else read_prompt(args.prompt_file)
     engine = open_engine(config, args.model)
     try:
-        ending = {} if args.exact_length else speech_options(prompt)
-        text = engine.generate(prompt=prompt, length=args.length, sampling=sampling, seed=args.seed, **ending)
+        text = engine.generate(
+            prompt,
+            args.length,
+            sampling=sampling,
+            seed=args.seed,
+            end_sentence=not args.exact_length,
+            max_chars=None if args.exact_length else reply_room(prompt),
+        )
         print(prompt + text if args.exact_length else compose_speech(prompt, text))
     finally:
         engine.close()

@@ -19,13 +19,12 @@ from urllib.parse import urlparse
 from dotenv import dotenv_values
 
 from bot.heartbeat import HEARTBEAT_SECONDS
-from bot.inference.api import MAX_LANES
+from bot.inference.api import MAX_LANES, PROVIDER_CHOICES
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
-from model.sampling import TEMPERATURE_MAX
+from model.sampling import BOT_SAMPLING, TEMPERATURE_MAX
 
 TOKEN_FORMAT = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
 WEBHOOK_SECRET_FORMAT = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
-PROVIDERS = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Telegram's documented overall flood limit; paid broadcasts or a local Bot API server allow more.
 TELEGRAM_MESSAGES_PER_SECOND = 30.0
@@ -54,7 +53,7 @@ class Config:
     webhook_listen: str = "127.0.0.1"
     webhook_port: int = 8443
     webhook_secret: str | None = None
-    default_temperature: float = 0.8
+    default_temperature: float = BOT_SAMPLING.temperature
     default_length: int = 500
     cooldown_seconds: float = 10.0
     missed_post_grace_minutes: float = 60.0
@@ -80,7 +79,7 @@ class Config:
             ),
             database_url=reader.text("DATABASE_URL", cls.database_url),
             model_path=Path(reader.text("MODEL_PATH", str(DEFAULT_MODEL_PATH))),
-            onnx_providers=reader.choice("ONNX_PROVIDERS", PROVIDERS, cls.onnx_providers, str.lower),
+            onnx_providers=reader.choice("ONNX_PROVIDERS", PROVIDER_CHOICES, cls.onnx_providers, str.lower),
             onnx_threads=reader.number("ONNX_THREADS", None, int, low=1, high=256),
             onnx_lanes=reader.number("ONNX_LANES", None, int, low=1, high=MAX_LANES),
             log_level=reader.choice("LOG_LEVEL", LOG_LEVELS, cls.log_level, str.upper),
@@ -120,7 +119,7 @@ VARIABLES = {
     "TELEGRAM_MESSAGES_PER_SECOND": f"overall sending rate, 1-100000 (default {Config.telegram_messages_per_second:g})",
     "DATABASE_URL": f"SQLAlchemy URL (default {Config.database_url})",
     "MODEL_PATH": "the ONNX model to serve (default: the bundled one)",
-    "ONNX_PROVIDERS": f"{', '.join(PROVIDERS)} (default {Config.onnx_providers})",
+    "ONNX_PROVIDERS": f"{', '.join(PROVIDER_CHOICES)} (default {Config.onnx_providers})",
     "ONNX_THREADS": "onnxruntime threads per lane, 1-256 (default 1)",
     "ONNX_LANES": f"generation workers, 1-{MAX_LANES} (default: from the CPU count)",
     "LOG_LEVEL": f"{', '.join(LOG_LEVELS)} (default {Config.log_level})",

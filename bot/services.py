@@ -1,23 +1,43 @@
 """The composition root: the one place that builds the bot's parts from a Config.
 
-Telegram (bot/telegram/app.py), the console (`python -m bot console`) and the tests all get their
-database, store, generation engine and SpeechBot from build_services, so they cannot drift apart.
+build_services makes what every front end runs on (database, store, generation engine, core); the console
+(`python -m bot console`) and the tests use it as it is. build_application adds the Telegram side (inbox,
+daily posts, handlers, python-telegram-bot's Application) around the same parts. Every part gets what it
+calls in its constructor.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import sqlalchemy
+from telegram import BotCommand
+from telegram.ext import Application
 
 from bot.config import Config
-from bot.core.speechbot import SpeechBot, utc_now
+from bot.core.commands import COMMANDS
+from bot.core.speech import daily_speech
+from bot.core.speechbot import SpeechBot
+from bot.heartbeat import HEARTBEAT_SECONDS, beat
 from bot.inference.engine import GenerationEngine
+from bot.telegram.admins import Admins
+from bot.telegram.answers import INBOX_SWEEP_SECONDS, Answers
+from bot.telegram.app import UPDATES_BEYOND_ENGINE, new_application, register
+from bot.telegram.daily import DailySpeeches
+from bot.telegram.handlers import Handlers
+from bot.telegram.interactive import InteractiveHandlers
+from bot.telegram.progress import Progress
 from db.database import create_db_engine, migrate
-from db.store import ChatStore
+from db.inbox import Inbox
+from db.models import utc_now
+from db.store import ChatSettings, ChatStore
+
+log = logging.getLogger(__name__)
 
 
 def open_engine(config: Config, model_path: Path | None = None) -> GenerationEngine:
@@ -45,18 +65,107 @@ class Services:
         self.store.close()  # its database threads, then the engine's connections
 
 
-def build_services(
-    config: Config, engine: GenerationEngine | None = None, *, clock: Callable[[], datetime] = utc_now
-) -> Services:
-    """Migrate the database and wire store, engine and core; `engine` None opens the configured model."""
+def _open_storage_and_engine(
+    config: Config, engine: GenerationEngine | None
+) -> tuple[sqlalchemy.Engine, ChatStore, GenerationEngine, bool]:
+    """The migrated database, its store and the engine (`engine` None opens the configured model, which the
+    caller then owns)."""
     database = create_db_engine(config.database_url)
     try:
         migrate(database)
         store = ChatStore(database, config.default_temperature, config.default_length)
-        owns_engine = engine is None
-        engine = open_engine(config) if engine is None else engine
+        return database, store, engine or open_engine(config), engine is None
     except BaseException:
         database.dispose()
         raise
-    core = SpeechBot(store, engine, cooldown_seconds=config.cooldown_seconds, clock=clock)
+
+
+def build_services(
+    config: Config,
+    engine: GenerationEngine | None = None,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+    on_schedule_change: Callable[[ChatSettings], None] | None = None,
+) -> Services:
+    """Migrate the database and wire store, engine and core; `engine` None opens the configured model."""
+    database, store, engine, owns_engine = _open_storage_and_engine(config, engine)
+    core = SpeechBot(
+        store, engine, cooldown_seconds=config.cooldown_seconds, clock=clock, on_schedule_change=on_schedule_change
+    )
     return Services(database, store, engine, core, owns_engine)
+
+
+def build_application(
+    config: Config,
+    engine: GenerationEngine | None = None,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+    retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
+    read_timeout: float = 10.0,
+    concurrent_updates: int | None = None,
+) -> Application:
+    """The whole Telegram bot: services, inbox, daily posts, handlers. Does not start it.
+
+    `engine` None opens the configured model (closed at shutdown). `concurrent_updates` None sizes the
+    update processor by the engine: every request it can hold, generating or queued, plus
+    UPDATES_BEYOND_ENGINE, so a speech past a full queue still reaches the engine and is told "busy".
+    """
+    token = config.require_token()
+    database, store, engine, owns_engine = _open_storage_and_engine(config, engine)
+    inbox = Inbox(store.database)
+    progress = Progress()
+
+    # The hooks run once the Application starts, after everything below is built.
+    async def start(application: Application) -> None:
+        await application.bot.set_my_commands([BotCommand(name, text) for name, text in COMMANDS.items()])
+        await inbox.open()
+        await daily.rebuild()
+        await answers.take_over(application)
+        application.job_queue.run_repeating(
+            answers.sweep,
+            interval=INBOX_SWEEP_SECONDS,
+            first=INBOX_SWEEP_SECONDS,
+            job_kwargs={"misfire_grace_time": INBOX_SWEEP_SECONDS},
+        )
+        if config.heartbeat_file is not None:
+            # Proves to the container's healthcheck that the event loop is alive.
+            beat(config.heartbeat_file)
+            application.job_queue.run_repeating(
+                lambda _context: beat(config.heartbeat_file),
+                interval=HEARTBEAT_SECONDS,
+                job_kwargs={"misfire_grace_time": HEARTBEAT_SECONDS},
+            )
+        log.info("Bot @%s is up", application.bot.username)
+
+    async def stop(_application: Application) -> None:
+        inbox.close()
+        services.close()
+
+    application = new_application(
+        config,
+        token,
+        concurrent_updates or engine.capacity + UPDATES_BEYOND_ENGINE,
+        post_init=start,
+        post_shutdown=stop,
+        retry_delays=retry_delays,
+        read_timeout=read_timeout,
+    )
+    daily = DailySpeeches(
+        application.job_queue,
+        application.bot,
+        store,
+        inbox,
+        write=partial(daily_speech, engine),
+        show_typing=progress.typing,
+        grace=timedelta(minutes=config.missed_post_grace_minutes),
+        clock=clock,
+    )
+    core = SpeechBot(
+        store, engine, cooldown_seconds=config.cooldown_seconds, clock=clock, on_schedule_change=daily.sync
+    )
+    services = Services(database, store, engine, core, owns_engine)
+    application.bot_data["core"] = core  # for whoever holds only the Application (tests, benches)
+    answers = Answers(inbox, daily, clock)
+    interactive = InteractiveHandlers(core, answers, progress, daily.chat_moved)
+    register(application, Handlers(core, answers, progress, daily, Admins(), interactive), interactive)
+    return application

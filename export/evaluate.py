@@ -16,8 +16,9 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from bot.inference.api import PROVIDER_CHOICES, PROVIDERS
 from bot.inference.modelfile import ModelInfo, state_names
-from bot.inference.runner import PROVIDER_CHOICES, ModelRunner, usable_cores
+from bot.inference.runner import ModelRunner, usable_cores
 from model.cli import UsageError, check_input_file
 from model.prepare import read_utf8
 
@@ -33,7 +34,7 @@ MIN_LANE_STREAMS = 16
 
 def lane_count(provider: str, streams: int) -> int:
     """One session per core on CPU, each with at least MIN_LANE_STREAMS streams; one on a GPU."""
-    if provider != "CPUExecutionProvider":
+    if provider != PROVIDERS["cpu"]:
         return 1
     return max(1, min(usable_cores(), streams // MIN_LANE_STREAMS))
 

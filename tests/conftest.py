@@ -7,9 +7,6 @@ root), on 127.0.0.1 with its data in a temporary folder; every test gets a datab
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import math
 import os
 import shutil
 import socket
@@ -19,63 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import create_engine, text
 
+from bot.inference.engine import GenerationEngine
 from export.pipeline import export_checkpoint
-from model.checkpoint import Checkpoint
-from model.model import CharRNN, ModelConfig
-from model.text import CleaningOptions, Vocab, clean_text
+from tests.support.databases import new_postgres_database
+from tests.support.tiny_model import TINY_CORPUS, train_tiny
 
 torch.set_num_threads(1)
 
 # Registered here, before any test module imports it, so that pytest rewrites its asserts too.
-pytest_plugins = ["bot_harness"]
-
-TINY_CORPUS = (
-    "SPEECH 1\nThank you very much. We are going to make America great again! (APPLAUSE)\n"
-    "We will win so much, you'll get tired of winning. Believe me, folks. Who pays for the wall? Mexico.\n"
-    "Our jobs are leaving; our trade deals are terrible. It’s true. We're going to bring them back.\n"
-) * 8
-
-
-def train_tiny(
-    path: Path,
-    text: str = TINY_CORPUS,
-    model_type: str = "lstm",
-    iterations: int = 80,
-    seed: int = 0,
-    rnn_size: int = 16,
-) -> Path:
-    """A 2x16 network trained for a few iterations with plain torch, saved as a real checkpoint."""
-    cleaning = CleaningOptions()
-    cleaned = clean_text(text, cleaning)
-    vocab = Vocab.from_text(cleaned)
-    ids = torch.tensor(vocab.encode(cleaned))
-    torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=len(vocab), model_type=model_type, rnn_size=rnn_size, num_layers=2, wordvec_size=8)
-    net = CharRNN(config)
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.02)
-    seq = 32
-    for _ in range(iterations):
-        starts = torch.randint(0, len(ids) - seq - 1, (8,))
-        x = torch.stack([ids[s : s + seq] for s in starts])
-        y = torch.stack([ids[s + 1 : s + seq + 1] for s in starts])
-        logits, _ = net(x)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), y.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    Checkpoint(
-        model_config=config.to_dict(),
-        model=net.state_dict(),
-        vocab=vocab.chars,
-        unknown_policy=vocab.unknown_policy,
-        cleaning=cleaning.to_dict(),
-        dataset_sha256=[hashlib.sha256(text.encode("utf-8")).hexdigest()],  # as if prepared from the text's file
-        val_bpc=loss.item() / math.log(2),
-        iteration=iterations,
-    ).save(path)
-    return path
+pytest_plugins = ["tests.support.bot_harness"]
 
 
 @pytest.fixture(scope="session")
@@ -102,8 +52,14 @@ def tiny_int8(tiny_dir, tiny_checkpoint) -> Path:
     return tiny_dir / "tiny-int8.onnx"
 
 
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def engine(request, tiny_onnx, tiny_int8):
+    path = tiny_onnx if request.param == "fp32" else tiny_int8
+    with GenerationEngine(path, providers="cpu", threads=1, max_batch=64, lanes=1) as eng:
+        yield eng
+
+
 POSTGRES_BIN = Path(os.environ.get("POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
-_database_names = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -132,15 +88,6 @@ def postgres_server():
     finally:
         pg("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)
-
-
-def new_postgres_database(server_url: str) -> str:
-    name = f"test_{os.getpid()}_{next(_database_names)}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    return server_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -9,11 +9,11 @@ import sqlite3
 import sys
 
 import pytest
-from bot_harness import ALICE, TOKEN, bot_process, emulated_telegram_environment, private_chat
-from telegram_emulator import TelegramEmulator
 
 from bot.__main__ import main
 from bot.config import VARIABLES
+from tests.support.bot_harness import ALICE, TOKEN, bot_process, emulated_telegram_environment, private_chat
+from tests.support.telegram_emulator import TelegramEmulator
 
 
 @pytest.fixture

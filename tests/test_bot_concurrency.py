@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 
-from bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, group_chat, private_chat, running_bot
-from telegram_emulator import Call, TelegramEmulator
-
-from bot.telegram import app as telegram_app
 from bot.core.speechbot import ENGINE_BUSY_REPLY
 from bot.inference.engine import GenerationEngine
+from bot.telegram import transport
 from bot.telegram.app import UPDATES_BEYOND_ENGINE
+from tests.support.bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, group_chat, private_chat, running_bot
+from tests.support.telegram_emulator import Call, TelegramEmulator
 
 ALICE_CHAT, BOB_CHAT = private_chat(ALICE), private_chat(BOB)
 
@@ -135,7 +134,7 @@ async def test_a_full_engine_queue_answers_busy_at_once(emulator, model_path, tm
 async def test_requests_beyond_the_in_flight_cap_wait_their_turn_and_all_arrive(engine, tmp_path, monkeypatch):
     # httpcore's pool work grows with the square of its connections, so the bot keeps the wire to a cap
     # (4 here) and queues the rest itself.
-    monkeypatch.setattr(telegram_app, "HTTP_IN_FLIGHT_MAX", 4)
+    monkeypatch.setattr(transport, "HTTP_IN_FLIGHT_MAX", 4)
     users = [{"id": 7000 + i, "is_bot": False, "first_name": f"User{i}"} for i in range(10)]
     async with GateEmulator() as emulator:
         config = bot_config(emulator, tmp_path / "bot.db")

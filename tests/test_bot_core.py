@@ -5,22 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, time
 
 import pytest
-from bot_harness import Clock
 
 from bot.config import Config
+from bot.core.bounds import LENGTH_MAX, MESSAGE_MAX
+from bot.core.commands import ArgumentError, parse_length, parse_temperature, split_command
 from bot.core.dailytime import latest_due, next_due, parse_daily_time, resolve_time_zone
-from bot.core.speechbot import (
-    LENGTH_MAX,
-    MESSAGE_MAX,
-    ArgumentError,
-    ChatRef,
-    SpeechBot,
-    compose_speech,
-    parse_length,
-    parse_temperature,
-    split_command,
-)
+from bot.core.speech import compose_speech
+from bot.core.speechbot import ChatRef, SpeechBot
 from bot.services import build_services
+from tests.support.bot_harness import Clock
 
 PRIVATE = ChatRef(7, "private")
 GROUP = ChatRef(-70, "group")

@@ -8,22 +8,14 @@ import contextlib
 import sqlite3
 
 import pytest
-from test_bot_core import PRIVATE, make_bot
 
-from bot.core.speechbot import (
-    INLINE_LENGTH,
-    INLINE_RATE_BURST,
-    INLINE_STYLES,
-    NO_TEXT_TO_CONTINUE,
-    PROMPT_MAX,
-    STALE_CHOICE,
-    ArgumentError,
-    Speech,
-    parse_choice,
-    speech_choices,
-)
+from bot.core.bounds import INLINE_LENGTH, INLINE_RATE_BURST, INLINE_STYLES, PROMPT_MAX
+from bot.core.commands import ArgumentError
+from bot.core.speech import STALE_CHOICE, Speech, parse_choice, speech_choices
+from bot.core.speechbot import NO_TEXT_TO_CONTINUE
 from bot.inference.ending import ELLIPSIS
 from bot.inference.engine import GenerationEngine
+from tests.test_bot_core import PRIVATE, make_bot
 
 
 class RecordingEngine:
@@ -34,16 +26,16 @@ class RecordingEngine:
         self.started: list[str] = []
         self.cancelled: list[str] = []
 
-    async def agenerate(self, prompt: str = "", **options) -> str:
+    async def agenerate(self, prompt: str = "", length: int = 500, **ask) -> str:
         self.started.append(prompt)
         try:
-            return await self.engine.agenerate(prompt, **options)
+            return await self.engine.agenerate(prompt, length, **ask)
         except asyncio.CancelledError:
             self.cancelled.append(prompt)
             raise
 
-    def astream(self, prompt: str = "", **options):
-        return self.engine.astream(prompt, **options)
+    def astream(self, prompt: str = "", length: int = 500, **ask):
+        return self.engine.astream(prompt, length, **ask)
 
     @property
     def full(self) -> bool:
@@ -130,7 +122,7 @@ async def test_a_newer_inline_query_cancels_the_older_one_in_the_engine(tmp_path
 async def test_over_the_per_user_limit_a_query_waits_and_a_newer_one_replaces_it(tmp_path, engine):
     recorder = RecordingEngine(engine)
     bot = make_bot(tmp_path, recorder)
-    limit = bot._inline_limit(1)
+    limit = bot.inline._limit(1)
     for _ in range(INLINE_RATE_BURST):  # a burst of queries just used up the user's allowance
         await limit.acquire()
     waiting = asyncio.create_task(bot.inline_speeches(1, "Our jobs"))

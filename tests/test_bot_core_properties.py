@@ -15,7 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.core.speechbot import COMMANDS, MESSAGE_MAX, ChatRef, SpeechBot, split_command
+from bot.core.bounds import MESSAGE_MAX
+from bot.core.commands import COMMANDS, split_command
+from bot.core.speechbot import ChatRef, SpeechBot
 from bot.inference.engine import GenerationEngine
 from db.database import create_db_engine, migrate
 from db.store import ChatStore

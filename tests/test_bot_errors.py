@@ -16,11 +16,18 @@ from pathlib import Path
 import aiohttp
 import onnx
 import pytest
-from bot_harness import TOKEN, bot_environment, bot_process, emulated_telegram_environment, group_chat, run_bot
-from telegram_emulator import ANONYMOUS_ADMIN, TelegramEmulator
 
 from db.database import create_db_engine, migrate
 from db.store import ChatStore
+from tests.support.bot_harness import (
+    TOKEN,
+    bot_environment,
+    bot_process,
+    emulated_telegram_environment,
+    group_chat,
+    run_bot,
+)
+from tests.support.telegram_emulator import ANONYMOUS_ADMIN, TelegramEmulator
 
 PAGE = 4096  # SQLite's default page size
 CONSOLE_CHAT_ID = 0

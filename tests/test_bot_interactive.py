@@ -7,17 +7,19 @@ import logging
 import re
 
 import pytest
-from bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat, running_bot
 from sqlalchemy import select
-from test_bot_concurrency import HoldingEmulator
-from test_crash_recovery import until
 
-from bot.core.speechbot import INLINE_LENGTH, INLINE_STYLES, NO_TEXT_TO_CONTINUE, STALE_CHOICE
+from bot.core.bounds import INLINE_LENGTH, INLINE_STYLES
+from bot.core.speech import STALE_CHOICE
+from bot.core.speechbot import NO_TEXT_TO_CONTINUE
 from bot.inference.ending import ELLIPSIS, SENTENCE_END
 from bot.telegram.interactive import INLINE_CACHE_SECONDS, INLINE_PREVIEW_CHARS
 from db.database import create_db_engine
 from db.inbox import ANSWERED
 from db.models import InboxEntry
+from tests.support.bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat, running_bot
+from tests.test_bot_concurrency import HoldingEmulator
+from tests.test_crash_recovery import until
 
 ALICE_CHAT = private_chat(ALICE)
 SPEECH_END = re.compile(rf"({SENTENCE_END}|{ELLIPSIS})$")  # a sentence end, else a word and "…"

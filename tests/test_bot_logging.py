@@ -6,10 +6,10 @@ import io
 import logging
 
 import pytest
-from bot_harness import ALICE, TOKEN, Clock, bot_config, private_chat, running_bot
-from telegram_emulator import TelegramEmulator
 
 from bot.logs import REDACTED, RedactSecrets, setup_logging
+from tests.support.bot_harness import ALICE, TOKEN, Clock, bot_config, private_chat, running_bot
+from tests.support.telegram_emulator import TelegramEmulator
 
 OTHER_TOKEN = "987654321:BBAnotherFakeToken_0123456789abcdefgh"
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from bot_harness import ALICE, Clock, bot_config, group_chat, private_chat, running_bot
-
 from bot.core.speechbot import ChatRef
 from bot.telegram.daily import job_name
+from tests.support.bot_harness import ALICE, Clock, bot_config, group_chat, private_chat, running_bot
 
 CHAT = private_chat(ALICE)
 NOON = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -144,7 +143,7 @@ async def test_bot_removed_from_a_group_stops_its_schedule(emulator, engine, tmp
 async def test_the_console_chat_is_never_scheduled_on_telegram(emulator, engine, tmp_path):
     config = bot_config(emulator, tmp_path / "bot.db")
     async with running_bot(emulator, engine, config, Clock(NOON)) as app:
-        core = app.bot_data["frontend"].core
+        core = app.bot_data["core"]
         assert "Daily speech set" in await core.handle_text(ChatRef(0, "console"), "/schedule 12:10")
     async with running_bot(emulator, engine, config, Clock(NOON)) as app:
         assert not app.job_queue.get_jobs_by_name(job_name(0))

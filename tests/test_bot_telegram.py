@@ -8,11 +8,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat, running_bot
-from telegram_emulator import ANONYMOUS_ADMIN, SPEC_PATH
 
-from bot.core.speechbot import COMMANDS, SpeechBot
-from bot.telegram.app import build_application, webhook_options
+from bot.core.commands import COMMANDS
+from bot.core.commands import help_text as commands_help_text
+from bot.services import build_application
+from bot.telegram.app import webhook_options
+from tests.support.bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat, running_bot
+from tests.support.telegram_emulator import ANONYMOUS_ADMIN, SPEC_PATH
 
 ALICE_CHAT = private_chat(ALICE)
 
@@ -39,7 +41,7 @@ async def test_the_emulator_checks_every_call_against_the_bot_api_spec(emulator)
 def test_help_and_the_readme_command_table_name_every_command():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     table = readme.split("### Commands", 1)[1].split("\n\n", 2)[1]
-    help_text = SpeechBot.help_text()
+    help_text = commands_help_text()
     for name in COMMANDS:
         assert f"`/{name}" in table or f"`/{name}`" in table, name
         assert f"/{name}" in help_text or name in ("start", "help"), name

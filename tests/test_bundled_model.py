@@ -5,11 +5,12 @@ import re
 import pytest
 
 from bot.config import Config
-from bot.core.speechbot import compose_speech, speech_options
+from bot.core.speech import compose_speech, reply_room
 from bot.inference.ending import SENTENCE_END, SLACK
 from bot.inference.engine import GenerationEngine
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.inference.runner import read_model_info
+from model.sampling import BOT_SAMPLING
 
 SPEECH_LENGTH = 300
 # What the bundled model was trained on (../shared/data/README.md): speeches.txt, whose tail is val and test,
@@ -31,8 +32,12 @@ def test_bundled_model_metadata():
 
 def test_bundled_model_writes_a_300_character_speech():
     with GenerationEngine(DEFAULT_MODEL_PATH, providers="cpu", threads=1) as engine:
-        text = engine.generate("We will", length=SPEECH_LENGTH, temperature=0.8, seed=1)
-        again = engine.generate("We will", length=SPEECH_LENGTH, temperature=0.8, seed=1)
+        text = engine.generate(
+            "We will", length=SPEECH_LENGTH, seed=1, sampling=BOT_SAMPLING.with_options(temperature=0.8)
+        )
+        again = engine.generate(
+            "We will", length=SPEECH_LENGTH, seed=1, sampling=BOT_SAMPLING.with_options(temperature=0.8)
+        )
     assert len(text) == SPEECH_LENGTH and text == again
     words = text.split()
     # Fluent English has short words separated by spaces, not a soup of characters.
@@ -47,9 +52,10 @@ def test_bundled_model_speech_with_the_bot_defaults_ends_at_a_sentence(prompt):
         continuation = engine.generate(
             prompt,
             length=Config.default_length,
-            temperature=Config.default_temperature,
+            sampling=BOT_SAMPLING.with_options(temperature=Config.default_temperature),
             seed=3,
-            **speech_options(prompt),
+            end_sentence=True,
+            max_chars=reply_room(prompt),
         )
     speech = compose_speech(prompt, continuation)
     assert re.search(rf"{SENTENCE_END}$", speech), speech[-80:]

@@ -11,17 +11,17 @@ import asyncio
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
-from bot_harness import ALICE, Clock, bot_config, private_chat, running_bot
-from bot_process import killable_bot
 from sqlalchemy import select
 
-from bot.config import LENGTH_MAX
-from bot.core.speechbot import CHOICE_PREFIX
-from bot.telegram.app import LATE_APOLOGY, REPLAY_WINDOW
+from bot.core.bounds import LENGTH_MAX
+from bot.core.speech import CHOICE_PREFIX
+from bot.telegram.answers import LATE_APOLOGY, REPLAY_WINDOW
 from db.database import create_db_engine, migrate
 from db.inbox import ANSWERED, CLAIMED, Inbox, daily_key, update_key
 from db.models import InboxEntry
 from db.store import ChatStore
+from tests.support.bot_harness import ALICE, Clock, bot_config, private_chat, running_bot
+from tests.support.bot_process import killable_bot
 
 CHAT = private_chat(ALICE)
 HOLD = 60.0  # seconds the emulator holds a request: far longer than any test waits for it

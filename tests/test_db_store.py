@@ -9,12 +9,12 @@ import threading
 from datetime import UTC, date, datetime, time, timedelta
 
 import pytest
-from conftest import new_postgres_database
 from sqlalchemy import inspect, text
 
 from db.database import DatabaseConfigError, create_db_engine, migrate
 from db.inbox import ANSWERED, CLAIMED, QUEUED, SENDING, Inbox, daily_key, update_key
 from db.store import ChatStore
+from tests.support.databases import new_postgres_database
 
 NOW = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 

@@ -9,7 +9,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_CORPUS, train_tiny
 
 from bot.inference.engine import GenerationEngine
 from bot.inference.modelfile import MetadataError, parse_props
@@ -20,6 +19,8 @@ from export.torch_graph import fp32_graph
 from export.verify import VerificationError, verify
 from model.checkpoint import load_checkpoint
 from model.evaluate import evaluate_ids
+from model.sampling import BOT_SAMPLING
+from tests.support.tiny_model import TINY_CORPUS, train_tiny
 
 
 def torch_and_onnx_logits(net, session, tokens: np.ndarray, state: list[np.ndarray]):
@@ -132,9 +133,9 @@ def test_gru_exports_and_int8_is_refused_for_it(tiny_dir, capsys):
     assert [i.name for i in ort.InferenceSession(str(result.path)).get_inputs()] == ["tokens", "h0"]
     # The engine's chunk graph steps a one-state network too, and a seed keeps its text in a batch.
     with GenerationEngine(result.path, providers="cpu", threads=1, lanes=1) as engine:
-        alone = engine.generate("We", length=40, top_k=5, seed=2)
+        alone = engine.generate("We", length=40, seed=2, sampling=BOT_SAMPLING.with_options(top_k=5))
         others = [engine.stream("Make", length=30 + i, seed=i) for i in range(5)]
-        mine = engine.stream("We", length=40, top_k=5, seed=2)
+        mine = engine.stream("We", length=40, seed=2, sampling=BOT_SAMPLING.with_options(top_k=5))
         assert "".join(mine) == alone and len(alone) == 40
         assert all(len("".join(other)) == 30 + i for i, other in enumerate(others))
     with pytest.raises(SystemExit) as exit_info:

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CORPUS
 
 from bot.inference.runner import ModelRunner
 from export.__main__ import main as export_main
@@ -23,6 +22,7 @@ from model.config import TrainConfig
 from model.dataset import load_dataset
 from model.plot import read_metrics
 from model.train import build_parser
+from tests.support.tiny_model import TINY_CORPUS
 
 torch.set_num_threads(1)
 

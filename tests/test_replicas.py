@@ -3,11 +3,11 @@ of two webhook replicas would split the updates: one daily post, shared settings
 
 from __future__ import annotations
 
-from bot_harness import ALICE, BOB, TOKEN, private_chat
-from bot_process import killable_bot
-from conftest import new_postgres_database
-from telegram_emulator import TelegramEmulator
-from test_crash_recovery import SLOW, posts, schedule_a_missed_post
+from tests.support.bot_harness import ALICE, BOB, TOKEN, private_chat
+from tests.support.bot_process import killable_bot
+from tests.support.databases import new_postgres_database
+from tests.support.telegram_emulator import TelegramEmulator
+from tests.test_crash_recovery import SLOW, posts, schedule_a_missed_post
 
 
 async def test_two_replicas_share_one_database(postgres_server, tmp_path):

@@ -1,95 +1,56 @@
 """What the bot does, without any transport: commands in, reply text out.
 
-Telegram (bot/telegram/app.py), the terminal (`python -m bot console`) and the tests all drive
-this one class. It parses and validates arguments, reads and writes chat settings, enforces the
+Telegram (bot/telegram/), the terminal (`python -m bot console`) and the tests all drive this one class.
+It parses and validates arguments (bot.core.commands), reads and writes chat settings, enforces the
 per-chat cooldown (kept in the database, so replicas share it) and asks the generation engine for
 speeches. It never sends anything itself. Every store call is awaited: the database runs off the loop.
 Beside commands: the choices offered under each speech (Another, Calmer, Wilder), /speech in reply
-to a message, and inline mode's three short speeches (docs/interactive.md).
+to a message, and inline mode's three short speeches (bot.core.inline, docs/interactive.md).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
-import re
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from aiolimiter import AsyncLimiter
 from sqlalchemy.exc import SQLAlchemyError
 
-from bot.config import LENGTH_MAX, LENGTH_MIN
+from bot.core.bounds import LENGTH_MAX, LENGTH_MIN, PROMPT_MAX
+from bot.core.commands import (
+    CHANGING_COMMANDS,
+    COMMANDS,
+    ArgumentError,
+    help_text,
+    looks_like_number,
+    parse_length,
+    parse_temperature,
+    shown,
+    split_command,
+)
 from bot.core.dailytime import latest_due, local_date, next_due, parse_daily_time, resolve_time_zone
-from bot.inference.api import EngineBusy
+from bot.core.inline import InlineSpeech, InlineSpeeches
+from bot.core.speech import Speech, compose_speech, daily_speech, parse_choice, reply_room
+from bot.inference.api import Engine, EngineBusy
 from db.database import describe, is_read_only
+from db.models import utc_now
 from db.store import ChatSettings, ChatStore
-from model.sampling import TEMPERATURE_MAX, TEMPERATURE_RANGE, InvalidSampling, SamplingParams
+from model.sampling import BOT_SAMPLING, TEMPERATURE_RANGE, SamplingParams
 
 log = logging.getLogger(__name__)
 
-PROMPT_MAX = 1000
-MESSAGE_MAX = 4096  # Telegram's limit for one text message
-SHOWN_ARGUMENT_MAX = 24  # how much of a bad argument a reply quotes back
 ENGINE_BUSY_REPLY = "I'm writing a lot of speeches right now. Please try again in a few seconds."
-# Inline mode: shorter speeches, so three come back well within the second users wait (docs/interactive.md).
-INLINE_LENGTH = 300
-INLINE_STYLES = (("Calm", 0.5), ("Classic", 0.9), ("Wild", 1.2))
-# One user may start a burst of this many inline batches, then one per INLINE_RATE_PERIOD seconds; a query
-# over the limit waits its turn, and a newer query of the same user replaces it while it waits.
-INLINE_RATE_BURST = 4
-INLINE_RATE_PERIOD = 0.5
-INLINE_USERS_TRACKED = 10_000  # the per-user limiters kept, least recently used dropped first
-TEMPERATURE_STEP = 0.2  # one press of Calmer or Wilder
-CHOICE_PREFIX = "speech:"  # callback data of the buttons under a speech: CHOICE_PREFIX + temperature
-STALE_CHOICE = "That button no longer works. Send /speech for a new speech."
 NO_TEXT_TO_CONTINUE = (
     "That message has no text for me to continue. Reply with /speech to a message with text or a caption."
 )
 
-# Shown by /help and registered with setMyCommands, in this order.
-COMMANDS = {
-    "speech": "a speech: /speech [temperature] [prompt], or as a reply to continue that message",
-    "temperature": f"show or set the temperature ({TEMPERATURE_RANGE})",
-    "length": f"show or set the speech length ({LENGTH_MIN}-{LENGTH_MAX} characters)",
-    "schedule": "a daily speech: /schedule HH:MM [time zone]",
-    "unschedule": "stop the daily speech",
-    "settings": "this chat's settings",
-    "help": "what this bot does and how to use it",
-    "start": "say hello",
-}
-# Commands that change a chat: in groups only administrators may use them with arguments.
-CHANGING_COMMANDS = {"temperature", "length", "schedule", "unschedule"}
-
-_COMMAND = re.compile(r"^/([A-Za-z0-9_]+)(?:@\S+)?(?:\s+(.*))?$", re.DOTALL)
-_NUMBER = re.compile(r"^[+-]?(\d+([.,]\d*)?|[.,]\d+)([eE][+-]?\d+)?$|^[+-]?(nan|inf|infinity)$", re.IGNORECASE)
-
 AdminCheck = Callable[[], Awaitable[bool]]
 # Shows the user that a speech is being written (Telegram's "typing…") for as long as it is entered.
 TypingIndicator = Callable[[], contextlib.AbstractAsyncContextManager]
-
-
-class Engine(Protocol):
-    """The part of bot.inference.engine.GenerationEngine the core uses."""
-
-    @property
-    def full(self) -> bool: ...
-
-    async def agenerate(self, prompt: str = "", length: int = 500, temperature: float = 0.9, **options) -> str: ...
-
-    def astream(
-        self, prompt: str = "", length: int = 500, temperature: float = 0.9, **options
-    ) -> AsyncIterator[str]: ...
-
-
-class ArgumentError(ValueError):
-    """A bad argument; the message is the reply, naming what was wrong and the valid form."""
 
 
 @dataclass(frozen=True)
@@ -108,109 +69,6 @@ async def _no_typing() -> AsyncIterator[None]:
     yield
 
 
-class Speech(str):
-    """A speech's text, knowing the temperature it was written at (the choices under it step from there)."""
-
-    temperature: float
-
-    def __new__(cls, text: str, temperature: float) -> Speech:
-        speech = super().__new__(cls, text)
-        speech.temperature = temperature
-        return speech
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One option under a speech: a button in Telegram, a numbered line in the console."""
-
-    label: str
-    temperature: float
-
-    @property
-    def data(self) -> str:
-        """Telegram's callback data (at most 64 bytes): all the next speech needs."""
-        return f"{CHOICE_PREFIX}{self.temperature:g}"
-
-
-@dataclass(frozen=True)
-class InlineSpeech:
-    style: str
-    temperature: float
-    text: str
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def split_command(text: str) -> tuple[str, str] | None:
-    """`/speech@Bot 0.5 We will` -> ("speech", "0.5 We will"); None if `text` is no command."""
-    match = _COMMAND.match(text.strip())
-    return (match[1].lower(), (match[2] or "").strip()) if match else None
-
-
-def _shown(argument: str) -> str:
-    return repr(argument if len(argument) <= SHOWN_ARGUMENT_MAX else argument[:SHOWN_ARGUMENT_MAX] + "…")
-
-
-def looks_like_number(word: str) -> bool:
-    return bool(_NUMBER.match(word))
-
-
-def parse_temperature(text: str) -> float:
-    example = f"Use a number {TEMPERATURE_RANGE}, e.g. /temperature 0.8 or /speech 1.2"
-    if not looks_like_number(text):
-        raise ArgumentError(f"{_shown(text)} is not a temperature. {example}.")
-    try:
-        return SamplingParams(temperature=float(text.replace(",", "."))).temperature
-    except InvalidSampling:
-        raise ArgumentError(f"Temperature {_shown(text)} is out of range. {example}.") from None
-
-
-def parse_length(text: str) -> int:
-    example = f"Use a whole number of characters from {LENGTH_MIN} to {LENGTH_MAX}, e.g. /length 600"
-    if not re.fullmatch(r"[+-]?\d{1,9}", text):
-        raise ArgumentError(f"{_shown(text)} is not a length. {example}.")
-    value = int(text)
-    if not LENGTH_MIN <= value <= LENGTH_MAX:
-        raise ArgumentError(f"Length {value} is out of range. {example}.")
-    return value
-
-
-def speech_choices(temperature: float) -> tuple[Choice, Choice, Choice]:
-    """Another (same temperature), Calmer and Wilder (one step down or up, staying within (0, 2])."""
-    calmer = max(round(temperature - TEMPERATURE_STEP, 2), round(temperature / 2, 3))
-    wilder = min(round(temperature + TEMPERATURE_STEP, 2), TEMPERATURE_MAX)
-    calmer = calmer if calmer > 0 else temperature  # already as calm as a rounded step allows
-    return Choice("Another", temperature), Choice("Calmer", calmer), Choice("Wilder", wilder)
-
-
-def parse_choice(data: str) -> float:
-    """The temperature a choice's callback data carries; ArgumentError(STALE_CHOICE) for anything else."""
-    if not data.startswith(CHOICE_PREFIX):
-        raise ArgumentError(STALE_CHOICE)
-    try:
-        return parse_temperature(data.removeprefix(CHOICE_PREFIX))
-    except ArgumentError:
-        raise ArgumentError(STALE_CHOICE) from None
-
-
-def compose_speech(prompt: str, continuation: str) -> str:
-    """The reply: the prompt as it was sent and its continuation, which the engine ended as a speech ends
-    within what one Telegram message holds (speech_options)."""
-    # A lone surrogate in the prompt (JSON allows "\ud800") cannot be encoded, so the whole reply would fail to send.
-    prompt, continuation = (
-        part.encode("utf-16", "surrogatepass").decode("utf-16", "replace") for part in (prompt, continuation)
-    )
-    text = (prompt + continuation).rstrip() if prompt else continuation.strip()
-    return text or "…"  # Telegram rejects empty messages
-
-
-def speech_options(prompt: str) -> dict:
-    """Engine options for a reply that continues `prompt`: end at a sentence, fit one message."""
-    return {"end_sentence": True, "max_chars": max(1, MESSAGE_MAX - len(prompt))}
-
-
 class SpeechBot:
     def __init__(
         self,
@@ -225,8 +83,17 @@ class SpeechBot:
         self.cooldown = timedelta(seconds=cooldown_seconds)
         self.clock = clock
         self.on_schedule_change = on_schedule_change
-        self._inline: dict[int, asyncio.Task] = {}  # each user's inline batch still running
-        self._inline_limits: OrderedDict[int, AsyncLimiter] = OrderedDict()
+        self.inline = InlineSpeeches(engine)
+        # The commands that answer with text, by name; /speech is dispatched on its own (it shows progress).
+        self._commands: dict[str, Callable[[ChatRef, str], Awaitable[str]]] = {
+            "start": self._start,
+            "help": self._help,
+            "settings": self._settings,
+            "temperature": self._temperature,
+            "length": self._length,
+            "schedule": self._schedule,
+            "unschedule": self._unschedule,
+        }
 
     # ---- entry points ----
 
@@ -244,7 +111,7 @@ class SpeechBot:
         name, args = parsed
         if name not in COMMANDS:
             if chat.type in ("private", "console"):
-                return f"I don't know /{name}. {self.help_text()}"
+                return f"I don't know /{name}. {help_text()}"
             return None
         return await self.command(chat, name, args, check_admin, show_typing)
 
@@ -264,7 +131,7 @@ class SpeechBot:
         try:
             if name == "speech":
                 return await self.speech(chat, args, show_typing)
-            return await getattr(self, f"_{name}")(chat, args)
+            return await self._commands[name](chat, args)
         except ArgumentError as error:
             return str(error)
         except SQLAlchemyError as error:
@@ -328,63 +195,12 @@ class SpeechBot:
             return self._database_failed(error)
 
     async def inline_speeches(self, user_id: int, query: str) -> list[InlineSpeech] | None:
-        """Inline mode: one speech per INLINE_STYLES, continuing `query`, at most INLINE_LENGTH characters
-        after it and ending on a sentence, made in one engine batch. None when a newer query of the same user
-        superseded this one (its engine requests are cancelled); [] when the engine is too busy."""
-        previous = self._inline.get(user_id)
-        if previous is not None:
-            previous.cancel()  # the engine drops its requests at their next chunk
-        task = asyncio.ensure_future(self._inline_batch(user_id, query.strip()[:PROMPT_MAX]))
-        self._inline[user_id] = task
-        try:
-            await asyncio.wait([task])
-        finally:
-            task.cancel()  # no effect once done; stops the work if this caller itself was cancelled
-            if self._inline.get(user_id) is task:
-                del self._inline[user_id]
-        return None if task.cancelled() else task.result()
+        """Inline mode's three speeches for `query` (bot.core.inline.InlineSpeeches.answer)."""
+        return await self.inline.answer(user_id, query)
 
-    async def _inline_batch(self, user_id: int, prompt: str) -> list[InlineSpeech]:
-        await self._inline_limit(user_id).acquire()
-        # Submitted together, the three requests join one batch of the engine.
-        requests = [
-            asyncio.ensure_future(
-                self.engine.agenerate(
-                    prompt=prompt,
-                    length=INLINE_LENGTH,
-                    temperature=temperature,
-                    end_sentence=True,
-                    max_chars=INLINE_LENGTH,
-                )
-            )
-            for _, temperature in INLINE_STYLES
-        ]
-        try:
-            continuations = await asyncio.gather(*requests)
-        except EngineBusy:
-            for request in requests:
-                request.cancel()  # gather leaves the others running
-            return []
-        return [
-            InlineSpeech(style, temperature, compose_speech(prompt, continuation))
-            for (style, temperature), continuation in zip(INLINE_STYLES, continuations, strict=True)
-        ]
-
-    def _inline_limit(self, user_id: int) -> AsyncLimiter:
-        limiter = self._inline_limits.pop(user_id, None) or AsyncLimiter(
-            INLINE_RATE_BURST, INLINE_RATE_BURST * INLINE_RATE_PERIOD
-        )
-        self._inline_limits[user_id] = limiter  # most recently used last
-        if len(self._inline_limits) > INLINE_USERS_TRACKED:
-            self._inline_limits.popitem(last=False)
-        return limiter
-
-    async def daily_speech(self, settings: ChatSettings) -> str:
-        """The scheduled post; no cooldown, since the schedule itself limits it."""
-        continuation = await self.engine.agenerate(
-            length=settings.length, temperature=settings.temperature, **speech_options("")
-        )
-        return Speech(compose_speech("", continuation), settings.temperature)
+    async def daily_speech(self, settings: ChatSettings) -> Speech:
+        """The chat's scheduled post (bot.core.speech.daily_speech)."""
+        return await daily_speech(self.engine, settings)
 
     # ---- generation ----
 
@@ -417,7 +233,7 @@ class SpeechBot:
         try:
             async with show_typing() as on_text:
                 continuation = await self._continue(
-                    prompt, on_text, length=settings.length, temperature=temperature, **speech_options(prompt)
+                    prompt, settings.length, BOT_SAMPLING.with_options(temperature=temperature), on_text
                 )
         except EngineBusy:
             if cooling:
@@ -425,13 +241,16 @@ class SpeechBot:
             return ENGINE_BUSY_REPLY
         return Speech(compose_speech(prompt, continuation), temperature)
 
-    async def _continue(self, prompt: str, on_text: Callable[[str], object] | None, **options) -> str:
-        """The engine's continuation of `prompt`; with `on_text`, streamed: it is called with the speech so far
-        after every chunk the engine makes."""
+    async def _continue(
+        self, prompt: str, length: int, sampling: SamplingParams, on_text: Callable[[str], object] | None
+    ) -> str:
+        """The engine's continuation of `prompt`, ended as a speech ends within one message; with `on_text`,
+        streamed: it is called with the speech so far after every chunk the engine makes."""
+        room = reply_room(prompt)
         if on_text is None:
-            return await self.engine.agenerate(prompt=prompt, **options)
+            return await self.engine.agenerate(prompt, length, sampling=sampling, end_sentence=True, max_chars=room)
         parts: list[str] = []
-        async for chunk in self.engine.astream(prompt=prompt, **options):
+        async for chunk in self.engine.astream(prompt, length, sampling=sampling, end_sentence=True, max_chars=room):
             parts.append(chunk)
             so_far = "".join(parts)
             if (prompt + so_far).strip():  # never a draft of nothing
@@ -443,29 +262,11 @@ class SpeechBot:
     async def _start(self, chat: ChatRef, _args: str) -> str:
         return (
             "Hello! I write speeches in the style of Donald Trump's 2016 campaign, one character at a "
-            "time, with a small neural network. They are machine-made parody, not real quotes.\n\n" + self.help_text()
+            "time, with a small neural network. They are machine-made parody, not real quotes.\n\n" + help_text()
         )
 
     async def _help(self, chat: ChatRef, _args: str) -> str:
-        return self.help_text()
-
-    @staticmethod
-    def help_text() -> str:
-        return (
-            "Commands:\n"
-            "/speech - a speech. /speech 0.5 - calmer; /speech 1.3 - wilder; "
-            "/speech 0.9 We will build - continues your words; sent as a reply to a message, /speech continues "
-            "that message\n"
-            f"/temperature 0.8 - this chat's default temperature ({TEMPERATURE_RANGE})\n"
-            f"/length 600 - speech length in characters ({LENGTH_MIN} to {LENGTH_MAX})\n"
-            "/schedule 08:30 Europe/Berlin - a speech every day at that local time (zone optional, default UTC)\n"
-            "/unschedule - stop the daily speech\n"
-            "/settings - this chat's settings\n\n"
-            "In a private chat, any text you send is a prompt. In a group, reply to one of my "
-            "messages or mention me. In groups only administrators can change settings.\n\n"
-            "Under each speech: Another, Calmer and Wilder ask for a new one (anyone may press them). "
-            "In any chat, type my @username and a few words to pick one of three short speeches."
-        )
+        return help_text()
 
     async def _settings(self, chat: ChatRef, _args: str) -> str:
         settings = await self.store.get(chat.id, chat.type)
@@ -512,11 +313,11 @@ class SpeechBot:
             raise ArgumentError(f"/schedule takes a time and an optional time zone. {usage}")
         daily_time = parse_daily_time(words[0])
         if daily_time is None:
-            raise ArgumentError(f"{_shown(words[0])} is not a time of day (24-hour HH:MM, 00:00 to 23:59). {usage}")
+            raise ArgumentError(f"{shown(words[0])} is not a time of day (24-hour HH:MM, 00:00 to 23:59). {usage}")
         zone = resolve_time_zone(words[1]) if len(words) == 2 else "UTC"
         if zone is None:
             raise ArgumentError(
-                f"{_shown(words[1])} is not a time zone I know. Use an IANA name such as UTC, Europe/London, "
+                f"{shown(words[1])} is not a time zone I know. Use an IANA name such as UTC, Europe/London, "
                 "America/New_York or Asia/Tokyo."
             )
         now = self.clock()

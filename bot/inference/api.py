@@ -1,11 +1,21 @@
-"""What the rest of the bot needs from the generation engine without loading it: its limits and the
-errors its callers handle. Light on purpose: the configuration and the commands import this, not
-bot.inference.engine, so they never load onnxruntime or a model.
+"""What the rest of the bot needs from the generation engine without loading it: the `Engine` protocol,
+its limits, the execution providers it knows and the errors its callers handle.
+
+Light on purpose: the configuration and the core import this, not bot.inference.engine, so they never
+load onnxruntime or a model.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from model.sampling import SamplingParams
+
 MAX_LANES = 8
+# The `providers` choices, and the onnxruntime execution provider each names ("auto" picks one of them).
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDER_CHOICES = ("auto", *PROVIDERS)
 
 
 class EngineBusy(RuntimeError):
@@ -14,3 +24,34 @@ class EngineBusy(RuntimeError):
 
 class EngineClosed(RuntimeError):
     """The engine was closed before or while the request ran."""
+
+
+class Engine(Protocol):
+    """What the core asks of bot.inference.engine.GenerationEngine: a continuation of `prompt`, whole or as
+    it is written, sampled with `sampling` (None: the bot's, model.sampling.BOT_SAMPLING). `end_sentence`
+    ends it as a speech ends (bot.inference.ending) at about `length` characters and at most `max_chars`."""
+
+    @property
+    def full(self) -> bool: ...
+
+    async def agenerate(
+        self,
+        prompt: str = "",
+        length: int = 500,
+        *,
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,
+        end_sentence: bool = False,
+        max_chars: int | None = None,
+    ) -> str: ...
+
+    def astream(
+        self,
+        prompt: str = "",
+        length: int = 500,
+        *,
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,
+        end_sentence: bool = False,
+        max_chars: int | None = None,
+    ) -> AsyncIterator[str]: ...

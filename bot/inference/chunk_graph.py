@@ -24,7 +24,8 @@ body of a new Loop, stepping a sequence of one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -49,10 +50,40 @@ _CONSTANTS = {
     "sampler_one_i": np.array(1, np.int32),
     "sampler_match_cap": np.array(REPEAT_NGRAM_MAX - 1, np.int32),
 }
-# The sampler's optional steps, each with its inputs [batch] (model.sampling says what they do).
-# A graph without a feature has neither its nodes nor its inputs, so plain sampling costs nothing for them.
+# The sampler's optional steps (model.sampling says what they do). A graph without a feature has neither
+# its nodes nor its inputs, so plain sampling costs nothing for them.
 FEATURES = ("top_k", "top_p", "min_p", "repetition")
-REPETITION_INPUTS = ("repetition_penalty", "repeat_ngram", "history", "matches")
+
+
+@dataclass(frozen=True)
+class SamplerInput:
+    """One per-row setting the chunk graph takes as an input [batch]: named as the SamplingParams field it
+    carries, of `dtype`, needed by `feature` (None: always), which a batch needs when `is_on` says some row
+    uses it."""
+
+    name: str
+    dtype: type[np.generic]
+    feature: str | None = None
+    is_on: Callable[[np.ndarray], bool] | None = None
+
+
+# The one table of the sampler's settings: the engine builds its rows from it, the runner picks the graph's
+# features by it, and the graph declares its inputs from it.
+SAMPLER_INPUTS = (
+    SamplerInput("temperature", np.float32),
+    SamplerInput("top_k", np.int64, "top_k", lambda k: bool(k.any())),
+    SamplerInput("top_p", np.float32, "top_p", lambda p: bool((p < 1).any())),
+    SamplerInput("min_p", np.float32, "min_p", lambda p: bool((p > 0).any())),
+    SamplerInput("repetition_penalty", np.float32, "repetition", lambda penalty: bool((penalty > 0).any())),
+    SamplerInput("repeat_ngram", np.int64, "repetition"),
+)
+
+
+def features_used(rows: Mapping[str, np.ndarray]) -> frozenset[str]:
+    """The optional steps a batch needs: those whose switching input some row turns on."""
+    return frozenset(
+        i.feature for i in SAMPLER_INPUTS if i.is_on is not None and i.name in rows and i.is_on(rows[i.name])
+    )
 
 
 class ChunkGraphError(ValueError):
@@ -251,22 +282,23 @@ def _carried(features: frozenset[str]) -> tuple[list[onnx.ValueInfoProto], list[
 def _outer_inputs(
     vocab_size: int, state: list[onnx.ValueInfoProto], features: frozenset[str]
 ) -> list[onnx.ValueInfoProto]:
-    rows = {
-        "top_k": [_info("top_k", TensorProto.INT64, ["batch"])],
-        "top_p": [_info("top_p", TensorProto.FLOAT, ["batch"])],
-        "min_p": [_info("min_p", TensorProto.FLOAT, ["batch"])],
-        "repetition": [
-            _info("repetition_penalty", TensorProto.FLOAT, ["batch"]),
-            _info("repeat_ngram", TensorProto.INT64, ["batch"]),
-            _info("history", TensorProto.INT32, ["batch", "window"]),
-            _info("matches", TensorProto.INT32, ["batch", "window"]),
-        ],
-    }
+    settings = [
+        _info(i.name, oh.np_dtype_to_tensor_dtype(np.dtype(i.dtype)), ["batch"])
+        for i in SAMPLER_INPUTS
+        if i.feature is None or i.feature in features
+    ]
     return [
         _info("logits", TensorProto.FLOAT, ["batch", vocab_size]),
         *state,
-        _info("temperature", TensorProto.FLOAT, ["batch"]),
-        *(value for feature in FEATURES if feature in features for value in rows[feature]),
+        *settings,
+        *(
+            [
+                _info("history", TensorProto.INT32, ["batch", "window"]),
+                _info("matches", TensorProto.INT32, ["batch", "window"]),
+            ]
+            if "repetition" in features
+            else []
+        ),
         _info("uniforms", TensorProto.FLOAT, ["batch", "chunk"]),
     ]
 

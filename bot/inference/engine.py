@@ -28,7 +28,8 @@ from typing import Protocol
 
 import numpy as np
 
-from bot.inference.api import MAX_LANES, EngineBusy, EngineClosed
+from bot.inference.api import MAX_LANES, PROVIDERS, EngineBusy, EngineClosed
+from bot.inference.chunk_graph import SAMPLER_INPUTS
 from bot.inference.ending import Ending, settle
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.inference.runner import ModelRunner, usable_cores
@@ -41,17 +42,17 @@ MAX_LENGTH = 20_000
 MAX_PROMPT_CHARS = 20_000
 # Characters per call of the chunk graph: also the streamed chunk, how long a new request may wait
 # to join a running batch, and how often a cancelled request is noticed. Python's work per call is
-# spread over these characters (16, 32 and 64 measured alike, docs/speed.md).
+# spread over these characters; larger chunks gain nothing (docs/speed.md).
 CHUNK = 16
 _STOP = object()
-# Two lanes of 32 rows measured faster than one of 64, two of 4 slower than one of 8 (docs/speed.md).
+# A second lane pays only when each lane still steps a batch this large (docs/speed.md, docs/engine.md).
 MIN_LANE_BATCH = 32
 
 
 def default_lanes(provider: str, threads: int | None, max_batch: int) -> int:
     """One lane per core on CPU (counting each lane's onnxruntime threads), as long as each lane's share
     of max_batch stays at least MIN_LANE_BATCH rows; one on a GPU, which batches within one graph call."""
-    if provider != "CPUExecutionProvider":
+    if provider != PROVIDERS["cpu"]:
         return 1
     return max(1, min(MAX_LANES, usable_cores() // (threads or 1), max_batch // MIN_LANE_BATCH))
 
@@ -72,6 +73,18 @@ class Runner(Protocol):
     def prime(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]: ...
 
     def sample(self, logits, state, rows, uniforms) -> tuple: ...
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """One call's arguments, as bot.inference.api.Engine names them."""
+
+    prompt: str
+    length: int
+    sampling: SamplingParams | None
+    seed: int | None
+    end_sentence: bool
+    max_chars: int | None
 
 
 @dataclass(eq=False)
@@ -125,17 +138,6 @@ class _Request:
         return False
 
 
-# The rows' sampler settings as the chunk graph takes them (bot.inference.runner.ModelRunner.sample).
-_SETTINGS = {
-    "temperature": (np.float32, lambda p: p.temperature),
-    "top_k": (np.int64, lambda p: p.top_k),
-    "top_p": (np.float32, lambda p: p.top_p),
-    "min_p": (np.float32, lambda p: p.min_p),
-    "repetition_penalty": (np.float32, lambda p: p.repetition_penalty),
-    "repeat_ngram": (np.int64, lambda p: p.repeat_ngram),
-}
-
-
 @dataclass
 class _Batch:
     """The requests stepped together and their rows: next-character logits, recurrent state, settings
@@ -154,8 +156,8 @@ class _Batch:
             "history": np.stack([p[2] for p in primed]),
             "matches": np.stack([p[3] for p in primed]),
         }
-        for name, (dtype, value) in _SETTINGS.items():
-            rows[name] = np.array([value(r.params) for r in requests], dtype)
+        for setting in SAMPLER_INPUTS:
+            rows[setting.name] = np.array([getattr(r.params, setting.name) for r in requests], setting.dtype)
         state = [np.concatenate(parts, axis=1) for parts in zip(*(p[1] for p in primed), strict=True)]
         return cls(requests, state, rows)
 
@@ -191,8 +193,8 @@ def _settle(future: asyncio.Future, result: str | BaseException) -> None:
 class Dispatcher:
     """Lane 0's hand-off: a request lane 0 has no room for goes to the first other lane with room.
 
-    A few requests thus share one batch: two lanes stepping small batches side by side measured slower
-    than one, while a full lane gains from a second core (docs/engine.md).
+    A few requests thus share one batch, since small batches side by side are slower than one, while a full
+    lane gains from a second core (docs/engine.md).
     """
 
     def __init__(self, others: list[Lane]) -> None:
@@ -365,17 +367,37 @@ class GenerationEngine:
 
     # ---- public API ----
 
-    def stream(self, prompt: str = "", length: int = 500, **options) -> Iterator[str]:
-        """Chunks of the continuation of `prompt` (not including it) as they are produced. Options: see _submit."""
+    def stream(
+        self,
+        prompt: str = "",
+        length: int = 500,
+        *,
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,
+        end_sentence: bool = False,
+        max_chars: int | None = None,
+    ) -> Iterator[str]:
+        """Chunks of the continuation of `prompt` (not including it) as they are produced (bot.inference.api.Engine
+        says what the arguments mean)."""
         chunks: queue.SimpleQueue = queue.SimpleQueue()
-        request = self._submit(chunks.put, prompt, length, **options)
-        return self._drain(request, chunks)
+        ask = _Ask(prompt, length, sampling, seed, end_sentence, max_chars)
+        return self._drain(self._submit(chunks.put, ask, streaming=True), chunks)
 
-    def generate(self, prompt: str = "", length: int = 500, **options) -> str:
+    def generate(
+        self,
+        prompt: str = "",
+        length: int = 500,
+        *,
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,
+        end_sentence: bool = False,
+        max_chars: int | None = None,
+    ) -> str:
         """The continuation of `prompt` (not including it); blocks until it is complete."""
         done = threading.Event()
         outcome: list[str | BaseException] = []
-        request = self._collect(lambda result: (outcome.append(result), done.set()), prompt, length, **options)
+        ask = _Ask(prompt, length, sampling, seed, end_sentence, max_chars)
+        request = self._collect(lambda result: (outcome.append(result), done.set()), ask)
         try:
             done.wait()
         finally:
@@ -384,25 +406,41 @@ class GenerationEngine:
             raise outcome[0]
         return outcome[0]
 
-    async def agenerate(self, prompt: str = "", length: int = 500, **options) -> str:
+    async def agenerate(
+        self,
+        prompt: str = "",
+        length: int = 500,
+        *,
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,
+        end_sentence: bool = False,
+        max_chars: int | None = None,
+    ) -> str:
         """generate() for asyncio: waits without holding a thread, so many requests can batch together."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        request = self._collect(
-            lambda result: loop.call_soon_threadsafe(_settle, future, result), prompt, length, **options
-        )
+        ask = _Ask(prompt, length, sampling, seed, end_sentence, max_chars)
+        request = self._collect(lambda result: loop.call_soon_threadsafe(_settle, future, result), ask)
         try:
             return await future
         finally:
             request.cancelled = True
 
-    async def astream(self, prompt: str = "", length: int = 500, **options) -> AsyncIterator[str]:
+    async def astream(
+        self,
+        prompt: str = "",
+        length: int = 500,
+        *,
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,
+        end_sentence: bool = False,
+        max_chars: int | None = None,
+    ) -> AsyncIterator[str]:
         """stream() for asyncio."""
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
-        request = self._submit(
-            lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item), prompt, length, **options
-        )
+        ask = _Ask(prompt, length, sampling, seed, end_sentence, max_chars)
+        request = self._submit(lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item), ask, streaming=True)
         try:
             while (item := await chunks.get()) is not None:
                 if isinstance(item, BaseException):
@@ -428,21 +466,9 @@ class GenerationEngine:
 
     # ---- request handling (caller's thread) ----
 
-    def _submit(
-        self,
-        deliver: Callable[[str | BaseException | None], None],
-        prompt: str,
-        length: int,
-        sampling: SamplingParams | None = None,
-        seed: int | None = None,
-        end_sentence: bool = False,
-        max_chars: int | None = None,
-        streaming: bool = True,
-        **settings,
-    ) -> _Request:
-        """Queue a request. `sampling` (default: the bot's, model.sampling.BOT_SAMPLING), with any of its
-        fields given by name in `settings` (None keeps one); `end_sentence`: end the text as a speech
-        ends (bot.inference.ending) at about `length` characters, and at most `max_chars`."""
+    def _submit(self, deliver: Callable[[str | BaseException | None], None], ask: _Ask, streaming: bool) -> _Request:
+        """Check and queue a request; EngineBusy when the queue is full."""
+        prompt, length, max_chars, seed = ask.prompt, ask.length, ask.max_chars, ask.seed
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
         if len(prompt) > MAX_PROMPT_CHARS:
@@ -451,14 +477,14 @@ class GenerationEngine:
             raise InvalidLength(f"length must be a whole number from 1 to {MAX_LENGTH}, not {length!r}")
         if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
             raise InvalidLength(f"max_chars must be a whole number of at least 1 or None, not {max_chars!r}")
-        params = (sampling or BOT_SAMPLING).with_options(**settings)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise InvalidSeed(f"seed must be a non-negative whole number or None, not {seed!r}")
         if self._closed:
             raise EngineClosed("the generation engine is closed")
+        params = ask.sampling or BOT_SAMPLING
         if params.top_k >= len(self.vocab):
             params = params.with_options(top_k=0)  # no limit, and no top-k step in the graph
-        ending = Ending(length, max_chars or MAX_LENGTH) if end_sentence else None
+        ending = Ending(length, max_chars or MAX_LENGTH) if ask.end_sentence else None
         planned = ending.to_generate if ending else min(length, max_chars or length)
         request = _Request(
             prompt_ids=self.vocab.encode(normalize_prompt(prompt, self.cleaning)),
@@ -477,7 +503,7 @@ class GenerationEngine:
             ) from None
         return request
 
-    def _collect(self, on_done: Callable[[str | BaseException], None], prompt: str, length: int, **options) -> _Request:
+    def _collect(self, on_done: Callable[[str | BaseException], None], ask: _Ask) -> _Request:
         """Submit a request whose text is handed over once, when complete (no wake-ups per chunk)."""
         parts: list[str] = []
 
@@ -489,7 +515,7 @@ class GenerationEngine:
             else:
                 parts.append(item)
 
-        return self._submit(deliver, prompt, length, streaming=False, **options)
+        return self._submit(deliver, ask, streaming=False)
 
     @staticmethod
     def _drain(request: _Request, chunks: queue.SimpleQueue) -> Iterator[str]:

@@ -9,29 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bot.inference.chunk_graph import ChunkGraphError, chunk_graph
+from bot.inference.api import PROVIDER_CHOICES, PROVIDERS
+from bot.inference.chunk_graph import ChunkGraphError, chunk_graph, features_used
 from bot.inference.modelfile import MetadataError, ModelInfo, parse_props, state_names
 
 log = logging.getLogger(__name__)
-
-PROVIDER_CHOICES = ("auto", "cpu", "cuda")
-_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-# When a batch needs each optional step of the sampler: some row has the setting (this input) on.
-_USED: dict[str, tuple[str, Callable[[np.ndarray], bool]]] = {
-    "top_k": ("top_k", lambda k: bool(k.any())),
-    "top_p": ("top_p", lambda p: bool((p < 1).any())),
-    "min_p": ("min_p", lambda p: bool((p > 0).any())),
-    "repetition": ("repetition_penalty", lambda penalty: bool((penalty > 0).any())),
-}
 
 
 class ModelFileError(ValueError):
@@ -46,7 +35,7 @@ def choose_provider(choice: str, precision: str) -> str:
     """The provider name to use, or a ProviderError that says what to do instead."""
     if choice not in PROVIDER_CHOICES:
         raise ProviderError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}, not {choice!r}")
-    has_cuda = _PROVIDER_NAMES["cuda"] in ort.get_available_providers()
+    has_cuda = PROVIDERS["cuda"] in ort.get_available_providers()
     if choice == "cuda" and not has_cuda:
         raise ProviderError(
             "the CUDA provider was asked for, but this onnxruntime has none; install onnxruntime-gpu "
@@ -61,7 +50,7 @@ def choose_provider(choice: str, precision: str) -> str:
             "this is an fp16 model, which runs only on the CUDA provider and none is available; "
             "use an fp32 or int8 export (`python -m export CKPT -o model.onnx --int8`) on CPU"
         )
-    return _PROVIDER_NAMES["cuda" if use_cuda else "cpu"]
+    return PROVIDERS["cuda" if use_cuda else "cpu"]
 
 
 def usable_cores() -> int:
@@ -72,8 +61,8 @@ def usable_cores() -> int:
 def session_options(threads: int | None) -> ort.SessionOptions:
     """Settings for a server process: a fixed number of threads that sleep when idle."""
     options = ort.SessionOptions()
-    # One thread measured fastest for a single int8 stream and as fast for batches on 2 cores;
-    # fp32 models on bigger machines may gain from more.
+    # One thread is the default: lanes, not threads, use the other cores (docs/engine.md, "Loading, providers
+    # and threads"); fp32 models on bigger machines may gain from more.
     options.intra_op_num_threads = threads or 1
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -101,7 +90,7 @@ def read_model_info(path: str | Path) -> tuple[bytes, ModelInfo]:
     probe_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     probe_options.log_severity_level = 4
     try:
-        probe = ort.InferenceSession(data, probe_options, providers=["CPUExecutionProvider"])
+        probe = ort.InferenceSession(data, probe_options, providers=[PROVIDERS["cpu"]])
     except Exception as exc:  # onnxruntime raises several types for a bad file
         reason = str(exc).strip().splitlines()[0][:300]
         raise ModelFileError(f"{path} is not a readable ONNX model (truncated or corrupt?): {reason}") from exc
@@ -206,7 +195,7 @@ class ModelRunner:
         (bot.inference.chunk_graph says how they pick a token) -> tokens [batch, chunk], the logits after them,
         the new state and the new (history, matches) (those given, unchanged, without a penalty).
         """
-        features = frozenset(f for f, (name, used) in _USED.items() if name in rows and used(rows[name]))
+        features = features_used(rows)
         if features not in self._chunk_sessions:
             log.info("building the chunk graph with %s", ", ".join(sorted(features)))
             self._chunk_sessions[features] = self._chunk_session(features)

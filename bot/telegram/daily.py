@@ -27,14 +27,15 @@ from telegram.error import BadRequest, Forbidden
 from telegram.ext import ContextTypes, JobQueue
 
 from bot.core.dailytime import latest_due, local_date
-from bot.core.speechbot import SpeechBot
+from bot.telegram.replies import send_text
 from db.inbox import ANSWERED, SENDING, Inbox, OpenEntry, daily_key
-from db.store import ChatSettings
+from db.store import ChatSettings, ChatStore
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[int, str], Awaitable[object]]
-ShowTyping = Callable[[int], contextlib.AbstractAsyncContextManager]
+# Writes a chat's daily speech (bot.core.speech.daily_speech with the engine).
+WriteSpeech = Callable[[ChatSettings], Awaitable[str]]
+ShowTyping = Callable[[object, int], contextlib.AbstractAsyncContextManager]  # (bot, chat id)
 
 
 def job_name(chat_id: int) -> str:
@@ -45,18 +46,19 @@ class DailySpeeches:
     def __init__(
         self,
         job_queue: JobQueue,
-        core: SpeechBot,
+        bot,
+        store: ChatStore,
         inbox: Inbox,
-        send: Send,
+        write: WriteSpeech,
         show_typing: ShowTyping,
         grace: timedelta,
         clock: Callable[[], datetime],
     ):
         self.job_queue = job_queue
-        self.core = core
-        self.store = core.store
+        self.bot = bot
+        self.store = store
         self.inbox = inbox
-        self.send = send
+        self.write = write
         self.show_typing = show_typing
         self.grace = grace
         self.clock = clock
@@ -91,6 +93,14 @@ class DailySpeeches:
                 name=job_name(settings.id),
                 job_kwargs=self._job_kwargs,
             )
+
+    async def chat_moved(self, old_id: int, new_id: int) -> None:
+        """A group became supergroup `new_id`: its row and its daily speech move along."""
+        settings = await self.store.migrate_chat(old_id, new_id)
+        log.info("Chat %s became supergroup %s", old_id, new_id)
+        if settings is not None:
+            self.remove(old_id)
+            self.sync(settings)
 
     def remove(self, chat_id: int) -> None:
         for job in self.job_queue.get_jobs_by_name(job_name(chat_id)):
@@ -138,12 +148,12 @@ class DailySpeeches:
 
     async def _write_and_send(self, settings: ChatSettings, key: str) -> bool:
         chat_id = settings.id
-        async with self.show_typing(chat_id):
-            text = await self.core.daily_speech(settings)
+        async with self.show_typing(self.bot, chat_id):
+            text = await self.write(settings)
         # From here on the post is never made again, even after a crash: Telegram may have it.
         await self.inbox.mark(key, SENDING, self.clock())
         try:
-            await self.send(chat_id, text)
+            await send_text(self.bot, chat_id, text, self.chat_moved)
         except (Forbidden, BadRequest) as error:
             if isinstance(error, BadRequest) and "chat not found" not in error.message.lower():
                 raise

@@ -9,7 +9,7 @@ parameters (inline results, keyboards, reply parameters) are checked field by fi
 spec's types too. Tests can send inline queries, chosen inline results and button presses.
 
 It also runs on its own for a bot in another process, such as the container image in CI:
-`python tests/telegram_emulator.py --ask /speech` prints its base URL, sends the command once the
+`python tests/support/telegram_emulator.py --ask /speech` prints its base URL, sends the command once the
 bot polls, prints the answer and exits (status 1 if none came).
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "telegram-bot-api.json"
+SPEC_PATH = Path(__file__).resolve().parents[3] / "shared" / "data" / "telegram-bot-api.json"
 TEXT_LIMIT = 4096
 CALLBACK_DATA_LIMIT = 64  # bytes
 TOAST_LIMIT = 200

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 from telegram.ext import Application
-from telegram_emulator import TelegramEmulator
 
 from bot.config import VARIABLES, Config
 from bot.inference.engine import GenerationEngine
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
-from bot.telegram.app import build_application
+from bot.services import build_application
+from tests.support.telegram_emulator import TelegramEmulator
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
 ALICE = {"id": 111, "is_bot": False, "first_name": "Alice"}
 BOB = {"id": 222, "is_bot": False, "first_name": "Bob"}

@@ -13,10 +13,9 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from bot_harness import TOKEN, bot_environment
-from telegram_emulator import TelegramEmulator
-
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
+from tests.support.bot_harness import TOKEN, bot_environment
+from tests.support.telegram_emulator import TelegramEmulator
 
 
 class BotProcess:

@@ -1,0 +1,95 @@
+"""How updates come in and requests go out: chats' updates in order and side by side
+(ChatOrderedUpdateProcessor), the overall sending rate with retries on 429, 5xx and network errors, and a
+cap on the requests on the wire (RetryingRateLimiter). Why these limits: docs/speed.md, "Many chats at once"."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+
+from telegram import Update
+from telegram.error import BadRequest, NetworkError
+from telegram.ext import AIORateLimiter, BaseUpdateProcessor
+
+from bot.config import TELEGRAM_MESSAGES_PER_SECOND
+
+log = logging.getLogger(__name__)
+
+# Bot API requests on the wire at once (all but getUpdates, which has its own connections): httpcore's pool
+# work grows with the square of its connections (docs/speed.md), and 64 carry far more than the rate allows.
+HTTP_IN_FLIGHT_MAX = 64
+
+
+class RetryingRateLimiter(AIORateLimiter):
+    """AIORateLimiter (flood limits, 429 retried after retry_after) plus backoff on 5xx and network errors."""
+
+    def __init__(
+        self,
+        retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
+        max_retries: int = 3,
+        messages_per_second: float = TELEGRAM_MESSAGES_PER_SECOND,
+    ):
+        super().__init__(overall_max_rate=messages_per_second, max_retries=max_retries)
+        self.retry_delays = retry_delays
+        self.in_flight_max = HTTP_IN_FLIGHT_MAX
+        self._on_the_wire = asyncio.Semaphore(self.in_flight_max)
+
+    async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):
+        async def on_the_wire(*call_args, **call_kwargs):
+            # Held only while the request is on the wire, not while a 429's retry_after is waited out.
+            async with self._on_the_wire:
+                return await callback(*call_args, **call_kwargs)
+
+        if endpoint in ("sendChatAction", "sendMessageDraft"):
+            # Best effort, and it must not use up the 20-messages-a-minute budget of a group, nor hold up other
+            # requests while a 429 is waited out (drafts have their own budget, bot/telegram/progress.py).
+            return await on_the_wire(*args, **kwargs)
+        for delay in (*self.retry_delays, None):
+            try:
+                return await super().process_request(on_the_wire, args, kwargs, endpoint, data, rate_limit_args)
+            except BadRequest:
+                raise  # the request itself is wrong (BadRequest derives from NetworkError)
+            except NetworkError as error:
+                if delay is None:
+                    raise
+                log.warning("Bot API %s failed (%s); retrying in %.1f s", endpoint, error.message, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
+    """Each chat's updates one after another, in the order they came; different chats side by side.
+
+    With PTB's plain concurrent processing a chat's `/length 600` and the `/speech` after it race, and
+    without any, one chat's speech holds up every other chat. Updates without a chat (inline queries)
+    run unordered. An update waiting for its chat's turn already holds one of max_concurrent_updates:
+    PTB takes the slot before do_process_update.
+    """
+
+    def __init__(self, max_concurrent_updates: int):
+        super().__init__(max_concurrent_updates)
+        self._latest: dict[int, asyncio.Future] = {}  # per chat with updates in process: the last one's end
+
+    async def do_process_update(self, update: object, coroutine: Awaitable) -> None:
+        chat = update.effective_chat if isinstance(update, Update) else None
+        if chat is None:
+            await coroutine
+            return
+        previous = self._latest.get(chat.id)
+        finished = asyncio.get_running_loop().create_future()
+        self._latest[chat.id] = finished
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])  # not `await previous`, which would cancel it with this one
+            await coroutine
+        finally:
+            finished.set_result(None)
+            if self._latest.get(chat.id) is finished:
+                del self._latest[chat.id]
+
+    async def initialize(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
