@@ -12,9 +12,10 @@ import torch
 from conftest import TINY_CORPUS, train_tiny
 
 from bot.inference.engine import GenerationEngine
-from bot.inference.modelfile import MetadataError, parse_props
+from bot.inference.modelfile import INT8_UNSIGNED_WEIGHTS, INT8_WEIGHTS, MetadataError, parse_props
 from bot.inference.runner import ModelFileError, ProviderError, read_model_info
 from export.__main__ import main as export_main
+from export.int8_lstm import WEIGHT_ZERO, int8_matmul_model
 from export.pipeline import export_checkpoint, info_from_checkpoints, serialize
 from export.torch_graph import fp32_graph
 from export.verify import VerificationError, verify
@@ -114,6 +115,38 @@ def test_int8_is_close_and_batch_invariant(tiny_checkpoint, tiny_int8, capsys):
             {"tokens": tokens[row : row + 1], "h0": state[0][:, row : row + 1], "c0": state[1][:, row : row + 1]},
         )
         assert np.array_equal(alone[0], batched[row])
+
+
+def test_int8_matmul_is_exact_with_extreme_activations_and_weights():
+    """int8 weights (U8S8) failed this on x86 CPUs without VNNI: VPMADDUBSW adds two uint8 × int8 products
+    into an int16 that saturates (255 · 127 · 2 > 32767), off by up to half the output here."""
+    rng = np.random.default_rng(0)
+    weights = rng.choice([-1.0, 1.0], (256, 64)).astype(np.float32)  # every weight at ±127 once quantized
+    h = np.concatenate([rng.choice([-0.999, 0.999], (4, 256)), np.tanh(rng.standard_normal((4, 256)))])
+    h = h.astype(np.float32)
+    model = int8_matmul_model(weights)
+    (got,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"h": h})
+    # The same integers, exactly: h as QuantizeLinear rounds it, weights ±127, then the scales.
+    h_q = np.rint(h / np.float32(1 / 127)).astype(np.int64)
+    expected = (h_q @ np.rint(weights * 127).astype(np.int64)) / (127.0 * 127.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
+def _int8_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    loop = next(node for node in model.graph.node if node.op_type == "Loop")
+    return [node for node in loop.attribute[0].g.node if node.op_type == "MatMulIntegerToFloat"]
+
+
+def test_int8_export_stores_weights_unsigned(tiny_int8):
+    model = onnx.load(str(tiny_int8))
+    weights = {t.name: t for t in model.graph.initializer}
+    matmuls = _int8_matmuls(model)
+    assert len(matmuls) == 9  # four gates of two layers, and the decoder
+    for node in matmuls:
+        assert weights[node.input[1]].data_type == onnx.TensorProto.UINT8
+        assert node.input[5] == "weight_zero"
+    assert onnx.numpy_helper.to_array(weights["weight_zero"]) == WEIGHT_ZERO
+    assert read_model_info(tiny_int8)[1].extra == {INT8_WEIGHTS: INT8_UNSIGNED_WEIGHTS}
 
 
 def test_cli_export_reports_size_and_bpc_change(tiny_dir, tiny_checkpoint, capsys):
