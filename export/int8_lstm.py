@@ -14,10 +14,10 @@ saturates (255 · 127 · 2 > 32767): the tests' tiny model lost 0.073 bits/char 
 the weights' zero point and multiply int16 pairs into int32 (VPMADDWD), so every integer matmul is exact
 on every CPU; the sums stay far inside int32 (1280 · 255 · 255 < 2^31). The price: onnxruntime 1.32 has no
 AVX512-VNNI or AMX kernel for U8U8 (only AVX-VNNI-INT8 CPUs get one), so on CPUs with those the matmuls
-may be slower than with int8 weights; on this project's AVX2 VM generation was 1.1-1.2× slower
-(docs/speed.md). Files written before this change keep int8 weights; `python -m export.requantize`
-converts them without loss, and the metadata key INT8_WEIGHTS tells the two apart
-(bot/inference/modelfile.py).
+may be slower than with int8 weights; on this project's AVX2 VM generation was 1.07-1.10× slower for one
+stream and 1.16-1.36× for 64 (docs/speed.md). Files written before this change keep int8 weights;
+`python -m export.requantize` converts them without loss, and the metadata key INT8_WEIGHTS tells the two
+apart (bot/inference/modelfile.py).
 The quantized h is carried from step to step next to the float state, so each h is quantized once.
 
 Other savings: the embedding and layer 0's input weights and biases fold into a [vocab, H] table per
