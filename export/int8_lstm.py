@@ -3,8 +3,21 @@
 Why not onnxruntime's `quantize_dynamic`: its DynamicQuantizeLSTM picks one activation scale for the
 whole batch, so a request's output depends on the requests batched with it, and the same seed would
 give different text alone and in a batch. Here every LSTM input is a hidden state h = o * tanh(c),
-which lies in (-1, 1), so activations are quantized with the fixed scale 1/127 and the integer matmuls
-are exact: a row's result never depends on its batch mates. Weights are int8 per output column.
+which lies in (-1, 1), so activations are quantized with the fixed scale 1/127 (uint8, zero point 128)
+and a row's result never depends on its batch mates. Weights are quantized symmetrically per output
+column to -127..127 and stored as uint8 with zero point 128 (U8U8).
+
+Why uint8 weights: with int8 weights (U8S8), onnxruntime's x86 kernels for CPUs without VNNI (AVX2, and
+AVX512 without VNNI) multiply with VPMADDUBSW, which adds two uint8 × int8 products into an int16 that
+saturates (255 · 127 · 2 > 32767): the tests' tiny model lost 0.073 bits/char to int8 on an AVX2 AMD EPYC,
+0.0013 with uint8 weights (docs/export.md, bench/int8_exactness.py). onnxruntime's U8U8 kernels subtract
+the weights' zero point and multiply int16 pairs into int32 (VPMADDWD), so every integer matmul is exact
+on every CPU; the sums stay far inside int32 (1280 · 255 · 255 < 2^31). The price: onnxruntime 1.32 has no
+AVX512-VNNI or AMX kernel for U8U8 (only AVX-VNNI-INT8 CPUs get one), so on CPUs with those the matmuls
+may be slower than with int8 weights; on this project's AVX2 VM generation was 1.07-1.10× slower for one
+stream and 1.16-1.36× for 64 (docs/speed.md). Files written before this change keep int8 weights;
+`python -m export.requantize` converts them without loss, and the metadata key INT8_WEIGHTS tells the two
+apart (bot/inference/modelfile.py).
 The quantized h is carried from step to step next to the float state, so each h is quantized once.
 
 Other savings: the embedding and layer 0's input weights and biases fold into a [vocab, H] table per
@@ -30,6 +43,9 @@ OPSET = 17
 
 
 GATES = "ifgo"  # PyTorch's order of the four gates in its LSTM weights and biases
+# Zero points of the quantized activations and weights: both uint8, so onnxruntime's matmul is U8U8.
+ACT_ZERO = 128
+WEIGHT_ZERO = 128
 
 
 def _gates(weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -37,11 +53,12 @@ def _gates(weights: np.ndarray) -> dict[str, np.ndarray]:
     return dict(zip(GATES, np.split(weights, 4, axis=0), strict=True))
 
 
-def _quantize_columns(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output column of a [in, out] matrix."""
+def quantize_columns(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per output column of a [in, out] matrix: -127..127 stored as uint8 plus WEIGHT_ZERO, and the
+    columns' scales (see the module docstring for why unsigned)."""
     scale = np.maximum(np.abs(weights).max(axis=0), 1e-12) / 127.0
-    quantized = np.clip(np.round(weights / scale), -127, 127).astype(np.int8)
-    return quantized, scale.astype(np.float32)
+    signed = np.clip(np.round(weights / scale), -127, 127).astype(np.int16)
+    return (signed + WEIGHT_ZERO).astype(np.uint8), scale.astype(np.float32)
 
 
 class _Builder:
@@ -64,8 +81,8 @@ class _Builder:
 
     def int8_matmul(self, x_q: str, weight: str, out: str, bias: str | None = None) -> str:
         """Integer matmul, scaling and bias in one onnxruntime kernel."""
-        inputs = [x_q, f"{weight}_q", "act_scale", f"{weight}_scale", "act_zero", "", *([bias] if bias else [])]
-        return self.op("MatMulIntegerToFloat", inputs, out, domain="com.microsoft")
+        inputs = [x_q, f"{weight}_q", "act_scale", f"{weight}_scale", "act_zero", "weight_zero"]
+        return self.op("MatMulIntegerToFloat", inputs + ([bias] if bias else []), out, domain="com.microsoft")
 
 
 def _step(b: _Builder, token: str, cs: list[str], hqs: list[str], member: str) -> tuple[str, ...]:
@@ -135,10 +152,10 @@ def _weights(b: _Builder, weights: dict[str, np.ndarray], num_layers: int, width
             if layer > 0:
                 matrix = np.concatenate([inputs[gate].T, matrix], axis=0)
                 b.const(f"{member}b{layer}{gate}", biases[gate].astype(np.float32))
-            q, scale = _quantize_columns(matrix)
+            q, scale = quantize_columns(matrix)
             b.const(f"{member}w{layer}{gate}_q", q)
             b.const(f"{member}w{layer}{gate}_scale", scale)
-    q, scale = _quantize_columns(weights["decoder.weight"].T)
+    q, scale = quantize_columns(weights["decoder.weight"].T)
     b.const(f"{member}wd_q", q)
     b.const(f"{member}wd_scale", scale)
     b.const(f"{member}bd", weights["decoder.bias"].astype(np.float32))
@@ -150,7 +167,8 @@ def _hidden_size(weights: dict[str, np.ndarray]) -> int:
 
 def _shared_constants(b: _Builder, members: int) -> None:
     b.const("act_scale", np.array(1 / 127, np.float32))
-    b.const("act_zero", np.array(128, np.uint8))
+    b.const("act_zero", np.array(ACT_ZERO, np.uint8))
+    b.const("weight_zero", np.array(WEIGHT_ZERO, np.uint8))
     b.const("axis0", np.array([0], np.int64))
     b.const("axis1", np.array([1], np.int64))
     b.const("keep_going", np.array(True))
@@ -245,6 +263,26 @@ def build_int8_lstm(
             _info("c", TensorProto.FLOAT, state),
         ],
         _used(outer.initializers, outer.nodes + body.nodes),
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", OPSET), oh.make_opsetid("com.microsoft", 1)])
+
+
+def int8_matmul_model(weights: np.ndarray) -> onnx.ModelProto:
+    """One quantized matmul of the step alone, built as build_int8_lstm builds them: h [batch, in] (floats in
+    (-1, 1)) -> QuantizeLinear -> MatMulIntegerToFloat with `weights` [in, out] quantized per column -> y.
+    For checking that onnxruntime computes it exactly on the CPU at hand (tests, bench.int8_exactness)."""
+    b = _Builder()
+    q, scale = quantize_columns(weights)
+    b.const("w_q", q)
+    b.const("w_scale", scale)
+    _shared_constants(b, 1)
+    b.int8_matmul(b.quantize("h", "h_q"), "w", "y")
+    graph = oh.make_graph(
+        b.nodes,
+        "int8_matmul",
+        [_info("h", TensorProto.FLOAT, ["batch", weights.shape[0]])],
+        [_info("y", TensorProto.FLOAT, ["batch", weights.shape[1]])],
+        _used(b.initializers, b.nodes),
     )
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", OPSET), oh.make_opsetid("com.microsoft", 1)])
 

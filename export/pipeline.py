@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bot.inference.modelfile import ModelInfo
+from bot.inference.modelfile import INT8_UNSIGNED_WEIGHTS, INT8_WEIGHTS, ModelInfo
 from export.int8_lstm import build_int8_lstm
 from export.torch_graph import fp16_graph, fp32_graph
 from export.verify import SAMPLE_TEXT, Verification, verify
@@ -117,6 +117,8 @@ def info_from_checkpoints(ckpts: list[Checkpoint], precision: str = "fp32") -> M
         val_bpc=ckpt.val_bpc if len(ckpts) == 1 else None,
         exporter_version=EXPORTER_VERSION,
         precision=precision,
+        # export.int8_lstm stores its weights unsigned; files without this key predate that.
+        extra={INT8_WEIGHTS: INT8_UNSIGNED_WEIGHTS} if precision == "int8" else {},
     )
 
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from bot.inference.engine import GenerationEngine
-from bot.inference.modelfile import MetadataError, parse_props
+from bot.inference.modelfile import INT8_UNSIGNED_WEIGHTS, INT8_WEIGHTS, MetadataError, parse_props
 from bot.inference.runner import ModelFileError, ProviderError, read_model_info
 from export.__main__ import main as export_main
+from export.int8_lstm import WEIGHT_ZERO, int8_matmul_model
 from export.pipeline import export_checkpoint, info_from_checkpoints, serialize
+from export.requantize import main as requantize_main
 from export.torch_graph import fp32_graph
 from export.verify import VerificationError, verify
 from model.checkpoint import load_checkpoint
@@ -115,6 +117,98 @@ def test_int8_is_close_and_batch_invariant(tiny_checkpoint, tiny_int8, capsys):
             {"tokens": tokens[row : row + 1], "h0": state[0][:, row : row + 1], "c0": state[1][:, row : row + 1]},
         )
         assert np.array_equal(alone[0], batched[row])
+
+
+def test_int8_matmul_is_exact_with_extreme_activations_and_weights():
+    """int8 weights (U8S8) failed this on x86 CPUs without VNNI: VPMADDUBSW adds two uint8 × int8 products
+    into an int16 that saturates (255 · 127 · 2 > 32767), off by up to half the output here."""
+    rng = np.random.default_rng(0)
+    weights = rng.choice([-1.0, 1.0], (256, 64)).astype(np.float32)  # every weight at ±127 once quantized
+    h = np.concatenate([rng.choice([-0.999, 0.999], (4, 256)), np.tanh(rng.standard_normal((4, 256)))])
+    h = h.astype(np.float32)
+    model = int8_matmul_model(weights)
+    (got,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"h": h})
+    # The same integers, exactly: h as QuantizeLinear rounds it, weights ±127, then the scales.
+    h_q = np.rint(h / np.float32(1 / 127)).astype(np.int64)
+    expected = (h_q @ np.rint(weights * 127).astype(np.int64)) / (127.0 * 127.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
+def _int8_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    loop = next(node for node in model.graph.node if node.op_type == "Loop")
+    return [node for node in loop.attribute[0].g.node if node.op_type == "MatMulIntegerToFloat"]
+
+
+def test_int8_export_stores_weights_unsigned(tiny_int8):
+    model = onnx.load(str(tiny_int8))
+    weights = {t.name: t for t in model.graph.initializer}
+    matmuls = _int8_matmuls(model)
+    assert len(matmuls) == 9  # four gates of two layers, and the decoder
+    for node in matmuls:
+        assert weights[node.input[1]].data_type == onnx.TensorProto.UINT8
+        assert node.input[5] == "weight_zero"
+    assert onnx.numpy_helper.to_array(weights["weight_zero"]) == WEIGHT_ZERO
+    assert read_model_info(tiny_int8)[1].extra == {INT8_WEIGHTS: INT8_UNSIGNED_WEIGHTS}
+
+
+def signed_layout(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An int8 file as export.int8_lstm wrote it before its weights became unsigned (the bundled model until
+    then): int8 weights, no weight zero point, no INT8_WEIGHTS metadata."""
+    old = onnx.ModelProto()
+    old.CopyFrom(model)
+    weights = {node.input[1] for node in _int8_matmuls(old)}
+    for tensor in old.graph.initializer:
+        if tensor.name in weights:
+            unsigned = onnx.numpy_helper.to_array(tensor).astype(np.int16)
+            tensor.CopyFrom(onnx.numpy_helper.from_array((unsigned - WEIGHT_ZERO).astype(np.int8), tensor.name))
+    kept = [t for t in old.graph.initializer if t.name != "weight_zero"]
+    del old.graph.initializer[:]
+    old.graph.initializer.extend(kept)
+    for node in _int8_matmuls(old):
+        node.input[5] = ""
+    props = {p.key: p.value for p in old.metadata_props if p.key != INT8_WEIGHTS}
+    del old.metadata_props[:]
+    onnx.helper.set_model_props(old, props)
+    return old
+
+
+def test_requantize_turns_an_old_int8_file_into_todays(tiny_dir, tiny_int8, capsys):
+    old_path, new_path = tiny_dir / "old-int8.onnx", tiny_dir / "requantized.onnx"
+    onnx.save(signed_layout(onnx.load(str(tiny_int8))), str(old_path))
+    assert read_model_info(old_path)[1].extra == {}  # old files still load
+    requantize_main([str(old_path), str(new_path)])
+    assert "zero point 128" in capsys.readouterr().out
+    fresh, converted = onnx.load(str(tiny_int8)), onnx.load(str(new_path))
+    # The same numbers as a fresh export: the conversion loses nothing.
+    as_arrays = {t.name: onnx.numpy_helper.to_array(t) for t in fresh.graph.initializer}
+    for tensor in converted.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), as_arrays.pop(tensor.name))
+    assert not as_arrays
+    assert [list(n.input) for n in _int8_matmuls(converted)] == [list(n.input) for n in _int8_matmuls(fresh)]
+    assert read_model_info(new_path)[1] == read_model_info(tiny_int8)[1]
+    rng = np.random.default_rng(3)
+    feeds = {"tokens": rng.integers(0, 10, (4, 30)), "h0": np.zeros((2, 4, 16), np.float32)}
+    feeds["c0"] = feeds["h0"]
+    outputs = [ort.InferenceSession(str(p)).run(None, feeds) for p in (tiny_int8, new_path)]
+    for want, got in zip(*outputs, strict=True):
+        assert np.array_equal(want, got)
+
+
+@pytest.mark.parametrize("case", ["already", "fp32", "same file"])
+def test_requantize_refuses_what_it_cannot_convert(tiny_dir, tiny_onnx, tiny_int8, case, capsys):
+    source, output, expected = {
+        "already": (tiny_int8, tiny_dir / "twice.onnx", "already unsigned"),
+        "fp32": (tiny_onnx, tiny_dir / "fp32-requantized.onnx", "fp32 model"),
+        "same file": (tiny_int8, tiny_int8, "also an input"),
+    }[case]
+    before = source.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        requantize_main([str(source), str(output)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1
+    assert source.read_bytes() == before
+    assert output == source or not output.exists()
 
 
 def test_cli_export_reports_size_and_bpc_change(tiny_dir, tiny_checkpoint, capsys):
