@@ -17,7 +17,8 @@ import onnx
 import onnxruntime as ort
 
 from bot.inference.chunk_graph import ChunkGraphError, chunk_graph
-from bot.inference.modelfile import MetadataError, ModelInfo, parse_props, state_names
+from bot.inference.modelcheck import external_data_problem, operator_problem, parse_model, read_model_bytes
+from bot.inference.modelfile import MetadataError, ModelFileError, ModelInfo, parse_props, state_names
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ _USED: dict[str, tuple[str, Callable[[np.ndarray], bool]]] = {
     "min_p": ("min_p", lambda p: bool((p > 0).any())),
     "repetition": ("repetition_penalty", lambda penalty: bool((penalty > 0).any())),
 }
-
-
-class ModelFileError(ValueError):
-    """A model file that is missing, unreadable, or not a speechbot export."""
 
 
 class ProviderError(ValueError):
@@ -85,17 +82,24 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 
 def read_model_info(path: str | Path) -> tuple[bytes, ModelInfo]:
-    """The file's bytes and validated metadata, or a ModelFileError naming what is wrong."""
+    """The file's bytes and validated metadata, or a ModelFileError naming what is wrong.
+
+    The file is read once, here, and checked against the model file's contract (bot.inference.modelcheck)
+    before any onnxruntime session sees it: sessions are then made from these bytes, never from the path.
+    """
     path = Path(path)
-    if path.is_dir():
-        raise ModelFileError(f"model file {path} is a directory; give the .onnx file inside it")
-    if not path.is_file():
-        raise ModelFileError(
-            f"model file {path} does not exist; export one with `python -m export CHECKPOINT -o {path}`"
-        )
-    data = path.read_bytes()
-    if not data:
-        raise ModelFileError(f"model file {path} is empty")
+    data = read_model_bytes(path)
+    model = parse_model(path, data)
+    # First, before anything reads the file's contents further: a file that points outside itself.
+    if problem := external_data_problem(model):
+        raise ModelFileError(f"{path} is refused: {problem}")
+    try:
+        info = parse_props({prop.key: prop.value for prop in model.metadata_props})
+    except MetadataError as exc:
+        raise ModelFileError(f"{path} is not a speechbot model: {exc}") from exc
+    if problem := operator_problem(model, info.precision):
+        raise ModelFileError(f"{path} is refused: {problem}")
+    del model  # the session parses the bytes itself; the bot keeps only them
     probe_options = ort.SessionOptions()
     # Without graph optimisation the CPU provider can open any graph, fp16 included, just to read it.
     probe_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -105,10 +109,6 @@ def read_model_info(path: str | Path) -> tuple[bytes, ModelInfo]:
     except Exception as exc:  # onnxruntime raises several types for a bad file
         reason = str(exc).strip().splitlines()[0][:300]
         raise ModelFileError(f"{path} is not a readable ONNX model (truncated or corrupt?): {reason}") from exc
-    try:
-        info = parse_props(probe.get_modelmeta().custom_metadata_map)
-    except MetadataError as exc:
-        raise ModelFileError(f"{path} is not a speechbot model: {exc}") from exc
     state_in, state_out = state_names(info.is_lstm)
     inputs = [i.name for i in probe.get_inputs()]
     outputs = [o.name for o in probe.get_outputs()]
