@@ -1,11 +1,13 @@
 """The model file's contract (bot.inference.modelcheck): crafted files that reach outside themselves, use
-operators the exporter never writes, or are too big are refused before any onnxruntime session reads them.
+operators the exporter never writes, or are too big are refused before any onnxruntime session reads them;
+a graph whose step disagrees with its metadata is refused at start.
 
 The external data's targets are FIFOs that notice being opened, so "never read" is observed, not assumed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -256,3 +258,38 @@ def test_the_exporter_refuses_to_write_what_the_bot_would_refuse(tiny_checkpoint
     add_node(graph, oh.make_node("Abs", ["logits"], ["abs_logits"], name="abs"))
     with pytest.raises(ExportError, match=r"breaks the model file's contract.*operator Abs"):
         serialize(graph, info_from_checkpoints([ckpt]))
+
+
+def with_dynamic_logits_and_vocabulary(model: onnx.ModelProto, vocabulary_change: int) -> None:
+    """The logits' width computed at run time (a Reshape to [batch, seq, -1]), so no fixed dimension tells it,
+    and a vocabulary one character shorter or longer than the graph's."""
+    for node in model.graph.node:
+        node.output[:] = ["logits_raw" if name == "logits" else name for name in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "width_unknown"))
+    model.graph.node.extend(
+        [
+            oh.make_node("Shape", ["tokens"], ["tokens_shape"]),
+            oh.make_node("Concat", ["tokens_shape", "width_unknown"], ["logits_shape"], axis=0),
+            oh.make_node("Reshape", ["logits_raw", "logits_shape"], ["logits"]),
+        ]
+    )
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_param = "vocab"
+    props = {prop.key: prop for prop in model.metadata_props}
+    vocab = json.loads(props["vocab"].value)
+    vocab = vocab[:-1] if vocabulary_change < 0 else [*vocab, "☺"]
+    config = json.loads(props["model_config"].value) | {"vocab_size": len(vocab)}
+    props["vocab"].value, props["model_config"].value = json.dumps(vocab), json.dumps(config)
+
+
+@pytest.mark.parametrize("vocabulary_change", [-1, 1])
+def test_logits_wider_or_narrower_than_the_vocabulary_are_refused_at_start(tmp_path, tiny_onnx, vocabulary_change):
+    model = onnx.load(tiny_onnx)
+    width = model.graph.output[0].type.tensor_type.shape.dim[2].dim_value
+    with_dynamic_logits_and_vocabulary(model, vocabulary_change)
+    path = save(model, tmp_path / "edited.onnx")
+    read_model_info(path)  # nothing fixed in the graph disagrees: only a real step tells
+    with pytest.raises(ModelFileError) as refused:
+        ModelRunner(path, "cpu", threads=1)
+    message = str(refused.value)
+    assert "metadata does not match its graph: one step writes logits of shape " in message, message
+    assert f"[1, 1, {width}]" in message and f"[1, 1, {width + vocabulary_change}]" in message, message

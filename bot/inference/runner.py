@@ -163,10 +163,11 @@ class ModelRunner:
         self._data = data
         self._chunk_sessions = {frozenset(): self._chunk_session(frozenset())}
         try:
-            self.prime(np.zeros((1, 1), np.int64), self.zero_state(1))
+            logits, state = self.prime(np.zeros((1, 1), np.int64), self.zero_state(1))
         except Exception as exc:  # onnxruntime's error types are not exported in one place
             reason = str(exc).strip().splitlines()[0][:300]
             raise ModelFileError(f"{path} does not run as its metadata describes: {reason}") from exc
+        self._check_step_shapes(logits, state)
         kind = self.info.model_config["model_type"]
         log.info(
             "loaded %s (%s, %s) on %s",
@@ -175,6 +176,19 @@ class ModelRunner:
             self.info.precision,
             self.provider,
         )
+
+    def _check_step_shapes(self, logits: np.ndarray, state: list[np.ndarray]) -> None:
+        """The shapes of one real step against the metadata's: they cover the dimensions that the graph
+        leaves symbolic (read_model_info compares only fixed ones), which would otherwise fail every speech."""
+        expected = [(1, 1, len(self.info.vocab)), *[self.info.state_shape(1)] * len(state)]
+        for name, value, want in zip(["logits", *self.state_names], [logits, *state], expected, strict=True):
+            if value.shape != want:
+                raise ModelFileError(
+                    f"{self.path}'s metadata does not match its graph: one step writes {name} of shape "
+                    f"{_dims(list(value.shape))}, but model_config ({self.info.num_layers * self.info.members} "
+                    f"layers of {self.info.rnn_size} units, {len(self.info.vocab)} characters) means "
+                    f"{_dims(list(want))}; re-export the model with `python -m export`"
+                )
 
     def _chunk_session(self, features: frozenset[str]) -> ort.InferenceSession:
         contract = onnx.load_from_string(self._data)
