@@ -1,6 +1,6 @@
 """The model file's contract (bot.inference.modelcheck): crafted files that reach outside themselves, use
 operators the exporter never writes, or are too big are refused before any onnxruntime session reads them;
-a graph whose step disagrees with its metadata is refused at start.
+a graph whose step disagrees with its metadata is refused at start; temperatures have a floor that writes text.
 
 The external data's targets are FIFOs that notice being opened, so "never read" is observed, not assumed.
 """
@@ -23,6 +23,7 @@ from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.inference.runner import ModelFileError, ModelRunner, read_model_info
 from export.__main__ import main as export_main
 from model.cli import UsageError
+from model.sampling import InvalidSampling, SamplingParams
 
 
 class OpenWatch:
@@ -293,3 +294,15 @@ def test_logits_wider_or_narrower_than_the_vocabulary_are_refused_at_start(tmp_p
     message = str(refused.value)
     assert "metadata does not match its graph: one step writes logits of shape " in message, message
     assert f"[1, 1, {width}]" in message and f"[1, 1, {width + vocabulary_change}]" in message, message
+
+
+def test_the_lowest_temperature_still_writes_text_and_lower_ones_are_refused(engine):
+    from model.sampling import TEMPERATURE_MIN
+
+    for temperature in (1e-320, 1e-38, TEMPERATURE_MIN / 2):
+        with pytest.raises(InvalidSampling, match=f"temperature must be from {TEMPERATURE_MIN:g} to 2"):
+            SamplingParams(temperature=temperature)
+    # The floor still writes words through the chunk graph, with the bot's settings and without.
+    for options in ({}, {"min_p": 0.1, "repetition_penalty": 3.0}):
+        text = engine.generate("We will", length=60, seed=1, temperature=TEMPERATURE_MIN, **options)
+        assert len(text.split()) >= 8, text
