@@ -21,7 +21,7 @@ from dotenv import dotenv_values
 from bot.heartbeat import HEARTBEAT_SECONDS
 from bot.inference.api import MAX_LANES, PROVIDER_CHOICES
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
-from model.sampling import BOT_SAMPLING, TEMPERATURE_MAX
+from model.sampling import BOT_SAMPLING, TEMPERATURE_MAX, TEMPERATURE_MIN, TEMPERATURE_RANGE
 
 TOKEN_FORMAT = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
 WEBHOOK_SECRET_FORMAT = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
@@ -88,7 +88,7 @@ class Config:
             webhook_port=reader.number("WEBHOOK_PORT", cls.webhook_port, int, low=1, high=65535),
             webhook_secret=reader.pattern("WEBHOOK_SECRET", WEBHOOK_SECRET_FORMAT, WEBHOOK_SECRET_DESCRIPTION),
             default_temperature=reader.number(
-                "DEFAULT_TEMPERATURE", cls.default_temperature, float, low=0, high=TEMPERATURE_MAX, open_low=True
+                "DEFAULT_TEMPERATURE", cls.default_temperature, float, low=TEMPERATURE_MIN, high=TEMPERATURE_MAX
             ),
             default_length=reader.number("DEFAULT_LENGTH", cls.default_length, int, low=LENGTH_MIN, high=LENGTH_MAX),
             cooldown_seconds=reader.number("COOLDOWN_SECONDS", cls.cooldown_seconds, float, low=0, high=3600),
@@ -127,7 +127,7 @@ VARIABLES = {
     "WEBHOOK_LISTEN": f"address the webhook server binds (default {Config.webhook_listen}; 0.0.0.0 in a container)",
     "WEBHOOK_PORT": f"port the webhook server listens on (default {Config.webhook_port})",
     "WEBHOOK_SECRET": f"{WEBHOOK_SECRET_DESCRIPTION} (default: a random one at each start)",
-    "DEFAULT_TEMPERATURE": f"for new chats, 0 < t <= {TEMPERATURE_MAX:g} (default {Config.default_temperature:g})",
+    "DEFAULT_TEMPERATURE": f"for new chats, {TEMPERATURE_RANGE} (default {Config.default_temperature:g})",
     "DEFAULT_LENGTH": f"speech length for new chats, {LENGTH_MIN}-{LENGTH_MAX} (default {Config.default_length})",
     "COOLDOWN_SECONDS": f"per-chat pause between speeches, 0-3600 (default {Config.cooldown_seconds:g})",
     "MISSED_POST_GRACE_MINUTES": (

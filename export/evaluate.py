@@ -19,7 +19,7 @@ from tqdm import tqdm
 from bot.inference.api import PROVIDER_CHOICES, PROVIDERS
 from bot.inference.modelfile import ModelInfo, state_names
 from bot.inference.runner import ModelRunner, usable_cores
-from model.cli import UsageError, check_input_file
+from model.cli import UsageError
 from model.prepare import read_utf8
 
 # Characters a stream reads before it scores: enough that the state no longer depends on its zero start,
@@ -162,7 +162,6 @@ def main(args: argparse.Namespace) -> None:
     for name, value in (("--seq-length", args.seq_length), ("--streams", args.streams), ("--lanes", args.lanes)):
         if value is not None and value < 1:
             raise UsageError(f"{name} must be a positive number, not {value}")
-    check_input_file(args.model, "model file")  # the bot's loader says only "does not exist"
     runner = ModelRunner(args.model, args.providers)
     session, info, provider = runner.session, runner.info, runner.provider
     text, _ = read_utf8(Path(args.text))

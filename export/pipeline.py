@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from bot.inference.modelcheck import MAX_MODEL_BYTES, contract_problem
 from bot.inference.modelfile import INT8_UNSIGNED_WEIGHTS, INT8_WEIGHTS, ModelInfo
 from export.int8_lstm import build_int8_lstm
 from export.torch_graph import fp16_graph, fp32_graph
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class ExportError(ValueError):
+    """A graph the exporter built but must not write: the bot would refuse to load it."""
+
+
 @dataclass
 class ExportResult:
     path: Path
@@ -72,12 +77,23 @@ def build_graph(net: CharRNN | Ensemble, precision: str) -> onnx.ModelProto:
 
 
 def serialize(model: onnx.ModelProto, info: ModelInfo) -> bytes:
+    """The file's bytes, checked against the model file's contract that the bot enforces when it loads it."""
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, info.to_props())
     model.producer_name = "speechbot"
     onnx.checker.check_model(model, full_check=True)
+    # The bot refuses what the contract does not allow (bot.inference.modelcheck); failing here instead
+    # means a change to the exporter that needs a new operator is caught when the file is made, not served.
+    if problem := contract_problem(model, info.precision):
+        raise ExportError(f"the exported graph breaks the model file's contract, so nothing was written: {problem}")
     # Serialising the whole proto ourselves keeps every weight inside the one file (no external data).
-    return model.SerializeToString()
+    data = model.SerializeToString()
+    if len(data) > MAX_MODEL_BYTES:
+        raise ExportError(
+            f"the exported model is {len(data) / 2**20:,.0f} MiB, and the bot loads at most "
+            f"{MAX_MODEL_BYTES / 2**20:,.0f} MiB (MAX_MODEL_BYTES); nothing was written"
+        )
+    return data
 
 
 def corpus_ids(text_path: str | None, info: ModelInfo) -> np.ndarray:

@@ -50,7 +50,8 @@ def test_dotenv_is_read_and_environment_wins(tmp_path):
         ("WEBHOOK_URL", "http://example.com/hook", "starting with https://"),
         ("WEBHOOK_SECRET", "has spaces", "WEBHOOK_SECRET is not valid"),
         ("TELEGRAM_API_BASE_URL", "localhost:8081", "starting with http:// or https://"),
-        ("DEFAULT_TEMPERATURE", "0", "use above 0 and at most 2.0"),
+        ("DEFAULT_TEMPERATURE", "0", "use at least 0.001 and at most 2.0"),
+        ("DEFAULT_TEMPERATURE", "1e-320", "out of range"),  # 0 in float32: every speech would be empty
         ("DEFAULT_TEMPERATURE", "nan", "out of range"),
         ("DEFAULT_LENGTH", "1e309", "not an integer"),
         ("COOLDOWN_SECONDS", "-1", "out of range"),

@@ -56,6 +56,8 @@ def test_valid_temperatures(text, value):
         ("abc", "is not a temperature"),
         ("-1", "out of range"),
         ("0", "out of range"),
+        ("1e-320", "out of range"),
+        ("0.0009", "out of range"),
         ("nan", "out of range"),
         ("1e309", "out of range"),
         ("2.01", "out of range"),
@@ -66,7 +68,7 @@ def test_valid_temperatures(text, value):
 def test_bad_temperatures_explain_the_valid_range(text, reason):
     with pytest.raises(ArgumentError, match=reason) as error:
         parse_temperature(text)
-    assert "above 0 and at most 2" in str(error.value)
+    assert "from 0.001 to 2" in str(error.value)
     assert len(str(error.value)) < 200, "a 5,000-character argument is not echoed back in full"
 
 

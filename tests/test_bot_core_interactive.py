@@ -63,7 +63,9 @@ def test_choices_step_within_the_valid_range_and_fit_callback_data(temperature):
         assert parse_choice(choice.data) == choice.temperature
 
 
-@pytest.mark.parametrize("data", ["speech:0", "speech:2.5", "speech:inf", "speech:-1", "speech", "other:1", ""])
+@pytest.mark.parametrize(
+    "data", ["speech:0", "speech:1e-320", "speech:2.5", "speech:inf", "speech:-1", "speech", "other:1", ""]
+)
 def test_anything_else_is_a_stale_choice(data):
     with pytest.raises(ArgumentError, match=STALE_CHOICE):
         parse_choice(data)

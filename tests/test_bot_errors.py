@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import sqlite3
@@ -17,6 +18,7 @@ import aiohttp
 import onnx
 import pytest
 
+from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from db.database import create_db_engine, migrate
 from db.store import ChatStore
 from tests.support.bot_harness import (
@@ -202,3 +204,67 @@ def test_a_model_path_that_is_a_directory_is_named_as_one(tmp_path):
     environment = bot_environment(tmp_path)  # MODEL_PATH is the folder itself
     line = assert_one_error_line(run_bot(tmp_path, environment, "generate", "--length", "20"), "is a directory")
     assert str(tmp_path) in line
+
+
+def unreadable_file(tmp_path: Path) -> Path:
+    """A regular file this process cannot open for reading: mode 000, or for root (who reads any such file)
+    a write-only sysfs attribute, which even root cannot open to read."""
+    path = tmp_path / "unreadable.onnx"
+    path.write_bytes(b"\x08\x07")
+    path.chmod(0)
+    for candidate in [path, *sorted(Path("/sys/bus").glob("*/drivers_probe"))]:
+        try:
+            candidate.open("rb").close()
+        except PermissionError:
+            return candidate
+    pytest.skip("no file here that this user cannot read")
+
+
+@pytest.mark.parametrize("command", ["generate", "run"])
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("unreadable", "cannot be read (Permission denied)"),
+        ("too long", "is too long for this system (File name too long)"),
+        ("/dev/zero", "is not a regular file (a character device)"),
+        ("FIFO", "is not a regular file (a FIFO)"),
+        ("checkpoint", "is a training checkpoint, not an ONNX model: export it with `python -m export "),
+    ],
+)
+def test_a_model_file_that_cannot_be_served_is_named_in_one_line(tmp_path, tiny_checkpoint, command, kind, expected):
+    if kind == "unreadable":
+        model = unreadable_file(tmp_path)
+    elif kind == "too long":
+        model = Path("m" * 300 + ".onnx")  # longer than a file name may be (255 bytes on Linux)
+    elif kind == "FIFO":
+        model = tmp_path / "model.onnx"
+        os.mkfifo(model)  # opening it to read would wait for a writer forever
+    else:
+        model = Path(kind) if kind == "/dev/zero" else tiny_checkpoint
+    if command == "generate":
+        result = run_bot(tmp_path, bot_environment(DEFAULT_MODEL_PATH), "generate", "--model", str(model))
+    else:
+        environment = bot_environment(model, TELEGRAM_BOT_TOKEN=TOKEN, LOG_LEVEL="WARNING")
+        result = run_bot(tmp_path, environment, "run")
+    line = assert_one_error_line(result, expected)
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert str(model)[:100] in line
+
+
+def test_a_model_file_that_reads_the_bots_env_file_is_refused(tmp_path, tiny_onnx):
+    """The attack of issue 24: a model whose decoder bias is the bytes of .env in the bot's working directory."""
+    model = onnx.load(tiny_onnx)
+    bias = next(tensor for tensor in model.graph.initializer if tensor.name == "net.decoder.bias")
+    length = len(bias.raw_data)
+    (tmp_path / ".env").write_text(f"TELEGRAM_BOT_TOKEN={TOKEN}\n# {'x' * length}\n")
+    bias.ClearField("raw_data")
+    bias.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in {"location": ".env", "offset": "0", "length": str(length)}.items():
+        bias.external_data.add(key=key, value=value)
+    (tmp_path / "crafted.onnx").write_bytes(model.SerializeToString())
+    for args, environment in [
+        (["generate", "--model", "crafted.onnx"], bot_environment(DEFAULT_MODEL_PATH)),
+        (["run"], bot_environment(Path("crafted.onnx"), LOG_LEVEL="WARNING")),  # the token comes from .env
+    ]:
+        line = assert_one_error_line(run_bot(tmp_path, environment, *args), "crafted.onnx is refused: ")
+        assert "tensor 'net.decoder.bias' keeps its data in another file ('.env')" in line, line

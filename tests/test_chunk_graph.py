@@ -168,7 +168,7 @@ def test_a_row_samples_the_same_alone_and_in_a_batch(runner):
     ("setting", "value", "message"),
     [
         *(
-            ("temperature", t, "above 0 and at most 2")
+            ("temperature", t, "from 0.001 to 2")
             for t in (0, -0.5, 2.01, float("nan"), float("inf"), "hot", True)
         ),
         *(("top_k", k, "top_k must be a whole number") for k in (-1, 1.5, True)),

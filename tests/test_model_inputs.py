@@ -125,7 +125,7 @@ BAD_TRAIN_FLAGS = [
     (["--weight-drop", "-0.1"], "--weight-drop must be in [0, 1)"),
     (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
     (["--max-iters", "-5"], "--max-iters must be at least 0"),
-    (["--sample-every", "5", "--sample-temperature", "0"], "--sample-temperature must be above 0 and at most 2"),
+    (["--sample-every", "5", "--sample-temperature", "1e-320"], "--sample-temperature must be from 0.001 to 2"),
     (["--sample-every", "5", "--sample-length", "1000000000"], "--sample-length must be a number of characters"),
 ]
 

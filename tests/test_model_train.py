@@ -272,9 +272,10 @@ def test_training_and_sampling_bad_inputs(tiny_data, tiny_checkpoint, tmp_path, 
     assert "not a readable speechbot checkpoint (not a PyTorch file" in run_cli_error(
         ["sample", "--checkpoint", str(bogus)], capsys
     )
-    assert "--temperature must be above 0 and at most 2" in run_cli_error(
-        ["sample", "--checkpoint", str(tiny_checkpoint), "--temperature", "0"], capsys
-    )
+    for temperature in ("0", "1e-320"):
+        assert "--temperature must be from 0.001 to 2" in run_cli_error(
+            ["sample", "--checkpoint", str(tiny_checkpoint), "--temperature", temperature], capsys
+        )
 
 
 def test_mixed_precision_trains_with_fp32_weights_and_state(tiny_data, tmp_path, capsys):

@@ -50,6 +50,10 @@ REQUIRED_KEYS = (
 )
 
 
+class ModelFileError(ValueError):
+    """A model file that is missing, unreadable, not a speechbot export, or outside the model file's contract."""
+
+
 class MetadataError(ValueError):
     """Metadata that is missing or malformed: the file is not a speechbot model."""
 

@@ -18,13 +18,10 @@ import onnxruntime as ort
 
 from bot.inference.api import PROVIDER_CHOICES, PROVIDERS
 from bot.inference.chunk_graph import ChunkGraphError, chunk_graph, features_used
-from bot.inference.modelfile import MetadataError, ModelInfo, parse_props, state_names
+from bot.inference.modelcheck import external_data_problem, operator_problem, parse_model, read_model_bytes
+from bot.inference.modelfile import MetadataError, ModelFileError, ModelInfo, parse_props, state_names
 
 log = logging.getLogger(__name__)
-
-
-class ModelFileError(ValueError):
-    """A model file that is missing, unreadable, or not a speechbot export."""
 
 
 class ProviderError(ValueError):
@@ -74,17 +71,24 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 
 def read_model_info(path: str | Path) -> tuple[bytes, ModelInfo]:
-    """The file's bytes and validated metadata, or a ModelFileError naming what is wrong."""
+    """The file's bytes and validated metadata, or a ModelFileError naming what is wrong.
+
+    The file is read once, here, and checked against the model file's contract (bot.inference.modelcheck)
+    before any onnxruntime session sees it: sessions are then made from these bytes, never from the path.
+    """
     path = Path(path)
-    if path.is_dir():
-        raise ModelFileError(f"model file {path} is a directory; give the .onnx file inside it")
-    if not path.is_file():
-        raise ModelFileError(
-            f"model file {path} does not exist; export one with `python -m export CHECKPOINT -o {path}`"
-        )
-    data = path.read_bytes()
-    if not data:
-        raise ModelFileError(f"model file {path} is empty")
+    data = read_model_bytes(path)
+    model = parse_model(path, data)
+    # First, before anything reads the file's contents further: a file that points outside itself.
+    if problem := external_data_problem(model):
+        raise ModelFileError(f"{path} is refused: {problem}")
+    try:
+        info = parse_props({prop.key: prop.value for prop in model.metadata_props})
+    except MetadataError as exc:
+        raise ModelFileError(f"{path} is not a speechbot model: {exc}") from exc
+    if problem := operator_problem(model, info.precision):
+        raise ModelFileError(f"{path} is refused: {problem}")
+    del model  # the session parses the bytes itself; the bot keeps only them
     probe_options = ort.SessionOptions()
     # Without graph optimisation the CPU provider can open any graph, fp16 included, just to read it.
     probe_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -94,10 +98,6 @@ def read_model_info(path: str | Path) -> tuple[bytes, ModelInfo]:
     except Exception as exc:  # onnxruntime raises several types for a bad file
         reason = str(exc).strip().splitlines()[0][:300]
         raise ModelFileError(f"{path} is not a readable ONNX model (truncated or corrupt?): {reason}") from exc
-    try:
-        info = parse_props(probe.get_modelmeta().custom_metadata_map)
-    except MetadataError as exc:
-        raise ModelFileError(f"{path} is not a speechbot model: {exc}") from exc
     state_in, state_out = state_names(info.is_lstm)
     inputs = [i.name for i in probe.get_inputs()]
     outputs = [o.name for o in probe.get_outputs()]
@@ -152,10 +152,11 @@ class ModelRunner:
         self._data = data
         self._chunk_sessions = {frozenset(): self._chunk_session(frozenset())}
         try:
-            self.prime(np.zeros((1, 1), np.int64), self.zero_state(1))
+            logits, state = self.prime(np.zeros((1, 1), np.int64), self.zero_state(1))
         except Exception as exc:  # onnxruntime's error types are not exported in one place
             reason = str(exc).strip().splitlines()[0][:300]
             raise ModelFileError(f"{path} does not run as its metadata describes: {reason}") from exc
+        self._check_step_shapes(logits, state)
         kind = self.info.model_config["model_type"]
         log.info(
             "loaded %s (%s, %s) on %s",
@@ -164,6 +165,19 @@ class ModelRunner:
             self.info.precision,
             self.provider,
         )
+
+    def _check_step_shapes(self, logits: np.ndarray, state: list[np.ndarray]) -> None:
+        """The shapes of one real step against the metadata's: they cover the dimensions that the graph
+        leaves symbolic (read_model_info compares only fixed ones), which would otherwise fail every speech."""
+        expected = [(1, 1, len(self.info.vocab)), *[self.info.state_shape(1)] * len(state)]
+        for name, value, want in zip(["logits", *self.state_names], [logits, *state], expected, strict=True):
+            if value.shape != want:
+                raise ModelFileError(
+                    f"{self.path}'s metadata does not match its graph: one step writes {name} of shape "
+                    f"{_dims(list(value.shape))}, but model_config ({self.info.num_layers * self.info.members} "
+                    f"layers of {self.info.rnn_size} units, {len(self.info.vocab)} characters) means "
+                    f"{_dims(list(want))}; re-export the model with `python -m export`"
+                )
 
     def _chunk_session(self, features: frozenset[str]) -> ort.InferenceSession:
         contract = onnx.load_from_string(self._data)
