@@ -17,7 +17,10 @@ import numpy as np
 
 from model.text import CleaningOptions, Vocab, text_to_ids
 
+# The bundled model, twice: int8 for the CPU provider, and the same network dequantized to fp32 for the
+# CUDA provider, whose LSTM kernels have no int8 (docs/default-model.md). runner.serving_path picks one.
 DEFAULT_MODEL_PATH = Path(__file__).parent.parent / "assets" / "speechbot.onnx"
+CUDA_MODEL_PATH = DEFAULT_MODEL_PATH.with_name("speechbot-cuda.onnx")
 FORMAT_VERSION = "1"
 PRECISIONS = ("fp32", "int8", "fp16")
 # An fp32 file may store its recurrent weights as fp16 (`python -m export --fp16-weights`), cast back to
