@@ -33,21 +33,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from bench.report import write_json
 from bot.inference.engine import CHUNK, GenerationEngine
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.inference.runner import ModelRunner, read_model_info
-from export.pipeline import export_checkpoint
-from model.checkpoint import Checkpoint, load_checkpoint
-from model.model import CharRNN, ModelConfig
-from model.sample import sample_text
 from model.text import CleaningOptions, Vocab
+
+# torch (and the exporter, which needs it) is imported only for a checkpoint or the random network, so that
+# `--model FILE.onnx` runs where only the runtime and onnxruntime-gpu are installed (bench/gpu_check.sh).
 
 GRAPH_CHUNKS = 20
 HOST_ROWS = 32  # a lane's share of the engine's default max_batch
@@ -90,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 def random_checkpoint(path: Path, rnn_size: int, num_layers: int) -> Path:
     """An untrained network over the bundled model's vocabulary (the corpus's 81 characters): as fast as a
     trained one of its size."""
+    import torch
+
+    from model.checkpoint import Checkpoint
+    from model.model import CharRNN, ModelConfig
+
     vocab = read_model_info(DEFAULT_MODEL_PATH)[1].vocab
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=len(vocab), rnn_size=rnn_size, num_layers=num_layers, wordvec_size=64)
@@ -100,6 +104,14 @@ def random_checkpoint(path: Path, rnn_size: int, num_layers: int) -> Path:
         cleaning=CleaningOptions().to_dict(),
     ).save(path)
     return path
+
+
+def torch_version() -> str | None:
+    """torch's version if it is installed, without importing it."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def timed(run) -> float:
@@ -134,6 +146,11 @@ def round_ratios(numerators: list[float], denominators: list[float]) -> np.ndarr
 def torch_runs(checkpoint: Path, length: int) -> dict[str, Callable[[], object]]:
     """model.sample's loop at `length` and at 1 character: it walks to a paragraph start on every call
     (the engine does that once at load), so the difference over length - 1 is its time per character."""
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.sample import sample_text
+
     torch.set_num_threads(1)
     net, ckpt = load_checkpoint(checkpoint)
     vocab = Vocab(ckpt.vocab, ckpt.unknown_policy)
@@ -207,6 +224,8 @@ def main() -> None:
                 else random_checkpoint(Path(tmp) / "random.pt", args.rnn_size, args.num_layers)
             )
             label = args.checkpoint or f"random {args.num_layers}x{args.rnn_size} LSTM"
+            from export.pipeline import export_checkpoint
+
             for precision in ("fp32", "int8") if args.provider == "cpu" else ("fp32", "fp16"):
                 models[precision] = export_checkpoint(checkpoint, Path(tmp) / f"{precision}.onnx", precision).path
         engines = {
@@ -289,7 +308,7 @@ def main() -> None:
     print(
         f"model: {label}; {args.length}-character speeches; CPU: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
-        f"onnxruntime {ort.__version__}, torch {torch.__version__}"
+        f"onnxruntime {ort.__version__}, torch {torch_version()}"
     )
     header = (
         f"{'path':<40} {'thr':>3} {'lanes':>5} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'graph µs':>8}"
@@ -320,7 +339,7 @@ def main() -> None:
             "model": label,
             "length": args.length,
             "onnxruntime": ort.__version__,
-            "torch": torch.__version__,
+            "torch": torch_version(),
             "host_two_thread_scaling": host_scaling,
             "host_two_thread_scaling_median_of_rounds": host_scaling_median,
             "repeats": args.repeats,

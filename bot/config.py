@@ -118,7 +118,7 @@ VARIABLES = {
     "TELEGRAM_API_BASE_URL": "a self-hosted Bot API server, e.g. http://localhost:8081/bot",
     "TELEGRAM_MESSAGES_PER_SECOND": f"overall sending rate, 1-100000 (default {Config.telegram_messages_per_second:g})",
     "DATABASE_URL": f"SQLAlchemy URL (default {Config.database_url})",
-    "MODEL_PATH": "the ONNX model to serve (default: the bundled one)",
+    "MODEL_PATH": "the ONNX model to serve (default: the bundled one, or its fp32 twin on CUDA)",
     "ONNX_PROVIDERS": f"{', '.join(PROVIDER_CHOICES)} (default {Config.onnx_providers})",
     "ONNX_THREADS": "onnxruntime threads per lane, 1-256 (default 1)",
     "ONNX_LANES": f"generation workers, 1-{MAX_LANES} (default: from the CPU count)",

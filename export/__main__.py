@@ -1,4 +1,5 @@
-"""Command line: `python -m export CHECKPOINT -o model.onnx [--int8|--fp16]` and `python -m export evaluate`."""
+"""Command line: `python -m export CHECKPOINT -o model.onnx [--int8|--fp16|--fp16-weights]`,
+`python -m export evaluate` and `python -m export recover`."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import sys
 
 from model.cli import fail
 
+SUBCOMMANDS = ("evaluate", "recover")
+
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["evaluate"]:
             from export import evaluate as command
+        elif argv[:1] == ["recover"]:
+            from export import recover as command
         else:
             from export import pipeline as command
-        command.main(command.build_parser().parse_args(argv[1:] if argv[:1] == ["evaluate"] else argv))
+        command.main(command.build_parser().parse_args(argv[1:] if argv[:1] in ([c] for c in SUBCOMMANDS) else argv))
     except (ValueError, OSError) as exc:  # every error of bad input derives from these
         fail(str(exc))
 

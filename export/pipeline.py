@@ -18,9 +18,9 @@ import onnx
 import onnxruntime as ort
 
 from bot.inference.modelcheck import MAX_MODEL_BYTES, contract_problem
-from bot.inference.modelfile import INT8_UNSIGNED_WEIGHTS, INT8_WEIGHTS, ModelInfo
+from bot.inference.modelfile import FP16_WEIGHTS, INT8_UNSIGNED_WEIGHTS, INT8_WEIGHTS, WEIGHT_STORAGE_KEY, ModelInfo
 from export.int8_lstm import build_int8_lstm
-from export.torch_graph import fp16_graph, fp32_graph
+from export.torch_graph import fp16_graph, fp16_weights_graph, fp32_graph
 from export.verify import SAMPLE_TEXT, Verification, verify
 from model.checkpoint import Checkpoint
 from model.cli import UsageError, check_output_file
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--int8", action="store_true", help="int8 weights for CPU (LSTM models)")
     precision.add_argument("--fp16", action="store_true", help="fp16 for the CUDA provider only")
+    precision.add_argument(
+        "--fp16-weights",
+        action="store_true",
+        help="fp32 arithmetic with the recurrent weights stored as fp16: about half of fp32's size, any provider",
+    )
     p.add_argument(
         "--text",
         metavar="FILE",
@@ -73,6 +78,8 @@ def build_graph(net: CharRNN | Ensemble, precision: str) -> onnx.ModelProto:
         config = net.config
         return build_int8_lstm(weights, config.num_layers, config.rnn_size, config.vocab_size)
     graph = fp32_graph(net)
+    if precision == FP16_WEIGHTS:
+        return fp16_weights_graph(graph)
     return fp16_graph(graph) if precision == "fp16" else graph
 
 
@@ -132,9 +139,14 @@ def info_from_checkpoints(ckpts: list[Checkpoint], precision: str = "fp32") -> M
         corpus_sha256=list(ckpt.dataset_sha256),
         val_bpc=ckpt.val_bpc if len(ckpts) == 1 else None,
         exporter_version=EXPORTER_VERSION,
-        precision=precision,
+        # fp16-weights is an fp32 file (fp32 arithmetic, any provider) whose weights are stored as fp16.
+        precision="fp32" if precision == FP16_WEIGHTS else precision,
         # export.int8_lstm stores its weights unsigned; files without this key predate that.
-        extra={INT8_WEIGHTS: INT8_UNSIGNED_WEIGHTS} if precision == "int8" else {},
+        extra={INT8_WEIGHTS: INT8_UNSIGNED_WEIGHTS}
+        if precision == "int8"
+        else {WEIGHT_STORAGE_KEY: "fp16"}
+        if precision == FP16_WEIGHTS
+        else {},
     )
 
 
@@ -164,7 +176,7 @@ def export_checkpoint(
 
 
 def main(args: argparse.Namespace) -> None:
-    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    precision = "int8" if args.int8 else "fp16" if args.fp16 else FP16_WEIGHTS if args.fp16_weights else "fp32"
     result = export_checkpoint(args.checkpoints, args.output, precision, args.text)
     print(f"wrote {result.path} ({result.precision}, {result.size_bytes / 1e6:.2f} MB, one file)")
     if result.check is None:
@@ -175,5 +187,5 @@ def main(args: argparse.Namespace) -> None:
     source = args.text or "built-in sample text"
     print(
         f"bits/char on {source}: PyTorch {check.torch_bpc:.4f}, ONNX {check.onnx_bpc:.4f} "
-        f"(change {check.bpc_change:+.4f})"
+        f"(change {check.bpc_change:+.5f})"
     )

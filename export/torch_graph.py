@@ -1,12 +1,15 @@
-"""The fp32 graph traced from PyTorch (one ONNX LSTM/GRU/RNN node per layer) and its fp16 conversion."""
+"""The fp32 graph traced from PyTorch (one ONNX LSTM/GRU/RNN node per layer), its fp16 conversion, and the
+fp32 graph with its recurrent weights stored as fp16."""
 
 from __future__ import annotations
 
 import io
 import warnings
 
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from bot.inference.modelfile import state_names
@@ -14,6 +17,7 @@ from model.ensemble import Ensemble
 from model.model import CharRNN
 
 OPSET = 17
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
 class _ContractWrapper(nn.Module):
@@ -60,3 +64,24 @@ def fp16_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     converted = OnnxModel(convert_float_to_float16(model, keep_io_types=True))
     converted.topological_sort()  # the converter appends its input casts at the end of the node list
     return converted.model
+
+
+def fp16_weights_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The fp32 graph with each LSTM/GRU/RNN node's weight matrices (W, R) stored as fp16 and cast back
+    to fp32 by a Cast node: half the file, fp32 arithmetic, so every provider runs it (the CPU provider
+    has no fp16 recurrent kernels). onnxruntime folds the casts of constants when it opens the file, so
+    the recurrent nodes see fp32 initializers, as in the fp32 graph. Biases and the rest stay fp32.
+    """
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    weights = {name for node in graph.node if node.op_type in RECURRENT_OPS for name in node.input[1:3]}
+    casts = []
+    for name in sorted(weights & initializers.keys()):
+        tensor = initializers[name]
+        half = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), f"{name}_fp16")
+        tensor.CopyFrom(half)
+        casts.append(onnx.helper.make_node("Cast", [half.name], [name], to=onnx.TensorProto.FLOAT))
+    nodes = [*casts, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model

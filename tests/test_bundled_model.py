@@ -1,15 +1,19 @@
 """The model shipped in the repository loads, passes its metadata checks and writes a speech."""
 
+import logging
+import os
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bot.config import Config
 from bot.core.speech import compose_speech, reply_room
 from bot.inference.ending import SENTENCE_END, SLACK
 from bot.inference.engine import GenerationEngine
-from bot.inference.modelfile import DEFAULT_MODEL_PATH
-from bot.inference.runner import read_model_info
+from bot.inference.modelfile import CUDA_MODEL_PATH, DEFAULT_MODEL_PATH
+from bot.inference.runner import ModelRunner, read_model_info, serving_path
 from model.sampling import BOT_SAMPLING
 
 SPEECH_LENGTH = 300
@@ -17,6 +21,10 @@ SPEECH_LENGTH = 300
 # and the 2015-2016 rallies, in train only.
 SPEECHES_SHA256 = "3b6362724e391ccb7e2adf790bc51e31e018fde8027fefa005630c76eecce6a2"
 RALLIES_SHA256 = "6e8b0727abda59d9f1e54f48231135ea9248ed1a5d5b88acae334f12749ca124"
+TEXT = (
+    "Thank you very much. We are going to make America great again, believe me. We're going to win, "
+    "and we're going to win so much. Our country doesn't win anymore! Who is going to pay for the wall?\n"
+) * 3
 
 
 def test_bundled_model_metadata():
@@ -61,3 +69,42 @@ def test_bundled_model_speech_with_the_bot_defaults_ends_at_a_sentence(prompt):
     assert re.search(rf"{SENTENCE_END}$", speech), speech[-80:]
     assert (1 - SLACK) * Config.default_length <= len(continuation) <= (1 + SLACK) * Config.default_length
     assert speech.startswith(prompt)
+
+
+def test_the_bundled_model_is_served_on_cuda_as_its_fp32_twin():
+    # The choice is made from the provider asked for and onnxruntime's available providers, so it is
+    # tested here without a GPU; a file named by MODEL_PATH is never replaced.
+    cuda, cpu = ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]
+    assert serving_path(DEFAULT_MODEL_PATH, "cuda", cuda) == CUDA_MODEL_PATH
+    assert serving_path(DEFAULT_MODEL_PATH, "auto", cuda) == CUDA_MODEL_PATH
+    assert serving_path(DEFAULT_MODEL_PATH, "auto", cpu) == DEFAULT_MODEL_PATH
+    assert serving_path(DEFAULT_MODEL_PATH, "cpu", cuda) == DEFAULT_MODEL_PATH
+    relative = Path(os.path.relpath(DEFAULT_MODEL_PATH))
+    assert serving_path(relative, "cuda", cuda) == CUDA_MODEL_PATH
+    assert serving_path(Path("mine.onnx"), "cuda", cuda) == Path("mine.onnx")
+
+
+def test_the_cuda_twin_is_the_bundled_network_in_fp32_and_runs_on_cpu(caplog):
+    caplog.set_level(logging.INFO, logger="bot.inference.runner")
+    _, int8 = read_model_info(DEFAULT_MODEL_PATH)
+    _, twin = read_model_info(CUDA_MODEL_PATH)
+    assert (twin.precision, twin.weight_storage) == ("fp32", "fp16")  # fp32 arithmetic: CUDA's LSTM runs it
+    for field in ("vocab", "cleaning", "unknown_policy", "model_config", "corpus_sha256"):
+        assert getattr(twin, field) == getattr(int8, field), field
+    assert twin.val_bpc is not None and twin.val_bpc < 1.35
+    # Issue 25: every model the package ships, together.
+    assert sum(p.stat().st_size for p in DEFAULT_MODEL_PATH.parent.glob("*.onnx")) <= 25 * 1024 * 1024
+    # The same network: on one text, the two files' bits per character agree within the int8 rounding.
+    runners = [ModelRunner(path, "cpu", threads=1) for path in (DEFAULT_MODEL_PATH, CUDA_MODEL_PATH)]
+    ids, _ = int8.text_ids(TEXT)
+    scores = []
+    for runner in runners:
+        logits, _ = runner.prime(ids[None, :-1], runner.zero_state(1))
+        log_probs = logits[0] - np.log(np.exp(logits[0]).sum(axis=1, keepdims=True))
+        scores.append(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean() / np.log(2))
+    # The log says which file and which provider serve.
+    assert f"loaded {CUDA_MODEL_PATH} (lstm, fp32, fp16 weights) on CPUExecutionProvider" in caplog.text
+    assert abs(scores[0] - scores[1]) < 0.01, scores
+    with GenerationEngine(CUDA_MODEL_PATH, providers="cpu", threads=1, lanes=1) as engine:
+        text = engine.generate("We will", length=200, temperature=0.8, seed=1)
+    assert len(text) == 200 and len(text.split()) > 20

@@ -167,10 +167,7 @@ def test_a_row_samples_the_same_alone_and_in_a_batch(runner):
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [
-        *(
-            ("temperature", t, "from 0.001 to 2")
-            for t in (0, -0.5, 2.01, float("nan"), float("inf"), "hot", True)
-        ),
+        *(("temperature", t, "from 0.001 to 2") for t in (0, -0.5, 2.01, float("nan"), float("inf"), "hot", True)),
         *(("top_k", k, "top_k must be a whole number") for k in (-1, 1.5, True)),
         *(("top_p", p, "top_p must be above 0 and at most 1") for p in (0, 1.5, -0.1, float("nan"))),
         *(("min_p", p, "min_p must be at least 0") for p in (1, -0.1, "0.1")),

@@ -17,7 +17,7 @@ from export.__main__ import main as export_main
 from export.int8_lstm import WEIGHT_ZERO, int8_matmul_model
 from export.pipeline import export_checkpoint, info_from_checkpoints, serialize
 from export.requantize import main as requantize_main
-from export.torch_graph import fp32_graph
+from export.torch_graph import fp16_weights_graph, fp32_graph
 from export.verify import VerificationError, verify
 from model.checkpoint import load_checkpoint
 from model.evaluate import evaluate_ids
@@ -81,6 +81,17 @@ def test_metadata_validation_names_the_problem(tiny_checkpoint):
         parse_props({**props, "vocab": '["a", "b"]'})
     with pytest.raises(MetadataError, match="format"):
         parse_props({**props, "speechbot_format": "99"})
+
+
+def test_fp16_weight_storage_is_metadata_of_an_fp32_file(tiny_checkpoint):
+    _, ckpt = load_checkpoint(tiny_checkpoint)
+    props = info_from_checkpoints([ckpt], "fp16-weights").to_props()
+    assert (props["precision"], props["weight_storage"]) == ("fp32", "fp16")
+    assert parse_props(props).weight_storage == "fp16"
+    assert parse_props(info_from_checkpoints([ckpt]).to_props()).weight_storage == "fp32"
+    for bad in ({"weight_storage": "bf16"}, {"precision": "int8"}):
+        with pytest.raises(MetadataError, match="only an fp32 file stores 'fp16' weights"):
+            parse_props({**props, **bad})
 
 
 def test_export_evaluate_agrees_with_pytorch(tiny_dir, tiny_checkpoint, tiny_onnx, capsys):
@@ -246,6 +257,42 @@ def test_a_wrong_graph_is_refused(tiny_checkpoint):
     with torch.no_grad():
         net.decoder.bias.add_(0.01)  # the network now differs from the exported graph
     with pytest.raises(VerificationError, match="differ from PyTorch"):
+        verify(net, data, info, np.arange(200) % net.config.vocab_size, ["CPUExecutionProvider"])
+
+
+def test_fp16_weights_export_is_fp32_at_about_half_the_size_and_runs_on_cpu(
+    tiny_dir, tiny_checkpoint, tiny_onnx, capsys
+):
+    out_path = tiny_dir / "fp16-weights.onnx"
+    export_main([str(tiny_checkpoint), "-o", str(out_path), "--fp16-weights", "--text", str(tiny_dir / "corpus.txt")])
+    out = capsys.readouterr().out
+    assert "fp16-weights" in out
+    assert abs(float(out.split("change ")[1].split(")")[0])) <= 1e-4
+    _, info = read_model_info(out_path)
+    assert (info.precision, info.weight_storage) == ("fp32", "fp16")
+    model = onnx.load(out_path)
+    fp16 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    cast_from = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "Cast"}
+    lstms = [node for node in model.graph.node if node.op_type == "LSTM"]
+    assert len(lstms) == 2 and all(cast_from[name] in fp16 for node in lstms for name in node.input[1:3])
+    # The tiny network's LSTM holds about 3/4 of its weights.
+    assert out_path.stat().st_size < 0.75 * tiny_onnx.stat().st_size
+    # onnxruntime folds the casts of constants when it opens the file: the LSTMs read fp32 constants.
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tiny_dir / "fp16-weights-optimized.onnx")
+    ort.InferenceSession(str(out_path), options, providers=["CPUExecutionProvider"])
+    assert not [n for n in onnx.load(options.optimized_model_filepath).graph.node if n.op_type == "Cast"]
+    with GenerationEngine(out_path, providers="cpu", threads=1, lanes=1) as engine:
+        assert len(engine.generate("We", length=40, seed=1)) == 40
+
+
+def test_fp16_weights_that_change_bits_per_char_are_refused(tiny_checkpoint):
+    net, ckpt = load_checkpoint(tiny_checkpoint)
+    info = info_from_checkpoints([ckpt], "fp16-weights")
+    data = serialize(fp16_weights_graph(fp32_graph(net)), info)
+    with torch.no_grad():
+        net.decoder.bias[0] += 1.0  # one character likelier: the network now scores the text differently
+    with pytest.raises(VerificationError, match="fp16 weights change the bits/char"):
         verify(net, data, info, np.arange(200) % net.config.vocab_size, ["CPUExecutionProvider"])
 
 

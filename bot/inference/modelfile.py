@@ -17,9 +17,16 @@ import numpy as np
 
 from model.text import CleaningOptions, Vocab, text_to_ids
 
+# The bundled model, twice: int8 for the CPU provider, and the same network dequantized to fp32 for the
+# CUDA provider, whose LSTM kernels have no int8 (docs/default-model.md). runner.serving_path picks one.
 DEFAULT_MODEL_PATH = Path(__file__).parent.parent / "assets" / "speechbot.onnx"
+CUDA_MODEL_PATH = DEFAULT_MODEL_PATH.with_name("speechbot-cuda.onnx")
 FORMAT_VERSION = "1"
 PRECISIONS = ("fp32", "int8", "fp16")
+# An fp32 file may store its recurrent weights as fp16 (`python -m export --fp16-weights`), cast back to
+# fp32 when onnxruntime opens it: the metadata key says so, and the arithmetic stays fp32.
+WEIGHT_STORAGE_KEY = "weight_storage"
+FP16_WEIGHTS = "fp16-weights"
 
 # Names of the int8 graph's nodes (export.int8_lstm), by which bot.inference.chunk_graph rewires its Loop:
 # the Loop over the sequence, the body's Gather of the step's token, the Transpose of the scanned logits.
@@ -87,6 +94,11 @@ class ModelInfo:
         """Networks averaged in the file (model.ensemble); their states are stacked along the layer axis."""
         return int(self.model_config.get("members", 1))
 
+    @property
+    def weight_storage(self) -> str:
+        """How the weights are stored in the file: as its precision says, or fp16 in an fp32 file."""
+        return self.extra.get(WEIGHT_STORAGE_KEY, self.precision)
+
     def state_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of each recurrent-state input and output: [layers of all members, batch, hidden]."""
         return (self.num_layers * self.members, batch, self.rnn_size)
@@ -150,6 +162,11 @@ def parse_props(props: dict[str, str]) -> ModelInfo:
     precision = props.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise MetadataError(f"its precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    storage = props.get(WEIGHT_STORAGE_KEY)
+    if storage is not None and (storage != "fp16" or precision != "fp32"):
+        raise MetadataError(
+            f"its {WEIGHT_STORAGE_KEY} {storage!r} is not valid: only an fp32 file stores 'fp16' weights"
+        )
     try:
         val_bpc = float(props["val_bpc"]) if props["val_bpc"] else None
     except ValueError as exc:

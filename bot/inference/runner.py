@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +19,37 @@ import onnxruntime as ort
 from bot.inference.api import PROVIDER_CHOICES, PROVIDERS
 from bot.inference.chunk_graph import ChunkGraphError, chunk_graph, features_used
 from bot.inference.modelcheck import external_data_problem, operator_problem, parse_model, read_model_bytes
-from bot.inference.modelfile import MetadataError, ModelFileError, ModelInfo, parse_props, state_names
+from bot.inference.modelfile import (
+    CUDA_MODEL_PATH,
+    DEFAULT_MODEL_PATH,
+    MetadataError,
+    ModelFileError,
+    ModelInfo,
+    parse_props,
+    state_names,
+)
 
 log = logging.getLogger(__name__)
 
 
 class ProviderError(ValueError):
     """An execution provider that is unavailable or cannot run this model."""
+
+
+def serving_path(path: str | Path, choice: str, available: Sequence[str] | None = None) -> Path:
+    """The file to serve for `path` under the provider choice: `path` itself, except the bundled model.
+
+    The bundled model (DEFAULT_MODEL_PATH, what MODEL_PATH defaults to) is int8, which only the CPU
+    provider runs, so where the CUDA provider will serve (`cuda`, or `auto` with CUDA among the
+    `available` providers, onnxruntime's by default) it is served as CUDA_MODEL_PATH: the same network,
+    dequantized to fp32. Any other file is served as it is, and choose_provider judges it.
+    """
+    path = Path(path)
+    available = ort.get_available_providers() if available is None else available
+    wants_cuda = choice == "cuda" or (choice == "auto" and PROVIDERS["cuda"] in available)
+    if wants_cuda and path.resolve() == DEFAULT_MODEL_PATH.resolve():
+        return CUDA_MODEL_PATH
+    return path
 
 
 def choose_provider(choice: str, precision: str) -> str:
@@ -39,7 +63,10 @@ def choose_provider(choice: str, precision: str) -> str:
             "on a machine with an NVIDIA GPU, or use providers 'cpu'"
         )
     if precision == "int8" and choice == "cuda":
-        raise ProviderError("int8 models run on the CPU provider; use an fp32 or fp16 export with 'cuda'")
+        raise ProviderError(
+            "int8 models run on the CPU provider; use an fp32 or fp16 export with 'cuda' "
+            f"(the bundled model's is {CUDA_MODEL_PATH.name}, served on CUDA when MODEL_PATH is unset)"
+        )
     use_cuda = choice == "cuda" or (choice == "auto" and has_cuda and precision != "int8")
     if precision == "fp16" and not use_cuda:
         # onnxruntime has no fp16 LSTM kernel on CPU; opening such a graph there can crash the process.
@@ -139,7 +166,10 @@ class ModelRunner:
     """One validated model file: its sessions, metadata and provider. Not thread-safe; one owner."""
 
     def __init__(self, path: str | Path, providers: str = "auto", threads: int | None = None) -> None:
-        self.path = Path(path)
+        self.path = serving_path(path, providers)
+        if self.path != Path(path):
+            log.info("the bundled model is int8, which CUDA cannot run: serving its fp32 twin %s", self.path)
+        path = self.path
         data, self.info = read_model_info(path)
         self._options = session_options(threads)
         self._providers = [choose_provider(providers, self.info.precision)]
@@ -158,11 +188,12 @@ class ModelRunner:
             raise ModelFileError(f"{path} does not run as its metadata describes: {reason}") from exc
         self._check_step_shapes(logits, state)
         kind = self.info.model_config["model_type"]
+        storage = self.info.weight_storage
         log.info(
             "loaded %s (%s, %s) on %s",
             path,
             f"ensemble of {self.info.members} {kind}s" if self.info.members > 1 else kind,
-            self.info.precision,
+            self.info.precision if storage == self.info.precision else f"{self.info.precision}, {storage} weights",
             self.provider,
         )
 
