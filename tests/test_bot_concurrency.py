@@ -10,9 +10,9 @@ import sqlite3
 from bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, group_chat, private_chat, running_bot
 from telegram_emulator import Call, TelegramEmulator
 
-from bot.telegram import app as telegram_app
 from bot.core.speechbot import ENGINE_BUSY_REPLY
 from bot.inference.engine import GenerationEngine
+from bot.telegram import app as telegram_app
 from bot.telegram.app import UPDATES_BEYOND_ENGINE
 
 ALICE_CHAT, BOB_CHAT = private_chat(ALICE), private_chat(BOB)
