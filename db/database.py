@@ -27,7 +27,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -81,8 +81,15 @@ def create_db_engine(url: str) -> Engine:
             "or postgresql+psycopg://user:password@host/dbname"
         ) from None
     is_sqlite = parsed.get_backend_name() == "sqlite"
+    if is_sqlite and is_in_memory(parsed):
+        # `migrate` would pass and every later command fail: each connection gets its own empty database,
+        # and all of them vanish with the process.
+        raise DatabaseConfigError(
+            f"DATABASE_URL {url!r} is a SQLite database in memory, which each connection sees empty and which "
+            "is gone when the process ends; name a file, e.g. sqlite:///data/bot.db"
+        )
     # A `file:` URI (uri=true) names its path in SQLite's own syntax; it is the user's to get right.
-    if is_sqlite and parsed.database and parsed.database != ":memory:" and "uri" not in parsed.query:
+    if is_sqlite and "uri" not in parsed.query:
         folder = Path(parsed.database).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -101,6 +108,12 @@ def create_db_engine(url: str) -> Engine:
     if is_sqlite:
         event.listen(engine, "connect", _enable_sqlite_pragmas)
     return engine
+
+
+def is_in_memory(url: URL) -> bool:
+    """Whether a SQLite URL names a database in memory: no path, `:memory:`, or a URI saying so."""
+    database = url.database or ""
+    return database in ("", ":memory:") or database.startswith("file::memory:") or url.query.get("mode") == "memory"
 
 
 def is_read_only(error: SQLAlchemyError) -> bool:
