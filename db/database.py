@@ -1,9 +1,9 @@
 """Opening the database named by a URL, bringing its schema up to date with Alembic, saying what is
 wrong, and running its blocking calls on threads of their own.
 
-Every way a database can be unusable at start (a bad URL, a missing driver, a folder that cannot be
-made, a file that is not a database, a read-only file) becomes a DatabaseConfigError with one line
-naming it; `describe` turns errors met later, mid-session, into the same kind of line.
+Every way a database can be unusable at start (a bad URL, SQLite in memory, a missing driver, a folder
+that cannot be made, a file that is not a database, a read-only file, a full disk) becomes a
+DatabaseConfigError with one line naming it; `describe` turns errors met later, mid-session, into the same kind of line.
 
 Database work never runs on the event loop: a SQLite file locked by another process (or a slow
 PostgreSQL server) must hold up only the chat that needs it, not every chat. SQLAlchemy's asyncio
@@ -32,8 +32,10 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlch
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-SQLITE_READONLY = 8  # sqlite3's primary result code; extended codes keep it in the low byte
+SQLITE_READONLY = 8  # sqlite3's primary result codes; extended codes keep them in the low byte
+SQLITE_FULL = 13  # "database or disk is full": the disk, or the file's max_page_count
 POSTGRES_READ_ONLY_TRANSACTION = "25006"
+POSTGRES_DISK_FULL = "53100"
 # Threads for database calls. Fewer than SQLAlchemy's default pool (5 + 10 overflow), so a call never
 # waits for a connection, and separate from asyncio's default executor, so calls stuck on a lock
 # cannot starve anything else that runs in threads.
@@ -116,13 +118,21 @@ def is_in_memory(url: URL) -> bool:
     return database in ("", ":memory:") or database.startswith("file::memory:") or url.query.get("mode") == "memory"
 
 
-def is_read_only(error: SQLAlchemyError) -> bool:
-    """Whether `error` is a write refused because the database (file, mount or server) is read-only."""
+def _is(error: SQLAlchemyError, sqlite_code: int, postgres_state: str) -> bool:
+    """Whether the driver's error under `error` has SQLite's primary result code or PostgreSQL's SQLSTATE."""
     orig = error.orig if isinstance(error, DBAPIError) else None
     code = getattr(orig, "sqlite_errorcode", None)
-    return (code is not None and code & 0xFF == SQLITE_READONLY) or (
-        getattr(orig, "sqlstate", None) == POSTGRES_READ_ONLY_TRANSACTION
-    )
+    return (code is not None and code & 0xFF == sqlite_code) or getattr(orig, "sqlstate", None) == postgres_state
+
+
+def is_read_only(error: SQLAlchemyError) -> bool:
+    """Whether `error` is a write refused because the database (file, mount or server) is read-only."""
+    return _is(error, SQLITE_READONLY, POSTGRES_READ_ONLY_TRANSACTION)
+
+
+def is_disk_full(error: SQLAlchemyError) -> bool:
+    """Whether `error` is a write that found no space left for the database (SQLite's file, the server's disk)."""
+    return _is(error, SQLITE_FULL, POSTGRES_DISK_FULL)
 
 
 def describe(error: SQLAlchemyError) -> str:
@@ -150,6 +160,9 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         where = engine.url.render_as_string(hide_password=True)
         if is_read_only(error):
             hint = "it is read-only and its schema needs an update: run `python -m bot migrate` once with write access"
+        elif is_disk_full(error):
+            # Not a damaged file: a backup would not help, space would.
+            hint = "the disk it is on is full; free some space there and start again"
         elif engine.dialect.name == "sqlite":
             hint = "restore the file from a backup, or point DATABASE_URL at a new file to start afresh"
         else:

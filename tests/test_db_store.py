@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime, time, timedelta
 
 import pytest
 from conftest import new_postgres_database
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
 
 from db.database import DatabaseConfigError, create_db_engine, migrate
 from db.inbox import ANSWERED, CLAIMED, QUEUED, SENDING, Inbox, daily_key, update_key
@@ -270,6 +270,29 @@ async def test_postgresql_tells_a_live_process_from_a_gone_one(postgres_server):
 def test_bad_database_url_is_explained(url, expected):
     with pytest.raises(DatabaseConfigError, match=expected):
         create_db_engine(url)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new file", "stored file"])
+def test_a_full_disk_at_start_is_reported_as_full_not_as_damage(tmp_path, existing):
+    url = f"sqlite:///{tmp_path / 'bot.db'}"
+    if existing:
+        old = create_db_engine(url)
+        migrate(old, "0001")  # so the start has migrations left to write
+        old.dispose()
+    engine = create_db_engine(url)
+
+    # SQLite's own SQLITE_FULL ("database or disk is full"), as from a full disk: the file may not grow.
+    @event.listens_for(engine, "connect")
+    def no_room_to_grow(dbapi_connection, _record) -> None:
+        pages = dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
+        dbapi_connection.execute(f"PRAGMA max_page_count={max(pages, 1)}")
+
+    with pytest.raises(DatabaseConfigError) as raised:
+        migrate(engine)
+    message = str(raised.value)
+    assert "(database or disk is full); the disk it is on is full; free some space there" in message, message
+    assert "backup" not in message and "new file" not in message
+    engine.dispose()
 
 
 def test_processes_opening_a_new_sqlite_file_at_once_all_switch_it_to_wal(tmp_path):
