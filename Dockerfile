@@ -32,9 +32,10 @@ COPY bot ./bot
 COPY db ./db
 # Two torch-free modules of training's package that the bot shares: text cleaning and sampling settings.
 COPY model/__init__.py model/text.py model/sampling.py ./model/
-# The runtime dependencies from pyproject.toml only (the `train` extra with torch is not installed).
+# The runtime dependencies from pyproject.toml and the PostgreSQL driver (the `postgres` extra), so one
+# image serves SQLite and PostgreSQL (compose.yaml); the `train` extra with torch is not installed.
 # onnxruntime and onnxruntime-gpu provide the same module, so the GPU build swaps one for the other.
-RUN pip install . \
+RUN pip install '.[postgres]' \
     && if [ "$ONNXRUNTIME" = "gpu" ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.20,<2"; fi \
     && test -s /opt/venv/lib/python3*/site-packages/bot/assets/speechbot.onnx \
     && test -s /opt/venv/lib/python3*/site-packages/bot/assets/speechbot-cuda.onnx

@@ -22,7 +22,7 @@ from bot.config import VARIABLES, Config, ConfigError
 from bot.inference.runner import ModelFileError
 from bot.logs import redact, setup_logging
 from bot.services import build_services, open_engine
-from db.database import DatabaseConfigError, create_db_engine, describe, migrate
+from db.database import DatabaseConfigError, create_db_engine, describe, migrate, one_process_per_sqlite_file
 from model.sampling import BOT_SAMPLING, TEMPERATURE_RANGE, InvalidSampling, SamplingParams
 
 PROG = "python -m bot"
@@ -157,7 +157,8 @@ def run_telegram(config: Config) -> None:
     config.require_token()
     if config.heartbeat_file is not None:
         heartbeat.check_writable(config.heartbeat_file)
-    serve(build_application(config), config)
+    with one_process_per_sqlite_file(config.database_url):  # a second would answer the first's requests again
+        serve(build_application(config), config)
 
 
 async def console(config: Config) -> None:

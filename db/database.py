@@ -1,9 +1,10 @@
 """Opening the database named by a URL, bringing its schema up to date with Alembic, saying what is
 wrong, and running its blocking calls on threads of their own.
 
-Every way a database can be unusable at start (a bad URL, a missing driver, a folder that cannot be
-made, a file that is not a database, a read-only file) becomes a DatabaseConfigError with one line
-naming it; `describe` turns errors met later, mid-session, into the same kind of line.
+Every way a database can be unusable at start (a bad URL, SQLite in memory, a missing driver, a folder
+that cannot be made, a file that is not a database, a read-only file, a full disk, a SQLite file another
+bot process runs on) becomes a DatabaseConfigError with one line naming it; `describe` turns errors met
+later, mid-session, into the same kind of line.
 
 Database work never runs on the event loop: a SQLite file locked by another process (or a slow
 PostgreSQL server) must hold up only the chat that needs it, not every chat. SQLAlchemy's asyncio
@@ -15,25 +16,32 @@ path for the bot, the console and `migrate`, and the drivers the project already
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
+import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import unquote, urlsplit
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-SQLITE_READONLY = 8  # sqlite3's primary result code; extended codes keep it in the low byte
+SQLITE_READONLY = 8  # sqlite3's primary result codes; extended codes keep them in the low byte
+SQLITE_FULL = 13  # "database or disk is full": the disk, or the file's max_page_count
 POSTGRES_READ_ONLY_TRANSACTION = "25006"
+POSTGRES_DISK_FULL = "53100"
 # Threads for database calls. Fewer than SQLAlchemy's default pool (5 + 10 overflow), so a call never
 # waits for a connection, and separate from asyncio's default executor, so calls stuck on a lock
 # cannot starve anything else that runs in threads.
@@ -71,8 +79,8 @@ def _enable_sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def create_db_engine(url: str) -> Engine:
-    """An engine for `url`; a SQLite file's folder is created first."""
+def _parse(url: str) -> URL:
+    """`url` parsed, or a DatabaseConfigError for one that is no database URL or is SQLite in memory."""
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -80,17 +88,44 @@ def create_db_engine(url: str) -> Engine:
             f"DATABASE_URL {url!r} is not a database URL; use e.g. sqlite:///data/bot.db "
             "or postgresql+psycopg://user:password@host/dbname"
         ) from None
-    is_sqlite = parsed.get_backend_name() == "sqlite"
+    if parsed.get_backend_name() == "sqlite" and is_in_memory(parsed):
+        # `migrate` would pass and every later command fail: each connection gets its own empty database,
+        # and all of them vanish with the process.
+        raise DatabaseConfigError(
+            f"DATABASE_URL {url!r} is a SQLite database in memory, which each connection sees empty and which "
+            "is gone when the process ends; name a file, e.g. sqlite:///data/bot.db"
+        )
+    return parsed
+
+
+def sqlite_file(url: URL) -> Path | None:
+    """The file a SQLite URL names (a `file:` URI's path too), or None for another database."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    if "uri" in url.query and url.database.startswith("file:"):
+        return Path(unquote(urlsplit(url.database).path))
+    return Path(url.database)
+
+
+def _make_sqlite_folder(parsed: URL, url: str) -> None:
     # A `file:` URI (uri=true) names its path in SQLite's own syntax; it is the user's to get right.
-    if is_sqlite and parsed.database and parsed.database != ":memory:" and "uri" not in parsed.query:
-        folder = Path(parsed.database).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise DatabaseConfigError(
-                f"DATABASE_URL {url!r} names a SQLite file in {str(folder)!r}, a folder that cannot be created "
-                f"({error.strerror}); use a path whose folder exists or can be made by the bot's user"
-            ) from None
+    if parsed.get_backend_name() != "sqlite" or "uri" in parsed.query:
+        return
+    folder = sqlite_file(parsed).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DatabaseConfigError(
+            f"DATABASE_URL {url!r} names a SQLite file in {str(folder)!r}, a folder that cannot be created "
+            f"({error.strerror}); use a path whose folder exists or can be made by the bot's user"
+        ) from None
+
+
+def create_db_engine(url: str) -> Engine:
+    """An engine for `url`; a SQLite file's folder is created first."""
+    parsed = _parse(url)
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    _make_sqlite_folder(parsed, url)
     try:
         engine = create_engine(parsed, pool_pre_ping=not is_sqlite)
     except (NoSuchModuleError, ImportError) as error:
@@ -103,13 +138,78 @@ def create_db_engine(url: str) -> Engine:
     return engine
 
 
-def is_read_only(error: SQLAlchemyError) -> bool:
-    """Whether `error` is a write refused because the database (file, mount or server) is read-only."""
+@contextmanager
+def one_process_per_sqlite_file(url: str) -> Iterator[Path | None]:
+    """Hold `<file>.lock` beside the SQLite file `url` names for the block, so a second bot process on the
+    same file is refused with a DatabaseConfigError; yields the lock's path (None: nothing to lock).
+
+    Two bot processes on one SQLite file would each take the other's open inbox entries for a crashed
+    process's (db/inbox.py: on SQLite every other owner is gone) and answer them again. PostgreSQL tells
+    live owners from gone ones, so replicas are allowed there and nothing is locked. The lock is an
+    flock on a file of its own, never on the database (whose POSIX locks SQLite manages): the kernel
+    drops it when the process ends, however it ends, so a crash leaves no stale lock behind.
+    """
+    parsed = _parse(url)
+    database = sqlite_file(parsed)
+    if database is None:
+        yield None
+        return
+    path = database.with_name(database.name + ".lock")
+    _make_sqlite_folder(parsed, url)
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise DatabaseConfigError(
+                f"the lock file {str(path)!r} beside the SQLite database cannot be made ({error.strerror}); "
+                "the SQLite file's folder must exist and be writable by the bot's user"
+            ) from None
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # made earlier; flock needs no write access
+        except OSError:
+            # A folder nobody may write (a read-only mount used with `mode=ro`) holds a database this process
+            # cannot write either, so it cannot take over another process's entries: nothing to guard.
+            yield None
+            return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
+            raise DatabaseConfigError(
+                f"another bot process{f' (pid {holder})' if holder.isdigit() else ''} is running on the SQLite "
+                f"database {str(database)!r} (it holds {str(path)!r}); stop it first: one SQLite file serves one "
+                "`python -m bot run`, and several need PostgreSQL"
+            ) from None
+        with suppress(OSError):  # only for the message above; a read-only lock file stays as it is
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(descriptor)  # releases the lock; the file stays, so no process ever locks a file being deleted
+
+
+def is_in_memory(url: URL) -> bool:
+    """Whether a SQLite URL names a database in memory: no path, `:memory:`, or a URI saying so."""
+    database = url.database or ""
+    return database in ("", ":memory:") or database.startswith("file::memory:") or url.query.get("mode") == "memory"
+
+
+def _is(error: SQLAlchemyError, sqlite_code: int, postgres_state: str) -> bool:
+    """Whether the driver's error under `error` has SQLite's primary result code or PostgreSQL's SQLSTATE."""
     orig = error.orig if isinstance(error, DBAPIError) else None
     code = getattr(orig, "sqlite_errorcode", None)
-    return (code is not None and code & 0xFF == SQLITE_READONLY) or (
-        getattr(orig, "sqlstate", None) == POSTGRES_READ_ONLY_TRANSACTION
-    )
+    return (code is not None and code & 0xFF == sqlite_code) or getattr(orig, "sqlstate", None) == postgres_state
+
+
+def is_read_only(error: SQLAlchemyError) -> bool:
+    """Whether `error` is a write refused because the database (file, mount or server) is read-only."""
+    return _is(error, SQLITE_READONLY, POSTGRES_READ_ONLY_TRANSACTION)
+
+
+def is_disk_full(error: SQLAlchemyError) -> bool:
+    """Whether `error` is a write that found no space left for the database (SQLite's file, the server's disk)."""
+    return _is(error, SQLITE_FULL, POSTGRES_DISK_FULL)
 
 
 def describe(error: SQLAlchemyError) -> str:
@@ -137,6 +237,9 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         where = engine.url.render_as_string(hide_password=True)
         if is_read_only(error):
             hint = "it is read-only and its schema needs an update: run `python -m bot migrate` once with write access"
+        elif is_disk_full(error):
+            # Not a damaged file: a backup would not help, space would.
+            hint = "the disk it is on is full; free some space there and start again"
         elif engine.dialect.name == "sqlite":
             hint = "restore the file from a backup, or point DATABASE_URL at a new file to start afresh"
         else:

@@ -5,6 +5,9 @@ Two kinds of entries, one table:
   answered after the reply was sent. A crash in between leaves it open; the next start (or a
   surviving replica) takes it over and handles it again: at least once across a crash, at most once
   otherwise. A crash after Telegram took the reply but before it was marked answered sends it twice.
+  The update itself (names, user ids, message text) is kept only while it is open, to handle it
+  again; once answered only the key stays, for a day, to refuse a repeat of its id
+  (docs/operations.md, "What the bot stores").
 - `daily:<chat>:<day>`: a daily post, written in the same transaction that claims the day. It is
   marked `sending` just before the post goes to Telegram. An open entry still `claimed` is made
   again after a crash; one already `sending` never is, since Telegram may have it: a chat never gets
@@ -38,6 +41,9 @@ HANDLING, QUEUED, CLAIMED, SENDING, ANSWERED = "handling", "queued", "claimed", 
 # bulk-update bookkeeping, which cost more than the statements (docs/speed.md).
 ENTRIES, CHATS = InboxEntry.__table__, Chat.__table__
 UPDATE_PREFIX = "update:"
+# What an entry keeps once answered: its key (to refuse a repeat), chat, state and times. The update it
+# held was needed only to handle it again after a crash; an answered one never is, so it goes at once.
+ANSWERED_VALUES = {"state": ANSWERED, "payload": None}
 
 
 def update_key(update_id: int) -> str:
@@ -130,8 +136,8 @@ class Inbox:
         return await self.database.run(work)
 
     async def mark(self, key: str, state: str, now: datetime) -> None:
-        """Move our entry to `state`; ANSWERED also stamps it."""
-        values = {"state": state} | ({"answered_at": now} if state == ANSWERED else {})
+        """Move our entry to `state`; ANSWERED also stamps it and drops the update it held."""
+        values = {"state": state} | (ANSWERED_VALUES | {"answered_at": now} if state == ANSWERED else {})
         await self.database.run(
             lambda session: session.execute(
                 update(ENTRIES).where(ENTRIES.c.key == key, ENTRIES.c.owner == self.owner).values(**values)
@@ -153,7 +159,7 @@ class Inbox:
                 never_again = row.state == SENDING
                 values = {"owner": self.owner}
                 if never_again:
-                    values |= {"state": ANSWERED, "answered_at": now}
+                    values |= ANSWERED_VALUES | {"answered_at": now}
                 elif row.state == HANDLING:
                     values["state"] = QUEUED
                 won = session.execute(

@@ -61,7 +61,8 @@ class InboxEntry(Base):
     # "update:<update_id>" or "daily:<chat id>:<local date>".
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     chat_id: Mapped[int] = mapped_column(BigInteger)
-    # The update as Telegram sent it (JSON), so it can be handled again after a crash; None for daily posts.
+    # The update as Telegram sent it (JSON), so it can be handled again after a crash; None once answered
+    # (only the key is owed then) and for daily posts.
     payload: Mapped[str | None] = mapped_column(Text, default=None)
     # The bot process handling it (a random id per process); see Inbox.is_alive.
     owner: Mapped[int] = mapped_column(BigInteger)

@@ -9,7 +9,7 @@ from sqlalchemy import Engine, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.database import Database, insert_new
-from db.inbox import CLAIMED, add_entry, daily_key
+from db.inbox import CHATS, CLAIMED, ENTRIES, add_entry, daily_key
 from db.models import Chat, utc_now
 
 
@@ -182,5 +182,23 @@ class ChatStore:
             moved = {"id": new_id, "type": "supergroup", "updated_at": utc_now()}
             session.execute(update(Chat).where(Chat.id == old_id).values(**moved))
             return ChatSettings.from_row(session.get(Chat, new_id, populate_existing=True))
+
+        return await self.database.run(work)
+
+    async def forget(self, chat_id: int) -> bool:
+        """Delete everything stored about a chat: its settings row (schedule and cooldown with it) and its
+        inbox entries, open or answered; True if there was anything. A chat that speaks again starts afresh.
+
+        The caller's own entry goes too (a /forget being answered): a repeat of that update is then
+        handled again, which repeats a deletion. Open entries are the chat's messages, so they go even
+        if another process is answering them; that reply is still sent, and its mark finds no entry.
+        """
+
+        def work(session: Session) -> bool:
+            # Core statements: no row is loaded just to be deleted. The inbox has no index on chat_id; a
+            # forget is rare and the table holds a day of entries at most.
+            settings = session.execute(delete(CHATS).where(CHATS.c.id == chat_id)).rowcount
+            entries = session.execute(delete(ENTRIES).where(ENTRIES.c.chat_id == chat_id)).rowcount
+            return settings + entries > 0
 
         return await self.database.run(work)

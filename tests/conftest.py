@@ -1,8 +1,9 @@
 """Shared fixtures: a tiny LSTM trained briefly on a tiny corpus and its exports, and the databases.
 
 `database_url` runs a test on SQLite and on a real PostgreSQL server, which one session fixture starts
-from Debian's postgresql package (as the `postgres` user when tests run as root, since initdb refuses
-root), on 127.0.0.1 with its data in a temporary folder; every test gets a database of its own.
+from the machine's PostgreSQL programs (found by tests/postgres_bin.py; as the `postgres` user when
+tests run as root, since initdb refuses root), on 127.0.0.1 with its data in a temporary folder; every
+test gets a database of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from bot.inference.engine import GenerationEngine
 from export.pipeline import export_checkpoint
 from tests.support.databases import new_postgres_database
+from tests.support.postgres_bin import find_postgres_bin, problem
 from tests.support.tiny_model import TINY_CORPUS, train_tiny
 
 torch.set_num_threads(1)
@@ -59,14 +61,12 @@ def engine(request, tiny_onnx, tiny_int8):
         yield eng
 
 
-POSTGRES_BIN = Path(os.environ.get("POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
     """A throwaway PostgreSQL server; yields the URL of its maintenance database."""
-    if not (POSTGRES_BIN / "pg_ctl").is_file():
-        pytest.fail(f"no PostgreSQL server at {POSTGRES_BIN} (apt-get install postgresql, or set POSTGRES_BIN)")
+    postgres_bin = find_postgres_bin()
+    if (reason := problem(postgres_bin)) is not None:
+        pytest.fail(f"{reason} (apt-get install postgresql, or set POSTGRES_BIN)")
     root = Path(tempfile.mkdtemp(prefix="speechbot-postgres-"))
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_postgres:
@@ -77,7 +77,7 @@ def postgres_server():
     data = root / "data"
 
     def pg(tool: str, *args: str) -> None:
-        subprocess.run([*as_postgres, str(POSTGRES_BIN / tool), *args], check=True, capture_output=True)
+        subprocess.run([*as_postgres, str(postgres_bin / tool), *args], check=True, capture_output=True)
 
     pg("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-sync")
     # fsync off: a test server's data need not survive a power cut, and syncing is most of its cost.

@@ -47,6 +47,11 @@ def one_error_line(capsys) -> str:
         (["run"], {"ONNX_PROVIDERS": "tpu"}, "ONNX_PROVIDERS='tpu' is not valid"),
         (["migrate"], {"DATABASE_URL": "not a url"}, "is not a database URL"),
         (["migrate"], {"DATABASE_URL": "postgresql+psycopg://u:secret@127.0.0.1:9/db"}, "DATABASE_URL"),
+        # migrate passed, then every command found an empty database of its own
+        (["migrate"], {"DATABASE_URL": "sqlite:///:memory:"}, "is a SQLite database in memory"),
+        (["migrate"], {"DATABASE_URL": "sqlite://"}, "name a file, e.g. sqlite:///data/bot.db"),
+        (["console"], {"DATABASE_URL": "sqlite:///file::memory:?cache=shared&uri=true"}, "in memory"),
+        (["migrate"], {"DATABASE_URL": "sqlite:///file:bot?mode=memory&uri=true"}, "in memory"),
         (["dance"], {}, "invalid choice: 'dance'"),
         (["generate", "--length", "many"], {}, "invalid int value: 'many'"),
         (["generate", "--model", "missing.onnx"], {}, "missing.onnx"),

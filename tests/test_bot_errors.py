@@ -12,6 +12,9 @@ import os
 import re
 import socket
 import sqlite3
+import subprocess
+import sys
+from asyncio.subprocess import PIPE
 from pathlib import Path
 
 import aiohttp
@@ -22,13 +25,16 @@ from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from db.database import create_db_engine, migrate
 from db.store import ChatStore
 from tests.support.bot_harness import (
+    ALICE,
     TOKEN,
     bot_environment,
     bot_process,
     emulated_telegram_environment,
     group_chat,
+    private_chat,
     run_bot,
 )
+from tests.support.bot_process import killable_bot
 from tests.support.telegram_emulator import ANONYMOUS_ADMIN, TelegramEmulator
 
 PAGE = 4096  # SQLite's default page size
@@ -110,6 +116,32 @@ def test_a_sqlite_folder_that_cannot_be_created(tmp_path, model_path):
     environment = bot_environment(model_path, DATABASE_URL="sqlite:///data/db/bot.db")
     line = assert_one_error_line(run_bot(tmp_path, environment, "migrate"), "a folder that cannot be created")
     assert "data/db" in line
+
+
+async def refused_in_time(cwd: Path, environment: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """`python -m bot ARGS` that must exit soon; killed, and the test failed, if it goes on running."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", *args, cwd=cwd, env=environment, stdout=PIPE, stderr=PIPE
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"python -m bot {' '.join(args)} was not refused: it is still running") from None
+    return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
+
+
+async def test_a_second_bot_process_on_one_sqlite_file_is_refused(emulator, tmp_path, model_path):
+    url = f"sqlite:///{tmp_path / 'data' / 'bot.db'}"
+    settings = {"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE_URL": emulator.base_url, "DATABASE_URL": url}
+    async with killable_bot(emulator, url, tmp_path, name="first") as first:
+        second = await refused_in_time(tmp_path, bot_environment(model_path, **settings), "run")
+        line = assert_one_error_line(second, f"another bot process (pid {first.process.pid}) is running")
+        assert "data/bot.db.lock" in line and "PostgreSQL" in line, line
+        assert second.stderr.count("\n") == 1, second.stderr
+        assert "/schedule" in await emulator.ask(private_chat(ALICE), ALICE, "/help", timeout=60), "the first goes on"
+    # The lock dies with its process: test_crash_recovery restarts the bot on the SQLite file it was killed -9 on.
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import threading
 from datetime import UTC, date, datetime, time, timedelta
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
 
 from db.database import DatabaseConfigError, create_db_engine, migrate
 from db.inbox import ANSWERED, CLAIMED, QUEUED, SENDING, Inbox, daily_key, update_key
@@ -17,6 +17,7 @@ from db.store import ChatStore
 from tests.support.databases import new_postgres_database
 
 NOW = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+HEAD = "0003"  # the newest migration
 
 
 def open_store(url: str) -> ChatStore:
@@ -58,7 +59,7 @@ def test_upgrade_from_empty(database_url):
     migrate(engine)  # a second start finds nothing to do
     assert {"chats", "inbox"} <= set(inspect(engine).get_table_names())
     assert "speech_ready_at" in {column["name"] for column in inspect(engine).get_columns("chats")}
-    assert revision(engine) == "0002"
+    assert revision(engine) == HEAD
     engine.dispose()
 
 
@@ -75,7 +76,7 @@ def test_upgrade_from_the_previous_revision_keeps_the_rows(database_url):
             {"on": True, "day": date(2026, 2, 28), "now": NOW},
         )
     migrate(engine)
-    assert revision(engine) == "0002"
+    assert revision(engine) == HEAD
     store = ChatStore(engine, 0.8, 300)
     settings = asyncio.run(store.find(-100123))
     assert (settings.temperature, settings.length, settings.time_zone) == (1.1, 222, "Asia/Tokyo")
@@ -86,7 +87,7 @@ def test_upgrade_from_the_previous_revision_keeps_the_rows(database_url):
 async def test_replicas_migrating_at_once_both_start(database_url):
     engines = [create_db_engine(database_url) for _ in range(3)]
     await asyncio.gather(*(asyncio.to_thread(migrate, engine) for engine in engines))
-    assert {revision(engine) for engine in engines} == {"0002"}
+    assert {revision(engine) for engine in engines} == {HEAD}
     for engine in engines:
         engine.dispose()
 
@@ -186,6 +187,67 @@ async def test_inbox_hands_what_a_gone_process_left_to_the_next(stores):
     assert await survivor.forget_answered(NOW + timedelta(seconds=1)) == 2
 
 
+def stored_payloads(store: ChatStore) -> dict[str, str | None]:
+    with store.database.engine.connect() as connection:
+        return dict(connection.execute(text("SELECT key, payload FROM inbox")).all())
+
+
+async def test_an_answered_update_keeps_its_key_and_not_what_the_user_sent(stores):
+    store = stores()
+    inbox = Inbox(store.database, owner=11)
+    alice = {"id": 7, "is_bot": False, "first_name": "Alice", "username": "alice_w"}
+    message = {"message_id": 1, "date": 0, "chat": {"id": 7, "type": "private"}, "from": alice, "text": "/speech Hi"}
+    assert await inbox.claim_update(5, 7, {"update_id": 5, "message": message}, NOW)
+    assert await inbox.claim_update(6, 7, {"update_id": 6, "message": message}, NOW)
+    await inbox.mark(update_key(5), ANSWERED, NOW)
+    payloads = stored_payloads(store)
+    assert payloads[update_key(5)] is None, "answered: nothing of the user's message is kept"
+    assert "alice_w" in payloads[update_key(6)], "still open: kept, to be handled again after a crash"
+    assert not await inbox.claim_update(5, 7, {"update_id": 5, "message": message}, NOW), "a repeat is refused"
+    assert await inbox.forget_answered(NOW + timedelta(seconds=1)) == 1
+
+
+def test_the_upgrade_drops_what_answered_entries_kept_before(database_url):
+    engine = create_db_engine(database_url)
+    migrate(engine, "0002")
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO inbox (key, chat_id, owner, state, received_at, answered_at, payload)"
+                " VALUES (:key, 7, 1, :state, :now, :answered, :payload)"
+            ),
+            [
+                {"key": "update:1", "state": "answered", "now": NOW, "answered": NOW, "payload": '{"text": "hi"}'},
+                {"key": "update:2", "state": "handling", "now": NOW, "answered": None, "payload": '{"text": "yo"}'},
+            ],
+        )
+    migrate(engine)
+    with engine.connect() as connection:
+        rows = dict(connection.execute(text("SELECT key, payload FROM inbox")).all())
+    assert rows == {"update:1": None, "update:2": '{"text": "yo"}'}, "an open entry keeps its update"
+    engine.dispose()
+
+
+async def test_forget_deletes_a_chats_settings_and_inbox_entries_and_nothing_else(stores):
+    store = stores()
+    inbox = Inbox(store.database, owner=11)
+    for chat_id, update_id in ((-8, 1), (-9, 3)):
+        await store.get(chat_id, "group")
+        await store.update(chat_id, temperature=1.2, daily_time=time(9, 0), schedule_enabled=True)
+        assert await store.claim_daily_post(chat_id, date(2026, 3, 1), owner=11, now=NOW)
+        assert await inbox.claim_update(update_id, chat_id, {"update_id": update_id}, NOW)
+        assert await inbox.claim_update(update_id + 1, chat_id, {"update_id": update_id + 1}, NOW)
+        await inbox.mark(update_key(update_id), ANSWERED, NOW)
+
+    assert await store.forget(-8)
+    assert await store.find(-8) is None
+    assert set(stored_payloads(store)) == {update_key(3), update_key(4), daily_key(-9, date(2026, 3, 1))}
+    assert (await store.find(-9)).temperature == 1.2
+    assert [chat.id for chat in await store.scheduled()] == [-9]
+    assert not await store.forget(-8), "nothing left to forget"
+    assert (await store.get(-8, "group")).temperature == 0.8, "a chat that speaks again starts with the defaults"
+
+
 async def test_postgresql_tells_a_live_process_from_a_gone_one(postgres_server):
     url = new_postgres_database(postgres_server)
     first_store, second_store = open_store(url), open_store(url)
@@ -208,6 +270,29 @@ async def test_postgresql_tells_a_live_process_from_a_gone_one(postgres_server):
 def test_bad_database_url_is_explained(url, expected):
     with pytest.raises(DatabaseConfigError, match=expected):
         create_db_engine(url)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new file", "stored file"])
+def test_a_full_disk_at_start_is_reported_as_full_not_as_damage(tmp_path, existing):
+    url = f"sqlite:///{tmp_path / 'bot.db'}"
+    if existing:
+        old = create_db_engine(url)
+        migrate(old, "0001")  # so the start has migrations left to write
+        old.dispose()
+    engine = create_db_engine(url)
+
+    # SQLite's own SQLITE_FULL ("database or disk is full"), as from a full disk: the file may not grow.
+    @event.listens_for(engine, "connect")
+    def no_room_to_grow(dbapi_connection, _record) -> None:
+        pages = dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
+        dbapi_connection.execute(f"PRAGMA max_page_count={max(pages, 1)}")
+
+    with pytest.raises(DatabaseConfigError) as raised:
+        migrate(engine)
+    message = str(raised.value)
+    assert "(database or disk is full); the disk it is on is full; free some space there" in message, message
+    assert "backup" not in message and "new file" not in message
+    engine.dispose()
 
 
 def test_processes_opening_a_new_sqlite_file_at_once_all_switch_it_to_wal(tmp_path):

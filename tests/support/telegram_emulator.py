@@ -1,12 +1,12 @@
 """A Telegram Bot API emulator on 127.0.0.1 for tests: the bot's real HTTP stack talks to it.
 
-It checks method names and parameters against the machine-readable Bot API spec
-(../shared/data/telegram-bot-api.json from the repository root) when that file is present,
-accepts form, JSON and multipart bodies, long-polls getUpdates with offsets, answers the calls
-the bot makes with plausible objects, records every call, and can inject 429s, 5xx answers,
-timeouts, refusals (400), blocked chats (403) and group-to-supergroup migrations. Objects inside
-parameters (inline results, keyboards, reply parameters) are checked field by field against the
-spec's types too. Tests can send inline queries, chosen inline results and button presses.
+It checks method names and parameters against the machine-readable Bot API spec, kept in
+tests/data/telegram-bot-api.json (MIT; its source and licence are in tests/data/), accepts form, JSON
+and multipart bodies, long-polls getUpdates with offsets, answers the calls the bot makes with
+plausible objects, records every call, and can inject 429s, 5xx answers, timeouts, refusals (400),
+blocked chats (403) and group-to-supergroup migrations. Objects inside parameters (inline results,
+keyboards, reply parameters) are checked field by field against the spec's types too. Tests can send
+inline queries, chosen inline results and button presses.
 
 It also runs on its own for a bot in another process, such as the container image in CI:
 `python tests/support/telegram_emulator.py --ask /speech` prints its base URL, sends the command once the
@@ -27,7 +27,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-SPEC_PATH = Path(__file__).resolve().parents[3] / "shared" / "data" / "telegram-bot-api.json"
+# In the repository, so a plain clone checks calls as CI does: without the spec, form values (all
+# strings) could not be decoded by their declared types, and reply_markup would stay a JSON string.
+SPEC_PATH = Path(__file__).resolve().parents[1] / "data" / "telegram-bot-api.json"
 TEXT_LIMIT = 4096
 CALLBACK_DATA_LIMIT = 64  # bytes
 TOAST_LIMIT = 200
@@ -78,9 +80,9 @@ class _Spec:
     types: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: Path) -> _Spec | None:
+    def load(cls, path: Path) -> _Spec:
         if not path.is_file():
-            return None
+            raise FileNotFoundError(f"no Bot API spec at {path}; it is part of the repository (tests/data/README.md)")
         data = json.loads(path.read_text(encoding="utf-8"))
         return cls(methods=data["methods"], types=data["types"])
 
@@ -306,8 +308,6 @@ class TelegramEmulator:
         return params
 
     def _check(self, method: str, params: dict) -> None:
-        if self.spec is None:
-            return
         spec = self.spec.methods.get(method)
         if spec is None:
             raise ApiError(404, "Not Found: method not found")
