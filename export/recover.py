@@ -72,8 +72,12 @@ class _Weights:
         return numpy_helper.to_array(tensor)
 
     def matrix(self, name: str) -> np.ndarray:
-        """A dequantized [in, out] matrix: int8 times its column's scale, in float32 as the graph computes."""
-        return self.get(f"{name}_q").astype(np.float32) * self.get(f"{name}_scale").astype(np.float32)
+        """A dequantized [in, out] matrix: the integer weight times its column's scale, in float32 as the graph
+        computes. Files of today's layout store the weights as uint8 with zero point 128, older ones as int8."""
+        quantized = self.get(f"{name}_q").astype(np.float32)
+        if self.arrays[f"m0_{name}_q"].data_type == onnx.TensorProto.UINT8:
+            quantized -= 128
+        return quantized * self.get(f"{name}_scale").astype(np.float32)
 
 
 def split_table(table: np.ndarray, wordvec_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

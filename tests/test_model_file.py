@@ -23,7 +23,7 @@ from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.inference.runner import ModelFileError, ModelRunner, read_model_info
 from export.__main__ import main as export_main
 from model.cli import UsageError
-from model.sampling import InvalidSampling, SamplingParams
+from model.sampling import BOT_SAMPLING, InvalidSampling, SamplingParams
 
 
 class OpenWatch:
@@ -303,6 +303,9 @@ def test_the_lowest_temperature_still_writes_text_and_lower_ones_are_refused(eng
         with pytest.raises(InvalidSampling, match=f"temperature must be from {TEMPERATURE_MIN:g} to 2"):
             SamplingParams(temperature=temperature)
     # The floor still writes words through the chunk graph, with the bot's settings and without.
-    for options in ({}, {"min_p": 0.1, "repetition_penalty": 3.0}):
-        text = engine.generate("We will", length=60, seed=1, temperature=TEMPERATURE_MIN, **options)
+    for sampling in (
+        SamplingParams(temperature=TEMPERATURE_MIN),
+        BOT_SAMPLING.with_options(temperature=TEMPERATURE_MIN),
+    ):
+        text = engine.generate("We will", length=60, seed=1, sampling=sampling)
         assert len(text.split()) >= 8, text
