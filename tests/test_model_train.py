@@ -17,6 +17,7 @@ from model.model import CharRNN, ModelConfig
 from model.novel import copied_share
 from model.plot import read_metrics
 from model.sample import sample_text
+from model.sampling import TEMPERATURE_MIN
 from model.text import CleaningOptions, Vocab
 from model.train import cpu_has_native_bf16
 
@@ -166,7 +167,7 @@ def test_same_seed_same_sample_and_low_temperature_is_argmax(tiny_checkpoint):
     assert first == sample_text(net, vocab, cleaning, 80, "We", temperature=1.0, seed=7)
     assert first != sample_text(net, vocab, cleaning, 80, "We", temperature=1.0, seed=8)
     greedy = sample_text(net, vocab, cleaning, 80, "We", argmax=True)
-    assert sample_text(net, vocab, cleaning, 80, "We", temperature=1e-6, seed=3) == greedy
+    assert sample_text(net, vocab, cleaning, 80, "We", temperature=TEMPERATURE_MIN, seed=3) == greedy
 
 
 def test_evaluate_matches_manual_cross_entropy(tiny_checkpoint, tiny_data):
