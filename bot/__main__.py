@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import math
+import random
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -92,13 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the Telegram bot: long polling, or a webhook server when WEBHOOK_URL is set. "
         "Stops gracefully on Ctrl-C and SIGTERM. Exit code 2: bad configuration or Telegram could not be reached.",
     )
-    _add_command(
+    console_command = _add_command(
         commands,
         "console",
         "talk to the bot in this terminal, without Telegram",
         "Talk to the bot in this terminal: the same commands, core and database as in Telegram, no token. "
         "/quit or Ctrl-D ends.",
     )
+    console_command.add_argument(
+        "--group",
+        action="store_true",
+        help="plain lines are a group's chatter rather than prompts: the bot chimes in on its own as /chatter "
+        "sets (marked 'chiming in:')",
+    )
+    console_command.add_argument("--seed", type=int, default=None, help="for repeatable chatter choices")
     _add_command(commands, "migrate", "create or update the database schema", "Create or update the database schema.")
     generate = _add_command(
         commands,
@@ -161,17 +169,24 @@ def run_telegram(config: Config) -> None:
         serve(build_application(config), config)
 
 
-async def console(config: Config) -> None:
+async def console(config: Config, group: bool = False, seed: int | None = None) -> None:
     from bot.core.speech import Speech, speech_choices
     from bot.core.speechbot import ChatRef
 
-    services = build_services(replace(config, cooldown_seconds=0))  # one person at a keyboard
+    # One person at a keyboard: no cooldown.
+    services = build_services(replace(config, cooldown_seconds=0), rng=random.Random(seed))
     core = services.core
     chat = ChatRef(CONSOLE_CHAT_ID, "console")
-    print(
-        "Talk to the bot: commands such as /speech 0.9 We will or plain text as a prompt; after a speech, "
-        "a number picks one of the choices under it. /quit or Ctrl-D ends."
-    )
+    if group:
+        print(
+            "A group's chatter: plain lines are what its members say, and the bot chimes in on its own as "
+            "/chatter sets (try /chatter 1/2); commands work as in Telegram. /quit or Ctrl-D ends."
+        )
+    else:
+        print(
+            "Talk to the bot: commands such as /speech 0.9 We will or plain text as a prompt; after a speech, "
+            "a number picks one of the choices under it. /quit or Ctrl-D ends."
+        )
     choices = {}  # the numbered options under the last speech, as Telegram's buttons
     try:
         while True:
@@ -184,7 +199,15 @@ async def console(config: Config) -> None:
             if not line:
                 continue
             picked = choices.get(line)
-            reply = await (core.choice(chat, picked.data) if picked else core.handle_text(chat, line))
+            if picked:
+                reply = await core.choice(chat, picked.data)
+            elif group and not line.startswith("/"):
+                reply = await core.overheard(chat, line)
+                if reply is None:
+                    continue  # the bot keeps listening
+                print("chiming in: ", end="")
+            else:
+                reply = await core.handle_text(chat, line)
             print(reply or "", flush=True)
             if isinstance(reply, Speech):
                 choices = {str(number): choice for number, choice in enumerate(speech_choices(reply.temperature), 1)}
@@ -258,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "run":
             run_telegram(config)
         elif command == "console":
-            asyncio.run(console(config))
+            asyncio.run(console(config, args.group, args.seed))
         elif command == "migrate":
             migrate(create_db_engine(config.database_url))
             print("The database schema is up to date.")

@@ -9,6 +9,7 @@ calls in its constructor.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -80,17 +81,30 @@ def _open_storage_and_engine(
         raise
 
 
+def voice_of(config: Config) -> str:
+    """What /stats names as the voice: the served model file, the same for every chat."""
+    return f"{config.model_path.name} (the same model for every chat)"
+
+
 def build_services(
     config: Config,
     engine: GenerationEngine | None = None,
     *,
     clock: Callable[[], datetime] = utc_now,
     on_schedule_change: Callable[[ChatSettings], None] | None = None,
+    rng: random.Random | None = None,
 ) -> Services:
-    """Migrate the database and wire store, engine and core; `engine` None opens the configured model."""
+    """Migrate the database and wire store, engine and core; `engine` None opens the configured model.
+    `rng` draws the chatter's choices (a seeded one repeats them)."""
     database, store, engine, owns_engine = _open_storage_and_engine(config, engine)
     core = SpeechBot(
-        store, engine, cooldown_seconds=config.cooldown_seconds, clock=clock, on_schedule_change=on_schedule_change
+        store,
+        engine,
+        cooldown_seconds=config.cooldown_seconds,
+        clock=clock,
+        on_schedule_change=on_schedule_change,
+        rng=rng,
+        voice=voice_of(config),
     )
     return Services(database, store, engine, core, owns_engine)
 
@@ -103,12 +117,14 @@ def build_application(
     retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
     read_timeout: float = 10.0,
     concurrent_updates: int | None = None,
+    rng: random.Random | None = None,
 ) -> Application:
     """The whole Telegram bot: services, inbox, daily posts, handlers. Does not start it.
 
     `engine` None opens the configured model (closed at shutdown). `concurrent_updates` None sizes the
     update processor by the engine: every request it can hold, generating or queued, plus
     UPDATES_BEYOND_ENGINE, so a speech past a full queue still reaches the engine and is told "busy".
+    `rng` draws the chatter's choices, as in build_services.
     """
     token = config.require_token()
     database, store, engine, owns_engine = _open_storage_and_engine(config, engine)
@@ -161,7 +177,16 @@ def build_application(
         clock=clock,
     )
     core = SpeechBot(
-        store, engine, cooldown_seconds=config.cooldown_seconds, clock=clock, on_schedule_change=daily.sync
+        store,
+        engine,
+        cooldown_seconds=config.cooldown_seconds,
+        clock=clock,
+        on_schedule_change=daily.sync,
+        rng=rng,
+        voice=voice_of(config),
+        # Known once the Application has started (getMe): privacy mode off lets the bot read every message.
+        reads_all_group_messages=lambda: bool(application.bot.can_read_all_group_messages),
+        on_forget=daily.remove,
     )
     services = Services(database, store, engine, core, owns_engine)
     application.bot_data["core"] = core  # for whoever holds only the Application (tests, benches)

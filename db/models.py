@@ -1,4 +1,5 @@
-"""The ORM schema: one row per chat (settings, daily schedule, cooldown) and the durable inbox."""
+"""The ORM schema: one row per chat (settings, daily schedule, cooldown, chatter, quiet, speech counts) and
+the durable inbox."""
 
 from __future__ import annotations
 
@@ -49,6 +50,19 @@ class Chat(Base):
     # When the chat may have its next speech: the cooldown lives here, not in a process, so every
     # replica sharing the database enforces the same one.
     speech_ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # /chatter: the chance that an ordinary group message gets an unprompted reply (an interjection); None: off.
+    chatter_rate: Mapped[float | None] = mapped_column(Float, default=None)
+    # When the last interjection started (the minimum gap runs from it), and how many the chat had on
+    # chatter_day (a UTC date), for the daily cap. In the row, so replicas share both.
+    chatter_last_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    chatter_day: Mapped[date | None] = mapped_column(Date, default=None)
+    chatter_today: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # /quiet: no interjections and no daily posts before this.
+    quiet_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # /stats: the speeches the chat was sent, in all and on speeches_day (a UTC date).
+    speeches_total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    speeches_day: Mapped[date | None] = mapped_column(Date, default=None)
+    speeches_today: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, onupdate=utc_now)
 

@@ -1,11 +1,15 @@
-"""ChatStore: every read and write of chat settings, each write committed at once, none on the event loop."""
+"""ChatStore: every read and write of chat settings, each write committed at once, none on the event loop.
+
+Besides settings, each chat's row keeps the state that replicas must share: the cooldown, the daily post's
+day, the chatter's last interjection and daily count, the quiet time and the speech counts of /stats.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 
-from sqlalchemy import Engine, delete, or_, select, update
+from sqlalchemy import ColumnElement, Engine, case, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.database import Database, insert_new
@@ -25,6 +29,14 @@ class ChatSettings:
     time_zone: str
     schedule_enabled: bool
     last_daily_post: date | None
+    chatter_rate: float | None  # None: no interjections
+    chatter_last_at: datetime | None
+    chatter_day: date | None  # UTC
+    chatter_today: int  # interjections on chatter_day
+    quiet_until: datetime | None
+    speeches_total: int
+    speeches_day: date | None  # UTC
+    speeches_today: int  # speeches on speeches_day
 
     @classmethod
     def from_row(cls, row: Chat) -> ChatSettings:
@@ -37,7 +49,45 @@ class ChatSettings:
             time_zone=row.time_zone,
             schedule_enabled=row.schedule_enabled,
             last_daily_post=row.last_daily_post,
+            chatter_rate=row.chatter_rate,
+            chatter_last_at=row.chatter_last_at,
+            chatter_day=row.chatter_day,
+            chatter_today=row.chatter_today,
+            quiet_until=row.quiet_until,
+            speeches_total=row.speeches_total,
+            speeches_day=row.speeches_day,
+            speeches_today=row.speeches_today,
         )
+
+    def speeches_on(self, day: date) -> int:
+        """The speeches counted on `day` (a UTC date)."""
+        return self.speeches_today if self.speeches_day == day else 0
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What ChatStore.forget deleted: the chat's row as it was (None if there was none) and its inbox entries."""
+
+    settings: ChatSettings | None
+    inbox_entries: int
+
+    def __bool__(self) -> bool:
+        return self.settings is not None or self.inbox_entries > 0
+
+
+def utc_day(moment: datetime) -> date:
+    """The UTC date of `moment`: the day the speech counts and the daily cap of interjections go by."""
+    return moment.astimezone(UTC).date()
+
+
+def _one_more_speech(day: date) -> dict[str, ColumnElement | date]:
+    """The values that count one more speech on `day`, for an UPDATE of the chat's row (a new day starts at 1)."""
+    columns = CHATS.c
+    return {
+        "speeches_total": columns.speeches_total + 1,
+        "speeches_today": case((columns.speeches_day == day, columns.speeches_today + 1), else_=1),
+        "speeches_day": day,
+    }
 
 
 class ChatStore:
@@ -123,7 +173,7 @@ class ChatStore:
             row = session.execute(
                 update(chats)
                 .where(chats.c.id == chat_id, or_(ready.is_(None), ready <= now))
-                .values(speech_ready_at=now + cooldown, type=chat_type)
+                .values(speech_ready_at=now + cooldown, type=chat_type, **_one_more_speech(utc_day(now)))
                 .returning(*chats.c)
             ).first()
             if row is not None:
@@ -136,12 +186,56 @@ class ChatStore:
         return await self.database.run(work)
 
     async def cancel_cooldown(self, chat_id: int, ready_at: datetime) -> None:
-        """Undo start_speech's cooldown (nothing was made), unless a later speech has set its own."""
+        """Undo start_speech's (or claim_interjection's) cooldown and speech count, since nothing was made,
+        unless a later speech has set its own cooldown."""
+        columns = CHATS.c
+        uncounted = {
+            name: case((columns[name] > 0, columns[name] - 1), else_=0) for name in ("speeches_total", "speeches_today")
+        }
         await self.database.run(
             lambda session: session.execute(
-                update(Chat).where(Chat.id == chat_id, Chat.speech_ready_at == ready_at).values(speech_ready_at=None)
+                update(CHATS)
+                .where(columns.id == chat_id, columns.speech_ready_at == ready_at)
+                .values(speech_ready_at=None, **uncounted)
             )
         )
+
+    async def claim_interjection(
+        self, chat_id: int, now: datetime, gap: timedelta, daily_cap: int, cooldown: timedelta
+    ) -> ChatSettings | None:
+        """Start an unprompted speech (an interjection) in the chat if everything allows one now: chatter on,
+        not quiet, no interjection within `gap`, fewer than `daily_cap` today (UTC), no cooldown running.
+        Starts the cooldown and counts the interjection and the speech; None if anything forbids it.
+
+        One conditional UPDATE, so two replicas (or two messages) cannot both start one: the gap that the
+        first one opens refuses the second.
+        """
+        columns, today = CHATS.c, utc_day(now)
+        statement = (
+            update(CHATS)
+            .where(
+                columns.id == chat_id,
+                columns.chatter_rate.is_not(None),
+                or_(columns.quiet_until.is_(None), columns.quiet_until <= now),
+                or_(columns.chatter_last_at.is_(None), columns.chatter_last_at <= now - gap),
+                or_(columns.speech_ready_at.is_(None), columns.speech_ready_at <= now),
+                or_(columns.chatter_day.is_(None), columns.chatter_day != today, columns.chatter_today < daily_cap),
+            )
+            .values(
+                chatter_last_at=now,
+                chatter_today=case((columns.chatter_day == today, columns.chatter_today + 1), else_=1),
+                chatter_day=today,
+                speech_ready_at=now + cooldown,
+                **_one_more_speech(today),
+            )
+            .returning(*CHATS.c)
+        )
+
+        def work(session: Session) -> ChatSettings | None:
+            row = session.execute(statement).first()
+            return None if row is None else ChatSettings.from_row(row)
+
+        return await self.database.run(work)
 
     async def claim_daily_post(self, chat_id: int, day: date, owner: int, now: datetime | None = None) -> bool:
         """Record that `day`'s post is being made; False if it already was, or the schedule is off.
@@ -160,7 +254,7 @@ class ChatStore:
                     Chat.schedule_enabled.is_(True),
                     or_(Chat.last_daily_post.is_(None), Chat.last_daily_post < day),
                 )
-                .values(last_daily_post=day, updated_at=utc_now())
+                .values(last_daily_post=day, updated_at=utc_now(), **_one_more_speech(utc_day(now)))
             )
             if claimed.rowcount != 1:
                 return False
@@ -185,20 +279,21 @@ class ChatStore:
 
         return await self.database.run(work)
 
-    async def forget(self, chat_id: int) -> bool:
-        """Delete everything stored about a chat: its settings row (schedule and cooldown with it) and its
-        inbox entries, open or answered; True if there was anything. A chat that speaks again starts afresh.
+    async def forget(self, chat_id: int) -> Forgotten:
+        """Delete everything stored about a chat: its row (settings, schedule, cooldown, chatter, quiet time
+        and speech counts with it) and its inbox entries, open or answered; what was deleted comes back, true
+        if there was anything. A chat that speaks again starts afresh.
 
         The caller's own entry goes too (a /forget being answered): a repeat of that update is then
         handled again, which repeats a deletion. Open entries are the chat's messages, so they go even
         if another process is answering them; that reply is still sent, and its mark finds no entry.
         """
 
-        def work(session: Session) -> bool:
+        def work(session: Session) -> Forgotten:
             # Core statements: no row is loaded just to be deleted. The inbox has no index on chat_id; a
             # forget is rare and the table holds a day of entries at most.
-            settings = session.execute(delete(CHATS).where(CHATS.c.id == chat_id)).rowcount
+            row = session.execute(delete(CHATS).where(CHATS.c.id == chat_id).returning(*CHATS.c)).first()
             entries = session.execute(delete(ENTRIES).where(ENTRIES.c.chat_id == chat_id)).rowcount
-            return settings + entries > 0
+            return Forgotten(None if row is None else ChatSettings.from_row(row), entries)
 
         return await self.database.run(work)

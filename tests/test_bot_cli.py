@@ -111,6 +111,20 @@ def test_console_offers_the_buttons_as_numbered_options(env, capsys):
     assert "[1] Another (0.8)   [2] Calmer (0.6)   [3] Wilder (1)" in out.split("Calmer (0.4)")[1], "3 picked Wilder"
 
 
+def test_console_shows_a_groups_chatter_quiet_stats_and_forget(env, capsys):
+    # --group: plain lines are a group's talk; random.Random(1) draws 0.134 first, a hit at 1/2.
+    lines = ["/chatter 1/2", "We had lunch.", "And dessert.", "/stats", "/quiet 30m", "/forget", "/forget yes"]
+    env.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["console", "--group", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Chatter is on: I answer on my own about 1 message in 2 (50%)" in out
+    assert out.count("chiming in: ") == 1, "the second line is within the minimum gap"
+    assert "speeches today (UTC): 1" in out and "1 of at most 20 today" in out
+    assert "Quiet until" in out and "Send /forget yes" in out
+    assert "Deleted what I stored about this chat" in out and "2 recent messages I held in memory" in out
+    assert "privacy mode" not in out, "the console reads every line"
+
+
 async def test_run_serves_telegram_and_stops_gracefully_on_sigterm(tmp_path, model_path):
     async with TelegramEmulator(TOKEN) as emulator:
         environment = emulated_telegram_environment(

@@ -17,7 +17,7 @@ from db.store import ChatStore
 from tests.support.databases import new_postgres_database
 
 NOW = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
-HEAD = "0003"  # the newest migration
+HEAD = "0004"  # the newest migration
 
 
 def open_store(url: str) -> ChatStore:
@@ -81,6 +81,12 @@ def test_upgrade_from_the_previous_revision_keeps_the_rows(database_url):
     settings = asyncio.run(store.find(-100123))
     assert (settings.temperature, settings.length, settings.time_zone) == (1.1, 222, "Asia/Tokyo")
     assert (settings.schedule_enabled, settings.last_daily_post) == (True, date(2026, 2, 28))
+    assert (settings.chatter_rate, settings.quiet_until, settings.speeches_total, settings.chatter_today) == (
+        None,
+        None,
+        0,
+        0,
+    ), "chatter off, not quiet, nothing counted"
     store.close()
 
 
@@ -141,6 +147,66 @@ async def test_cancelled_cooldown_lets_the_next_speech_start(stores):
     await store.cancel_cooldown(7, NOW + cooldown)
     assert (await store.start_speech(7, "private", NOW, cooldown))[1] is None
     assert (await store.start_speech(7, "private", NOW, cooldown))[1] == NOW + cooldown
+
+
+async def test_speeches_are_counted_per_utc_day_and_in_all(stores):
+    store = stores()
+    cooldown = timedelta(seconds=10)
+    await store.start_speech(7, "private", NOW, cooldown)
+    await store.start_speech(7, "private", NOW + cooldown, cooldown)
+    await store.start_speech(7, "private", NOW + cooldown, cooldown)  # refused: cooling down, not counted
+    settings = await store.find(7)
+    assert (settings.speeches_total, settings.speeches_on(NOW.date())) == (2, 2)
+    await store.cancel_cooldown(7, NOW + 2 * cooldown)  # the second one was never made
+    settings = await store.find(7)
+    assert (settings.speeches_total, settings.speeches_on(NOW.date())) == (1, 1)
+    await store.update(7, daily_time=time(9, 0), schedule_enabled=True)
+    tomorrow = NOW + timedelta(days=1)
+    assert await store.claim_daily_post(7, tomorrow.date(), owner=1, now=tomorrow)
+    settings = await store.find(7)
+    assert (settings.speeches_total, settings.speeches_on(tomorrow.date()), settings.speeches_on(NOW.date())) == (
+        2,
+        1,
+        0,
+    ), "a daily post counts, and a new day starts from one"
+
+
+async def test_an_interjection_is_claimed_only_when_chatter_quiet_gap_cap_and_cooldown_allow(stores):
+    store, gap, cooldown = stores(), timedelta(minutes=5), timedelta(seconds=30)
+
+    async def claim(at: datetime, cap: int = 3) -> bool:
+        return await store.claim_interjection(-7, at, gap, cap, cooldown) is not None
+
+    assert not await claim(NOW), "no row: chatter was never set"
+    await store.get(-7, "group")
+    assert not await claim(NOW), "chatter off"
+    await store.update(-7, chatter_rate=0.25, quiet_until=NOW + timedelta(hours=1))
+    assert not await claim(NOW), "quiet"
+    assert await claim(NOW + timedelta(hours=1)), "quiet is over"
+    start = NOW + timedelta(hours=1)
+    assert not await claim(start + gap - timedelta(seconds=1)), "within the gap"
+    assert await claim(start + gap)
+    await store.start_speech(-7, "group", start + 3 * gap, cooldown)
+    assert not await claim(start + 3 * gap + timedelta(seconds=1)), "a speech's cooldown runs"
+    assert await claim(start + 3 * gap + cooldown)
+    assert not await claim(start + 5 * gap), "three today: the cap"
+    next_day = datetime.combine(NOW.date() + timedelta(days=1), time(0, 0), UTC)
+    assert await claim(next_day), "a new UTC day"
+    settings = await store.find(-7)
+    assert (settings.chatter_day, settings.chatter_today, settings.chatter_last_at) == (next_day.date(), 1, next_day)
+    assert (settings.speeches_total, settings.speeches_on(next_day.date())) == (5, 1), "interjections are speeches"
+    soon = next_day + timedelta(seconds=1)
+    assert (await store.start_speech(-7, "group", soon, cooldown))[1] == next_day + cooldown, "and start the cooldown"
+
+
+async def test_racing_replicas_start_one_interjection(stores):
+    replicas = [stores() for _ in range(4)]
+    await replicas[0].get(-9, "group")
+    await replicas[0].update(-9, chatter_rate=0.5)
+    claims = await asyncio.gather(
+        *(store.claim_interjection(-9, NOW, timedelta(minutes=5), 20, timedelta(0)) for store in replicas)
+    )
+    assert sum(claim is not None for claim in claims) == 1
 
 
 async def test_migrate_chat_moves_settings_to_the_supergroup(stores):
@@ -239,7 +305,8 @@ async def test_forget_deletes_a_chats_settings_and_inbox_entries_and_nothing_els
         assert await inbox.claim_update(update_id + 1, chat_id, {"update_id": update_id + 1}, NOW)
         await inbox.mark(update_key(update_id), ANSWERED, NOW)
 
-    assert await store.forget(-8)
+    forgotten = await store.forget(-8)
+    assert forgotten and forgotten.settings.temperature == 1.2 and forgotten.inbox_entries == 3
     assert await store.find(-8) is None
     assert set(stored_payloads(store)) == {update_key(3), update_key(4), daily_key(-9, date(2026, 3, 1))}
     assert (await store.find(-9)).temperature == 1.2

@@ -15,3 +15,21 @@ INLINE_STYLES = (("Calm", 0.5), ("Classic", 0.9), ("Wild", 1.2))
 INLINE_RATE_BURST = 4
 INLINE_RATE_PERIOD = 0.5
 INLINE_USERS_TRACKED = 10_000  # the per-user limiters kept, least recently used dropped first
+# Groups (docs/groups.md). Chatter: an unprompted reply (an interjection) to about one ordinary message in N,
+# N from CHATTER_EVERY_MIN to CHATTER_EVERY_MAX; at most one per CHATTER_GAP_SECONDS and CHATTER_DAILY_CAP a
+# UTC day per chat, each at most INTERJECTION_LENGTH characters.
+CHATTER_EVERY_MIN, CHATTER_EVERY_MAX = 2, 1000
+CHATTER_GAP_SECONDS = 300
+CHATTER_DAILY_CAP = 20
+INTERJECTION_LENGTH = 200
+# What primes an interjection, held in memory only: the last CHATTER_CONTEXT_MESSAGES messages of each chat
+# with chatter on, each cut to CHATTER_MESSAGE_CHARS, for the CHATTER_CHATS_TRACKED chats heard most recently.
+CHATTER_CONTEXT_MESSAGES = 5
+CHATTER_MESSAGE_CHARS = 300
+CHATTER_CHATS_TRACKED = 5_000
+# How long a chat's chatter rate and quiet time are taken from memory before the database is asked again
+# (a change made through another replica shows after this long; one made here, at once).
+CHATTER_STATE_SECONDS = 60
+# /quiet: its length when none is given, and the longest.
+QUIET_DEFAULT_MINUTES = 60
+QUIET_MAX_DAYS = 7

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from bot.core.bounds import LENGTH_MAX, LENGTH_MIN
+from bot.core.bounds import LENGTH_MAX, LENGTH_MIN, QUIET_MAX_DAYS
 from model.sampling import TEMPERATURE_RANGE, InvalidSampling, SamplingParams
 
 SHOWN_ARGUMENT_MAX = 24  # how much of a bad argument a reply quotes back
@@ -17,12 +17,18 @@ COMMANDS = {
     "length": f"show or set the speech length ({LENGTH_MIN}-{LENGTH_MAX} characters)",
     "schedule": "a daily speech: /schedule HH:MM [time zone]",
     "unschedule": "stop the daily speech",
+    "chatter": "in groups, answer on my own now and then: /chatter 1/20, /chatter off",
+    "quiet": "no chatter or daily speech for a while: /quiet 2h, /quiet off",
     "settings": "this chat's settings",
+    "stats": "this chat's speeches, chatter, quiet time and next daily speech",
+    "forget": "delete what I store about this chat",
     "help": "what this bot does and how to use it",
     "start": "say hello",
 }
-# Commands that change a chat: in groups only administrators may use them with arguments.
-CHANGING_COMMANDS = {"temperature", "length", "schedule", "unschedule"}
+# Commands that change a chat: in groups only administrators may use them with arguments, and those in
+# CHANGING_WITHOUT_ARGUMENTS bare too (/quiet is quiet for an hour, /forget begins a deletion).
+CHANGING_COMMANDS = {"temperature", "length", "schedule", "unschedule", "chatter", "quiet", "forget"}
+CHANGING_WITHOUT_ARGUMENTS = {"unschedule", "quiet", "forget"}
 
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]+)(?:@\S+)?(?:\s+(.*))?$", re.DOTALL)
 _NUMBER = re.compile(r"^[+-]?(\d+([.,]\d*)?|[.,]\d+)([eE][+-]?\d+)?$|^[+-]?(nan|inf|infinity)$", re.IGNORECASE)
@@ -77,9 +83,15 @@ def help_text() -> str:
         f"/length 600 - speech length in characters ({LENGTH_MIN} to {LENGTH_MAX})\n"
         "/schedule 08:30 Europe/Berlin - a speech every day at that local time (zone optional, default UTC)\n"
         "/unschedule - stop the daily speech\n"
-        "/settings - this chat's settings\n\n"
+        "/chatter 1/20 - in a group, I answer on my own about one message in 20, replying to it (off by default; "
+        "/chatter off)\n"
+        f"/quiet 2h - no chatter and no daily speech for two hours (30m, 1d, up to {QUIET_MAX_DAYS}d; /quiet off)\n"
+        "/settings - this chat's settings\n"
+        "/stats - this chat's speeches, chatter, quiet time and next daily speech\n"
+        "/forget - delete everything I store about this chat (asks first)\n\n"
         "In a private chat, any text you send is a prompt. In a group, reply to one of my "
-        "messages or mention me. In groups only administrators can change settings.\n\n"
+        "messages or mention me. In groups only administrators can change settings. "
+        "Chatter needs my privacy mode off (@BotFather, Group Privacy), or I never see ordinary messages.\n\n"
         "Under each speech: Another, Calmer and Wilder ask for a new one (anyone may press them). "
         "In any chat, type my @username and a few words to pick one of three short speeches."
     )

@@ -5,7 +5,8 @@ It parses and validates arguments (bot.core.commands), reads and writes chat set
 per-chat cooldown (kept in the database, so replicas share it) and asks the generation engine for
 speeches. It never sends anything itself. Every store call is awaited: the database runs off the loop.
 Beside commands: the choices offered under each speech (Another, Calmer, Wilder), /speech in reply
-to a message, and inline mode's three short speeches (bot.core.inline, docs/interactive.md).
+to a message, inline mode's three short speeches (bot.core.inline, docs/interactive.md), and in groups
+the unprompted interjections of /chatter (bot.core.groups, docs/groups.md).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,9 +22,10 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from bot.core.bounds import LENGTH_MAX, LENGTH_MIN, PROMPT_MAX
+from bot.core.bounds import CHATTER_DAILY_CAP, INTERJECTION_LENGTH, LENGTH_MAX, LENGTH_MIN, PROMPT_MAX
 from bot.core.commands import (
     CHANGING_COMMANDS,
+    CHANGING_WITHOUT_ARGUMENTS,
     COMMANDS,
     ArgumentError,
     help_text,
@@ -32,7 +35,22 @@ from bot.core.commands import (
     shown,
     split_command,
 )
-from bot.core.dailytime import latest_due, local_date, next_due, parse_daily_time, resolve_time_zone
+from bot.core.dailytime import latest_due, local_date, parse_daily_time, resolve_time_zone
+from bot.core.groups import (
+    CHATTER_GAP,
+    CHATTER_LIMITS,
+    FORGET_CONFIRMATION,
+    PRIVACY_MODE_NOTE,
+    Chatter,
+    forget_text,
+    local_text,
+    next_daily_post,
+    parse_chatter_rate,
+    parse_quiet,
+    quiet_at,
+    rate_text,
+    stats_text,
+)
 from bot.core.inline import InlineSpeech, InlineSpeeches
 from bot.core.speech import Speech, compose_speech, daily_speech, parse_choice, reply_room
 from bot.inference.api import Engine, EngineBusy
@@ -51,6 +69,7 @@ NO_TEXT_TO_CONTINUE = (
 AdminCheck = Callable[[], Awaitable[bool]]
 # Shows the user that a speech is being written (Telegram's "typing…") for as long as it is entered.
 TypingIndicator = Callable[[], contextlib.AbstractAsyncContextManager]
+GROUP_TYPES = ("group", "supergroup")  # where Telegram's privacy mode hides ordinary messages
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,10 @@ class ChatRef:
 
 
 async def _everyone_is_admin() -> bool:
+    return True
+
+
+def _reads_all_group_messages() -> bool:
     return True
 
 
@@ -77,13 +100,25 @@ class SpeechBot:
         cooldown_seconds: float = 10.0,
         clock: Callable[[], datetime] = utc_now,
         on_schedule_change: Callable[[ChatSettings], None] | None = None,
+        *,
+        rng: random.Random | None = None,
+        voice: str = "the bundled model",
+        reads_all_group_messages: Callable[[], bool] = _reads_all_group_messages,
+        on_forget: Callable[[int], None] | None = None,
     ):
+        """`rng` draws the chatter's choices (a seeded one repeats them); `voice` is what /stats names as the
+        model speaking; `reads_all_group_messages` says whether the transport shows the bot ordinary group
+        messages (Telegram's privacy mode off); `on_forget` is told a chat id whose data /forget deleted."""
         self.store = store
         self.engine = engine
         self.cooldown = timedelta(seconds=cooldown_seconds)
         self.clock = clock
         self.on_schedule_change = on_schedule_change
+        self.voice = voice
+        self.reads_all_group_messages = reads_all_group_messages
+        self.on_forget = on_forget
         self.inline = InlineSpeeches(engine)
+        self.chatter = Chatter(store, rng or random.Random(), clock)
         # The commands that answer with text, by name; /speech is dispatched on its own (it shows progress).
         self._commands: dict[str, Callable[[ChatRef, str], Awaitable[str]]] = {
             "start": self._start,
@@ -93,6 +128,10 @@ class SpeechBot:
             "length": self._length,
             "schedule": self._schedule,
             "unschedule": self._unschedule,
+            "chatter": self._chatter,
+            "quiet": self._quiet,
+            "stats": self._stats,
+            "forget": self._forget,
         }
 
     # ---- entry points ----
@@ -123,10 +162,10 @@ class SpeechBot:
         check_admin: AdminCheck = _everyone_is_admin,
         show_typing: TypingIndicator = _no_typing,
     ) -> str:
-        if name in CHANGING_COMMANDS and (args or name == "unschedule") and not await check_admin():
+        if name in CHANGING_COMMANDS and (args or name in CHANGING_WITHOUT_ARGUMENTS) and not await check_admin():
             return (
                 f"Sorry, only this group's administrators can use /{name} to change things. "
-                "Everyone can use /speech and /settings."
+                "Everyone can use /speech, /settings and /stats."
             )
         try:
             if name == "speech":
@@ -201,6 +240,36 @@ class SpeechBot:
     async def daily_speech(self, settings: ChatSettings) -> Speech:
         """The chat's scheduled post (bot.core.speech.daily_speech)."""
         return await daily_speech(self.engine, settings)
+
+    async def overheard(self, chat: ChatRef, text: str, show_typing: TypingIndicator = _no_typing) -> Speech | None:
+        """An ordinary message in a group that nobody addressed to the bot (nor a bot sent): mostly None; now
+        and then, by the chat's /chatter rate and limits, a short speech that replies to it, primed with the
+        chat's last few messages. Never an error message: nobody asked."""
+        try:
+            if not await self.chatter.wants_to_speak(chat.id, text) or self.engine.full:
+                return None
+            now = self.clock()
+            settings = await self.store.claim_interjection(chat.id, now, CHATTER_GAP, CHATTER_DAILY_CAP, self.cooldown)
+            if settings is None:
+                return None  # within the gap, over today's cap, cooling down, quiet or off after all
+            try:
+                async with show_typing():
+                    continuation = await self.engine.agenerate(
+                        self.chatter.recent.prompt(chat.id),
+                        min(settings.length, INTERJECTION_LENGTH),
+                        sampling=BOT_SAMPLING.with_options(temperature=settings.temperature),
+                        end_sentence=True,
+                        max_chars=reply_room(""),
+                    )
+            except EngineBusy:
+                await self.store.cancel_cooldown(chat.id, now + self.cooldown)  # nothing was made
+                return None
+        except SQLAlchemyError as error:
+            log.warning("No interjection in chat %s: the database failed: %s", chat.id, describe(error))
+            return None
+        if not continuation.strip():
+            return None
+        return Speech(compose_speech("", continuation), settings.temperature)
 
     # ---- generation ----
 
@@ -350,11 +419,71 @@ class SpeechBot:
             self.on_schedule_change(settings)
 
     def _schedule_text(self, settings: ChatSettings) -> str:
-        if not settings.schedule_enabled or settings.daily_time is None:
+        upcoming = next_daily_post(settings, self.clock())
+        if upcoming is None:
             return "off"
-        upcoming = next_due(self.clock(), settings.daily_time, settings.time_zone)
-        last = settings.last_daily_post
-        while last is not None and local_date(upcoming, settings.time_zone) <= last:
-            upcoming = next_due(upcoming, settings.daily_time, settings.time_zone)
         local = upcoming.astimezone(ZoneInfo(settings.time_zone))
         return f"{settings.daily_time:%H:%M} {settings.time_zone}, next on {local:%a %d %b %Y}"
+
+    # ---- groups: chatter, quiet, stats, forget (bot.core.groups) ----
+
+    def _privacy_note(self, chat: ChatRef) -> str:
+        """What keeps chatter from showing in this chat, if anything does."""
+        if chat.type == "private":
+            return "\n\nHere every message of yours is a prompt I answer; chatter shows in groups."
+        return f"\n\n{PRIVACY_MODE_NOTE}" if chat.type in GROUP_TYPES and not self.reads_all_group_messages() else ""
+
+    async def _chatter(self, chat: ChatRef, args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
+        if not args:
+            return (
+                f"Chatter is {rate_text(settings.chatter_rate)}. In groups I answer on my own now and then: "
+                "/chatter 1/20 for about one message in 20, /chatter off to stop." + self._privacy_note(chat)
+            )
+        if len(args.split()) > 1 and "/" not in args:
+            raise ArgumentError(
+                "/chatter takes one rate, e.g. /chatter 1/20, /chatter 20, /chatter 0.05 or /chatter off."
+            )
+        rate = parse_chatter_rate(args)
+        await self.store.update(chat.id, chatter_rate=rate)
+        if rate is None:
+            self.chatter.forget(chat.id)  # its recent messages are no longer needed
+            return "Chatter is off: I speak only when asked."
+        self.chatter.changed(chat.id)
+        return (
+            f"Chatter is on: I answer on my own {rate_text(rate)}, {CHATTER_LIMITS}. "
+            "/quiet 1h pauses me, /chatter off stops it." + self._privacy_note(chat)
+        )
+
+    async def _quiet(self, chat: ChatRef, args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
+        duration = parse_quiet(args)
+        now = self.clock()
+        if duration is None:
+            if not quiet_at(settings, now):
+                return "I'm not being quiet here. /quiet 2h keeps me from chatter and daily speeches for two hours."
+            await self.store.update(chat.id, quiet_until=None)
+            self.chatter.changed(chat.id)
+            return "Quiet time is over: chatter and daily speeches are back."
+        until = now + duration
+        await self.store.update(chat.id, quiet_until=until)
+        self.chatter.changed(chat.id)
+        return (
+            f"Quiet until {local_text(until, settings.time_zone)}: no chatter and no daily speech until then. "
+            "/speech still works; /quiet off ends the quiet sooner."
+        )
+
+    async def _stats(self, chat: ChatRef, _args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
+        return stats_text(settings, self.clock(), self.voice, self._schedule_text(settings))
+
+    async def _forget(self, chat: ChatRef, args: str) -> str:
+        if not args:
+            return FORGET_CONFIRMATION
+        if args.strip().lower() != "yes":
+            raise ArgumentError(f"/forget takes nothing or yes. {FORGET_CONFIRMATION}")
+        forgotten = await self.store.forget(chat.id)
+        recent_messages = self.chatter.forget(chat.id)
+        if self.on_forget is not None:
+            self.on_forget(chat.id)
+        return forget_text(forgotten.settings, forgotten.inbox_entries, recent_messages)

@@ -9,6 +9,9 @@ Missed posts: if the bot was down at a chat's due time and starts again within t
 the day is skipped. The same window is the scheduler's misfire_grace_time, so a job delayed by a
 busy event loop still runs.
 
+Quiet chats (/quiet): a post due before the chat's quiet time ends is skipped, not posted late when
+it ends (bot.core.groups.quiet_at).
+
 A crash while a post is written (kill -9, a power cut) is not the end of it: the claim opened an
 inbox entry (db/inbox.py), and the next start, or another replica, writes and sends the post then,
 within the same grace window. Once the post is handed to Telegram it is never made again, so a
@@ -27,6 +30,7 @@ from telegram.error import BadRequest, Forbidden
 from telegram.ext import ContextTypes, JobQueue
 
 from bot.core.dailytime import latest_due, local_date
+from bot.core.groups import quiet_at
 from bot.telegram.replies import send_text
 from db.inbox import ANSWERED, SENDING, Inbox, OpenEntry, daily_key
 from db.store import ChatSettings, ChatStore
@@ -107,12 +111,14 @@ class DailySpeeches:
             job.schedule_removal()
 
     def due_day(self, settings: ChatSettings, now: datetime) -> date | None:
-        """The local day whose speech is due now and not yet posted, if any."""
+        """The local day whose speech is due now and not yet posted, if any; none while the chat is quiet."""
         if not settings.schedule_enabled or settings.daily_time is None:
             return None
         due = latest_due(now, settings.daily_time, settings.time_zone)
         day = local_date(due, settings.time_zone)
         if now - due > self.grace or (settings.last_daily_post is not None and settings.last_daily_post >= day):
+            return None
+        if quiet_at(settings, due):
             return None
         return day
 
@@ -130,7 +136,13 @@ class DailySpeeches:
     async def resume(self, entry: OpenEntry) -> bool:
         """Make a claimed post that a crashed process never sent, if it is still within the grace window."""
         settings = await self.store.find(entry.chat_id)
-        if settings is None or not settings.schedule_enabled or self.clock() - entry.received_at > self.grace:
+        now = self.clock()
+        if (
+            settings is None
+            or not settings.schedule_enabled
+            or now - entry.received_at > self.grace
+            or quiet_at(settings, now)
+        ):
             log.info("Dropping the unfinished daily speech of chat %s for %s", entry.chat_id, entry.day)
             await self.inbox.mark(entry.key, ANSWERED, self.clock())
             return False

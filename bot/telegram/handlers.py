@@ -1,6 +1,7 @@
-"""The handlers of commands, prompts and chat changes: each turns an update into a ChatRef and text, asks
-the core for the reply and sends it through the inbox (bot.telegram.answers). Inline mode, buttons and
-/speech in reply are in bot/telegram/interactive.py."""
+"""The handlers of commands, prompts, overheard group messages and chat changes: each turns an update into a
+ChatRef and text, asks the core for the reply and sends it through the inbox (bot.telegram.answers); an
+interjection, which nobody is owed, goes out directly. Inline mode, buttons and /speech in reply are in
+bot/telegram/interactive.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from bot.telegram.answers import Answers
 from bot.telegram.daily import DailySpeeches
 from bot.telegram.interactive import InteractiveHandlers, replied_message
 from bot.telegram.progress import Progress
-from bot.telegram.replies import send_text
+from bot.telegram.replies import send_quoting_reply, send_text
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class Handlers:
         await self._answer_prompt(update, context, update.effective_message.text)
 
     async def on_group_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """In groups only replies to the bot and mentions of it are prompts; other chatter is not ours."""
+        """In groups replies to the bot and mentions of it are prompts; other chatter the core may chime in on
+        (/chatter), if the bot sees it at all (privacy mode off) and no bot wrote it."""
         message, me = update.effective_message, context.bot
         replied = message.reply_to_message
         if replied is not None and replied.from_user is not None and replied.from_user.id == me.id:
@@ -84,6 +86,24 @@ class Handlers:
         ):
             prompt = " ".join(word for word in message.text.split(" ") if word.lower() != mention)
             await self._answer_prompt(update, context, prompt)
+            return
+        if message.from_user is None or message.from_user.is_bot:
+            return  # bots (channels and anonymous admins post as bots too) get no interjection
+        await self._maybe_interject(message, context)
+
+    async def _maybe_interject(self, message: Message, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """The core's interjection, if it has one, as a reply quoting the message. Not through the inbox: a
+        crash loses it, and no ordinary message is ever written down."""
+        speech = await self.core.overheard(
+            chat_of(message), message.text, show_typing=self.progress.showing(context.bot, message.chat)
+        )
+        if speech is None:
+            return
+        try:
+            await send_quoting_reply(context.bot, message.chat_id, speech, self.daily.chat_moved, message, message.text)
+        except TelegramError as error:
+            # Nobody asked, so nobody is told: the error handler's apology would be out of place.
+            log.info("Could not chime in in chat %s: %s", message.chat_id, error)
 
     async def _answer_prompt(self, update: Update, context: ContextTypes.DEFAULT_TYPE, prompt: str) -> None:
         message = update.effective_message

@@ -26,7 +26,7 @@ from bot.core.speech import STALE_CHOICE, Speech
 from bot.core.speechbot import ChatRef, SpeechBot
 from bot.telegram.answers import Answers
 from bot.telegram.progress import Progress
-from bot.telegram.replies import OnChatMoved, send_text
+from bot.telegram.replies import OnChatMoved, send_quoting_reply, send_text
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 # when a user deletes and retypes a word, and still offers new speeches for the same words soon after.
 INLINE_CACHE_SECONDS = 10
 INLINE_PREVIEW_CHARS = 100
-QUOTE_MAX = 1024  # ReplyParameters.quote, after entity parsing
 
 
 async def _toast(callback: CallbackQuery, text: str | None) -> None:
@@ -138,14 +137,7 @@ class InteractiveHandlers:
             if not isinstance(answer, Speech):
                 await send_text(context.bot, message.chat_id, answer, self.on_moved, reply_to=message)
                 return
-            quote = text if len(text) <= QUOTE_MAX else None
-            try:
-                await send_text(context.bot, message.chat_id, answer, self.on_moved, reply_to=replied, quote=quote)
-            except BadRequest:
-                if quote is None:
-                    raise
-                # Telegram matches quotes against the message as it stored it; without the quote the reply stands.
-                await send_text(context.bot, message.chat_id, answer, self.on_moved, reply_to=replied)
+            await send_quoting_reply(context.bot, message.chat_id, answer, self.on_moved, replied, text)
 
         # Through the inbox like every other reply, so a crash while it is written does not lose it.
         await self.answers.answer(update, reply, send)

@@ -6,7 +6,9 @@ and multipart bodies, long-polls getUpdates with offsets, answers the calls the 
 plausible objects, records every call, and can inject 429s, 5xx answers, timeouts, refusals (400),
 blocked chats (403) and group-to-supergroup migrations. Objects inside parameters (inline results,
 keyboards, reply parameters) are checked field by field against the spec's types too. Tests can send
-inline queries, chosen inline results and button presses.
+inline queries, chosen inline results and button presses. Group privacy mode is on, as a new bot's is:
+text sent in a group reaches the bot only if it is a command, a reply to the bot or a mention of it;
+`privacy_mode=False` lets every message through and says so in getMe (can_read_all_group_messages).
 
 It also runs on its own for a bot in another process, such as the container image in CI:
 `python tests/support/telegram_emulator.py --ask /speech` prints its base URL, sends the command once the
@@ -120,9 +122,11 @@ class TelegramEmulator:
         spec_path: Path = SPEC_PATH,
         port: int = 0,
         first_update_id: int = 1,
+        privacy_mode: bool = True,
     ):
         """`first_update_id`: emulators standing in for one bot's updates split between replicas must not
-        repeat each other's ids, as Telegram numbers a bot's updates once."""
+        repeat each other's ids, as Telegram numbers a bot's updates once. `privacy_mode`: as set with
+        @BotFather (Group Privacy)."""
         self.token = token
         self.port = port  # 0: any free port
         self.bot_user = {
@@ -131,7 +135,7 @@ class TelegramEmulator:
             "first_name": "Speech Bot",
             "username": bot_username,
             "can_join_groups": True,
-            "can_read_all_group_messages": False,
+            "can_read_all_group_messages": not privacy_mode,
             "supports_inline_queries": True,
         }
         self.spec = _Spec.load(spec_path)
@@ -141,6 +145,7 @@ class TelegramEmulator:
         self.blocked: set[int] = set()
         self.migrated: dict[int, int] = {}
         self.commands: list[dict] = []
+        self.withheld: list[dict] = []  # group messages privacy mode kept from the bot
         self._updates: list[dict] = []
         self._update_ids = itertools.count(first_update_id)
         self._message_ids = itertools.count(1000)
@@ -228,9 +233,21 @@ class TelegramEmulator:
         return next((call for call in self.sent(method) if str(call.params[key]) == query_id), None)
 
     def send_text(self, chat: dict, sender: dict | None, text: str, **extra) -> dict:
+        """`text` from `sender` in `chat`, delivered to the bot unless privacy mode keeps it away."""
         message = self.message(chat, sender, text, **extra)
-        self.push_update({"message": message})
+        if self._seen_by_bot(message):
+            self.push_update({"message": message})
+        else:
+            self.withheld.append(message)
         return message
+
+    def _seen_by_bot(self, message: dict) -> bool:
+        """What Telegram shows a bot in privacy mode: in groups, commands, replies to it and mentions of it."""
+        if not self.bot_user["can_read_all_group_messages"] and message["chat"]["type"] in ("group", "supergroup"):
+            replied = message.get("reply_to_message", {}).get("from", {})
+            mentioned = any(entity["type"] == "mention" for entity in message.get("entities", []))
+            return message["text"].startswith("/") or replied.get("id") == self.bot_user["id"] or mentioned
+        return True
 
     def sent(self, method: str = "sendMessage", chat_id: int | None = None) -> list[Call]:
         """Calls of `method` that succeeded, optionally only those to `chat_id`."""
