@@ -56,8 +56,8 @@ def from_namespace(cls: type, args: argparse.Namespace):
 
 def load_config_file(path: str) -> dict:
     """Settings from TOML, YAML or JSON; keys are flag names, dashed or underscored."""
-    file = check_input_file(path, "config file")
-    text = file.read_text(encoding="utf-8")
+    file = Path(path)
+    text, _ = read_utf8_text(file, "config file")
     try:
         if file.suffix == ".toml":
             data = tomllib.loads(text)
@@ -144,6 +144,20 @@ def check_input_file(path: str | Path, what: str) -> Path:
     if not path.is_file():
         raise UsageError(f"{what} {path} does not exist")
     return path
+
+
+def read_utf8_text(path: str | Path, what: str) -> tuple[str, bytes]:
+    """The file's text and its bytes; one line for a missing file, a folder, or bytes that are not UTF-8
+    (naming the first bad byte and where it is, so it can be found)."""
+    path = check_input_file(path, what)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8"), data
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{what} {path} is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} is invalid; "
+            "convert it, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
 
 
 def writable_dir(path: str | Path, what: str) -> Path:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,26 @@ def test_an_existing_run_is_never_replaced_without_overwrite(trained_run, datase
     (tuned / "ckpt_iter99_val9.0000.pt").write_bytes(b"stale")
     model_main([*argv[:4], str(tuned), "--max-iters", "3", *TINY, "--overwrite"])
     assert [p.name.split("_val")[0] for p in tuned.glob("ckpt_*")] == ["ckpt_iter3"]
+
+
+def test_a_damaged_dataset_file_is_named_in_one_line(dataset, tmp_path, capsys):
+    damaged = tmp_path / "ds"
+    shutil.copytree(dataset, damaged)
+    whole = (dataset / "train.npy").read_bytes()
+    argv = ["train", "--data", str(damaged), "--out", str(tmp_path / "run"), *TINY]
+    for cut in (len(whole) - 7, 40, 0):  # cut in the ids, in the header, nothing left
+        (damaged / "train.npy").write_bytes(whole[:cut])
+        err = one_line_error(capsys, model_main, argv)
+        assert f"{damaged / 'train.npy'} is damaged" in err and "prepare the dataset again" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_named_in_one_line(dataset, tmp_path, capsys):
+    config = tmp_path / "latin1.toml"
+    config.write_bytes("# Réglages\nrnn-size = 16\n".encode("latin-1"))
+    for command in (["train", "--data", str(dataset)], ["lr-sweep", "--data", str(dataset)]):
+        err = one_line_error(capsys, model_main, [*command, "--config", str(config)])
+        assert f"config file {config} is not UTF-8: byte 0xe9 at offset 3 is invalid" in err
 
 
 def test_sampling_length_has_a_ceiling(trained_run, capsys):
