@@ -22,8 +22,12 @@ DATA, MODEL, OPTIM, RUN, DEVICE = "data and output", "model", "optimisation", "c
 
 @dataclass
 class TrainConfig:
-    data: str = option(None, "dataset made by `python -m model prepare`", DATA, metavar="DIR")
-    out: str = option("runs/run", "run folder: checkpoints, logs, plots", DATA, metavar="DIR")
+    data: str = option(
+        None, "dataset made by `python -m model prepare` (with --resume: the run's own)", DATA, metavar="DIR"
+    )
+    out: str = option(
+        "runs/run", "run folder: checkpoints, logs, plots (with --resume: the checkpoint's folder)", DATA, metavar="DIR"
+    )
     overwrite: bool = option(False, "start a new run in an --out folder that holds one (its files are replaced)", DATA)
     model_type: str = option("lstm", "recurrent cell", MODEL, choices=tuple(RNN_TYPES))
     rnn_size: int = option(640, "hidden units per layer", MODEL)
@@ -56,7 +60,12 @@ class TrainConfig:
     sample_temperature: float = option(0.9, f"temperature of printed samples, {TEMPERATURE_RANGE}", RUN)
     init_from: str | None = option(None, "fine-tune from this checkpoint's weights", RUN, metavar="CKPT")
     reset_iterations: bool = option(True, "with --init-from: start counting iterations from 0", RUN)
-    resume: str | None = option(None, "continue exactly where this checkpoint stopped", RUN, metavar="CKPT")
+    resume: str | None = option(
+        None,
+        "continue exactly where this checkpoint stopped, with the run's own settings (docs/training.md, Resume)",
+        RUN,
+        metavar="CKPT",
+    )
     tensorboard: bool = option(True, "write TensorBoard event files to OUT/tb", RUN)
     plots: bool = option(True, "write PNG plots at the end", RUN)
     progress: bool = option(True, "show a progress bar", RUN)
@@ -71,7 +80,8 @@ class TrainConfig:
     seed: int = option(1337, "random seed (model init, dropout, samples)", DEVICE)
 
     def __post_init__(self) -> None:
-        if not self.data:
+        # A resumed run finds its dataset in the checkpoint (model.resume).
+        if not self.data and not self.resume:
             raise UsageError("--data DIR is required: a dataset made by `python -m model prepare`")
         at_least = {
             "rnn_size": 1,
@@ -113,6 +123,8 @@ class TrainConfig:
             validate_sampling(self.sample_length, self.sample_temperature, 0, "--sample-")
         if self.resume and self.init_from:
             raise UsageError("give --resume (continue a run) or --init-from (fine-tune from its weights), not both")
+        if self.resume and self.overwrite:
+            raise UsageError("give --resume (continue a run) or --overwrite (replace it with a new one), not both")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The network these settings describe, for a vocabulary of vocab_size characters."""

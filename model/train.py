@@ -19,7 +19,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from model.config import TrainConfig
 from model.dataset import Dataset, load_dataset
 from model.evaluate import evaluate_ids
 from model.model import CharRNN, State, detach_state, nats_to_bits
+from model.resume import resumed_config
 from model.sample import sample_text
 from model.schedule import make_schedule
 
@@ -162,11 +163,22 @@ def check_vocab(ckpt: Checkpoint, dataset: Dataset, path: str) -> None:
         )
 
 
+def holds_run(out: Path) -> bool:
+    return out.is_dir() and (any((out / name).exists() for name in RUN_FILES) or any(out.glob("ckpt_iter*.pt")))
+
+
 def prepare_run_folder(config: TrainConfig) -> Path:
     """The --out folder, refusing one that holds a run unless this run continues it or --overwrite says so."""
     out = Path(config.out)
-    holds_run = out.is_dir() and (any((out / name).exists() for name in RUN_FILES) or any(out.glob("ckpt_iter*.pt")))
-    if holds_run and not config.resume:
+    if config.resume:
+        # Resuming writes checkpoints and metrics as the run's own: only into its folder or an empty one.
+        own_folder = Path(config.resume).resolve().parent
+        if holds_run(out) and out.resolve() != own_folder:
+            raise UsageError(
+                f"--out {out} holds another training run, and --resume {config.resume} continues the run in "
+                f"{own_folder}; leave --out out (it defaults to the checkpoint's folder) or give a new folder"
+            )
+    elif holds_run(out):
         if not config.overwrite:
             raise UsageError(
                 f"--out {out} holds a training run; continue it with --resume {out / 'last.pt'}, "
@@ -204,6 +216,7 @@ class Run:
     val_bpc: float | None = None
     val_iter: int | None = None  # the iteration val_bpc was measured at
     elapsed_before: float = 0.0  # seconds of training before a resume
+    resume_note: str | None = None  # printed by the banner
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -221,21 +234,31 @@ class Run:
         return round(self.iteration / self.per_epoch, 4)
 
 
-def build_network(config: TrainConfig, dataset: Dataset, device: torch.device) -> tuple[CharRNN, Checkpoint | None]:
-    """A new network, or the one of --resume / --init-from, and that checkpoint."""
-    source_path = config.resume or config.init_from
-    if not source_path:
+def build_network(
+    config: TrainConfig, dataset: Dataset, device: torch.device, resumed: Checkpoint | None
+) -> tuple[CharRNN, Checkpoint | None]:
+    """A new network, or the one of --resume (`resumed`) / --init-from, and that checkpoint."""
+    if resumed:
+        check_vocab(resumed, dataset, config.resume)
+        return resumed.build_model(device), resumed
+    if not config.init_from:
         net = CharRNN(config.model_config(len(dataset.vocab))).to(device)
         net.init_weights(config.init, config.init_std)
         return net, None
-    source = Checkpoint.load(source_path, device)
-    check_vocab(source, dataset, source_path)
-    # Fine-tuning may change regularisation; resuming continues the run as it was.
-    changes = {} if config.resume else {"dropout": config.dropout, "weight_drop": config.weight_drop}
-    return source.build_model(device, **changes), source
+    source = Checkpoint.load(config.init_from, device)
+    check_vocab(source, dataset, config.init_from)
+    # Fine-tuning may change regularisation.
+    return source.build_model(device, dropout=config.dropout, weight_drop=config.weight_drop), source
 
 
-def setup(config: TrainConfig) -> Run:
+def setup(config: TrainConfig, given: Collection[str] | None = None) -> Run:
+    """The run `config` describes; with --resume, the checkpoint's run, with the changes `given` allows
+    (`given`: the settings the user chose, see model.resume.chosen_settings)."""
+    resumed, resume_changes = None, []
+    if config.resume:
+        # Loaded on the CPU: the device, like every other setting, may come from the checkpoint.
+        resumed = Checkpoint.load(config.resume)
+        config, resume_changes = resumed_config(config, given, resumed)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -252,7 +275,7 @@ def setup(config: TrainConfig) -> Run:
     out_dir = prepare_run_folder(config) if rank == 0 else Path(config.out)
     # A different seed per rank, so that dropout masks differ across GPUs (as nanoGPT does).
     seed_everything(config.seed + rank)
-    net, source = build_network(config, dataset, device)
+    net, source = build_network(config, dataset, device, resumed)
     optimizer = make_optimizer(
         config.optimizer, net.parameters(), config.learning_rate, config.momentum, config.weight_decay
     )
@@ -290,12 +313,18 @@ def setup(config: TrainConfig) -> Run:
         out_dir=out_dir,
         log=None,
     )
-    if config.resume:
-        optimizer.load_state_dict(source.optimizer)
-        run.iteration, run.rnn_state = source.iteration, source.rnn_state
-        run.best_val = source.best_val_bpc or math.inf
-        run.elapsed_before = source.elapsed
-        set_rng_state(source.rng)
+    if resumed:
+        if resumed.iteration >= total_iters:
+            raise UsageError(
+                f"{config.resume} is at iteration {resumed.iteration} and its run ends at iteration {total_iters}: "
+                "nothing to train; give --max-iters or --max-epochs beyond it to train on"
+            )
+        optimizer.load_state_dict(resumed.optimizer)
+        run.iteration, run.best_val = resumed.iteration, resumed.best_val_bpc or math.inf
+        run.rnn_state = state_to(resumed.rnn_state, device)
+        run.elapsed_before = resumed.elapsed
+        set_rng_state(resumed.rng)
+        run.resume_note = resume_note(run, resumed, resume_changes)
     elif source and not config.reset_iterations:
         run.iteration = source.iteration
     if run.is_main:
@@ -305,8 +334,30 @@ def setup(config: TrainConfig) -> Run:
     return run
 
 
+def state_to(state: State | None, device: torch.device) -> State | None:
+    """A carried hidden state (one tensor, or LSTM's pair) on `device`."""
+    if state is None:
+        return None
+    return state.to(device) if isinstance(state, torch.Tensor) else tuple(t.to(device) for t in state)
+
+
+def resume_note(run: Run, resumed: Checkpoint, changes: list[str]) -> str:
+    """What the banner says about a resumed run: where it goes on, and every setting that changed. A new run
+    length moves a cosine schedule, so the learning rate's step at the resume is named too."""
+    note = f"resuming {run.config.resume} at iteration {run.iteration} (epoch {run.epoch():.2f})"
+    if not changes:
+        return note + " with the run's own settings"
+    note += f" with the run's settings, changed: {', '.join(changes)}"
+    last_lr, next_lr = resumed.optimizer["param_groups"][0]["lr"], run.lr_at(run.iteration)
+    if not math.isclose(last_lr, next_lr, rel_tol=0.05):
+        note += f"; the learning rate goes from {last_lr:.2e} at the last step to {next_lr:.2e} now"
+    return note
+
+
 def print_banner(run: Run) -> None:
     config, model_config = run.config, run.net.config
+    if run.resume_note:
+        print(run.resume_note)
     print(
         f"{model_config.model_type} {model_config.num_layers}x{model_config.rnn_size}, "
         f"{run.net.num_parameters():,} parameters; {len(run.dataset.splits['train']):,} training characters, "
@@ -447,9 +498,14 @@ def bar_status(run: Run, train_bpc: float | None, lr: float, chars_per_sec: floa
     )
 
 
-def train(config: TrainConfig) -> dict:
-    """Run training; returns a summary (best val bpc, checkpoint paths, time)."""
-    run = setup(config)
+def train(config: TrainConfig, given: Collection[str] | None = None) -> dict:
+    """Run training; returns a summary (best val bpc, checkpoint paths, time).
+
+    given: with --resume, the settings the user chose (model.resume.chosen_settings); the rest come from
+    the checkpoint.
+    """
+    run = setup(config, given)
+    config = run.config  # a resumed run's own settings
     bar = tqdm(
         total=run.total_iters,
         initial=run.iteration,
@@ -520,4 +576,4 @@ def finish(run: Run) -> dict:
 
 
 def main(args: argparse.Namespace) -> None:
-    train(from_namespace(TrainConfig, args))
+    train(from_namespace(TrainConfig, args), getattr(args, "given", None))

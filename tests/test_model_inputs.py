@@ -176,22 +176,20 @@ def test_config_files_hold_the_flags_types(name, text, message, dataset, tmp_pat
 def test_checked_in_configs_are_valid(tmp_path):
     configs = sorted(Path("configs").glob("*.toml"))
     assert {p.name for p in configs} >= {"bundled.toml", "default.toml", "lr-sweep.toml"}
-    from model.cli import parse_with_config
+    from model.cli import from_namespace, parse_with_config
     from model.sweep import build_parser as sweep_parser
 
     for path in configs:
         parser = sweep_parser() if path.name == "lr-sweep.toml" else build_parser()
         args = parse_with_config(parser, ["--config", str(path), "--data", str(tmp_path)])
         if path.name != "lr-sweep.toml":
-            TrainConfig(**{k: v for k, v in vars(args).items() if k != "config"})
+            from_namespace(TrainConfig, args)
     bundled = parse_with_config(build_parser(), ["--config", "configs/bundled.toml"])
     assert (bundled.rnn_size, bundled.dropout, bundled.weight_drop, bundled.max_epochs) == (640, 0.3, 0.2, 10)
     assert bundled.data == "data/both" and bundled.threads == 1 and bundled.checkpoint_every == 250
     # The defaults of the dataclass are those of the default run's file.
     default = parse_with_config(build_parser(), ["--config", "configs/default.toml"])
-    assert TrainConfig(**{k: v for k, v in vars(default).items() if k != "config"}) == TrainConfig(
-        data="data/speeches", out="runs/default"
-    )
+    assert from_namespace(TrainConfig, default) == TrainConfig(data="data/speeches", out="runs/default")
 
 
 def test_help_lists_every_config_field_with_its_default(capsys):

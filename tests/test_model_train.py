@@ -152,6 +152,83 @@ def test_resume_gives_the_same_losses_as_uninterrupted_training(tiny_data, tmp_p
     assert (tmp_path / "split" / f"ckpt_iter12_val{val_at_12:.4f}.pt").is_file()
 
 
+# A run whose recipe differs from the defaults everywhere a resume could lose it (issue 24).
+OWN_RECIPE = ["--model-type", "gru", "--batch-size", "8", "--lr-schedule", "constant", "--learning-rate", "0.01"]
+OWN_RECIPE += ["--max-iters", "12", "--checkpoint-every", "6", "--eval-every", "4", "--seed", "7"]
+
+
+def test_resume_restores_the_runs_own_settings(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    model_main(["train", "--data", str(tiny_data), "--out", str(run), *TINY, *OWN_RECIPE])
+    straight, config = train_losses(run), json.loads((run / "config.json").read_text())
+    # Only --resume: batch 8, GRU, constant lr, 12 iterations, its folder and dataset all come from the run.
+    capsys.readouterr()
+    model_main(["train", "--resume", str(next(run.glob("ckpt_iter6_*.pt")))])
+    assert "resuming" in capsys.readouterr().out
+    assert len(train_losses(run)) == 12
+    assert max(abs(a - b) for a, b in zip(straight, train_losses(run), strict=True)) < 1e-5
+    resumed = json.loads((run / "config.json").read_text())
+    assert {k: v for k, v in resumed.items() if k != "resume"} == {k: v for k, v in config.items() if k != "resume"}
+    ckpt = Checkpoint.load(run / "last.pt")
+    assert (ckpt.iteration, ckpt.model_config["model_type"], ckpt.train_config["batch_size"]) == (12, "gru", 8)
+
+
+def test_resume_allows_run_length_and_reporting_changes_and_refuses_the_rest(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    model_main(["train", "--data", str(tiny_data), "--out", str(run), *TINY, *OWN_RECIPE])
+    last = str(run / "last.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    # Flags that change the recipe, on the command line or in --config, are refused in one line.
+    err = run_cli_error(["train", "--resume", last, "--batch-size", "4", "--max-iters", "20"], capsys)
+    assert err.startswith("error: --batch-size 4 (the run's: 8): a run resumed from") and err.count("\n") == 1
+    assert "only --max-iters, --max-epochs, --eval-every" in err and "--init-from" in err
+    config = tmp_path / "recipe.toml"
+    config.write_text('lr-schedule = "cosine"\nlearning-rate = 0.002\n', encoding="utf-8")
+    err = run_cli_error(["train", "--resume", last, "--config", str(config)], capsys)
+    assert "--learning-rate 0.002 (the run's: 0.01); --lr-schedule cosine (the run's: constant)" in err
+    # The same values as the run's are no change at all (the README repeats --data and --out).
+    err = run_cli_error(
+        ["train", "--resume", last, "--data", str(tiny_data), "--out", str(run), "--batch-size", "8"], capsys
+    )
+    assert "is at iteration 12 and its run ends at iteration 12: nothing to train" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # Run length and reporting may change, and the banner says so.
+    model_main(["train", "--resume", last, "--max-iters", "16", "--eval-every", "8"])
+    banner = capsys.readouterr().out
+    assert "resuming" in banner and "changed: --eval-every 4 -> 8, --max-iters 12 -> 16" in banner
+    _, val = read_metrics(run)
+    assert [r["iter"] for r in val] == [4, 6, 8, 12, 16]
+    # --max-epochs alone sets the length in epochs, for a run started with --max-iters too.
+    per_epoch = (len(load_dataset(tiny_data).splits["train"]) - 1) // 8 // 16
+    model_main(["train", "--resume", last, "--max-epochs", str(18 / per_epoch)])
+    assert "--max-iters 16 -> 0" in capsys.readouterr().out
+    assert Checkpoint.load(run / "last.pt").iteration == 18
+
+
+def test_resume_never_writes_into_another_runs_folder(tiny_data, tmp_path, capsys):
+    ours, theirs = tmp_path / "lstm", tmp_path / "gru"
+    model_main(["train", "--data", str(tiny_data), "--out", str(ours), "--max-iters", "6", *TINY])
+    model_main(["train", "--data", str(tiny_data), "--out", str(theirs), *TINY, *OWN_RECIPE])
+    before = {p.name: p.read_bytes() for p in theirs.iterdir() if p.is_file()}
+    argv = ["train", "--resume", str(ours / "last.pt"), "--max-iters", "9"]
+    capsys.readouterr()
+    err = run_cli_error([*argv, "--out", str(theirs)], capsys)
+    assert f"--out {theirs} holds another training run" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in theirs.iterdir() if p.is_file()} == before
+    err = run_cli_error([*argv, "--out", str(theirs), "--overwrite"], capsys)
+    assert "give --resume (continue a run) or --overwrite (replace it with a new one), not both" in err
+    # Another dataset is another run, not this one continued.
+    other = tmp_path / "other"
+    # The same characters (so the same vocabulary) in another order.
+    (tmp_path / "other.txt").write_text("Believe me. We will make America great again. " * 60, encoding="utf-8")
+    model_main(["prepare", "--input", str(tmp_path / "other.txt"), "--out", str(other), "--batch-size", "4"])
+    err = run_cli_error([*argv, "--data", str(other)], capsys)
+    assert f"--data {other} holds other text than the run resumed from" in err
+    # A new folder is a branch of the run: it goes on from the checkpoint there.
+    model_main([*argv, "--out", str(tmp_path / "branch")])
+    assert Checkpoint.load(tmp_path / "branch" / "last.pt").iteration == 9
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt")
