@@ -54,6 +54,9 @@ class TrainConfig:
     max_iters: int = option(0, "stop after this many iterations (0: use --max-epochs)", OPTIM)
     eval_every: int = option(200, "validate every N iterations (and at every checkpoint)", RUN)
     checkpoint_every: int = option(1000, "save a checkpoint every N iterations", RUN)
+    save_every_minutes: float = option(
+        5.0, "also save last.pt after this many minutes of training since the last save (0: never)", RUN
+    )
     print_every: int = option(10, "log metrics every N iterations", RUN)
     sample_every: int = option(500, "print a sample every N iterations (0: never)", RUN)
     sample_length: int = option(200, "characters per printed sample", RUN)
@@ -114,7 +117,7 @@ class TrainConfig:
         for name in ("learning_rate", "init_std", "max_epochs", "lr_decay_every"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise UsageError(f"{flag(name)} must be a positive number, not {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("weight_decay", "grad_clip", "save_every_minutes"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise UsageError(f"{flag(name)} must be 0 or a positive number, not {getattr(self, name)}")
         if self.lr_schedule == "piecewise":

@@ -27,6 +27,7 @@ CHANGEABLE_ON_RESUME = (
     "max_epochs",
     "eval_every",
     "checkpoint_every",
+    "save_every_minutes",
     "print_every",
     "sample_every",
     "sample_length",

@@ -16,8 +16,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager, nullcontext
@@ -41,6 +44,7 @@ from model.schedule import make_schedule
 
 # Files that mark a folder as holding a run, so a new run there would replace its work.
 RUN_FILES = ("metrics.jsonl", "last.pt", "best.pt", "summary.json")
+CKPT_ITER = re.compile(r"ckpt_iter(\d+)_val")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +171,15 @@ def holds_run(out: Path) -> bool:
     return out.is_dir() and (any((out / name).exists() for name in RUN_FILES) or any(out.glob("ckpt_iter*.pt")))
 
 
+def newest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint a run in `out` would continue from: last.pt, else its latest ckpt_iterN (None if it has
+    none, as a run stopped before its first save)."""
+    if (out / "last.pt").is_file():
+        return out / "last.pt"
+    numbered = [(int(m.group(1)), p) for p in out.glob("ckpt_iter*_val*.pt") if (m := CKPT_ITER.match(p.name))]
+    return max(numbered)[1] if numbered else None
+
+
 def prepare_run_folder(config: TrainConfig) -> Path:
     """The --out folder, refusing one that holds a run unless this run continues it or --overwrite says so."""
     out = Path(config.out)
@@ -180,9 +193,15 @@ def prepare_run_folder(config: TrainConfig) -> Path:
             )
     elif holds_run(out):
         if not config.overwrite:
+            found = newest_checkpoint(out)
+            advice = (
+                f"continue it with `python -m model train --resume {found}`"
+                if found
+                else "it has no checkpoint to continue from (it stopped before its first save)"
+            )
             raise UsageError(
-                f"--out {out} holds a training run; continue it with --resume {out / 'last.pt'}, "
-                "train into a new --out folder (also with --init-from), or give --overwrite to replace it"
+                f"--out {out} holds a training run; {advice}, train into a new --out folder (also with "
+                "--init-from), or give --overwrite to replace it"
             )
         for stale in [*out.glob("ckpt_iter*.pt"), *(out / name for name in (*RUN_FILES, "samples.jsonl"))]:
             stale.unlink(missing_ok=True)
@@ -498,11 +517,63 @@ def bar_status(run: Run, train_bpc: float | None, lr: float, chars_per_sec: floa
     )
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after last.pt was saved; `python -m model` prints the message and
+    exits with the shell's code for the signal (128 + its number)."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.message, self.exit_code = message, 128 + signal_number
+
+
+class StopSignals:
+    """While active, SIGINT (Ctrl-C) and SIGTERM only ask the loop to stop after the current step, so that it
+    can save last.pt first; a second Ctrl-C stops at once, for when saving is not wanted."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received == signal.SIGINT and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = number
+
+    def __enter__(self) -> StopSignals:
+        # Python lets only the main thread install handlers; training run from another thread keeps the defaults.
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def stop_requested(run: Run, signals: StopSignals) -> bool:
+    """Whether to stop now; under torchrun every rank stops at the same iteration, or the others would wait
+    forever for a gradient exchange with a rank that left."""
+    if run.world == 1:
+        return signals.received is not None
+    flag = torch.tensor([0 if signals.received is None else 1], device=run.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def save_last(run: Run) -> Path:
+    """last.pt alone, without a validation: the periodic and the interrupt save (cheap, and they need not
+    wait for a validation pass over the whole val split)."""
+    path = run.out_dir / "last.pt"
+    make_checkpoint(run).save(path)
+    return path
+
+
 def train(config: TrainConfig, given: Collection[str] | None = None) -> dict:
     """Run training; returns a summary (best val bpc, checkpoint paths, time).
 
     given: with --resume, the settings the user chose (model.resume.chosen_settings); the rest come from
-    the checkpoint.
+    the checkpoint. Raises Interrupted after saving last.pt when SIGINT or SIGTERM arrives.
     """
     run = setup(config, given)
     config = run.config  # a resumed run's own settings
@@ -516,40 +587,64 @@ def train(config: TrainConfig, given: Collection[str] | None = None) -> dict:
     loss_sum, loss_count, window_start = 0.0, 0, time.perf_counter()
     train_bpc, lr, chars_per_sec = None, config.learning_rate, 0.0
     chars_per_iter = config.batch_size * config.seq_length * run.world
-    while run.iteration < run.total_iters:
-        done = run.iteration + 1
-        log_now = run.is_main and (done % config.print_every == 0 or done == run.total_iters)
-        step = train_step(run, measure_updates=log_now)
-        loss_sum, loss_count, lr = loss_sum + step.loss, loss_count + 1, step.lr
-        bar.update(1)
-        if log_now:
-            chars_per_sec = chars_per_iter * loss_count / (time.perf_counter() - window_start)
-            run.log.write(
-                {
-                    "iter": done,
-                    "epoch": run.epoch(),
-                    "train_loss": loss_sum / loss_count,
-                    "lr": step.lr,
-                    "grad_norm": step.grad_norm,
-                    "chars_per_sec": chars_per_sec,
-                    "elapsed": run.elapsed(),
-                    "update_ratio": step.update_ratio,
-                }
-            )
-            train_bpc = nats_to_bits(loss_sum / loss_count)
-            loss_sum, loss_count, window_start = 0.0, 0, time.perf_counter()
-        if not run.is_main:
-            continue
-        if done % config.eval_every == 0 or done == run.total_iters:
-            validate(run)
-        if config.sample_every and done % config.sample_every == 0:
-            print_sample(run, bar)
-        if done % config.checkpoint_every == 0 or done == run.total_iters:
-            save_checkpoints(run)
-        if log_now or run.val_iter == done:
-            bar.set_postfix_str(bar_status(run, train_bpc, lr, chars_per_sec))
+    last_save = time.monotonic()
+    with StopSignals() as signals:
+        while run.iteration < run.total_iters:
+            done = run.iteration + 1
+            log_now = run.is_main and (done % config.print_every == 0 or done == run.total_iters)
+            step = train_step(run, measure_updates=log_now)
+            loss_sum, loss_count, lr = loss_sum + step.loss, loss_count + 1, step.lr
+            bar.update(1)
+            if log_now:
+                chars_per_sec = chars_per_iter * loss_count / (time.perf_counter() - window_start)
+                train_bpc = nats_to_bits(loss_sum / loss_count)
+                run.log.write(
+                    {
+                        "iter": done,
+                        "epoch": run.epoch(),
+                        "train_loss": loss_sum / loss_count,
+                        "lr": step.lr,
+                        "grad_norm": step.grad_norm,
+                        "chars_per_sec": chars_per_sec,
+                        "elapsed": run.elapsed(),
+                        "update_ratio": step.update_ratio,
+                    }
+                )
+                loss_sum, loss_count, window_start = 0.0, 0, time.perf_counter()
+            if run.is_main:
+                if done % config.eval_every == 0 or done == run.total_iters:
+                    validate(run)
+                if config.sample_every and done % config.sample_every == 0:
+                    print_sample(run, bar)
+                if done % config.checkpoint_every == 0 or done == run.total_iters:
+                    save_checkpoints(run)
+                    last_save = time.monotonic()
+                elif config.save_every_minutes and time.monotonic() - last_save >= 60 * config.save_every_minutes:
+                    save_last(run)
+                    last_save = time.monotonic()
+                if log_now or run.val_iter == done:
+                    bar.set_postfix_str(bar_status(run, train_bpc, lr, chars_per_sec))
+            # Checked once the iteration is complete (validated and saved where due), so that the interrupt's
+            # last.pt is the same as a regular checkpoint of that iteration.
+            if run.iteration < run.total_iters and stop_requested(run, signals):
+                bar.close()
+                stop(run, signals.received)
     bar.close()
     return finish(run)
+
+
+def stop(run: Run, signal_number: int | None) -> None:
+    """Save last.pt (rank 0) and raise Interrupted: the iteration just finished is the one resumed from."""
+    # Under torchrun a rank may learn of the stop from another rank's signal only.
+    signal_number = signal_number or signal.SIGTERM
+    message = f"interrupted by {signal.Signals(signal_number).name} at iteration {run.iteration}"
+    if run.is_main:
+        path = save_last(run)
+        run.log.close()
+        message += f": saved {path}; continue with `python -m model train --resume {path}`"
+    if run.world > 1:
+        torch.distributed.destroy_process_group()
+    raise Interrupted(message, signal_number)
 
 
 def finish(run: Run) -> dict:

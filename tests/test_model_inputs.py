@@ -217,6 +217,26 @@ def test_an_existing_run_is_never_replaced_without_overwrite(trained_run, datase
     assert [p.name.split("_val")[0] for p in tuned.glob("ckpt_*")] == ["ckpt_iter3"]
 
 
+def test_advice_to_continue_a_run_names_a_checkpoint_that_exists(trained_run, dataset, tmp_path, capsys):
+    argv = ["train", "--data", str(dataset), *TINY, "--max-iters", "3"]
+    # A run stopped before its first save (Ctrl-C did that before last.pt was saved on signals).
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copy(trained_run / "metrics.jsonl", stopped / "metrics.jsonl")
+    err = one_line_error(capsys, model_main, [*argv, "--out", str(stopped)])
+    assert "it has no checkpoint to continue from" in err and "--resume" not in err and "--overwrite" in err
+    # Without last.pt the newest numbered checkpoint is the one to continue from, and the advice works.
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    (copy / "last.pt").unlink()
+    shutil.copy(next(copy.glob("ckpt_iter10_*.pt")), copy / "ckpt_iter2_val9.9999.pt")
+    err = one_line_error(capsys, model_main, [*argv, "--out", str(copy)])
+    advised = err.split("`python -m model train --resume ")[1].split("`")[0]
+    assert Path(advised) == next(copy.glob("ckpt_iter10_*.pt"))
+    model_main(["train", "--resume", advised, "--max-iters", "12"])
+    assert Checkpoint.load(copy / "last.pt").iteration == 12
+
+
 def test_a_damaged_dataset_file_is_named_in_one_line(dataset, tmp_path, capsys):
     damaged = tmp_path / "ds"
     shutil.copytree(dataset, damaged)

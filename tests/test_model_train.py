@@ -2,7 +2,12 @@
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +232,72 @@ def test_resume_never_writes_into_another_runs_folder(tiny_data, tmp_path, capsy
     # A new folder is a branch of the run: it goes on from the checkpoint there.
     model_main([*argv, "--out", str(tmp_path / "branch")])
     assert Checkpoint.load(tmp_path / "branch" / "last.pt").iteration == 9
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs that would go on for hours: only a signal ends them. A constant rate, so that a run of any length
+# takes the same steps as the interrupted one.
+ENDLESS = ["--max-iters", "1000000", "--checkpoint-every", "1000000", "--lr-schedule", "constant"]
+
+
+def start_training(tiny_data: Path, out: Path, *flags: str) -> subprocess.Popen:
+    """`python -m model train` as a user runs it, in its own process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "model", "train", "--data", str(tiny_data), "--out", str(out), *TINY, *flags]
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the training process never got there"
+        time.sleep(0.02)
+
+
+def logged_iterations(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return sum(1 for line in path.read_text().splitlines() if '"train_loss"' in line) if path.is_file() else 0
+
+
+def test_ctrl_c_saves_last_pt_and_the_resume_continues_exactly(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    process = start_training(tiny_data, out, *ENDLESS)
+    wait_for(lambda: logged_iterations(out) >= 3, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    ckpt = Checkpoint.load(out / "last.pt")
+    stopped_at = ckpt.iteration
+    assert stopped_at == logged_iterations(out) >= 3
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted by SIGINT at iteration {stopped_at}: saved {out / 'last.pt'}; "
+        f"continue with `python -m model train --resume {out / 'last.pt'}`"
+    )
+    # The advice works, and the resumed run takes the very steps of a run never interrupted.
+    model_main(["train", "--resume", str(out / "last.pt"), "--max-iters", str(stopped_at + 5)])
+    straight = tmp_path / "straight"
+    length = ["--max-iters", str(stopped_at + 5), "--lr-schedule", "constant"]
+    model_main(["train", "--data", str(tiny_data), "--out", str(straight), *TINY, *length])
+    assert len(train_losses(out)) == len(train_losses(straight)) == stopped_at + 5
+    assert max(abs(a - b) for a, b in zip(train_losses(straight), train_losses(out), strict=True)) < 1e-5
+
+
+def test_last_pt_is_saved_every_few_minutes_and_on_sigterm(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    process = start_training(tiny_data, out, *ENDLESS, "--save-every-minutes", "0.002")  # every 0.12 s
+    wait_for(lambda: (out / "last.pt").is_file(), process)
+    periodic = Checkpoint.load(out / "last.pt").iteration
+    assert periodic > 0 and not list(out.glob("ckpt_iter*"))  # saved by the clock while it runs on
+    wait_for(lambda: logged_iterations(out) > periodic + 3, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and "Traceback" not in err
+    stopped_at = Checkpoint.load(out / "last.pt").iteration
+    assert stopped_at == logged_iterations(out) > periodic
+    assert f"interrupted by SIGTERM at iteration {stopped_at}: saved {out / 'last.pt'}" in err
+    model_main(["train", "--resume", str(out / "last.pt"), "--max-iters", str(stopped_at + 2)])
+    assert [r["iter"] for r in read_metrics(out)[0]] == list(range(1, stopped_at + 3))
 
 
 @pytest.fixture(scope="module")
