@@ -603,6 +603,7 @@ def train(config: TrainConfig, given: Collection[str] | None = None) -> dict:
                         "iter": done,
                         "epoch": run.epoch(),
                         "train_loss": loss_sum / loss_count,
+                        "train_bpc": train_bpc,
                         "lr": step.lr,
                         "grad_norm": step.grad_norm,
                         "chars_per_sec": chars_per_sec,

@@ -382,7 +382,14 @@ def test_lr_sweep_compares_runs_and_an_interrupted_sweep_keeps_finished_runs(tin
     results = json.loads((tmp_path / "lr_sweep.json").read_text())
     assert [r["name"] for r in results] == ["rmsprop-lr0.05", "rmsprop-lr0.01", "rmsprop-decay"]
     assert all(r["best_val_bpc"] > 0 for r in results) and (tmp_path / "lr_sweep.png").stat().st_size > 0
-    capsys.readouterr()
+    # One unit everywhere: the table's train loss is in bits/char like its val, and so is metrics.jsonl's.
+    table = capsys.readouterr().out.split("\nrun ")[1]
+    assert table.split()[:6] == ["final", "train", "bits/char", "best", "val", "bits/char"]
+    for result in results:
+        last = read_metrics(tmp_path / result["name"])[0][-1]
+        assert last["train_bpc"] == pytest.approx(last["train_loss"] / math.log(2))
+        assert result["final_train_bpc"] == last["train_bpc"]
+        assert f"{result['name']:<20} {last['train_bpc']:>21.4f}" in table
     # As if the last run had been killed: only it is trained again.
     shutil.rmtree(tmp_path / "rmsprop-decay")
     kept_metrics = (tmp_path / "rmsprop-lr0.05" / "metrics.jsonl").read_bytes()
