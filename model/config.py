@@ -65,7 +65,7 @@ class TrainConfig:
     reset_iterations: bool = option(True, "with --init-from: start counting iterations from 0", RUN)
     resume: str | None = option(
         None,
-        "continue exactly where this checkpoint stopped, with the run's own settings (docs/training.md, Resume)",
+        "continue exactly where this checkpoint stopped, with its run's settings (docs/training.md, Resuming a run)",
         RUN,
         metavar="CKPT",
     )
