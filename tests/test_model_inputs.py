@@ -175,15 +175,19 @@ def test_config_files_hold_the_flags_types(name, text, message, dataset, tmp_pat
 
 def test_checked_in_configs_are_valid(tmp_path):
     configs = sorted(Path("configs").glob("*.toml"))
-    assert {p.name for p in configs} >= {"bundled.toml", "default.toml", "lr-sweep.toml"}
+    sweeps = {"lr-sweep.toml"}
+    assert {p.name for p in configs} >= {"bundled.toml", "default.toml", "tiny.toml", *sweeps}
     from model.cli import from_namespace, parse_with_config
     from model.sweep import build_parser as sweep_parser
 
     for path in configs:
-        parser = sweep_parser() if path.name == "lr-sweep.toml" else build_parser()
+        parser = sweep_parser() if path.name in sweeps else build_parser()
         args = parse_with_config(parser, ["--config", str(path), "--data", str(tmp_path)])
-        if path.name != "lr-sweep.toml":
+        if path.name not in sweeps:
             from_namespace(TrainConfig, args)
+    # The smoke run of the README.
+    tiny = from_namespace(TrainConfig, parse_with_config(build_parser(), ["--config", "configs/tiny.toml"]))
+    assert (tiny.rnn_size, tiny.optimizer, tiny.max_iters, tiny.sample_every) == (128, "rmsprop", 400, 100)
     bundled = parse_with_config(build_parser(), ["--config", "configs/bundled.toml"])
     assert (bundled.rnn_size, bundled.dropout, bundled.weight_drop, bundled.max_epochs) == (640, 0.3, 0.2, 10)
     assert bundled.data == "data/both" and bundled.threads == 1 and bundled.checkpoint_every == 250
