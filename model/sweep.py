@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from model import train as train_module
-from model.cli import UsageError, command_parser, from_namespace
+from model.cli import UsageError, command_parser, from_namespace, parse_with_config
 from model.config import OPTIMIZERS, TrainConfig
 from model.plot import read_metrics, train_bpc
 from model.schedule import parse_piecewise
@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-iters", type=int, default=1000, help="iterations per run")
     p.add_argument("--eval-every", type=int, default=100, help="validate every N iterations")
+    p.add_argument(
+        "--train-config",
+        metavar="FILE",
+        help="a `python -m model train` config file (e.g. configs/tiny.toml) whose network and settings every run "
+        "shares; flags after `--` win over it, and the sweep's own settings win over both",
+    )
     p.add_argument("--replot", action="store_true", help="only redraw the plot of a finished sweep in --out")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="extra flags for every run, after --")
     return p
@@ -73,10 +79,11 @@ def candidates(args: argparse.Namespace) -> list[tuple[str, dict]]:
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
-    """The settings every run shares: the train flags after `--`, then the sweep's own."""
+    """The settings every run shares: --train-config, the train flags after `--`, then the sweep's own."""
     extra = [f for f in args.train_flags if f != "--"]
+    config_file = ["--config", args.train_config] if args.train_config else []
     try:
-        flags = train_module.build_parser().parse_args(["--data", args.data, *extra])
+        flags = parse_with_config(train_module.build_parser(), [*config_file, "--data", args.data, *extra])
     except SystemExit as exc:
         raise UsageError(f"bad training flags for the sweep: {' '.join(extra)}") from exc
     return dataclasses.replace(

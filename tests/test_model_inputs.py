@@ -175,9 +175,10 @@ def test_config_files_hold_the_flags_types(name, text, message, dataset, tmp_pat
 
 def test_checked_in_configs_are_valid(tmp_path):
     configs = sorted(Path("configs").glob("*.toml"))
-    sweeps = {"lr-sweep.toml"}
+    sweeps = {"lr-sweep.toml", "lr-sweep-tiny.toml"}
     assert {p.name for p in configs} >= {"bundled.toml", "default.toml", "tiny.toml", *sweeps}
     from model.cli import from_namespace, parse_with_config
+    from model.sweep import base_config, candidates
     from model.sweep import build_parser as sweep_parser
 
     for path in configs:
@@ -185,9 +186,13 @@ def test_checked_in_configs_are_valid(tmp_path):
         args = parse_with_config(parser, ["--config", str(path), "--data", str(tmp_path)])
         if path.name not in sweeps:
             from_namespace(TrainConfig, args)
-    # The smoke run of the README.
+    # The smoke run of the README, and the quick sweep that trains its network.
     tiny = from_namespace(TrainConfig, parse_with_config(build_parser(), ["--config", "configs/tiny.toml"]))
     assert (tiny.rnn_size, tiny.optimizer, tiny.max_iters, tiny.sample_every) == (128, "rmsprop", 400, 100)
+    args = parse_with_config(sweep_parser(), ["--config", "configs/lr-sweep-tiny.toml"])
+    assert len(candidates(args)) == 8
+    shared = base_config(args)
+    assert (shared.rnn_size, shared.dropout, shared.max_iters, shared.data) == (128, 0.0, 300, "data/speeches")
     bundled = parse_with_config(build_parser(), ["--config", "configs/bundled.toml"])
     assert (bundled.rnn_size, bundled.dropout, bundled.weight_drop, bundled.max_epochs) == (640, 0.3, 0.2, 10)
     assert bundled.data == "data/both" and bundled.threads == 1 and bundled.checkpoint_every == 250
