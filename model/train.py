@@ -12,6 +12,7 @@ by one batch, `validate` scores it, `save_checkpoints` writes it; `train` is the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from model.config import TrainConfig
 from model.dataset import Dataset, load_dataset
 from model.evaluate import evaluate_ids
 from model.model import CharRNN, State, detach_state, nats_to_bits
-from model.resume import resumed_config
+from model.resume import resumed_config, saved_settings
 from model.sample import sample_text
 from model.schedule import make_schedule
 
@@ -300,18 +301,7 @@ def setup(config: TrainConfig, given: Collection[str] | None = None) -> Run:
     )
     batcher = StreamBatcher(dataset.splits["train"], config.batch_size, config.seq_length, rank, world)
     per_epoch = batcher.batches_per_epoch
-    total_iters = config.max_iters or max(1, math.ceil(config.max_epochs * per_epoch))
-    lr_at = make_schedule(
-        config.lr_schedule,
-        config.learning_rate,
-        per_epoch,
-        total_iters,
-        config.lr_decay_every,
-        config.lr_decay_factor,
-        config.lr_steps,
-        config.warmup_iters,
-        config.min_lr_frac,
-    )
+    total_iters, lr_at = run_schedule(config, per_epoch)
     amp_dtype = autocast_dtype(device, config.amp)
     run = Run(
         config=config,
@@ -353,6 +343,23 @@ def setup(config: TrainConfig, given: Collection[str] | None = None) -> Run:
     return run
 
 
+def run_schedule(config: TrainConfig, per_epoch: int) -> tuple[int, Callable[[int], float]]:
+    """The run's length in iterations and its learning rate as a function of the iteration."""
+    total_iters = config.max_iters or max(1, math.ceil(config.max_epochs * per_epoch))
+    lr_at = make_schedule(
+        config.lr_schedule,
+        config.learning_rate,
+        per_epoch,
+        total_iters,
+        config.lr_decay_every,
+        config.lr_decay_factor,
+        config.lr_steps,
+        config.warmup_iters,
+        config.min_lr_frac,
+    )
+    return total_iters, lr_at
+
+
 def state_to(state: State | None, device: torch.device) -> State | None:
     """A carried hidden state (one tensor, or LSTM's pair) on `device`."""
     if state is None:
@@ -362,14 +369,17 @@ def state_to(state: State | None, device: torch.device) -> State | None:
 
 def resume_note(run: Run, resumed: Checkpoint, changes: list[str]) -> str:
     """What the banner says about a resumed run: where it goes on, and every setting that changed. A new run
-    length moves a cosine schedule, so the learning rate's step at the resume is named too."""
+    length moves a cosine schedule (it decays over the whole run), so a learning rate that the change moves
+    is named too."""
     note = f"resuming {run.config.resume} at iteration {run.iteration} (epoch {run.epoch():.2f})"
     if not changes:
         return note + " with the run's own settings"
     note += f" with the run's settings, changed: {', '.join(changes)}"
-    last_lr, next_lr = resumed.optimizer["param_groups"][0]["lr"], run.lr_at(run.iteration)
-    if not math.isclose(last_lr, next_lr, rel_tol=0.05):
-        note += f"; the learning rate goes from {last_lr:.2e} at the last step to {next_lr:.2e} now"
+    saved = saved_settings(resumed)
+    as_it_was = dataclasses.replace(run.config, max_iters=saved["max_iters"], max_epochs=saved["max_epochs"])
+    planned, now = run_schedule(as_it_was, run.per_epoch)[1](run.iteration), run.lr_at(run.iteration)
+    if not math.isclose(planned, now, rel_tol=1e-6):
+        note += f"; the learning rate is {now:.2e} now, where the run as it was would have had {planned:.2e}"
     return note
 
 

@@ -232,6 +232,17 @@ def test_resume_never_writes_into_another_runs_folder(tiny_data, tmp_path, capsy
     # A new folder is a branch of the run: it goes on from the checkpoint there.
     model_main([*argv, "--out", str(tmp_path / "branch")])
     assert Checkpoint.load(tmp_path / "branch" / "last.pt").iteration == 9
+    assert "learning rate" not in capsys.readouterr().out  # still warming up: the length does not move it
+    # A cosine schedule decays over the whole run, so a new length moves the rate, and the banner says so.
+    cosine = tmp_path / "cosine"
+    model_main(
+        ["train", "--data", str(tiny_data), "--out", str(cosine), *TINY, "--max-iters", "6", "--warmup-iters", "2"]
+    )
+    capsys.readouterr()
+    model_main(["train", "--resume", str(cosine / "last.pt"), "--max-iters", "10"])
+    banner = capsys.readouterr().out
+    # At iteration 6 of 6 the cosine was at its floor (5% of 2e-3); at 6 of 10 it is halfway down.
+    assert "the learning rate is 1.05e-03 now, where the run as it was would have had 1.00e-04" in banner
 
 
 ROOT = Path(__file__).resolve().parents[1]
