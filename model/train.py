@@ -2,8 +2,10 @@
 
 A batch is B contiguous streams through the training text; the hidden state carries over from one
 batch to the next (detached), as in torch-rnn and char-rnn. Everything needed to continue exactly
-where training stopped (model, optimizer, iteration, carried state, RNG) goes into each checkpoint.
-Runs under `torchrun` for multi-GPU data-parallel training.
+where training stopped (model, optimizer, iteration, carried state, RNG, the run's settings) goes into
+each checkpoint; `--resume` takes the settings back (model.resume). last.pt is also written every
+--save-every-minutes and when SIGINT or SIGTERM stops the loop (`StopSignals`), so an interrupted run
+loses minutes at most. Runs under `torchrun` for multi-GPU data-parallel training.
 
 One run is a `Run` (the state object): `setup` builds it from a `TrainConfig`, `train_step` advances it
 by one batch, `validate` scores it, `save_checkpoints` writes it; `train` is the loop around them.
