@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -77,12 +78,14 @@ def main() -> None:
             "",
             f"![{name}](img/{name}.png)",
             "",
-            "| run | final train loss (nats) | best val bits/char | seconds |",
+            "| run | final train bits/char | best val bits/char | seconds |",
             "| --- | --- | --- | --- |",
         ]
         for r in table:
             best = f"{r['best_val_bpc']:.3f}" if r["best_val_bpc"] is not None else "-"
-            lines.append(f"| {r['name']} | {r['final_train_loss']:.3f} | {best} | {r['seconds']:.0f} |")
+            # Sweeps written before lr_sweep.json held bits/char recorded the train loss in nats.
+            train = r["final_train_bpc"] if "final_train_bpc" in r else r["final_train_loss"] / math.log(2)
+            lines.append(f"| {r['name']} | {train:.3f} | {best} | {r['seconds']:.0f} |")
         lines.append("")
 
     lines += [

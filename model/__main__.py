@@ -39,9 +39,10 @@ def main(argv: list[str] | None = None) -> None:
         module.main(args)
     except UsageError as exc:  # DatasetError and CheckpointError included
         fail(str(exc))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:
+        # Training says what it saved and how to go on (model.train.Interrupted); a plain Ctrl-C, just that.
+        print(getattr(exc, "message", "interrupted"), file=sys.stderr)
+        raise SystemExit(getattr(exc, "exit_code", 130)) from None
 
 
 if __name__ == "__main__":

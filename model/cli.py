@@ -56,8 +56,8 @@ def from_namespace(cls: type, args: argparse.Namespace):
 
 def load_config_file(path: str) -> dict:
     """Settings from TOML, YAML or JSON; keys are flag names, dashed or underscored."""
-    file = check_input_file(path, "config file")
-    text = file.read_text(encoding="utf-8")
+    file = Path(path)
+    text, _ = read_utf8_text(file, "config file")
     try:
         if file.suffix == ".toml":
             data = tomllib.loads(text)
@@ -113,27 +113,42 @@ def checked_setting(action: argparse.Action, value, source: str):
     return _checked_scalar(action, value, where)
 
 
+def given_on_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the flags that argv itself gives, told apart from defaults: argparse only fills in
+    a default where the namespace has no value yet, so every destination starts out as a marker."""
+    unset = object()
+    marked = argparse.Namespace(**{action.dest: unset for action in parser._actions})
+    parser.parse_args(argv, namespace=marked)
+    return {name for name, value in vars(marked).items() if value is not unset}
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse argv; values from --config become defaults, so flags on the command line still win."""
+    """Parse argv; values from --config become defaults, so flags on the command line still win.
+
+    The namespace's `given` holds the names of the settings the user chose, on the command line or in the
+    file, as opposed to defaults (train --resume keeps the run's own value for every other setting).
+    """
     finder = argparse.ArgumentParser(add_help=False)
     finder.add_argument("--config")
     config_path = finder.parse_known_args(argv)[0].config
-    if not config_path:
-        return parser.parse_args(argv)
-    settings = load_config_file(config_path)
-    actions = {action.dest: action for action in parser._actions if action.option_strings}
-    valid = set(actions) - {"help", "config"}
-    unknown = sorted(set(settings) - valid)
-    if unknown:
-        names = ", ".join(k.replace("_", "-") for k in unknown)
-        raise UsageError(f"config file {config_path} has unknown settings: {names}")
-    source = f"config file {config_path}"
-    settings = {key: checked_setting(actions[key], value, source) for key, value in settings.items()}
-    # A required flag that the file supplies is no longer required on the command line.
-    for key in settings:
-        actions[key].required = False
-    parser.set_defaults(**settings)
-    return parser.parse_args(argv)
+    settings = {}
+    if config_path:
+        settings = load_config_file(config_path)
+        actions = {action.dest: action for action in parser._actions if action.option_strings}
+        valid = set(actions) - {"help", "config"}
+        unknown = sorted(set(settings) - valid)
+        if unknown:
+            names = ", ".join(k.replace("_", "-") for k in unknown)
+            raise UsageError(f"config file {config_path} has unknown settings: {names}")
+        source = f"config file {config_path}"
+        settings = {key: checked_setting(actions[key], value, source) for key, value in settings.items()}
+        # A required flag that the file supplies is no longer required on the command line.
+        for key in settings:
+            actions[key].required = False
+        parser.set_defaults(**settings)
+    args = parser.parse_args(argv)
+    args.given = frozenset(given_on_command_line(parser, argv) | set(settings)) - {"config", "help"}
+    return args
 
 
 def check_input_file(path: str | Path, what: str) -> Path:
@@ -144,6 +159,20 @@ def check_input_file(path: str | Path, what: str) -> Path:
     if not path.is_file():
         raise UsageError(f"{what} {path} does not exist")
     return path
+
+
+def read_utf8_text(path: str | Path, what: str) -> tuple[str, bytes]:
+    """The file's text and its bytes; one line for a missing file, a folder, or bytes that are not UTF-8
+    (naming the first bad byte and where it is, so it can be found)."""
+    path = check_input_file(path, what)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8"), data
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{what} {path} is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} is invalid; "
+            "convert it, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
 
 
 def writable_dir(path: str | Path, what: str) -> Path:

@@ -22,8 +22,12 @@ DATA, MODEL, OPTIM, RUN, DEVICE = "data and output", "model", "optimisation", "c
 
 @dataclass
 class TrainConfig:
-    data: str = option(None, "dataset made by `python -m model prepare`", DATA, metavar="DIR")
-    out: str = option("runs/run", "run folder: checkpoints, logs, plots", DATA, metavar="DIR")
+    data: str = option(
+        None, "dataset made by `python -m model prepare` (with --resume: the run's own)", DATA, metavar="DIR"
+    )
+    out: str = option(
+        "runs/run", "run folder: checkpoints, logs, plots (with --resume: the checkpoint's folder)", DATA, metavar="DIR"
+    )
     overwrite: bool = option(False, "start a new run in an --out folder that holds one (its files are replaced)", DATA)
     model_type: str = option("lstm", "recurrent cell", MODEL, choices=tuple(RNN_TYPES))
     rnn_size: int = option(640, "hidden units per layer", MODEL)
@@ -50,13 +54,21 @@ class TrainConfig:
     max_iters: int = option(0, "stop after this many iterations (0: use --max-epochs)", OPTIM)
     eval_every: int = option(200, "validate every N iterations (and at every checkpoint)", RUN)
     checkpoint_every: int = option(1000, "save a checkpoint every N iterations", RUN)
+    save_every_minutes: float = option(
+        5.0, "also save last.pt after this many minutes of training since the last save (0: never)", RUN
+    )
     print_every: int = option(10, "log metrics every N iterations", RUN)
     sample_every: int = option(500, "print a sample every N iterations (0: never)", RUN)
     sample_length: int = option(200, "characters per printed sample", RUN)
     sample_temperature: float = option(0.9, f"temperature of printed samples, {TEMPERATURE_RANGE}", RUN)
     init_from: str | None = option(None, "fine-tune from this checkpoint's weights", RUN, metavar="CKPT")
     reset_iterations: bool = option(True, "with --init-from: start counting iterations from 0", RUN)
-    resume: str | None = option(None, "continue exactly where this checkpoint stopped", RUN, metavar="CKPT")
+    resume: str | None = option(
+        None,
+        "continue exactly where this checkpoint stopped, with its run's settings (docs/training.md, Resuming a run)",
+        RUN,
+        metavar="CKPT",
+    )
     tensorboard: bool = option(True, "write TensorBoard event files to OUT/tb", RUN)
     plots: bool = option(True, "write PNG plots at the end", RUN)
     progress: bool = option(True, "show a progress bar", RUN)
@@ -71,7 +83,8 @@ class TrainConfig:
     seed: int = option(1337, "random seed (model init, dropout, samples)", DEVICE)
 
     def __post_init__(self) -> None:
-        if not self.data:
+        # A resumed run finds its dataset in the checkpoint (model.resume).
+        if not self.data and not self.resume:
             raise UsageError("--data DIR is required: a dataset made by `python -m model prepare`")
         at_least = {
             "rnn_size": 1,
@@ -104,7 +117,7 @@ class TrainConfig:
         for name in ("learning_rate", "init_std", "max_epochs", "lr_decay_every"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise UsageError(f"{flag(name)} must be a positive number, not {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("weight_decay", "grad_clip", "save_every_minutes"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise UsageError(f"{flag(name)} must be 0 or a positive number, not {getattr(self, name)}")
         if self.lr_schedule == "piecewise":
@@ -113,6 +126,8 @@ class TrainConfig:
             validate_sampling(self.sample_length, self.sample_temperature, 0, "--sample-")
         if self.resume and self.init_from:
             raise UsageError("give --resume (continue a run) or --init-from (fine-tune from its weights), not both")
+        if self.resume and self.overwrite:
+            raise UsageError("give --resume (continue a run) or --overwrite (replace it with a new one), not both")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The network these settings describe, for a vocabulary of vocab_size characters."""

@@ -66,10 +66,31 @@ def load_dataset(data_dir: str | Path) -> Dataset:
         raise DatasetError(f"{meta_path} is not valid JSON: {exc}") from exc
     if meta.get("format") != DATASET_FORMAT:
         raise DatasetError(f"{meta_path} has format {meta.get('format')!r}, expected {DATASET_FORMAT!r}")
+    vocab = Vocab.from_meta(meta)
     splits = {}
     for name in SPLITS:
         path = data_dir / f"{name}.npy"
         if not path.is_file():
             raise DatasetError(f"{data_dir} has no {name}.npy; prepare the dataset again")
-        splits[name] = np.load(path)
-    return Dataset(Vocab.from_meta(meta), CleaningOptions.from_dict(meta.get("cleaning", {})), meta, splits)
+        splits[name] = load_split(path, meta.get("split_sizes", {}).get(name), len(vocab))
+    return Dataset(vocab, CleaningOptions.from_dict(meta.get("cleaning", {})), meta, splits)
+
+
+def load_split(path: Path, expected_length: int | None, vocab_size: int) -> np.ndarray:
+    """One split's token ids, checked against meta.json: a file cut short by a full disk or an interrupted
+    copy must stop the command with one line, not a numpy traceback or a model trained on part of it."""
+    remedy = "prepare the dataset again with `python -m model prepare`"
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:  # numpy's errors for a cut or overwritten file
+        raise DatasetError(f"{path} is damaged (numpy cannot read it: {exc}); {remedy}") from None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise DatasetError(f"{path} holds {ids.dtype} of shape {ids.shape}, not one row of token ids; {remedy}")
+    if expected_length is not None and len(ids) != expected_length:
+        raise DatasetError(
+            f"{path} holds {len(ids):,} token ids where meta.json says {expected_length:,}; it is damaged or "
+            f"from another preparation; {remedy}"
+        )
+    if len(ids) and int(ids.max()) >= vocab_size:
+        raise DatasetError(f"{path} holds token id {int(ids.max())}, beyond the vocabulary of {vocab_size}; {remedy}")
+    return ids

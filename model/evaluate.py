@@ -188,15 +188,16 @@ def evaluate_ids(
     return float(nats.mean()), nats.numel()
 
 
-def checkpoint_dataset(ckpt: Checkpoint, path: str) -> str:
-    """The dataset folder a checkpoint was trained on, if it is still there and still the same data."""
+def checkpoint_dataset(ckpt: Checkpoint, path: str, remedy: str = "give --data DIR or --text FILE") -> str:
+    """The dataset folder a checkpoint was trained on, if it is still there and still the same data; `remedy`
+    ends the one-line error otherwise (what the calling command accepts instead)."""
     data_dir = ckpt.dataset or ckpt.train_config.get("data")
     if not data_dir:
-        raise UsageError(f"{path} does not record its dataset; give --data DIR (with --split) or --text FILE")
+        raise UsageError(f"{path} does not record its dataset; {remedy}")
     if not (Path(data_dir) / "meta.json").is_file():
-        raise UsageError(f"{path} was trained on {data_dir}, which is not there; give --data DIR or --text FILE")
+        raise UsageError(f"{path} was trained on {data_dir}, which is not there; {remedy}")
     if load_dataset(data_dir).sha256 != ckpt.dataset_sha256:
-        raise UsageError(f"{data_dir} was prepared again from other text since {path} was trained; give --data DIR")
+        raise UsageError(f"{data_dir} was prepared again from other text since {path} was trained; {remedy}")
     return data_dir
 
 

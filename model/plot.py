@@ -36,6 +36,12 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
 
 
+def train_bpc(record: dict) -> float:
+    """A training record's loss in bits per character, the unit of every table, plot and progress bar
+    (metrics.jsonl written before train_bpc existed holds the loss in nats only)."""
+    return record["train_bpc"] if "train_bpc" in record else record["train_loss"] / math.log(2)
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     train, val = read_metrics(run_dir)
@@ -50,7 +56,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     iters = [r["iter"] for r in train]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(iters, [r["train_loss"] / math.log(2) for r in train], label="train", lw=1)
+    ax.plot(iters, [train_bpc(r) for r in train], label="train", lw=1)
     if val:
         ax.plot([r["iter"] for r in val], [r["val_bpc"] for r in val], "o-", label="validation", ms=3)
     ax.set(xlabel="iteration", ylabel="bits per character", title="Loss")

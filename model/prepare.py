@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.cli import UsageError, check_input_file, command_parser, writable_dir
+from model.cli import UsageError, command_parser, read_utf8_text, writable_dir
 from model.dataset import split_sizes, write_dataset
 from model.text import CAPS_POLICIES, UNKNOWN_POLICIES, CleaningOptions, Vocab, clean_text
 
@@ -88,14 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_utf8(path: Path) -> tuple[str, str]:
     """The text and its sha256; a clear error for a missing, non-file or non-UTF-8 input."""
-    data = check_input_file(path, "input file").read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(
-            f"{path} is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} is invalid; "
-            "convert it, e.g. `iconv -f latin1 -t utf-8`"
-        ) from exc
+    text, data = read_utf8_text(path, "input file")
     return text, hashlib.sha256(data).hexdigest()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -18,9 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from model import train as train_module
-from model.cli import UsageError, command_parser, from_namespace
+from model.cli import UsageError, command_parser, from_namespace, parse_with_config
 from model.config import OPTIMIZERS, TrainConfig
-from model.plot import read_metrics
+from model.plot import read_metrics, train_bpc
 from model.schedule import parse_piecewise
 
 
@@ -50,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-iters", type=int, default=1000, help="iterations per run")
     p.add_argument("--eval-every", type=int, default=100, help="validate every N iterations")
+    p.add_argument(
+        "--train-config",
+        metavar="FILE",
+        help="a `python -m model train` config file (e.g. configs/tiny.toml) whose network and settings every run "
+        "shares; flags after `--` win over it, and the sweep's own settings win over both",
+    )
     p.add_argument("--replot", action="store_true", help="only redraw the plot of a finished sweep in --out")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="extra flags for every run, after --")
     return p
@@ -74,10 +79,11 @@ def candidates(args: argparse.Namespace) -> list[tuple[str, dict]]:
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
-    """The settings every run shares: the train flags after `--`, then the sweep's own."""
+    """The settings every run shares: --train-config, the train flags after `--`, then the sweep's own."""
     extra = [f for f in args.train_flags if f != "--"]
+    config_file = ["--config", args.train_config] if args.train_config else []
     try:
-        flags = train_module.build_parser().parse_args(["--data", args.data, *extra])
+        flags = parse_with_config(train_module.build_parser(), [*config_file, "--data", args.data, *extra])
     except SystemExit as exc:
         raise UsageError(f"bad training flags for the sweep: {' '.join(extra)}") from exc
     return dataclasses.replace(
@@ -98,9 +104,7 @@ def plot_sweep(out: Path, results: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for result in results:
         train, val = read_metrics(out / result["name"])
-        axes[0].plot(
-            [r["iter"] for r in train], [r["train_loss"] / math.log(2) for r in train], label=result["name"], lw=0.9
-        )
+        axes[0].plot([r["iter"] for r in train], [train_bpc(r) for r in train], label=result["name"], lw=0.9)
         axes[1].plot([r["iter"] for r in val], [r["val_bpc"] for r in val], "o-", ms=3, label=result["name"])
     # Log scale: a diverging learning rate's early spike would otherwise flatten every other curve.
     axes[0].set(xlabel="iteration", ylabel="train bits per character", title="Training loss", yscale="log")
@@ -117,7 +121,7 @@ def sweep_result(out: Path, name: str, summary: dict) -> dict:
     train, _ = read_metrics(out / name)
     return {
         "name": name,
-        "final_train_loss": train[-1]["train_loss"] if train else None,
+        "final_train_bpc": train_bpc(train[-1]) if train else None,
         "best_val_bpc": summary["best_val_bpc"],
         "final_val_bpc": summary["final_val_bpc"],
         "seconds": summary["elapsed_sec"],
@@ -145,12 +149,19 @@ def main(args: argparse.Namespace) -> None:
                 continue
         print(f"=== {name} ===")
         config = dataclasses.replace(base, out=str(out / name), **settings)
-        results.append(sweep_result(out, name, train_module.train(config)))
+        try:
+            results.append(sweep_result(out, name, train_module.train(config)))
+        except train_module.Interrupted as stopped:
+            raise train_module.Interrupted(
+                f"{stopped.message} (or run this lr-sweep again: finished runs are kept, {name} starts over)",
+                stopped.exit_code - 128,
+            ) from None
 
     (out / "lr_sweep.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot_sweep(out, results)
-    print(f"\n{'run':<20} {'train loss':>10} {'best val bpc':>13} {'seconds':>8}")
+    # Both losses in bits per character, as the progress bar and the plots show them.
+    print(f"\n{'run':<20} {'final train bits/char':>21} {'best val bits/char':>18} {'seconds':>8}")
     for r in results:
         best = f"{r['best_val_bpc']:.4f}" if r["best_val_bpc"] is not None else "-"
-        print(f"{r['name']:<20} {r['final_train_loss']:>10.4f} {best:>13} {r['seconds']:>8.0f}")
+        print(f"{r['name']:<20} {r['final_train_bpc']:>21.4f} {best:>18} {r['seconds']:>8.0f}")
     print(f"wrote {out / 'lr_sweep.png'} and {out / 'lr_sweep.json'}")

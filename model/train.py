@@ -2,8 +2,10 @@
 
 A batch is B contiguous streams through the training text; the hidden state carries over from one
 batch to the next (detached), as in torch-rnn and char-rnn. Everything needed to continue exactly
-where training stopped (model, optimizer, iteration, carried state, RNG) goes into each checkpoint.
-Runs under `torchrun` for multi-GPU data-parallel training.
+where training stopped (model, optimizer, iteration, carried state, RNG, the run's settings) goes into
+each checkpoint; `--resume` takes the settings back (model.resume). last.pt is also written every
+--save-every-minutes and when SIGINT or SIGTERM stops the loop (`StopSignals`), so an interrupted run
+loses minutes at most. Runs under `torchrun` for multi-GPU data-parallel training.
 
 One run is a `Run` (the state object): `setup` builds it from a `TrainConfig`, `train_step` advances it
 by one batch, `validate` scores it, `save_checkpoints` writes it; `train` is the loop around them.
@@ -12,14 +14,18 @@ by one batch, `validate` scores it, `save_checkpoints` writes it; `train` is the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +41,13 @@ from model.config import TrainConfig
 from model.dataset import Dataset, load_dataset
 from model.evaluate import evaluate_ids
 from model.model import CharRNN, State, detach_state, nats_to_bits
+from model.resume import resumed_config, saved_settings
 from model.sample import sample_text
 from model.schedule import make_schedule
 
 # Files that mark a folder as holding a run, so a new run there would replace its work.
 RUN_FILES = ("metrics.jsonl", "last.pt", "best.pt", "summary.json")
+CKPT_ITER = re.compile(r"ckpt_iter(\d+)_val")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,15 +170,41 @@ def check_vocab(ckpt: Checkpoint, dataset: Dataset, path: str) -> None:
         )
 
 
+def holds_run(out: Path) -> bool:
+    return out.is_dir() and (any((out / name).exists() for name in RUN_FILES) or any(out.glob("ckpt_iter*.pt")))
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint a run in `out` would continue from: last.pt, else its latest ckpt_iterN (None if it has
+    none, as a run stopped before its first save)."""
+    if (out / "last.pt").is_file():
+        return out / "last.pt"
+    numbered = [(int(m.group(1)), p) for p in out.glob("ckpt_iter*_val*.pt") if (m := CKPT_ITER.match(p.name))]
+    return max(numbered)[1] if numbered else None
+
+
 def prepare_run_folder(config: TrainConfig) -> Path:
     """The --out folder, refusing one that holds a run unless this run continues it or --overwrite says so."""
     out = Path(config.out)
-    holds_run = out.is_dir() and (any((out / name).exists() for name in RUN_FILES) or any(out.glob("ckpt_iter*.pt")))
-    if holds_run and not config.resume:
-        if not config.overwrite:
+    if config.resume:
+        # Resuming writes checkpoints and metrics as the run's own: only into its folder or an empty one.
+        own_folder = Path(config.resume).resolve().parent
+        if holds_run(out) and out.resolve() != own_folder:
             raise UsageError(
-                f"--out {out} holds a training run; continue it with --resume {out / 'last.pt'}, "
-                "train into a new --out folder (also with --init-from), or give --overwrite to replace it"
+                f"--out {out} holds another training run, and --resume {config.resume} continues the run in "
+                f"{own_folder}; leave --out out (it defaults to the checkpoint's folder) or give a new folder"
+            )
+    elif holds_run(out):
+        if not config.overwrite:
+            found = newest_checkpoint(out)
+            advice = (
+                f"continue it with `python -m model train --resume {found}`"
+                if found
+                else "it has no checkpoint to continue from (it stopped before its first save)"
+            )
+            raise UsageError(
+                f"--out {out} holds a training run; {advice}, train into a new --out folder (also with "
+                "--init-from), or give --overwrite to replace it"
             )
         for stale in [*out.glob("ckpt_iter*.pt"), *(out / name for name in (*RUN_FILES, "samples.jsonl"))]:
             stale.unlink(missing_ok=True)
@@ -204,6 +238,7 @@ class Run:
     val_bpc: float | None = None
     val_iter: int | None = None  # the iteration val_bpc was measured at
     elapsed_before: float = 0.0  # seconds of training before a resume
+    resume_note: str | None = None  # printed by the banner
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -221,21 +256,31 @@ class Run:
         return round(self.iteration / self.per_epoch, 4)
 
 
-def build_network(config: TrainConfig, dataset: Dataset, device: torch.device) -> tuple[CharRNN, Checkpoint | None]:
-    """A new network, or the one of --resume / --init-from, and that checkpoint."""
-    source_path = config.resume or config.init_from
-    if not source_path:
+def build_network(
+    config: TrainConfig, dataset: Dataset, device: torch.device, resumed: Checkpoint | None
+) -> tuple[CharRNN, Checkpoint | None]:
+    """A new network, or the one of --resume (`resumed`) / --init-from, and that checkpoint."""
+    if resumed:
+        check_vocab(resumed, dataset, config.resume)
+        return resumed.build_model(device), resumed
+    if not config.init_from:
         net = CharRNN(config.model_config(len(dataset.vocab))).to(device)
         net.init_weights(config.init, config.init_std)
         return net, None
-    source = Checkpoint.load(source_path, device)
-    check_vocab(source, dataset, source_path)
-    # Fine-tuning may change regularisation; resuming continues the run as it was.
-    changes = {} if config.resume else {"dropout": config.dropout, "weight_drop": config.weight_drop}
-    return source.build_model(device, **changes), source
+    source = Checkpoint.load(config.init_from, device)
+    check_vocab(source, dataset, config.init_from)
+    # Fine-tuning may change regularisation.
+    return source.build_model(device, dropout=config.dropout, weight_drop=config.weight_drop), source
 
 
-def setup(config: TrainConfig) -> Run:
+def setup(config: TrainConfig, given: Collection[str] | None = None) -> Run:
+    """The run `config` describes; with --resume, the checkpoint's run, with the changes `given` allows
+    (`given`: the settings the user chose, see model.resume.chosen_settings)."""
+    resumed, resume_changes = None, []
+    if config.resume:
+        # Loaded on the CPU: the device, like every other setting, may come from the checkpoint.
+        resumed = Checkpoint.load(config.resume)
+        config, resume_changes = resumed_config(config, given, resumed)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -252,24 +297,13 @@ def setup(config: TrainConfig) -> Run:
     out_dir = prepare_run_folder(config) if rank == 0 else Path(config.out)
     # A different seed per rank, so that dropout masks differ across GPUs (as nanoGPT does).
     seed_everything(config.seed + rank)
-    net, source = build_network(config, dataset, device)
+    net, source = build_network(config, dataset, device, resumed)
     optimizer = make_optimizer(
         config.optimizer, net.parameters(), config.learning_rate, config.momentum, config.weight_decay
     )
     batcher = StreamBatcher(dataset.splits["train"], config.batch_size, config.seq_length, rank, world)
     per_epoch = batcher.batches_per_epoch
-    total_iters = config.max_iters or max(1, math.ceil(config.max_epochs * per_epoch))
-    lr_at = make_schedule(
-        config.lr_schedule,
-        config.learning_rate,
-        per_epoch,
-        total_iters,
-        config.lr_decay_every,
-        config.lr_decay_factor,
-        config.lr_steps,
-        config.warmup_iters,
-        config.min_lr_frac,
-    )
+    total_iters, lr_at = run_schedule(config, per_epoch)
     amp_dtype = autocast_dtype(device, config.amp)
     run = Run(
         config=config,
@@ -290,12 +324,18 @@ def setup(config: TrainConfig) -> Run:
         out_dir=out_dir,
         log=None,
     )
-    if config.resume:
-        optimizer.load_state_dict(source.optimizer)
-        run.iteration, run.rnn_state = source.iteration, source.rnn_state
-        run.best_val = source.best_val_bpc or math.inf
-        run.elapsed_before = source.elapsed
-        set_rng_state(source.rng)
+    if resumed:
+        if resumed.iteration >= total_iters:
+            raise UsageError(
+                f"{config.resume} is at iteration {resumed.iteration} and its run ends at iteration {total_iters}: "
+                "nothing to train; give --max-iters or --max-epochs beyond it to train on"
+            )
+        optimizer.load_state_dict(resumed.optimizer)
+        run.iteration, run.best_val = resumed.iteration, resumed.best_val_bpc or math.inf
+        run.rnn_state = state_to(resumed.rnn_state, device)
+        run.elapsed_before = resumed.elapsed
+        set_rng_state(resumed.rng)
+        run.resume_note = resume_note(run, resumed, resume_changes)
     elif source and not config.reset_iterations:
         run.iteration = source.iteration
     if run.is_main:
@@ -305,8 +345,50 @@ def setup(config: TrainConfig) -> Run:
     return run
 
 
+def run_schedule(config: TrainConfig, per_epoch: int) -> tuple[int, Callable[[int], float]]:
+    """The run's length in iterations and its learning rate as a function of the iteration."""
+    total_iters = config.max_iters or max(1, math.ceil(config.max_epochs * per_epoch))
+    lr_at = make_schedule(
+        config.lr_schedule,
+        config.learning_rate,
+        per_epoch,
+        total_iters,
+        config.lr_decay_every,
+        config.lr_decay_factor,
+        config.lr_steps,
+        config.warmup_iters,
+        config.min_lr_frac,
+    )
+    return total_iters, lr_at
+
+
+def state_to(state: State | None, device: torch.device) -> State | None:
+    """A carried hidden state (one tensor, or LSTM's pair) on `device`."""
+    if state is None:
+        return None
+    return state.to(device) if isinstance(state, torch.Tensor) else tuple(t.to(device) for t in state)
+
+
+def resume_note(run: Run, resumed: Checkpoint, changes: list[str]) -> str:
+    """What the banner says about a resumed run: where it goes on, and every setting that changed. A new run
+    length moves a cosine schedule (it decays over the whole run), so a learning rate that the change moves
+    is named too."""
+    note = f"resuming {run.config.resume} at iteration {run.iteration} (epoch {run.epoch():.2f})"
+    if not changes:
+        return note + " with the run's own settings"
+    note += f" with the run's settings, changed: {', '.join(changes)}"
+    saved = saved_settings(resumed)
+    as_it_was = dataclasses.replace(run.config, max_iters=saved["max_iters"], max_epochs=saved["max_epochs"])
+    planned, now = run_schedule(as_it_was, run.per_epoch)[1](run.iteration), run.lr_at(run.iteration)
+    if not math.isclose(planned, now, rel_tol=1e-6):
+        note += f"; the learning rate is {now:.2e} now, where the run as it was would have had {planned:.2e}"
+    return note
+
+
 def print_banner(run: Run) -> None:
     config, model_config = run.config, run.net.config
+    if run.resume_note:
+        print(run.resume_note)
     print(
         f"{model_config.model_type} {model_config.num_layers}x{model_config.rnn_size}, "
         f"{run.net.num_parameters():,} parameters; {len(run.dataset.splits['train']):,} training characters, "
@@ -447,9 +529,66 @@ def bar_status(run: Run, train_bpc: float | None, lr: float, chars_per_sec: floa
     )
 
 
-def train(config: TrainConfig) -> dict:
-    """Run training; returns a summary (best val bpc, checkpoint paths, time)."""
-    run = setup(config)
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after last.pt was saved; `python -m model` prints the message and
+    exits with the shell's code for the signal (128 + its number)."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.message, self.exit_code = message, 128 + signal_number
+
+
+class StopSignals:
+    """While active, SIGINT (Ctrl-C) and SIGTERM only ask the loop to stop after the current step, so that it
+    can save last.pt first; a second Ctrl-C stops at once, for when saving is not wanted."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received == signal.SIGINT and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = number
+
+    def __enter__(self) -> StopSignals:
+        # Python lets only the main thread install handlers; training run from another thread keeps the defaults.
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def stop_requested(run: Run, signals: StopSignals) -> bool:
+    """Whether to stop now; under torchrun every rank stops at the same iteration, or the others would wait
+    forever for a gradient exchange with a rank that left."""
+    if run.world == 1:
+        return signals.received is not None
+    flag = torch.tensor([0 if signals.received is None else 1], device=run.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def save_last(run: Run) -> Path:
+    """last.pt alone, without a validation: the periodic and the interrupt save (cheap, and they need not
+    wait for a validation pass over the whole val split)."""
+    path = run.out_dir / "last.pt"
+    make_checkpoint(run).save(path)
+    return path
+
+
+def train(config: TrainConfig, given: Collection[str] | None = None) -> dict:
+    """Run training; returns a summary (best val bpc, checkpoint paths, time).
+
+    given: with --resume, the settings the user chose (model.resume.chosen_settings); the rest come from
+    the checkpoint. Raises Interrupted after saving last.pt when SIGINT or SIGTERM arrives.
+    """
+    run = setup(config, given)
+    config = run.config  # a resumed run's own settings
     bar = tqdm(
         total=run.total_iters,
         initial=run.iteration,
@@ -460,40 +599,65 @@ def train(config: TrainConfig) -> dict:
     loss_sum, loss_count, window_start = 0.0, 0, time.perf_counter()
     train_bpc, lr, chars_per_sec = None, config.learning_rate, 0.0
     chars_per_iter = config.batch_size * config.seq_length * run.world
-    while run.iteration < run.total_iters:
-        done = run.iteration + 1
-        log_now = run.is_main and (done % config.print_every == 0 or done == run.total_iters)
-        step = train_step(run, measure_updates=log_now)
-        loss_sum, loss_count, lr = loss_sum + step.loss, loss_count + 1, step.lr
-        bar.update(1)
-        if log_now:
-            chars_per_sec = chars_per_iter * loss_count / (time.perf_counter() - window_start)
-            run.log.write(
-                {
-                    "iter": done,
-                    "epoch": run.epoch(),
-                    "train_loss": loss_sum / loss_count,
-                    "lr": step.lr,
-                    "grad_norm": step.grad_norm,
-                    "chars_per_sec": chars_per_sec,
-                    "elapsed": run.elapsed(),
-                    "update_ratio": step.update_ratio,
-                }
-            )
-            train_bpc = nats_to_bits(loss_sum / loss_count)
-            loss_sum, loss_count, window_start = 0.0, 0, time.perf_counter()
-        if not run.is_main:
-            continue
-        if done % config.eval_every == 0 or done == run.total_iters:
-            validate(run)
-        if config.sample_every and done % config.sample_every == 0:
-            print_sample(run, bar)
-        if done % config.checkpoint_every == 0 or done == run.total_iters:
-            save_checkpoints(run)
-        if log_now or run.val_iter == done:
-            bar.set_postfix_str(bar_status(run, train_bpc, lr, chars_per_sec))
+    last_save = time.monotonic()
+    with StopSignals() as signals:
+        while run.iteration < run.total_iters:
+            done = run.iteration + 1
+            log_now = run.is_main and (done % config.print_every == 0 or done == run.total_iters)
+            step = train_step(run, measure_updates=log_now)
+            loss_sum, loss_count, lr = loss_sum + step.loss, loss_count + 1, step.lr
+            bar.update(1)
+            if log_now:
+                chars_per_sec = chars_per_iter * loss_count / (time.perf_counter() - window_start)
+                train_bpc = nats_to_bits(loss_sum / loss_count)
+                run.log.write(
+                    {
+                        "iter": done,
+                        "epoch": run.epoch(),
+                        "train_loss": loss_sum / loss_count,
+                        "train_bpc": train_bpc,
+                        "lr": step.lr,
+                        "grad_norm": step.grad_norm,
+                        "chars_per_sec": chars_per_sec,
+                        "elapsed": run.elapsed(),
+                        "update_ratio": step.update_ratio,
+                    }
+                )
+                loss_sum, loss_count, window_start = 0.0, 0, time.perf_counter()
+            if run.is_main:
+                if done % config.eval_every == 0 or done == run.total_iters:
+                    validate(run)
+                if config.sample_every and done % config.sample_every == 0:
+                    print_sample(run, bar)
+                if done % config.checkpoint_every == 0 or done == run.total_iters:
+                    save_checkpoints(run)
+                    last_save = time.monotonic()
+                elif config.save_every_minutes and time.monotonic() - last_save >= 60 * config.save_every_minutes:
+                    save_last(run)
+                    last_save = time.monotonic()
+                if log_now or run.val_iter == done:
+                    bar.set_postfix_str(bar_status(run, train_bpc, lr, chars_per_sec))
+            # Checked once the iteration is complete (validated and saved where due), so that the interrupt's
+            # last.pt is the same as a regular checkpoint of that iteration.
+            if run.iteration < run.total_iters and stop_requested(run, signals):
+                bar.close()
+                stop(run, signals.received)
     bar.close()
     return finish(run)
+
+
+def stop(run: Run, signal_number: int | None) -> None:
+    """Save last.pt (rank 0) and raise Interrupted: the iteration just finished is the one resumed from."""
+    # Under torchrun a rank may learn of the stop from another rank's signal only.
+    signal_number = signal_number or signal.SIGTERM
+    message = f"interrupted by {signal.Signals(signal_number).name} at iteration {run.iteration}"
+    if run.is_main:
+        path = save_last(run)
+        run.log.close()
+        message += f": saved {path}; continue with `python -m model train --resume {path}`"
+    if run.world > 1:
+        torch.distributed.destroy_process_group()
+    raise Interrupted(message, signal_number)
 
 
 def finish(run: Run) -> dict:
@@ -520,4 +684,4 @@ def finish(run: Run) -> dict:
 
 
 def main(args: argparse.Namespace) -> None:
-    train(from_namespace(TrainConfig, args))
+    train(from_namespace(TrainConfig, args), getattr(args, "given", None))

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -174,23 +175,30 @@ def test_config_files_hold_the_flags_types(name, text, message, dataset, tmp_pat
 
 def test_checked_in_configs_are_valid(tmp_path):
     configs = sorted(Path("configs").glob("*.toml"))
-    assert {p.name for p in configs} >= {"bundled.toml", "default.toml", "lr-sweep.toml"}
-    from model.cli import parse_with_config
+    sweeps = {"lr-sweep.toml", "lr-sweep-tiny.toml"}
+    assert {p.name for p in configs} >= {"bundled.toml", "default.toml", "tiny.toml", *sweeps}
+    from model.cli import from_namespace, parse_with_config
+    from model.sweep import base_config, candidates
     from model.sweep import build_parser as sweep_parser
 
     for path in configs:
-        parser = sweep_parser() if path.name == "lr-sweep.toml" else build_parser()
+        parser = sweep_parser() if path.name in sweeps else build_parser()
         args = parse_with_config(parser, ["--config", str(path), "--data", str(tmp_path)])
-        if path.name != "lr-sweep.toml":
-            TrainConfig(**{k: v for k, v in vars(args).items() if k != "config"})
+        if path.name not in sweeps:
+            from_namespace(TrainConfig, args)
+    # The smoke run of the README, and the quick sweep that trains its network.
+    tiny = from_namespace(TrainConfig, parse_with_config(build_parser(), ["--config", "configs/tiny.toml"]))
+    assert (tiny.rnn_size, tiny.optimizer, tiny.max_iters, tiny.sample_every) == (128, "rmsprop", 400, 100)
+    args = parse_with_config(sweep_parser(), ["--config", "configs/lr-sweep-tiny.toml"])
+    assert len(candidates(args)) == 8
+    shared = base_config(args)
+    assert (shared.rnn_size, shared.dropout, shared.max_iters, shared.data) == (128, 0.0, 300, "data/speeches")
     bundled = parse_with_config(build_parser(), ["--config", "configs/bundled.toml"])
     assert (bundled.rnn_size, bundled.dropout, bundled.weight_drop, bundled.max_epochs) == (640, 0.3, 0.2, 10)
     assert bundled.data == "data/both" and bundled.threads == 1 and bundled.checkpoint_every == 250
     # The defaults of the dataclass are those of the default run's file.
     default = parse_with_config(build_parser(), ["--config", "configs/default.toml"])
-    assert TrainConfig(**{k: v for k, v in vars(default).items() if k != "config"}) == TrainConfig(
-        data="data/speeches", out="runs/default"
-    )
+    assert from_namespace(TrainConfig, default) == TrainConfig(data="data/speeches", out="runs/default")
 
 
 def test_help_lists_every_config_field_with_its_default(capsys):
@@ -216,6 +224,46 @@ def test_an_existing_run_is_never_replaced_without_overwrite(trained_run, datase
     (tuned / "ckpt_iter99_val9.0000.pt").write_bytes(b"stale")
     model_main([*argv[:4], str(tuned), "--max-iters", "3", *TINY, "--overwrite"])
     assert [p.name.split("_val")[0] for p in tuned.glob("ckpt_*")] == ["ckpt_iter3"]
+
+
+def test_advice_to_continue_a_run_names_a_checkpoint_that_exists(trained_run, dataset, tmp_path, capsys):
+    argv = ["train", "--data", str(dataset), *TINY, "--max-iters", "3"]
+    # A run stopped before its first save (Ctrl-C did that before last.pt was saved on signals).
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copy(trained_run / "metrics.jsonl", stopped / "metrics.jsonl")
+    err = one_line_error(capsys, model_main, [*argv, "--out", str(stopped)])
+    assert "it has no checkpoint to continue from" in err and "--resume" not in err and "--overwrite" in err
+    # Without last.pt the newest numbered checkpoint is the one to continue from, and the advice works.
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    (copy / "last.pt").unlink()
+    shutil.copy(next(copy.glob("ckpt_iter10_*.pt")), copy / "ckpt_iter2_val9.9999.pt")
+    err = one_line_error(capsys, model_main, [*argv, "--out", str(copy)])
+    advised = err.split("`python -m model train --resume ")[1].split("`")[0]
+    assert Path(advised) == next(copy.glob("ckpt_iter10_*.pt"))
+    model_main(["train", "--resume", advised, "--max-iters", "12"])
+    assert Checkpoint.load(copy / "last.pt").iteration == 12
+
+
+def test_a_damaged_dataset_file_is_named_in_one_line(dataset, tmp_path, capsys):
+    damaged = tmp_path / "ds"
+    shutil.copytree(dataset, damaged)
+    whole = (dataset / "train.npy").read_bytes()
+    argv = ["train", "--data", str(damaged), "--out", str(tmp_path / "run"), *TINY]
+    for cut in (len(whole) - 7, 40, 0):  # cut in the ids, in the header, nothing left
+        (damaged / "train.npy").write_bytes(whole[:cut])
+        err = one_line_error(capsys, model_main, argv)
+        assert f"{damaged / 'train.npy'} is damaged" in err and "prepare the dataset again" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_named_in_one_line(dataset, tmp_path, capsys):
+    config = tmp_path / "latin1.toml"
+    config.write_bytes("# Réglages\nrnn-size = 16\n".encode("latin-1"))
+    for command in (["train", "--data", str(dataset)], ["lr-sweep", "--data", str(dataset)]):
+        err = one_line_error(capsys, model_main, [*command, "--config", str(config)])
+        assert f"config file {config} is not UTF-8: byte 0xe9 at offset 3 is invalid" in err
 
 
 def test_sampling_length_has_a_ceiling(trained_run, capsys):

@@ -2,7 +2,12 @@
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +157,160 @@ def test_resume_gives_the_same_losses_as_uninterrupted_training(tiny_data, tmp_p
     assert (tmp_path / "split" / f"ckpt_iter12_val{val_at_12:.4f}.pt").is_file()
 
 
+# A run whose recipe differs from the defaults everywhere a resume could lose it (issue 24).
+OWN_RECIPE = ["--model-type", "gru", "--batch-size", "8", "--lr-schedule", "constant", "--learning-rate", "0.01"]
+OWN_RECIPE += ["--max-iters", "12", "--checkpoint-every", "6", "--eval-every", "4", "--seed", "7"]
+
+
+def test_resume_restores_the_runs_own_settings(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    model_main(["train", "--data", str(tiny_data), "--out", str(run), *TINY, *OWN_RECIPE])
+    straight, config = train_losses(run), json.loads((run / "config.json").read_text())
+    # Only --resume: batch 8, GRU, constant lr, 12 iterations, its folder and dataset all come from the run.
+    capsys.readouterr()
+    model_main(["train", "--resume", str(next(run.glob("ckpt_iter6_*.pt")))])
+    assert "resuming" in capsys.readouterr().out
+    assert len(train_losses(run)) == 12
+    assert max(abs(a - b) for a, b in zip(straight, train_losses(run), strict=True)) < 1e-5
+    resumed = json.loads((run / "config.json").read_text())
+    assert {k: v for k, v in resumed.items() if k != "resume"} == {k: v for k, v in config.items() if k != "resume"}
+    ckpt = Checkpoint.load(run / "last.pt")
+    assert (ckpt.iteration, ckpt.model_config["model_type"], ckpt.train_config["batch_size"]) == (12, "gru", 8)
+
+
+def test_resume_allows_run_length_and_reporting_changes_and_refuses_the_rest(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    model_main(["train", "--data", str(tiny_data), "--out", str(run), *TINY, *OWN_RECIPE])
+    last = str(run / "last.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    # Flags that change the recipe, on the command line or in --config, are refused in one line.
+    err = run_cli_error(["train", "--resume", last, "--batch-size", "4", "--max-iters", "20"], capsys)
+    assert err.startswith("error: --batch-size 4 (the run's: 8): a run resumed from") and err.count("\n") == 1
+    assert "only --max-iters, --max-epochs, --eval-every" in err and "--init-from" in err
+    config = tmp_path / "recipe.toml"
+    config.write_text('lr-schedule = "cosine"\nlearning-rate = 0.002\n', encoding="utf-8")
+    err = run_cli_error(["train", "--resume", last, "--config", str(config)], capsys)
+    assert "--learning-rate 0.002 (the run's: 0.01); --lr-schedule cosine (the run's: constant)" in err
+    # The same values as the run's are no change at all (the README repeats --data and --out).
+    err = run_cli_error(
+        ["train", "--resume", last, "--data", str(tiny_data), "--out", str(run), "--batch-size", "8"], capsys
+    )
+    assert "is at iteration 12 and its run ends at iteration 12: nothing to train" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # Run length and reporting may change, and the banner says so.
+    model_main(["train", "--resume", last, "--max-iters", "16", "--eval-every", "8"])
+    banner = capsys.readouterr().out
+    assert "resuming" in banner and "changed: --eval-every 4 -> 8, --max-iters 12 -> 16" in banner
+    _, val = read_metrics(run)
+    assert [r["iter"] for r in val] == [4, 6, 8, 12, 16]
+    # --max-epochs alone sets the length in epochs, for a run started with --max-iters too.
+    per_epoch = (len(load_dataset(tiny_data).splits["train"]) - 1) // 8 // 16
+    model_main(["train", "--resume", last, "--max-epochs", str(18 / per_epoch)])
+    assert "--max-iters 16 -> 0" in capsys.readouterr().out
+    assert Checkpoint.load(run / "last.pt").iteration == 18
+
+
+def test_resume_never_writes_into_another_runs_folder(tiny_data, tmp_path, capsys):
+    ours, theirs = tmp_path / "lstm", tmp_path / "gru"
+    model_main(["train", "--data", str(tiny_data), "--out", str(ours), "--max-iters", "6", *TINY])
+    model_main(["train", "--data", str(tiny_data), "--out", str(theirs), *TINY, *OWN_RECIPE])
+    before = {p.name: p.read_bytes() for p in theirs.iterdir() if p.is_file()}
+    argv = ["train", "--resume", str(ours / "last.pt"), "--max-iters", "9"]
+    capsys.readouterr()
+    err = run_cli_error([*argv, "--out", str(theirs)], capsys)
+    assert f"--out {theirs} holds another training run" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in theirs.iterdir() if p.is_file()} == before
+    err = run_cli_error([*argv, "--out", str(theirs), "--overwrite"], capsys)
+    assert "give --resume (continue a run) or --overwrite (replace it with a new one), not both" in err
+    # Another dataset is another run, not this one continued.
+    other = tmp_path / "other"
+    # The same characters (so the same vocabulary) in another order.
+    (tmp_path / "other.txt").write_text("Believe me. We will make America great again. " * 60, encoding="utf-8")
+    model_main(["prepare", "--input", str(tmp_path / "other.txt"), "--out", str(other), "--batch-size", "4"])
+    err = run_cli_error([*argv, "--data", str(other)], capsys)
+    assert f"--data {other} holds other text than the run resumed from" in err
+    # A new folder is a branch of the run: it goes on from the checkpoint there.
+    model_main([*argv, "--out", str(tmp_path / "branch")])
+    assert Checkpoint.load(tmp_path / "branch" / "last.pt").iteration == 9
+    assert "learning rate" not in capsys.readouterr().out  # still warming up: the length does not move it
+    # A cosine schedule decays over the whole run, so a new length moves the rate, and the banner says so.
+    cosine = tmp_path / "cosine"
+    model_main(
+        ["train", "--data", str(tiny_data), "--out", str(cosine), *TINY, "--max-iters", "6", "--warmup-iters", "2"]
+    )
+    capsys.readouterr()
+    model_main(["train", "--resume", str(cosine / "last.pt"), "--max-iters", "10"])
+    banner = capsys.readouterr().out
+    # At iteration 6 of 6 the cosine was at its floor (5% of 2e-3); at 6 of 10 it is halfway down.
+    assert "the learning rate is 1.05e-03 now, where the run as it was would have had 1.00e-04" in banner
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs that would go on for hours: only a signal ends them. A constant rate, so that a run of any length
+# takes the same steps as the interrupted one.
+ENDLESS = ["--max-iters", "1000000", "--checkpoint-every", "1000000", "--lr-schedule", "constant"]
+
+
+def start_training(tiny_data: Path, out: Path, *flags: str) -> subprocess.Popen:
+    """`python -m model train` as a user runs it, in its own process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "model", "train", "--data", str(tiny_data), "--out", str(out), *TINY, *flags]
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the training process never got there"
+        time.sleep(0.02)
+
+
+def logged_iterations(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return sum(1 for line in path.read_text().splitlines() if '"train_loss"' in line) if path.is_file() else 0
+
+
+def test_ctrl_c_saves_last_pt_and_the_resume_continues_exactly(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    process = start_training(tiny_data, out, *ENDLESS)
+    wait_for(lambda: logged_iterations(out) >= 3, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    ckpt = Checkpoint.load(out / "last.pt")
+    stopped_at = ckpt.iteration
+    assert stopped_at == logged_iterations(out) >= 3
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted by SIGINT at iteration {stopped_at}: saved {out / 'last.pt'}; "
+        f"continue with `python -m model train --resume {out / 'last.pt'}`"
+    )
+    # The advice works, and the resumed run takes the very steps of a run never interrupted.
+    model_main(["train", "--resume", str(out / "last.pt"), "--max-iters", str(stopped_at + 5)])
+    straight = tmp_path / "straight"
+    length = ["--max-iters", str(stopped_at + 5), "--lr-schedule", "constant"]
+    model_main(["train", "--data", str(tiny_data), "--out", str(straight), *TINY, *length])
+    assert len(train_losses(out)) == len(train_losses(straight)) == stopped_at + 5
+    assert max(abs(a - b) for a, b in zip(train_losses(straight), train_losses(out), strict=True)) < 1e-5
+
+
+def test_last_pt_is_saved_every_few_minutes_and_on_sigterm(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    process = start_training(tiny_data, out, *ENDLESS, "--save-every-minutes", "0.002")  # every 0.12 s
+    wait_for(lambda: (out / "last.pt").is_file(), process)
+    periodic = Checkpoint.load(out / "last.pt").iteration
+    assert periodic > 0 and not list(out.glob("ckpt_iter*"))  # saved by the clock while it runs on
+    wait_for(lambda: logged_iterations(out) > periodic + 3, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and "Traceback" not in err
+    stopped_at = Checkpoint.load(out / "last.pt").iteration
+    assert stopped_at == logged_iterations(out) > periodic
+    assert f"interrupted by SIGTERM at iteration {stopped_at}: saved {out / 'last.pt'}" in err
+    model_main(["train", "--resume", str(out / "last.pt"), "--max-iters", str(stopped_at + 2)])
+    assert [r["iter"] for r in read_metrics(out)[0]] == list(range(1, stopped_at + 3))
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt")
@@ -234,7 +393,14 @@ def test_lr_sweep_compares_runs_and_an_interrupted_sweep_keeps_finished_runs(tin
     results = json.loads((tmp_path / "lr_sweep.json").read_text())
     assert [r["name"] for r in results] == ["rmsprop-lr0.05", "rmsprop-lr0.01", "rmsprop-decay"]
     assert all(r["best_val_bpc"] > 0 for r in results) and (tmp_path / "lr_sweep.png").stat().st_size > 0
-    capsys.readouterr()
+    # One unit everywhere: the table's train loss is in bits/char like its val, and so is metrics.jsonl's.
+    table = capsys.readouterr().out.split("\nrun ")[1]
+    assert table.split()[:6] == ["final", "train", "bits/char", "best", "val", "bits/char"]
+    for result in results:
+        last = read_metrics(tmp_path / result["name"])[0][-1]
+        assert last["train_bpc"] == pytest.approx(last["train_loss"] / math.log(2))
+        assert result["final_train_bpc"] == last["train_bpc"]
+        assert f"{result['name']:<20} {last['train_bpc']:>21.4f}" in table
     # As if the last run had been killed: only it is trained again.
     shutil.rmtree(tmp_path / "rmsprop-decay")
     kept_metrics = (tmp_path / "rmsprop-lr0.05" / "metrics.jsonl").read_bytes()
