@@ -27,7 +27,7 @@ from bot.inference.int8_weights import (
     to_layout,
 )
 from bot.inference.modelfile import DEFAULT_MODEL_PATH, INT8_WEIGHTS
-from bot.inference.runner import ModelRunner
+from bot.inference.runner import ModelFileError, ModelRunner
 from bot.services import open_engine
 from export.__main__ import main as export_main
 from export.evaluate import onnx_char_nats
@@ -210,3 +210,13 @@ def test_the_bundled_model_writes_on_this_cpu_what_it_wrote_on_a_xeon():
     VNNI (as before the layout followed the CPU) it departed after 132 characters."""
     with GenerationEngine(DEFAULT_MODEL_PATH, providers="cpu", threads=1, lanes=1) as engine:
         assert engine.generate("", len(XEON_SEED_5), sampling=SamplingParams(temperature=0.9), seed=5) == XEON_SEED_5
+
+
+def test_a_file_whose_weights_cannot_be_converted_is_refused_in_one_line(old_int8, tmp_path):
+    model = onnx.load(old_int8)
+    # Another reader of a weight: converting it would change what that node reads.
+    model.graph.node.append(onnx.helper.make_node("Identity", ["m0_wd_q"], ["unused_copy"]))
+    path = tmp_path / "shared-weight.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ModelFileError, match=r"cannot be served with uint8 weights: .* also read by a Identity node"):
+        ModelRunner(path, "cpu", 1, UINT8)
