@@ -4,6 +4,7 @@
     python -m bench.generation --checkpoint CKPT # a trained model
     python -m bench.generation --model bot/assets/speechbot.onnx   # a shipped export (ORT rows only)
     python -m bench.generation --model old.onnx new.onnx           # exports side by side, in the same rounds
+    python -m bench.generation --model bot/assets/speechbot.onnx --int8-weights auto,int8   # int8 weight layouts
 
 Single stream: µs per character and the latency of one 500-character speech (empty prompt), through
 each path's real sampling loop (model.sample for PyTorch, bot.inference.engine for onnxruntime; PyTorch without
@@ -13,7 +14,8 @@ continuous batching, and the ratio to one stream; each onnxruntime path runs wit
 (workers on separate cores, bot/inference/engine.py). "graph µs" is a bare ModelRunner.sample of whole chunks at
 batch 1, per character (the chunk graph alone, bot/inference/chunk_graph.py). A host probe in the batched
 rounds times bare 32-row chunk graphs on one thread and on two: what two lanes could gain at best on
-this machine at that time (a shared VM's second core comes and goes).
+this machine at that time (a shared VM's second core comes and goes). An int8 model runs once per
+`--int8-weights` layout (bot/inference/int8_weights.py; default: the one the engine chooses for this CPU).
 The machine is shared, so candidates are timed in rounds, each round running every candidate once
 (interleaved, so a burst of someone else's load hits them alike), and each keeps its best round. The
 ratio of 64 streams to one is given twice: best round against best round ("64÷1"), which reads low
@@ -40,7 +42,9 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.report import write_json
+from bot.inference.api import INT8_WEIGHT_CHOICES
 from bot.inference.engine import CHUNK, GenerationEngine
+from bot.inference.int8_weights import serving_layout
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.inference.runner import ModelRunner, read_model_info
 from model.text import CleaningOptions, Vocab
@@ -81,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--lanes",
         default="1,2",
         help="engine lanes to compare (combinations with more threads in all than cores are skipped)",
+    )
+    p.add_argument(
+        "--int8-weights",
+        default="auto",
+        help=f"weight layouts to serve each int8 model in, side by side (from {', '.join(INT8_WEIGHT_CHOICES)}; "
+        "auto: the engine's choice for this CPU)",
     )
     p.add_argument("--json", default="docs/bench/generation.json", help="where to write the results")
     return p
@@ -172,10 +182,10 @@ def bare_chunks(runner: ModelRunner, rows: int) -> Callable[[], object]:
     return lambda: [runner.sample(*inputs) for _ in range(GRAPH_CHUNKS)]
 
 
-def host_scaling_runs(model: Path) -> dict[tuple[str, int], Callable[[], object]]:
+def host_scaling_runs(model: Path, int8_weights: str) -> dict[tuple[str, int], Callable[[], object]]:
     """Bare chunk graphs of HOST_ROWS rows on one thread, and on two at once (a runner each): whether the
     host lets this process use two whole cores while the batched rounds run (a shared VM often does not)."""
-    work = [bare_chunks(ModelRunner(model, "cpu", threads=1), HOST_ROWS) for _ in range(2)]
+    work = [bare_chunks(ModelRunner(model, "cpu", 1, int8_weights), HOST_ROWS) for _ in range(2)]
 
     def both() -> None:
         threads = [threading.Thread(target=run) for run in work]
@@ -200,8 +210,26 @@ def concurrent_streams(
     return lambda: loop.run_until_complete(together())
 
 
+def served_as(files: dict[str, Path], int8_weights: list[str]) -> dict[str, tuple[Path, str]]:
+    """Each file under its label, an int8 file once per weight layout (labelled with the layout it is served
+    in): label -> (file, int8_weights)."""
+    models = {}
+    for label, path in files.items():
+        if read_model_info(path)[1].precision != "int8":
+            models[label] = (path, "auto")
+            continue
+        for asked in int8_weights:
+            served = serving_layout(asked)
+            models[f"{label} {served} weights" + (" (auto)" if asked == "auto" else "")] = (path, asked)
+    return models
+
+
 def main() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
+    int8_weights = args.int8_weights.split(",")
+    if unknown := [w for w in int8_weights if w not in INT8_WEIGHT_CHOICES]:
+        parser.error(f"--int8-weights {unknown[0]!r} is not one of {', '.join(INT8_WEIGHT_CHOICES)}")
     streams = [int(s) for s in args.streams.split(",")]
     layouts = [
         (int(t), int(n))
@@ -211,11 +239,11 @@ def main() -> None:
     ]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        models: dict[str, Path] = {}
+        files: dict[str, Path] = {}
         checkpoint = None
         if args.model:
             for path in args.model:
-                models[f"{read_model_info(path)[1].precision} ({Path(path).name})"] = Path(path)
+                files[f"{read_model_info(path)[1].precision} ({Path(path).name})"] = Path(path)
             label = ", ".join(args.model)
         else:
             checkpoint = (
@@ -227,17 +255,19 @@ def main() -> None:
             from export.pipeline import export_checkpoint
 
             for precision in ("fp32", "int8") if args.provider == "cpu" else ("fp32", "fp16"):
-                models[precision] = export_checkpoint(checkpoint, Path(tmp) / f"{precision}.onnx", precision).path
+                files[precision] = export_checkpoint(checkpoint, Path(tmp) / f"{precision}.onnx", precision).path
+        models = served_as(files, int8_weights)
         engines = {
-            (f"onnxruntime {precision}", threads, lanes): GenerationEngine(
-                models[precision],
+            (f"onnxruntime {name}", threads, lanes): GenerationEngine(
+                path,
                 providers=args.provider,
                 threads=threads,
                 max_batch=args.max_batch,
                 max_queue=max(streams),
                 lanes=lanes,
+                int8_weights=asked,
             )
-            for precision in models
+            for name, (path, asked) in models.items()
             for threads, lanes in layouts
         }
         loop = asyncio.new_event_loop()
@@ -259,7 +289,7 @@ def main() -> None:
                     for key, engine in engines.items()
                     for n in streams
                 }
-                | (host_scaling_runs(models[list(models)[-1]]) if args.provider == "cpu" else {}),
+                | (host_scaling_runs(*models[list(models)[-1]]) if args.provider == "cpu" else {}),
                 args.repeats,
             )
             batched = {key: min(times) for key, times in batched_rounds.items()}
@@ -293,7 +323,8 @@ def main() -> None:
                 "us_per_char": single[key] / args.length * 1e6,
                 "speech_ms": single[key] * 1e3,
                 "graph_us_per_char": chunk[key] / (GRAPH_CHUNKS * CHUNK) * 1e6,
-                "size_mb": models[name.removeprefix("onnxruntime ")].stat().st_size / 1e6,
+                "size_mb": models[name.removeprefix("onnxruntime ")][0].stat().st_size / 1e6,
+                "int8_weights": engines[key].runner.int8_weights,
             }
             for n in streams:
                 row[f"chars_per_s_{n}"] = n * args.length / batched[(key, n)]
@@ -310,15 +341,16 @@ def main() -> None:
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
         f"onnxruntime {ort.__version__}, torch {torch_version()}"
     )
+    width = max(40, *(len(row["path"]) for row in rows))
     header = (
-        f"{'path':<40} {'thr':>3} {'lanes':>5} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'graph µs':>8}"
+        f"{'path':<{width}} {'thr':>3} {'lanes':>5} {'µs/char':>8} {'speech ms':>9} {'vs first':>8} {'graph µs':>8}"
         + "".join(f" {f'{n} str c/s':>12}" for n in streams)
         + (f" {'64÷1':>6} {'median':>6}" if 1 in streams and 64 in streams else "")
     )
     print(header)
     for row in rows:
         line = (
-            f"{row['path']:<40} {row['threads']:>3} {row['lanes']:>5} {row['us_per_char']:>8.1f} "
+            f"{row['path']:<{width}} {row['threads']:>3} {row['lanes']:>5} {row['us_per_char']:>8.1f} "
             f"{row['speech_ms']:>9.1f} {baseline / row['us_per_char']:>7.1f}× "
             f"{row.get('graph_us_per_char', float('nan')):>8.1f}"
         )

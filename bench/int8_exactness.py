@@ -1,8 +1,8 @@
-"""Are the int8 graph's integer matmuls exact on this CPU? int8 weights (U8S8, files before the change) against
-uint8 weights with zero point 128 (U8U8, export.int8_lstm today), and what that does to a model's score.
+"""Are the int8 graph's integer matmuls exact on this CPU? int8 weights (U8S8) against uint8 weights with zero
+point 128 (U8U8) (bot/inference/int8_weights.py), and what that does to a model's score.
 
     python -m bench.int8_exactness
-    python -m bench.int8_exactness --model OLD.onnx NEW.onnx --text data/both/val.txt data/both/test.txt
+    python -m bench.int8_exactness --model bot/assets/speechbot.onnx --text data/both/val.txt data/both/test.txt
 
 Part 1: one quantized matmul of the step as the exporter builds it (export.int8_lstm.int8_matmul_model;
 1280 inputs × 640 outputs, layer 1 of the bundled 2×640), with its weights in each layout, run by
@@ -11,8 +11,9 @@ numpy (int64). A replay of VPMADDUBSW in numpy (adjacent pairs of uint8 × int8 
 int16 that saturates, then exact sums) shows whether that instruction explains the int8 layout's error.
 
 Part 2 (--model with --text): each file's bits/char on each text as one stream from a zero state (what
-`python -m export evaluate --streams 1` prints), and each later file against the first, character by
-character: the mean difference with its standard error and how many characters' predictions moved.
+`python -m export evaluate --streams 1` prints), served with each of `--int8-weights` (default: int8, then
+uint8), and each later candidate against the first, character by character: the mean difference with its
+standard error and how many characters' predictions moved.
 
 Prints tables and writes JSON.
 """
@@ -29,6 +30,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from bench.report import write_json
+from bot.inference.api import INT8_WEIGHT_CHOICES
+from bot.inference.int8_weights import INT8, to_layout
 from bot.inference.runner import ModelRunner
 from export.evaluate import onnx_char_nats
 from export.int8_lstm import WEIGHT_ZERO, int8_matmul_model
@@ -45,25 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.int8_exactness", description=__doc__.splitlines()[0])
     p.add_argument("--model", nargs="+", default=[], help="int8 model files to score side by side (first: baseline)")
     p.add_argument("--text", nargs="+", default=[], help="UTF-8 texts to score them on (e.g. data/both/val.txt)")
+    p.add_argument(
+        "--int8-weights",
+        nargs="+",
+        choices=INT8_WEIGHT_CHOICES,
+        default=["int8", "uint8"],
+        help="weight layouts to serve each model in (auto: the engine's choice for this CPU)",
+    )
     p.add_argument("--json", default="docs/bench/int8_exactness.json", help="where to write the results")
     return p
-
-
-def signed_layout(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same matmul as export.int8_lstm wrote it before its weights became unsigned: int8, no zero point."""
-    old = onnx.ModelProto()
-    old.CopyFrom(model)
-    for tensor in old.graph.initializer:
-        if tensor.name == "w_q":
-            unsigned = numpy_helper.to_array(tensor).astype(np.int16)
-            tensor.CopyFrom(numpy_helper.from_array((unsigned - WEIGHT_ZERO).astype(np.int8), "w_q"))
-    for node in old.graph.node:
-        if node.op_type == "MatMulIntegerToFloat":
-            node.input[5] = ""
-    kept = [t for t in old.graph.initializer if t.name != "weight_zero"]  # onnxruntime warns of unused ones
-    del old.graph.initializer[:]
-    old.graph.initializer.extend(kept)
-    return old
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -108,7 +101,7 @@ def matmul_rows(rng: np.random.Generator) -> list[dict]:
             exact = (h_q @ w_q) * scale
             top = float(np.abs(exact).max())
             replay = vpmaddubsw_replay(h_q, w_q) * scale
-            for layout, model in (("int8 weights (U8S8)", signed_layout(new)), ("uint8 weights (U8U8)", new)):
+            for layout, model in (("int8 weights (U8S8)", to_layout(new, INT8)), ("uint8 weights (U8U8)", new)):
                 (got,) = _session(model).run(["y"], {"h": h})
                 error = float(np.abs(got - exact).max()) / top
                 alone = np.concatenate([_session(model).run(["y"], {"h": h[r : r + 1]})[0] for r in range(ROWS)])
@@ -130,23 +123,25 @@ def matmul_rows(rng: np.random.Generator) -> list[dict]:
     return rows
 
 
-def score_rows(models: list[str], texts: list[str]) -> list[dict]:
+def score_rows(models: list[str], texts: list[str], int8_weights: list[str]) -> list[dict]:
     rows = []
     for text in texts:
         bits = {}
         for model in models:
-            runner = ModelRunner(model, "cpu", threads=1)
-            ids, _ = runner.info.text_ids(read_utf8(Path(text))[0])
-            bits[model] = onnx_char_nats(runner.session, runner.info, ids) / math.log(2)
-        base = bits[models[0]]
-        for model in models:
-            diff = bits[model] - base
+            for asked in int8_weights:
+                runner = ModelRunner(model, "cpu", 1, asked)
+                ids, _ = runner.info.text_ids(read_utf8(Path(text))[0])
+                name = f"{Path(model).name}, {runner.int8_weights} weights" + (" (auto)" if asked == "auto" else "")
+                bits[name] = onnx_char_nats(runner.session, runner.info, ids) / math.log(2)
+        base = next(iter(bits.values()))
+        for name, candidate in bits.items():
+            diff = candidate - base
             rows.append(
                 {
                     "text": text,
-                    "model": model,
+                    "model": name,
                     "characters": len(diff),
-                    "bits_per_char": float(bits[model].mean()),
+                    "bits_per_char": float(candidate.mean()),
                     "change": float(diff.mean()),
                     "change_standard_error": float(diff.std(ddof=1) / math.sqrt(len(diff))),
                     "characters_moved_over_1e-4_bits": int((np.abs(diff) > 1e-4).sum()),
@@ -173,7 +168,7 @@ def main() -> None:
             f"{'yes' if r['exact'] else 'NO':>5} {r['outputs_off_by_over_1e-5']:>11,} "
             f"{replay:>9} {r['rows_same_alone_and_batched']!s:>11}"
         )
-    scores = score_rows(args.model, args.text)
+    scores = score_rows(args.model, args.text, args.int8_weights)
     if scores:
         print(
             f"\n{'text':<22} {'model':<40} {'bits/char':>10} {'change':>10} {'± s.e.':>9} {'moved':>7} {'largest':>8}"

@@ -28,7 +28,7 @@ from model.sampling import BOT_SAMPLING, TEMPERATURE_RANGE, InvalidSampling, Sam
 
 PROG = "python -m bot"
 CONSOLE_CHAT_ID = 0  # never a Telegram chat id, so the console's settings live beside real chats
-MODEL_VARIABLES = ("MODEL_PATH", "ONNX_PROVIDERS", "ONNX_THREADS", "ONNX_LANES")
+MODEL_VARIABLES = ("MODEL_PATH", "ONNX_PROVIDERS", "ONNX_THREADS", "ONNX_LANES", "ONNX_INT8_WEIGHTS")
 CHAT_VARIABLES = ("DATABASE_URL", *MODEL_VARIABLES, "DEFAULT_TEMPERATURE", "DEFAULT_LENGTH")
 # The environment variables each command reads (all of them come from .env too); its --help lists them.
 COMMAND_VARIABLES = {

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from dotenv import dotenv_values
 
 from bot.heartbeat import HEARTBEAT_SECONDS
-from bot.inference.api import MAX_LANES, PROVIDER_CHOICES
+from bot.inference.api import INT8_WEIGHT_CHOICES, MAX_LANES, PROVIDER_CHOICES
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from model.sampling import BOT_SAMPLING, TEMPERATURE_MAX, TEMPERATURE_MIN, TEMPERATURE_RANGE
 
@@ -48,6 +48,7 @@ class Config:
     onnx_providers: str = "auto"
     onnx_threads: int | None = None
     onnx_lanes: int | None = None
+    onnx_int8_weights: str = "auto"
     log_level: str = "INFO"
     webhook_url: str | None = None
     webhook_listen: str = "127.0.0.1"
@@ -82,6 +83,7 @@ class Config:
             onnx_providers=reader.choice("ONNX_PROVIDERS", PROVIDER_CHOICES, cls.onnx_providers, str.lower),
             onnx_threads=reader.number("ONNX_THREADS", None, int, low=1, high=256),
             onnx_lanes=reader.number("ONNX_LANES", None, int, low=1, high=MAX_LANES),
+            onnx_int8_weights=reader.choice("ONNX_INT8_WEIGHTS", INT8_WEIGHT_CHOICES, cls.onnx_int8_weights, str.lower),
             log_level=reader.choice("LOG_LEVEL", LOG_LEVELS, cls.log_level, str.upper),
             webhook_url=reader.url("WEBHOOK_URL", schemes=("https",)),
             webhook_listen=reader.ip_address("WEBHOOK_LISTEN", cls.webhook_listen),
@@ -122,6 +124,10 @@ VARIABLES = {
     "ONNX_PROVIDERS": f"{', '.join(PROVIDER_CHOICES)} (default {Config.onnx_providers})",
     "ONNX_THREADS": "onnxruntime threads per lane, 1-256 (default 1)",
     "ONNX_LANES": f"generation workers, 1-{MAX_LANES} (default: from the CPU count)",
+    "ONNX_INT8_WEIGHTS": (
+        f"{', '.join(INT8_WEIGHT_CHOICES)}: an int8 model's weights as served (default {Config.onnx_int8_weights}: "
+        "int8 where the CPU has VNNI or AMX, else uint8)"
+    ),
     "LOG_LEVEL": f"{', '.join(LOG_LEVELS)} (default {Config.log_level})",
     "WEBHOOK_URL": "public https:// URL for updates; unset: long polling",
     "WEBHOOK_LISTEN": f"address the webhook server binds (default {Config.webhook_listen}; 0.0.0.0 in a container)",

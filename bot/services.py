@@ -47,6 +47,7 @@ def open_engine(config: Config, model_path: Path | None = None) -> GenerationEng
         providers=config.onnx_providers,
         threads=config.onnx_threads,
         lanes=config.onnx_lanes,
+        int8_weights=config.onnx_int8_weights,
     )
 
 

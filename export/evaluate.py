@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from bot.inference.api import PROVIDER_CHOICES, PROVIDERS
+from bot.inference.api import INT8_WEIGHT_CHOICES, PROVIDER_CHOICES, PROVIDERS
 from bot.inference.modelfile import ModelInfo, state_names
 from bot.inference.runner import ModelRunner, usable_cores
 from model.cli import UsageError
@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.onnx", help="model written by `python -m export`")
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")
     p.add_argument("--providers", choices=PROVIDER_CHOICES, default="auto", help="onnxruntime execution provider")
+    p.add_argument(
+        "--int8-weights",
+        choices=INT8_WEIGHT_CHOICES,
+        default="auto",
+        help="an int8 model's weights as served, as the bot's ONNX_INT8_WEIGHTS (auto: int8 where the CPU has "
+        "VNNI or AMX, else uint8; both exact there)",
+    )
     p.add_argument("--seq-length", type=int, default=512, help="characters per call (speed only)")
     p.add_argument(
         "--streams",
@@ -162,7 +169,7 @@ def main(args: argparse.Namespace) -> None:
     for name, value in (("--seq-length", args.seq_length), ("--streams", args.streams), ("--lanes", args.lanes)):
         if value is not None and value < 1:
             raise UsageError(f"{name} must be a positive number, not {value}")
-    runner = ModelRunner(args.model, args.providers)
+    runner = ModelRunner(args.model, args.providers, int8_weights=args.int8_weights)
     session, info, provider = runner.session, runner.info, runner.provider
     text, _ = read_utf8(Path(args.text))
     ids, unknown = info.text_ids(text)
@@ -170,10 +177,13 @@ def main(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.text} has fewer than 2 characters after cleaning; nothing to score")
     streams = stream_count(len(ids) - 1, args.streams)
     lanes = min(args.lanes or lane_count(provider, streams), streams)
-    sessions = [session] + [ModelRunner(args.model, args.providers).session for _ in range(lanes - 1)]
+    sessions = [session] + [
+        ModelRunner(args.model, args.providers, int8_weights=args.int8_weights).session for _ in range(lanes - 1)
+    ]
     nats = float(onnx_char_nats(sessions, info, ids, args.seq_length, streams, progress=args.progress).mean())
     vocab_note = f"{unknown:,} outside the vocabulary ({info.unknown_policy} policy)"
-    how = f"{info.precision} model on {provider}, {streams} stream{'s' if streams > 1 else ''}"
+    weights = f" ({runner.int8_weights} weights)" if runner.int8_weights else ""
+    how = f"{info.precision} model{weights} on {provider}, {streams} stream{'s' if streams > 1 else ''}"
     how += f" in {lanes} lanes" if lanes > 1 else ""
     print(f"{args.text}: {len(ids) - 1:,} characters scored, {vocab_note}; {how}")
     print(f"loss {nats:.4f} nats/char, {nats / math.log(2):.4f} bits/char")

@@ -12,12 +12,11 @@ AVX512 without VNNI) multiply with VPMADDUBSW, which adds two uint8 × int8 prod
 saturates (255 · 127 · 2 > 32767): the tests' tiny model lost 0.073 bits/char to int8 on an AVX2 AMD EPYC,
 0.0013 with uint8 weights (docs/export.md, bench/int8_exactness.py). onnxruntime's U8U8 kernels subtract
 the weights' zero point and multiply int16 pairs into int32 (VPMADDWD), so every integer matmul is exact
-on every CPU; the sums stay far inside int32 (1280 · 255 · 255 < 2^31). The price: onnxruntime 1.32 has no
-AVX512-VNNI or AMX kernel for U8U8 (only AVX-VNNI-INT8 CPUs get one), so on CPUs with those the matmuls
-may be slower than with int8 weights; on this project's AVX2 VM generation was 1.07-1.10× slower for one
-stream and 1.16-1.36× for 64 (docs/speed.md). Files written before this change keep int8 weights;
-`python -m export.requantize` converts them without loss, and the metadata key INT8_WEIGHTS tells the two
-apart (bot/inference/modelfile.py).
+on every CPU; the sums stay far inside int32 (1280 · 255 · 255 < 2^31). Where U8S8 is exact and faster
+(CPUs with VNNI or AMX), the runner converts the graph to int8 weights in memory, without loss
+(bot/inference/int8_weights.py), so the file's layout decides nothing about speed or results. Files
+written before this change keep int8 weights, and the metadata key INT8_WEIGHTS tells the two apart
+(bot/inference/modelfile.py).
 The quantized h is carried from step to step next to the float state, so each h is quantized once.
 
 Other savings: the embedding and layer 0's input weights and biases fold into a [vocab, H] table per
@@ -37,7 +36,13 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
-from bot.inference.modelfile import INT8_LOGITS_BATCH_FIRST, INT8_LOOP, INT8_READ_TOKEN
+from bot.inference.modelfile import (
+    INT8_LOGITS_BATCH_FIRST,
+    INT8_LOOP,
+    INT8_READ_TOKEN,
+    INT8_WEIGHT_ZERO,
+    INT8_WEIGHT_ZERO_NAME,
+)
 
 OPSET = 17
 
@@ -45,7 +50,7 @@ OPSET = 17
 GATES = "ifgo"  # PyTorch's order of the four gates in its LSTM weights and biases
 # Zero points of the quantized activations and weights: both uint8, so onnxruntime's matmul is U8U8.
 ACT_ZERO = 128
-WEIGHT_ZERO = 128
+WEIGHT_ZERO = INT8_WEIGHT_ZERO
 
 
 def _gates(weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -81,7 +86,7 @@ class _Builder:
 
     def int8_matmul(self, x_q: str, weight: str, out: str, bias: str | None = None) -> str:
         """Integer matmul, scaling and bias in one onnxruntime kernel."""
-        inputs = [x_q, f"{weight}_q", "act_scale", f"{weight}_scale", "act_zero", "weight_zero"]
+        inputs = [x_q, f"{weight}_q", "act_scale", f"{weight}_scale", "act_zero", INT8_WEIGHT_ZERO_NAME]
         return self.op("MatMulIntegerToFloat", inputs + ([bias] if bias else []), out, domain="com.microsoft")
 
 
@@ -168,7 +173,7 @@ def _hidden_size(weights: dict[str, np.ndarray]) -> int:
 def _shared_constants(b: _Builder, members: int) -> None:
     b.const("act_scale", np.array(1 / 127, np.float32))
     b.const("act_zero", np.array(ACT_ZERO, np.uint8))
-    b.const("weight_zero", np.array(WEIGHT_ZERO, np.uint8))
+    b.const(INT8_WEIGHT_ZERO_NAME, np.array(WEIGHT_ZERO, np.uint8))
     b.const("axis0", np.array([0], np.int64))
     b.const("axis1", np.array([1], np.int64))
     b.const("keep_going", np.array(True))

@@ -57,6 +57,7 @@ def test_dotenv_is_read_and_environment_wins(tmp_path):
         ("COOLDOWN_SECONDS", "-1", "out of range"),
         ("ONNX_THREADS", "0", "out of range"),
         ("ONNX_LANES", "9", "out of range"),
+        ("ONNX_INT8_WEIGHTS", "int4", "use one of: auto, int8, uint8"),
         ("TELEGRAM_MESSAGES_PER_SECOND", "0.5", "use at least 1 and at most 100000"),
         ("TELEGRAM_MESSAGES_PER_SECOND", "fast", "not a number"),
         ("WEBHOOK_LISTEN", "everywhere", "is not an IP address; use 127.0.0.1"),
@@ -104,5 +105,5 @@ def test_the_heartbeat_check_leaves_no_fresh_heartbeat_behind(tmp_path):
 
 
 def test_every_variable_read_is_described_for_help():
-    read = set(re.findall(r'"([A-Z][A-Z_]+)"', inspect.getsource(Config.from_env)))
+    read = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', inspect.getsource(Config.from_env)))
     assert read | {"TELEGRAM_BOT_TOKEN"} == set(VARIABLES)  # the token's name is in _Reader.token

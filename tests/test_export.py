@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bot.inference.engine import GenerationEngine
+from bot.inference.int8_weights import INT8, to_layout
 from bot.inference.modelfile import INT8_UNSIGNED_WEIGHTS, INT8_WEIGHTS, MetadataError, parse_props
 from bot.inference.runner import ModelFileError, ProviderError, read_model_info
 from export.__main__ import main as export_main
@@ -162,30 +163,9 @@ def test_int8_export_stores_weights_unsigned(tiny_int8):
     assert read_model_info(tiny_int8)[1].extra == {INT8_WEIGHTS: INT8_UNSIGNED_WEIGHTS}
 
 
-def signed_layout(model: onnx.ModelProto) -> onnx.ModelProto:
-    """An int8 file as export.int8_lstm wrote it before its weights became unsigned (the bundled model until
-    then): int8 weights, no weight zero point, no INT8_WEIGHTS metadata."""
-    old = onnx.ModelProto()
-    old.CopyFrom(model)
-    weights = {node.input[1] for node in _int8_matmuls(old)}
-    for tensor in old.graph.initializer:
-        if tensor.name in weights:
-            unsigned = onnx.numpy_helper.to_array(tensor).astype(np.int16)
-            tensor.CopyFrom(onnx.numpy_helper.from_array((unsigned - WEIGHT_ZERO).astype(np.int8), tensor.name))
-    kept = [t for t in old.graph.initializer if t.name != "weight_zero"]
-    del old.graph.initializer[:]
-    old.graph.initializer.extend(kept)
-    for node in _int8_matmuls(old):
-        node.input[5] = ""
-    props = {p.key: p.value for p in old.metadata_props if p.key != INT8_WEIGHTS}
-    del old.metadata_props[:]
-    onnx.helper.set_model_props(old, props)
-    return old
-
-
 def test_requantize_turns_an_old_int8_file_into_todays(tiny_dir, tiny_int8, capsys):
     old_path, new_path = tiny_dir / "old-int8.onnx", tiny_dir / "requantized.onnx"
-    onnx.save(signed_layout(onnx.load(str(tiny_int8))), str(old_path))
+    onnx.save(to_layout(onnx.load(str(tiny_int8)), INT8), str(old_path))  # as files were before uint8
     assert read_model_info(old_path)[1].extra == {}  # old files still load
     requantize_main([str(old_path), str(new_path)])
     assert "zero point 128" in capsys.readouterr().out

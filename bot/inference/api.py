@@ -1,5 +1,5 @@
 """What the rest of the bot needs from the generation engine without loading it: the `Engine` protocol,
-its limits, the execution providers it knows and the errors its callers handle.
+its limits, the execution providers and int8 weight layouts it knows and the errors its callers handle.
 
 Light on purpose: the configuration and the core import this, not bot.inference.engine, so they never
 load onnxruntime or a model.
@@ -16,6 +16,9 @@ MAX_LANES = 8
 # The `providers` choices, and the onnxruntime execution provider each names ("auto" picks one of them).
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PROVIDER_CHOICES = ("auto", *PROVIDERS)
+# How int8 models' weights are served (bot.inference.int8_weights): "auto" picks the one this CPU multiplies
+# exactly and fastest; "int8" (U8S8) and "uint8" (U8U8) force one.
+INT8_WEIGHT_CHOICES = ("auto", "int8", "uint8")
 
 
 class EngineBusy(RuntimeError):

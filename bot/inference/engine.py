@@ -314,16 +314,19 @@ class GenerationEngine:
         max_batch: int = 64,
         max_queue: int = 256,
         lanes: int | None = None,
-        runner_factory: Callable[[str | Path, str, int | None], Runner] = ModelRunner,
+        int8_weights: str = "auto",
+        runner_factory: Callable[[str | Path, str, int | None, str], Runner] = ModelRunner,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be positive")
         if lanes is not None and not 1 <= lanes <= MAX_LANES:
             raise ValueError(f"lanes must be a whole number from 1 to {MAX_LANES}, not {lanes!r}")
-        self.runner = runner_factory(model_path, providers, threads)
+        self.runner = runner_factory(model_path, providers, threads, int8_weights)
         self.info, self.provider = self.runner.info, self.runner.provider
         count = min(lanes or default_lanes(self.provider, threads, max_batch), max_batch)
-        runners = [self.runner] + [runner_factory(model_path, providers, threads) for _ in range(count - 1)]
+        runners = [self.runner] + [
+            runner_factory(model_path, providers, threads, int8_weights) for _ in range(count - 1)
+        ]
         self.vocab = Vocab(self.info.vocab, self.info.unknown_policy)
         self.cleaning = CleaningOptions.from_dict(self.info.cleaning)
         self.max_batch = max_batch

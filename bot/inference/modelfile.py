@@ -34,10 +34,12 @@ INT8_LOOP = "int8_loop"
 INT8_READ_TOKEN = "int8_read_token"
 INT8_LOGITS_BATCH_FIRST = "int8_logits_batch_first"
 # How an int8 file stores its weight matrices, in this metadata key: INT8_UNSIGNED_WEIGHTS (uint8 with zero
-# point 128, exact on every CPU). Files without the key store int8 weights, whose matmuls saturate on x86
-# CPUs without VNNI; they still load, and `python -m export.requantize` converts them (docs/export.md).
+# point INT8_WEIGHT_ZERO, the initializer INT8_WEIGHT_ZERO_NAME). Files without the key store int8 weights.
+# The runner serves either in the layout the CPU multiplies exactly and fastest (bot.inference.int8_weights).
 INT8_WEIGHTS = "int8_weights"
 INT8_UNSIGNED_WEIGHTS = "uint8-zero-128"
+INT8_WEIGHT_ZERO = 128
+INT8_WEIGHT_ZERO_NAME = "weight_zero"
 
 
 def state_names(is_lstm: bool) -> tuple[list[str], list[str]]:

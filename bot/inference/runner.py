@@ -2,7 +2,8 @@
 
 The file's contract graph (tokens [batch, seq], state) -> (logits, state) primes prompts. Text is then
 written by the chunk graph (bot.inference.chunk_graph), built from the contract graph at load time: it samples
-and steps CHUNK characters per call, for every row of a batch, with each row's own settings.
+and steps CHUNK characters per call, for every row of a batch, with each row's own settings. An int8 file's
+graph is first put in the weight layout this CPU multiplies exactly and fastest (bot.inference.int8_weights).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import onnxruntime as ort
 
 from bot.inference.api import PROVIDER_CHOICES, PROVIDERS
 from bot.inference.chunk_graph import ChunkGraphError, chunk_graph, features_used
+from bot.inference.int8_weights import Int8WeightsError, serving_layout, stored_layout, to_layout
 from bot.inference.modelcheck import external_data_problem, operator_problem, parse_model, read_model_bytes
 from bot.inference.modelfile import (
     CUDA_MODEL_PATH,
@@ -165,7 +167,11 @@ def _dims(shape: list) -> str:
 class ModelRunner:
     """One validated model file: its sessions, metadata and provider. Not thread-safe; one owner."""
 
-    def __init__(self, path: str | Path, providers: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, providers: str = "auto", threads: int | None = None, int8_weights: str = "auto"
+    ) -> None:
+        """`int8_weights` (INT8_WEIGHT_CHOICES): the layout an int8 file's weights are served in; "auto"
+        picks the one this CPU multiplies exactly and fastest (bot.inference.int8_weights)."""
         self.path = serving_path(path, providers)
         if self.path != Path(path):
             log.info("the bundled model is int8, which CUDA cannot run: serving its fp32 twin %s", self.path)
@@ -173,6 +179,11 @@ class ModelRunner:
         data, self.info = read_model_info(path)
         self._options = session_options(threads)
         self._providers = [choose_provider(providers, self.info.precision)]
+        # The layout the int8 graph's weights are served in (None for other precisions), and the file's own.
+        self.int8_weights: str | None = None
+        stored = None
+        if self.info.precision == "int8":
+            data, self.int8_weights, stored = self._int8_data(data, int8_weights)
         self.session = ort.InferenceSession(data, self._options, providers=self._providers)
         self.provider = self.session.get_providers()[0]
         self.state_names, _ = state_names(self.info.is_lstm)
@@ -189,13 +200,33 @@ class ModelRunner:
         self._check_step_shapes(logits, state)
         kind = self.info.model_config["model_type"]
         storage = self.info.weight_storage
+        precision = (
+            self.info.precision if storage == self.info.precision else f"{self.info.precision}, {storage} weights"
+        )
+        if self.int8_weights is not None:
+            precision = f"int8, {self.int8_weights} weights" + (
+                f", converted from the file's {stored}" if stored else ""
+            )
         log.info(
             "loaded %s (%s, %s) on %s",
             path,
             f"ensemble of {self.info.members} {kind}s" if self.info.members > 1 else kind,
-            self.info.precision if storage == self.info.precision else f"{self.info.precision}, {storage} weights",
+            precision,
             self.provider,
         )
+
+    def _int8_data(self, data: bytes, asked: str) -> tuple[bytes, str, str | None]:
+        """The int8 file's bytes in the layout to serve, that layout, and the file's own where it differs."""
+        layout = serving_layout(asked)
+        model = onnx.load_from_string(data)
+        try:
+            # What the graph holds, not what its metadata claim: that is what onnxruntime multiplies.
+            stored = stored_layout(model)
+            if stored == layout:
+                return data, layout, None
+            return to_layout(model, layout).SerializeToString(), layout, stored
+        except Int8WeightsError as exc:
+            raise ModelFileError(f"{self.path} cannot be served with {layout} weights: {exc}") from exc
 
     def _check_step_shapes(self, logits: np.ndarray, state: list[np.ndarray]) -> None:
         """The shapes of one real step against the metadata's: they cover the dimensions that the graph
