@@ -63,6 +63,10 @@ async def _everyone_is_admin() -> bool:
     return True
 
 
+def _nothing() -> None:
+    pass
+
+
 @contextlib.asynccontextmanager
 async def _no_typing() -> AsyncIterator[None]:
     # A TypingIndicator may instead yield a callable: the speech is then streamed to it as it is written.
@@ -77,13 +81,16 @@ class SpeechBot:
         cooldown_seconds: float = 10.0,
         clock: Callable[[], datetime] = utc_now,
         on_schedule_change: Callable[[ChatSettings], None] | None = None,
+        on_busy: Callable[[], None] = _nothing,
     ):
+        """`on_busy` is told of every speech refused because the engine's queue is full (for the metrics)."""
         self.store = store
         self.engine = engine
         self.cooldown = timedelta(seconds=cooldown_seconds)
         self.clock = clock
         self.on_schedule_change = on_schedule_change
-        self.inline = InlineSpeeches(engine)
+        self.on_busy = on_busy
+        self.inline = InlineSpeeches(engine, on_busy)
         # The commands that answer with text, by name; /speech is dispatched on its own (it shows progress).
         self._commands: dict[str, Callable[[ChatRef, str], Awaitable[str]]] = {
             "start": self._start,
@@ -216,6 +223,7 @@ class SpeechBot:
             # Told at once, without the database: in a crowd of a thousand chats, the writes that start and
             # cancel a cooldown held "busy" up for seconds (docs/speed.md). A queue that fills after this
             # still raises EngineBusy below.
+            self.on_busy()
             return ENGINE_BUSY_REPLY
         now = self.clock()
         try:
@@ -236,6 +244,7 @@ class SpeechBot:
                     prompt, settings.length, BOT_SAMPLING.with_options(temperature=temperature), on_text
                 )
         except EngineBusy:
+            self.on_busy()
             if cooling:
                 await self.store.cancel_cooldown(chat.id, now + self.cooldown)  # nothing was made
             return ENGINE_BUSY_REPLY
