@@ -1,6 +1,7 @@
 """The /metrics endpoint operators scrape: it is off unless METRICS_PORT is set, and its counters move as the bot
 works, scraped over HTTP while the real bot runs against the Bot API emulator (in-process and as `python -m bot
-run`). Daily posts, inbox take-overs and database errors are read from the bot's own registry.
+run`). Daily posts and database errors are read from the bot's own registry; inbox take-overs are checked in
+tests/test_crash_recovery.py.
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ from bot.config import Config, ConfigError
 from bot.core.speechbot import ENGINE_BUSY_REPLY
 from bot.inference.engine import GenerationEngine
 from bot.metrics import MetricsError, PrometheusMetrics
-from bot.telegram.answers import REPLAY_WINDOW
-from db.database import Database, create_db_engine, migrate
-from db.inbox import Inbox
-from db.store import ChatStore
+from db.database import Database, create_db_engine
 from tests.support.bot_harness import (
     ALICE,
     BOB,
@@ -245,26 +243,6 @@ async def test_daily_posts_sent_and_missed(emulator, engine, tmp_path):
     samples = registry_samples(metrics)
     assert value(samples, "speechbot_daily_posts_total", outcome="sent") == 1
     assert value(samples, "speechbot_daily_posts_total", outcome="missed") == 1
-
-
-@pytest.mark.parametrize("engine", ["int8"], indirect=True)
-async def test_inbox_entries_taken_over_are_counted(emulator, engine, tmp_path):
-    config = bot_config(emulator, tmp_path / "bot.db")
-    clock = Clock()
-    store = ChatStore(create_db_engine(config.database_url), 0.8, 40)
-    migrate(store.database.engine)
-    crashed = Inbox(store.database, owner=12345)
-    recent = {"update_id": 901, "message": emulator.message(ALICE_CHAT, ALICE, "/help")}
-    old = {"update_id": 902, "message": emulator.message(ALICE_CHAT, ALICE, "/help")}
-    assert await crashed.claim_update(901, ALICE_CHAT["id"], recent, clock.now - REPLAY_WINDOW / 2)
-    assert await crashed.claim_update(902, ALICE_CHAT["id"], old, clock.now - REPLAY_WINDOW * 2)
-    store.close()
-    metrics = PrometheusMetrics()
-    async with running_bot(emulator, engine, config, clock, metrics=metrics):
-        samples = registry_samples(metrics)
-        await emulator.wait_for(lambda call: len(emulator.sent()) == 2)  # the replay's answer and the apology
-    assert value(samples, "speechbot_inbox_taken_over_total", kind="replayed") == 1
-    assert value(samples, "speechbot_inbox_taken_over_total", kind="apologised") == 1
 
 
 async def test_database_calls_and_their_errors_are_reported(tmp_path):
