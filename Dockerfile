@@ -48,9 +48,10 @@ VOLUME /data
 ENV DATABASE_URL=sqlite:////data/bot.db \
     HEARTBEAT_FILE=/tmp/speechbot.heartbeat \
     WEBHOOK_LISTEN=0.0.0.0 \
+    METRICS_LISTEN=0.0.0.0 \
     LOG_LEVEL=INFO
 
-# Webhook mode only (WEBHOOK_URL set); long polling needs no open port.
+# Webhook mode only (WEBHOOK_URL set); long polling needs no open port. Metrics (METRICS_PORT set) take a port too.
 EXPOSE 8443
 # The bot touches HEARTBEAT_FILE every 30 s from its event loop; stale means stuck or dead.
 HEALTHCHECK --interval=60s --timeout=10s --start-period=60s --retries=3 CMD ["speechbot", "healthcheck"]

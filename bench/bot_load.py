@@ -2,17 +2,21 @@
 
     python -m bench.bot_load                                   # 50, 200, 1000 chats; 30/s and 1000/s
     python -m bench.bot_load --chats 200 --rates 30            # one size, Telegram's default rate
+    python -m bench.bot_load --chats 50 --wirings capacity --metrics off on   # what /metrics costs
 
 The real bot (bot.telegram.app.build_application: python-telegram-bot's HTTP stack, the real engine on
 the bundled model, SQLite) polls the project's Bot API emulator (tests/support/telegram_emulator.py, which has
 no flood limits) on 127.0.0.1. Each of N private chats sends `/speech` once, at a random moment within
 --spread seconds, and gets a --length character speech. Time to reply runs from the moment its update
-is queued at the emulator to the moment the bot's sendMessage to that chat arrives there.
+is queued at the emulator to the moment the bot's sendMessage to that chat arrives there. "CPU s" is the
+process's CPU time (all its threads, the emulator's share included) from the first /speech to the last reply.
 
 Wirings run side by side, in alternating order, each run in a process of its own (so peak RSS is
 that run's): "capacity", the update processor sized by the engine as the bot has it
 (bot/telegram/app.py), or a fixed number of concurrent updates, such as the 16 the bot had (the
-default baseline, which the last column compares with). Everything else is common to all.
+default baseline, which the last column compares with). `--metrics off on` runs each wiring without and
+with the Prometheus metrics (METRICS_PORT, bot/metrics.py), scraped every --scrape-interval seconds by
+a separate process while the chats are served. Everything else is common to all.
 
 The floor is what no wiring can beat: the larger of N messages at the overall rate
 (TELEGRAM_MESSAGES_PER_SECOND) and N speeches at the engine's throughput, measured in the same
@@ -36,18 +40,20 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.report import write_json
 from bot.config import Config
 from bot.core.speechbot import ENGINE_BUSY_REPLY
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
-from bot.services import open_engine
+from bot.services import new_metrics, open_engine
 from db.models import utc_now
-from tests.support.bot_harness import TOKEN, running_bot
+from tests.support.bot_harness import TOKEN, free_port, running_bot
 from tests.support.telegram_emulator import TelegramEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +67,18 @@ def wiring(text: str) -> str:
 
 
 PRODUCTION_REQUESTS = {"retry_delays": (1.0, 2.0, 4.0), "read_timeout": 10.0}  # build_application's defaults
+
+# Scrapes a /metrics URL every INTERVAL seconds until killed, printing a line per good scrape. A process of its
+# own, so only the bot's side of a scrape (the endpoint's thread) is measured.
+SCRAPER = """
+import sys, time, urllib.request
+url, interval = sys.argv[1], float(sys.argv[2])
+while True:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        if b"speechbot_speeches_generated_total" in response.read():
+            print("scraped", flush=True)
+    time.sleep(interval)
+"""
 
 
 class TimingEmulator(TelegramEmulator):
@@ -92,9 +110,27 @@ async def engine_throughput(engine, length: int, tries: int = 2) -> float:
     return best
 
 
-async def one_row(wiring: str, chats: int, rate: float, length: int, spread: float, model: Path, seed: int) -> dict:
+def scraped_speeches(port: int) -> float:
+    """speechbot_speeches_generated_total as the endpoint says it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return next(f for f in families if f.name == "speechbot_speeches_generated").samples[0].value
+
+
+async def one_row(
+    wiring: str,
+    chats: int,
+    rate: float,
+    length: int,
+    spread: float,
+    model: Path,
+    seed: int,
+    metrics_on: bool = False,
+    scrape_interval: float = 1.0,
+) -> dict:
     rng = np.random.default_rng(seed)
     offsets = np.sort(rng.uniform(0, spread, chats))
+    scrapes, speeches_scraped = 0, None
     with tempfile.TemporaryDirectory() as tmp:
         config = Config(
             telegram_bot_token=TOKEN,
@@ -102,16 +138,24 @@ async def one_row(wiring: str, chats: int, rate: float, length: int, spread: flo
             model_path=model,
             default_length=length,
             telegram_messages_per_second=rate,
+            metrics_port=free_port() if metrics_on else None,
         )
-        engine = open_engine(config)
+        metrics = new_metrics(config)
+        engine = open_engine(config, metrics=metrics)
         try:
             async with TimingEmulator(TOKEN, chats) as emulator:
                 config = replace(config, telegram_api_base_url=emulator.base_url)
                 fixed = None if wiring == "capacity" else int(wiring)
-                options = PRODUCTION_REQUESTS | {"concurrent_updates": fixed}
+                options = PRODUCTION_REQUESTS | {"concurrent_updates": fixed, "metrics": metrics}
                 async with running_bot(emulator, engine, config, utc_now, **options) as application:
+                    scraper = None
+                    if metrics_on:
+                        url = f"http://127.0.0.1:{config.metrics_port}/metrics"
+                        scraper = subprocess.Popen(
+                            [sys.executable, "-c", SCRAPER, url, str(scrape_interval)], stdout=subprocess.PIPE
+                        )
                     pushed: dict[int, float] = {}
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     for i, offset in enumerate(offsets):
                         await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
                         user = {"id": 10_000 + i, "is_bot": False, "first_name": f"User{i}"}
@@ -119,7 +163,12 @@ async def one_row(wiring: str, chats: int, rate: float, length: int, spread: flo
                         pushed[chat["id"]] = time.perf_counter()
                         emulator.send_text(chat, user, "/speech")
                     await asyncio.wait_for(emulator.all_replied.wait(), timeout=600)
+                    load_cpu = time.process_time() - cpu_start
                     concurrency = application.update_processor.max_concurrent_updates
+                    if scraper is not None:
+                        scraper.terminate()
+                        scrapes = scraper.communicate()[0].decode().count("scraped")
+                        speeches_scraped = await asyncio.to_thread(scraped_speeches, config.metrics_port)
             peak_batch = engine.peak_batch
             throughput = await engine_throughput(engine, length)
         finally:
@@ -131,6 +180,9 @@ async def one_row(wiring: str, chats: int, rate: float, length: int, spread: flo
     p95 = float(np.percentile(seconds, 95))
     return {
         "wiring": wiring,
+        "metrics": "on" if metrics_on else "off",
+        "scrapes": scrapes,
+        "speeches_scraped": speeches_scraped,
         "concurrent_updates": concurrency,
         "messages_per_second": rate,
         "chats": chats,
@@ -148,6 +200,7 @@ async def one_row(wiring: str, chats: int, rate: float, length: int, spread: flo
         "engine_capacity": engine.capacity,
         "peak_batch": peak_batch,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_cpu_s": load_cpu,
     }
 
 
@@ -163,15 +216,17 @@ MEASURED = (
     "p95_over_floor",
     "engine_chars_per_s",
     "peak_batch",
+    "load_cpu_s",
     "peak_rss_mib",
+    "scrapes",
 )
 
 
 def grouped(runs: list[dict]) -> list[list[dict]]:
-    """The runs of each (wiring, chats, rate) row, in the order the rows first ran."""
+    """The runs of each (wiring, metrics, chats, rate) row, in the order the rows first ran."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["wiring"], run["chats"], run["messages_per_second"]), []).append(run)
+        groups.setdefault((run["wiring"], run["metrics"], run["chats"], run["messages_per_second"]), []).append(run)
     return list(groups.values())
 
 
@@ -191,21 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chats", type=int, nargs="+", default=[50, 200, 1000], help="private chats, one row each")
     p.add_argument("--rates", type=float, nargs="+", default=[30.0, 1000.0], help="overall messages per second")
     p.add_argument("--wirings", nargs="+", type=wiring, default=["16", "capacity"], help="the first is the baseline")
+    p.add_argument(
+        "--metrics", nargs="+", choices=["off", "on"], default=["off"], help="each wiring with /metrics off, on or both"
+    )
+    p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between scrapes with metrics on")
     p.add_argument("--length", type=int, default=500, help="characters per speech")
     p.add_argument("--spread", type=float, default=2.0, help="seconds over which the chats send /speech")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="runs of each row; the table shows their medians")
     p.add_argument("--json", default="docs/bench/bot-load.json")
-    p.add_argument("--row", nargs=3, metavar=("WIRING", "CHATS", "RATE"), help=argparse.SUPPRESS)
+    p.add_argument("--row", nargs=4, metavar=("WIRING", "METRICS", "CHATS", "RATE"), help=argparse.SUPPRESS)
     return p
 
 
-def run_row(args: argparse.Namespace, wiring: str, chats: int, rate: float) -> dict:
+def run_row(args: argparse.Namespace, candidate: tuple[str, str], chats: int, rate: float) -> dict:
     """One row in a fresh process: its own engine, its own peak RSS."""
-    command = [sys.executable, "-m", "bench.bot_load", "--row", wiring, str(chats), str(rate)]
+    wiring, metrics = candidate
+    command = [sys.executable, "-m", "bench.bot_load", "--row", wiring, metrics, str(chats), str(rate)]
     command += ["--length", str(args.length), "--spread", str(args.spread), "--model", str(args.model)]
-    command += ["--seed", str(args.seed)]
+    command += ["--seed", str(args.seed), "--scrape-interval", str(args.scrape_interval)]
     done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -214,58 +274,77 @@ def main() -> None:
     args = build_parser().parse_args()
     if args.row:
         logging.basicConfig(level=logging.WARNING)
-        wiring, chats, rate = args.row
-        row = asyncio.run(one_row(wiring, int(chats), float(rate), args.length, args.spread, args.model, args.seed))
+        wiring, metrics, chats, rate = args.row
+        row = asyncio.run(
+            one_row(
+                wiring,
+                int(chats),
+                float(rate),
+                args.length,
+                args.spread,
+                args.model,
+                args.seed,
+                metrics_on=metrics == "on",
+                scrape_interval=args.scrape_interval,
+            )
+        )
         print(json.dumps(row))
         return
     load_before = os.getloadavg()[0]
+    candidates = [(wiring, metrics) for wiring in args.wirings for metrics in args.metrics]
     runs = []
     for repeat in range(args.repeats):
         for rate in args.rates:
             for i, chats in enumerate(args.chats):
-                # Alternate which wiring goes first, so a slow spell on the shared host hits them alike.
-                for wiring in args.wirings if (i + repeat) % 2 == 0 else args.wirings[::-1]:
-                    runs.append(run_row(args, wiring, chats, rate))
+                # Alternate which candidate goes first, so a slow spell on the shared host hits them alike.
+                for candidate in candidates if (i + repeat) % 2 == 0 else candidates[::-1]:
+                    runs.append(run_row(args, candidate, chats, rate))
                     print(
-                        f"  {wiring} {chats} chats at {rate:g}/s: p95 {runs[-1]['p95_s']:.2f} s, "
-                        f"{runs[-1]['p95_over_floor']:.2f}× the floor",
+                        f"  {candidate[0]} (metrics {candidate[1]}) {chats} chats at {rate:g}/s: "
+                        f"p95 {runs[-1]['p95_s']:.2f} s, {runs[-1]['p95_over_floor']:.2f}× the floor",
                         file=sys.stderr,
                     )
     rows = [median_row(group) for group in grouped(runs)]
-    rows.sort(key=lambda r: (r["messages_per_second"], r["chats"], args.wirings.index(r["wiring"])))
+    rows.sort(key=lambda r: (r["messages_per_second"], r["chats"], candidates.index((r["wiring"], r["metrics"]))))
     print(
         f"{args.length}-character speeches, chats sending within {args.spread:g} s; {os.cpu_count()} cores, "
         f"load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after"
     )
     print(
-        f"{'rate/s':>7} {'chats':>5} {'wiring':>8} {'updates':>7} {'busy':>4} {'busy p95':>8} "
+        f"{'rate/s':>7} {'chats':>5} {'wiring':>8} {'metrics':>7} {'updates':>7} {'busy':>4} {'busy p95':>8} "
         f"{'p50 s':>6} {'p95 s':>6} {'max s':>6} {'floor s':>7} {'p95÷floor':>9} {'range':>9} {'base÷this':>9} "
-        f"{'chars/s':>7} {'batch':>5} {'RSS MiB':>7}"
+        f"{'chars/s':>7} {'batch':>5} {'RSS MiB':>7} {'CPU s':>6}"
     )
-    base = args.wirings[0]
-    p95_of_base = {(r["messages_per_second"], r["chats"]): r["p95_s"] for r in rows if r["wiring"] == base}
+    base = candidates[0]
+    p95_of_base = {
+        (r["messages_per_second"], r["chats"]): r["p95_s"] for r in rows if (r["wiring"], r["metrics"]) == base
+    }
     for row in rows:
         baseline = p95_of_base.get((row["messages_per_second"], row["chats"]))
-        versus = f"{baseline / row['p95_s']:>8.2f}×" if baseline and row["wiring"] != base else f"{'':>9}"
+        is_base = (row["wiring"], row["metrics"]) == base
+        versus = f"{baseline / row['p95_s']:>8.2f}×" if baseline and not is_base else f"{'':>9}"
         print(
-            f"{row['messages_per_second']:>7g} {row['chats']:>5} {row['wiring']:>8} {row['concurrent_updates']:>7} "
+            f"{row['messages_per_second']:>7g} {row['chats']:>5} {row['wiring']:>8} {row['metrics']:>7} "
+            f"{row['concurrent_updates']:>7} "
             f"{row['busy']:>4.0f} {row['busy_p95_s'] or float('nan'):>8.2f} "
             f"{row['p50_s']:>6.2f} {row['p95_s']:>6.2f} {row['max_s']:>6.2f} "
             f"{row['floor_s']:>7.2f} {row['p95_over_floor']:>9.2f} "
             f"{row['p95_over_floor_min']:>4.2f}–{row['p95_over_floor_max']:<4.2f} {versus} "
             f"{row['engine_chars_per_s']:>7,.0f} "
-            f"{row['peak_batch']:>5.0f} {row['peak_rss_mib']:>7.0f}"
+            f"{row['peak_batch']:>5.0f} {row['peak_rss_mib']:>7.0f} {row['load_cpu_s']:>6.2f}"
         )
     print(
         f"medians of {args.repeats} runs each; floor: the larger of chats ÷ rate and speeches × length ÷ chars/s "
         "(the engine's throughput, measured in each run's process); range: p95÷floor's lowest and highest run; "
-        f"base÷this: the p95 of wiring {base} over this row's; batch: the most rows one engine lane stepped together"
+        f"base÷this: the p95 of wiring {base[0]} with metrics {base[1]} over this row's; batch: the most rows one "
+        "engine lane stepped together; CPU s: the bot process's CPU time while the chats were served"
     )
     write_json(
         args.json,
         {
             "length": args.length,
             "spread_s": args.spread,
+            "scrape_interval_s": args.scrape_interval,
             "model": os.path.relpath(args.model, ROOT),
             "load_average_before": load_before,
             "repeats": args.repeats,

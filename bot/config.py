@@ -59,12 +59,19 @@ class Config:
     cooldown_seconds: float = 10.0
     missed_post_grace_minutes: float = 60.0
     heartbeat_file: Path | None = None
+    metrics_port: int | None = None  # None: no /metrics endpoint
+    metrics_listen: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.webhook_url and not self.webhook_secret:
             # Telegram echoes the secret in every update it posts; without one, anyone who can reach the
             # port could post forged updates (an "anonymous admin" changing a group's settings, say).
             object.__setattr__(self, "webhook_secret", secrets.token_urlsafe(32))
+        if self.webhook_url and self.metrics_port == self.webhook_port:
+            raise ConfigError(
+                f"METRICS_PORT={self.metrics_port} is WEBHOOK_PORT too; give the metrics endpoint a port of its own, "
+                "e.g. METRICS_PORT=9464"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | Path = ".env") -> Config:
@@ -98,6 +105,8 @@ class Config:
                 "MISSED_POST_GRACE_MINUTES", cls.missed_post_grace_minutes, float, low=0, high=1440
             ),
             heartbeat_file=Path(path) if (path := reader.text("HEARTBEAT_FILE", "")) else None,
+            metrics_port=reader.number("METRICS_PORT", None, int, low=1, high=65535),
+            metrics_listen=reader.ip_address("METRICS_LISTEN", cls.metrics_listen),
         )
 
     def require_token(self) -> str:
@@ -140,6 +149,8 @@ VARIABLES = {
         f"how late a missed daily post may still go out, 0-1440 (default {Config.missed_post_grace_minutes:g})"
     ),
     "HEARTBEAT_FILE": f"a file the bot rewrites every {HEARTBEAT_SECONDS} s, for healthcheck (default: none)",
+    "METRICS_PORT": "port of the Prometheus /metrics endpoint, 1-65535 (default: none, no endpoint)",
+    "METRICS_LISTEN": f"address the /metrics endpoint binds (default {Config.metrics_listen})",
 }
 
 

@@ -26,6 +26,7 @@ from bot.core.speech import daily_speech
 from bot.core.speechbot import SpeechBot
 from bot.heartbeat import HEARTBEAT_SECONDS, beat
 from bot.inference.engine import GenerationEngine
+from bot.metrics import NO_METRICS, Metrics, PrometheusMetrics
 from bot.telegram.admins import Admins
 from bot.telegram.answers import INBOX_SWEEP_SECONDS, Answers
 from bot.telegram.app import UPDATES_BEYOND_ENGINE, new_application, register
@@ -41,14 +42,20 @@ from db.store import ChatSettings, ChatStore
 log = logging.getLogger(__name__)
 
 
-def open_engine(config: Config, model_path: Path | None = None) -> GenerationEngine:
+def open_engine(config: Config, model_path: Path | None = None, metrics: Metrics = NO_METRICS) -> GenerationEngine:
     return GenerationEngine(
         model_path or config.model_path,
         providers=config.onnx_providers,
         threads=config.onnx_threads,
         lanes=config.onnx_lanes,
         int8_weights=config.onnx_int8_weights,
+        on_queue_wait=metrics.queue_wait if metrics.enabled else None,
     )
+
+
+def new_metrics(config: Config) -> Metrics:
+    """What records the metrics: Prometheus's registry when METRICS_PORT is set, else nothing."""
+    return PrometheusMetrics() if config.metrics_port is not None else NO_METRICS
 
 
 @dataclass
@@ -68,15 +75,16 @@ class Services:
 
 
 def _open_storage_and_engine(
-    config: Config, engine: GenerationEngine | None
+    config: Config, engine: GenerationEngine | None, metrics: Metrics = NO_METRICS
 ) -> tuple[sqlalchemy.Engine, ChatStore, GenerationEngine, bool]:
     """The migrated database, its store and the engine (`engine` None opens the configured model, which the
     caller then owns)."""
     database = create_db_engine(config.database_url)
     try:
         migrate(database)
-        store = ChatStore(database, config.default_temperature, config.default_length)
-        return database, store, engine or open_engine(config), engine is None
+        on_call = metrics.database_call if metrics.enabled else None
+        store = ChatStore(database, config.default_temperature, config.default_length, on_database_call=on_call)
+        return database, store, engine or open_engine(config, metrics=metrics), engine is None
     except BaseException:
         database.dispose()
         raise
@@ -119,6 +127,7 @@ def build_application(
     read_timeout: float = 10.0,
     concurrent_updates: int | None = None,
     rng: random.Random | None = None,
+    metrics: Metrics | None = None,
 ) -> Application:
     """The whole Telegram bot: services, inbox, daily posts, handlers. Does not start it.
 
@@ -126,14 +135,27 @@ def build_application(
     update processor by the engine: every request it can hold, generating or queued, plus
     UPDATES_BEYOND_ENGINE, so a speech past a full queue still reaches the engine and is told "busy".
     `rng` draws the chatter's choices, as in build_services.
+    `metrics` None records them as the configuration says (new_metrics); they are served on METRICS_PORT
+    while the bot runs. An engine opened elsewhere reports its queue waits only if it was opened with the
+    same metrics (open_engine).
     """
     token = config.require_token()
-    database, store, engine, owns_engine = _open_storage_and_engine(config, engine)
+    metrics = new_metrics(config) if metrics is None else metrics
+    database, store, engine, owns_engine = _open_storage_and_engine(config, engine, metrics)
+    metrics.watch_engine(engine)
+    metered_engine = metrics.meter(engine)
     inbox = Inbox(store.database)
-    progress = Progress()
+    progress = Progress(metrics)
+
+    def heartbeat(_context: object = None) -> None:
+        if config.heartbeat_file is not None:
+            beat(config.heartbeat_file)
+        metrics.heartbeat()
 
     # The hooks run once the Application starts, after everything below is built.
     async def start(application: Application) -> None:
+        if config.metrics_port is not None:
+            metrics.serve(config.metrics_listen, config.metrics_port)  # first: a port in use stops the start
         await application.bot.set_my_commands([BotCommand(name, text) for name, text in COMMANDS.items()])
         await inbox.open()
         await daily.rebuild()
@@ -144,17 +166,16 @@ def build_application(
             first=INBOX_SWEEP_SECONDS,
             job_kwargs={"misfire_grace_time": INBOX_SWEEP_SECONDS},
         )
-        if config.heartbeat_file is not None:
-            # Proves to the container's healthcheck that the event loop is alive.
-            beat(config.heartbeat_file)
+        if config.heartbeat_file is not None or metrics.enabled:
+            # Proves to the container's healthcheck (and to the metrics' heartbeat age) that the event loop is alive.
+            heartbeat()
             application.job_queue.run_repeating(
-                lambda _context: beat(config.heartbeat_file),
-                interval=HEARTBEAT_SECONDS,
-                job_kwargs={"misfire_grace_time": HEARTBEAT_SECONDS},
+                heartbeat, interval=HEARTBEAT_SECONDS, job_kwargs={"misfire_grace_time": HEARTBEAT_SECONDS}
             )
         log.info("Bot @%s is up", application.bot.username)
 
     async def stop(_application: Application) -> None:
+        metrics.close()
         inbox.close()
         services.close()
 
@@ -166,20 +187,22 @@ def build_application(
         post_shutdown=stop,
         retry_delays=retry_delays,
         read_timeout=read_timeout,
+        metrics=metrics,
     )
     daily = DailySpeeches(
         application.job_queue,
         application.bot,
         store,
         inbox,
-        write=partial(daily_speech, engine),
+        write=partial(daily_speech, metered_engine),
         show_typing=progress.typing,
         grace=timedelta(minutes=config.missed_post_grace_minutes),
         clock=clock,
+        metrics=metrics,
     )
     core = SpeechBot(
         store,
-        engine,
+        metered_engine,
         cooldown_seconds=config.cooldown_seconds,
         clock=clock,
         on_schedule_change=daily.sync,
@@ -188,10 +211,11 @@ def build_application(
         # Known once the Application has started (getMe): privacy mode off lets the bot read every message.
         reads_all_group_messages=lambda: bool(application.bot.can_read_all_group_messages),
         on_forget=daily.remove,
+        on_busy=metrics.busy_refusal,
     )
     services = Services(database, store, engine, core, owns_engine)
     application.bot_data["core"] = core  # for whoever holds only the Application (tests, benches)
-    answers = Answers(inbox, daily, clock)
+    answers = Answers(inbox, daily, clock, metrics)
     interactive = InteractiveHandlers(core, answers, progress, daily.chat_moved)
     register(application, Handlers(core, answers, progress, daily, Admins(), interactive), interactive)
     return application

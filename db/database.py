@@ -257,14 +257,19 @@ def insert_new(session: Session, model: type, **values) -> bool:
     return session.execute(statement).first() is not None
 
 
+# Told how long each database call took (waiting for a thread included) and the error it failed with, if any.
+OnCall = Callable[[float, BaseException | None], None]
+
+
 class Database:
     """An engine plus the threads its calls run on; `await database.run(work)` is one transaction."""
 
-    def __init__(self, engine: Engine, threads: int = DATABASE_THREADS):
+    def __init__(self, engine: Engine, threads: int = DATABASE_THREADS, on_call: OnCall | None = None):
         self.engine = engine
         self.dialect = engine.dialect.name
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="database")
+        self._on_call = on_call
 
     def run_here(self, work: Callable[[Session], T]) -> T:
         """`work(session)` in one transaction, committed before this returns, on the calling thread."""
@@ -277,7 +282,17 @@ class Database:
 
     async def call(self, function: Callable[..., T], *args) -> T:
         """`function(*args)` on a database thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        loop = asyncio.get_running_loop()
+        if self._on_call is None:
+            return await loop.run_in_executor(self._executor, function, *args)
+        start = time.perf_counter()
+        try:
+            result = await loop.run_in_executor(self._executor, function, *args)
+        except Exception as error:  # not a cancellation: that is no database failure
+            self._on_call(time.perf_counter() - start, error)
+            raise
+        self._on_call(time.perf_counter() - start, None)
+        return result
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from sqlalchemy import ColumnElement, Engine, case, delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.database import Database, insert_new
+from db.database import Database, OnCall, insert_new
 from db.inbox import CHATS, CLAIMED, ENTRIES, add_entry, daily_key
 from db.models import Chat, utc_now
 
@@ -96,8 +96,10 @@ class ChatStore:
     Every method is a coroutine whose transaction runs on a database thread (db.database.Database).
     """
 
-    def __init__(self, engine: Engine, default_temperature: float, default_length: int):
-        self.database = Database(engine)
+    def __init__(
+        self, engine: Engine, default_temperature: float, default_length: int, on_database_call: OnCall | None = None
+    ):
+        self.database = Database(engine, on_call=on_database_call)
         self.default_temperature = default_temperature
         self.default_length = default_length
 

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from tests.support.bot_harness import (
     bot_environment,
     bot_process,
     emulated_telegram_environment,
+    free_port,
     group_chat,
     private_chat,
     run_bot,
@@ -48,12 +48,6 @@ def assert_one_error_line(result, expected: str, code: int = 2) -> str:
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and expected in line, result.stderr
     return line
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def stored_database(path: Path) -> Path:

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from bot.core.bounds import LENGTH_MAX
 from bot.core.speech import CHOICE_PREFIX
+from bot.metrics import PrometheusMetrics
 from bot.telegram.answers import LATE_APOLOGY, REPLAY_WINDOW
 from db.database import create_db_engine, migrate
 from db.inbox import ANSWERED, CLAIMED, Inbox, daily_key, update_key
@@ -166,7 +167,8 @@ async def test_requests_left_by_a_crash_are_answered_if_recent_and_apologised_fo
     assert await crashed.claim_update(902, CHAT["id"], old, clock.now - REPLAY_WINDOW * 2)
     store.close()
 
-    async with running_bot(emulator, engine, config, clock):
+    metrics = PrometheusMetrics()
+    async with running_bot(emulator, engine, config, clock, metrics=metrics):
         done = await emulator.wait_for(answered(recent["message"]))
         assert done.params["text"] == "Temperature set to 1.2."
         apology = await emulator.wait_for(answered(old["message"]))
@@ -175,6 +177,8 @@ async def test_requests_left_by_a_crash_are_answered_if_recent_and_apologised_fo
         assert "temperature: 1.2" in settings and "length: 40 characters" in settings, "the old one was not done"
     assert inbox_state(config.database_url, update_key(901)) == ANSWERED
     assert inbox_state(config.database_url, update_key(902)) == ANSWERED
+    for kind in ("replayed", "apologised"):  # what operators see (docs/operations.md, "Metrics")
+        assert metrics.registry.get_sample_value("speechbot_inbox_taken_over_total", {"kind": kind}) == 1
 
 
 async def test_a_button_press_left_by_a_crash_gets_its_speech_after_the_restart(emulator, engine, tmp_path):

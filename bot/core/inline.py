@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
@@ -33,8 +34,10 @@ class InlineSpeech:
 class InlineSpeeches:
     """Each user's latest inline query, answered with one speech per INLINE_STYLES."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_busy: Callable[[], None] = lambda: None) -> None:
+        """`on_busy` is told when a query gets no speeches because the engine's queue is full."""
         self.engine = engine
+        self.on_busy = on_busy
         self._running: dict[int, asyncio.Task] = {}  # each user's batch still running
         self._limits: OrderedDict[int, AsyncLimiter] = OrderedDict()
 
@@ -75,6 +78,7 @@ class InlineSpeeches:
         except EngineBusy:
             for request in requests:
                 request.cancel()  # gather leaves the others running
+            self.on_busy()
             return []
         return [
             InlineSpeech(style, temperature, compose_speech(prompt, continuation))

@@ -86,6 +86,10 @@ def _reads_all_group_messages() -> bool:
     return True
 
 
+def _nothing() -> None:
+    pass
+
+
 @contextlib.asynccontextmanager
 async def _no_typing() -> AsyncIterator[None]:
     # A TypingIndicator may instead yield a callable: the speech is then streamed to it as it is written.
@@ -105,10 +109,12 @@ class SpeechBot:
         voice: str = "the bundled model",
         reads_all_group_messages: Callable[[], bool] = _reads_all_group_messages,
         on_forget: Callable[[int], None] | None = None,
+        on_busy: Callable[[], None] = _nothing,
     ):
         """`rng` draws the chatter's choices (a seeded one repeats them); `voice` is what /stats names as the
         model speaking; `reads_all_group_messages` says whether the transport shows the bot ordinary group
-        messages (Telegram's privacy mode off); `on_forget` is told a chat id whose data /forget deleted."""
+        messages (Telegram's privacy mode off); `on_forget` is told a chat id whose data /forget deleted;
+        `on_busy` is told of every speech refused because the engine's queue is full (for the metrics)."""
         self.store = store
         self.engine = engine
         self.cooldown = timedelta(seconds=cooldown_seconds)
@@ -117,7 +123,8 @@ class SpeechBot:
         self.voice = voice
         self.reads_all_group_messages = reads_all_group_messages
         self.on_forget = on_forget
-        self.inline = InlineSpeeches(engine)
+        self.on_busy = on_busy
+        self.inline = InlineSpeeches(engine, on_busy)
         self.chatter = Chatter(store, rng or random.Random(), clock)
         # The commands that answer with text, by name; /speech is dispatched on its own (it shows progress).
         self._commands: dict[str, Callable[[ChatRef, str], Awaitable[str]]] = {
@@ -285,6 +292,7 @@ class SpeechBot:
             # Told at once, without the database: in a crowd of a thousand chats, the writes that start and
             # cancel a cooldown held "busy" up for seconds (docs/speed.md). A queue that fills after this
             # still raises EngineBusy below.
+            self.on_busy()
             return ENGINE_BUSY_REPLY
         now = self.clock()
         try:
@@ -305,6 +313,7 @@ class SpeechBot:
                     prompt, settings.length, BOT_SAMPLING.with_options(temperature=temperature), on_text
                 )
         except EngineBusy:
+            self.on_busy()
             if cooling:
                 await self.store.cancel_cooldown(chat.id, now + self.cooldown)  # nothing was made
             return ENGINE_BUSY_REPLY

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,7 @@ class _Request:
     # Called from the worker with a text chunk, then once with None (done) or an exception.
     deliver: Callable[[str | BaseException | None], None]
     streaming: bool  # deliver chunks as they come, not only the whole text at the end
+    submitted: float = field(default_factory=time.monotonic)  # when it was queued
     generated: int = 0
     unread: list[np.ndarray] = field(default_factory=list)  # tokens not decoded yet
     text: str = ""  # decoded so far
@@ -225,10 +227,11 @@ class Lane:
         source: queue.Queue,
         start: Callable[[Runner, _Request], tuple],
         vocab: Vocab,
+        on_queue_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.index, self.runner, self.share, self.source = index, runner, share, source
         self.dispatcher: Dispatcher | None = None  # lane 0's, set once the other lanes exist
-        self._start, self._vocab = start, vocab
+        self._start, self._vocab, self._on_queue_wait = start, vocab, on_queue_wait
         self.batch = _EMPTY_BATCH
         self.rows = 0
         self.peak = 0  # the most requests it has stepped together so far
@@ -295,6 +298,8 @@ class Lane:
                 target.source.put(request)
             else:
                 try:
+                    if self._on_queue_wait is not None:  # inside the try: a failing callback must not end the lane
+                        self._on_queue_wait(time.monotonic() - request.submitted)
                     joined[request] = self._start(self.runner, request)
                     self.rows = len(self.batch.requests) + len(joined)
                 except Exception as exc:
@@ -316,7 +321,9 @@ class GenerationEngine:
         lanes: int | None = None,
         int8_weights: str = "auto",
         runner_factory: Callable[[str | Path, str, int | None, str], Runner] = ModelRunner,
+        on_queue_wait: Callable[[float], None] | None = None,
     ) -> None:
+        """`on_queue_wait` is told, from a lane's thread, how many seconds each request waited for a lane."""
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be positive")
         if lanes is not None and not 1 <= lanes <= MAX_LANES:
@@ -337,7 +344,7 @@ class GenerationEngine:
         # Each lane holds at most its share of max_batch; lane 0 fills first.
         shares = [max_batch // count + (i < max_batch % count) for i in range(count)]
         self._lanes = [
-            Lane(i, runner, shares[i], self._queue if i == 0 else queue.Queue(), self._prime, self.vocab)
+            Lane(i, runner, shares[i], self._queue if i == 0 else queue.Queue(), self._prime, self.vocab, on_queue_wait)
             for i, runner in enumerate(runners)
         ]
         self._lanes[0].dispatcher = Dispatcher(self._lanes[1:])
@@ -352,6 +359,21 @@ class GenerationEngine:
     def lane_peaks(self) -> list[int]:
         """The most requests each lane has stepped together so far."""
         return [lane.peak for lane in self._lanes]
+
+    @property
+    def lane_rows(self) -> list[int]:
+        """The requests each lane holds now (stepping or being primed)."""
+        return [lane.rows for lane in self._lanes]
+
+    @property
+    def lane_shares(self) -> list[int]:
+        """The most requests each lane holds at once (its share of max_batch)."""
+        return [lane.share for lane in self._lanes]
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a lane: in the engine's queue, or handed to a lane that has not taken them yet."""
+        return sum(lane.source.qsize() for lane in self._lanes)
 
     @property
     def capacity(self) -> int:

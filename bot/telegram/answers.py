@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
@@ -15,6 +16,8 @@ from telegram import Update
 from telegram.error import TelegramError
 from telegram.ext import Application, ContextTypes
 
+from bot.core.speech import Speech
+from bot.metrics import NO_METRICS, Metrics
 from bot.telegram.daily import DailySpeeches
 from bot.telegram.replies import send_text
 from db.database import describe
@@ -35,13 +38,17 @@ Send = Callable[[str], Awaitable[object]]
 class Answers:
     """Replies that go through the inbox, and the take-over of what crashed processes left open."""
 
-    def __init__(self, inbox: Inbox, daily: DailySpeeches, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, inbox: Inbox, daily: DailySpeeches, clock: Callable[[], datetime], metrics: Metrics = NO_METRICS
+    ) -> None:
         self.inbox = inbox
         self.daily = daily
         self.clock = clock
+        self.metrics = metrics
 
     async def answer(self, update: Update, reply: Awaitable[str | None], send: Send) -> None:
         """Send what `reply` comes to (if anything) with `send`, the update kept in the inbox until then."""
+        started = time.perf_counter()
         message = update.effective_message
         # Recorded beside the handling rather than before it, so a locked database holds up only the
         # replies that need it; a crash within the few milliseconds the record takes loses the update.
@@ -57,6 +64,7 @@ class Answers:
                 return
             if text is not None:
                 await send(text)
+                self.metrics.reply_sent(isinstance(text, Speech), time.perf_counter() - started)
         except Exception:
             await self._close_entry(claim, update.update_id)  # the error handler's apology is the answer
             raise
@@ -80,11 +88,14 @@ class Answers:
         now = self.clock()
         for entry in await self.inbox.take_over(now):
             if not entry.is_update:
+                self.metrics.inbox_taken_over("daily")
                 application.job_queue.run_once(self._resume_daily, when=0, data=entry, name=f"resume:{entry.key}")
             elif now - entry.received_at <= REPLAY_WINDOW:
+                self.metrics.inbox_taken_over("replayed")
                 log.info("Handling %s again, left unanswered by a crash", entry.key)
                 await application.update_queue.put(Update.de_json(entry.payload, application.bot))
             else:
+                self.metrics.inbox_taken_over("apologised")
                 await self._apologise(application.bot, entry)
         await self.inbox.forget_answered(now - KEEP_ANSWERED)
 

@@ -18,9 +18,10 @@ from telegram.ext import (
 
 from bot.config import Config
 from bot.core.commands import COMMANDS
+from bot.metrics import NO_METRICS, Metrics
 from bot.telegram.handlers import Handlers
 from bot.telegram.interactive import InteractiveHandlers
-from bot.telegram.transport import ChatOrderedUpdateProcessor, RetryingRateLimiter
+from bot.telegram.transport import ChatOrderedUpdateProcessor, MeteredRequest, RetryingRateLimiter
 
 # Updates in process beyond what the engine holds, so commands and "busy" answers go on while it is full.
 UPDATES_BEYOND_ENGINE = 64
@@ -36,19 +37,28 @@ def new_application(
     post_shutdown: Hook,
     retry_delays: tuple[float, ...],
     read_timeout: float,
+    metrics: Metrics = NO_METRICS,
 ) -> Application:
     """An Application with no handlers yet: rate limits and retries, chats in order, the connection pool."""
-    limiter = RetryingRateLimiter(retry_delays, messages_per_second=config.telegram_messages_per_second)
+    limiter = RetryingRateLimiter(
+        retry_delays, messages_per_second=config.telegram_messages_per_second, metrics=metrics
+    )
     builder = (
         ApplicationBuilder()
         .token(token)
         .rate_limiter(limiter)
-        .concurrent_updates(ChatOrderedUpdateProcessor(concurrent_updates))
-        .read_timeout(read_timeout)
-        .write_timeout(read_timeout)
-        # A connection for each request the rate limiter lets on the wire, so none waits for one (and
-        # fails after pool_timeout); daily posts share the pool.
-        .connection_pool_size(limiter.in_flight_max)
+        .concurrent_updates(ChatOrderedUpdateProcessor(concurrent_updates, metrics))
+        .request(
+            MeteredRequest(
+                metrics,
+                # A connection for each request the rate limiter lets on the wire, so none waits for one (and
+                # fails after pool_timeout); daily posts share the pool.
+                connection_pool_size=limiter.in_flight_max,
+                read_timeout=read_timeout,
+                write_timeout=read_timeout,
+            )
+        )
+        .get_updates_request(MeteredRequest(metrics, connection_pool_size=1))  # as python-telegram-bot makes it
         .post_init(post_init)
         .post_shutdown(post_shutdown)
     )

@@ -31,6 +31,7 @@ from telegram.ext import ContextTypes, JobQueue
 
 from bot.core.dailytime import latest_due, local_date
 from bot.core.groups import quiet_at
+from bot.metrics import NO_METRICS, Metrics
 from bot.telegram.replies import send_text
 from db.inbox import ANSWERED, SENDING, Inbox, OpenEntry, daily_key
 from db.store import ChatSettings, ChatStore
@@ -57,6 +58,7 @@ class DailySpeeches:
         show_typing: ShowTyping,
         grace: timedelta,
         clock: Callable[[], datetime],
+        metrics: Metrics = NO_METRICS,
     ):
         self.job_queue = job_queue
         self.bot = bot
@@ -66,6 +68,7 @@ class DailySpeeches:
         self.show_typing = show_typing
         self.grace = grace
         self.clock = clock
+        self.metrics = metrics
 
     @property
     def _job_kwargs(self) -> dict:
@@ -83,6 +86,8 @@ class DailySpeeches:
                 self.job_queue.run_once(
                     self._run, when=0, chat_id=settings.id, name=f"late:{settings.id}", job_kwargs=self._job_kwargs
                 )
+            elif self.missed(settings, now):
+                self.metrics.daily_post("missed")
         log.info("Rebuilt %d daily speech jobs", len(scheduled))
         return len(scheduled)
 
@@ -122,6 +127,13 @@ class DailySpeeches:
             return None
         return day
 
+    def missed(self, settings: ChatSettings, now: datetime) -> bool:
+        """Whether the chat's latest due day has no post and is past the grace window (the bot was down)."""
+        if not settings.schedule_enabled or settings.daily_time is None or settings.last_daily_post is None:
+            return False
+        due = latest_due(now, settings.daily_time, settings.time_zone)
+        return now - due > self.grace and settings.last_daily_post < local_date(due, settings.time_zone)
+
     async def _run(self, context: ContextTypes.DEFAULT_TYPE) -> None:
         await self.post_if_due(context.job.chat_id)
 
@@ -144,6 +156,7 @@ class DailySpeeches:
             or quiet_at(settings, now)
         ):
             log.info("Dropping the unfinished daily speech of chat %s for %s", entry.chat_id, entry.day)
+            self.metrics.daily_post("dropped")
             await self.inbox.mark(entry.key, ANSWERED, self.clock())
             return False
         return await self._post(settings, entry.key)
@@ -152,8 +165,10 @@ class DailySpeeches:
         try:
             posted = await self._write_and_send(settings, key)
         except Exception:
+            self.metrics.daily_post("failed")
             await self.inbox.mark(key, ANSWERED, self.clock())
             raise
+        self.metrics.daily_post("sent" if posted else "chat_gone")
         # Not reached when the task is cancelled at shutdown: the entry stays open for the next start.
         await self.inbox.mark(key, ANSWERED, self.clock())
         return posted

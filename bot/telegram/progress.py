@@ -17,6 +17,7 @@ from telegram.constants import ChatAction, ChatType
 from telegram.error import TelegramError
 
 from bot.core.speechbot import TypingIndicator
+from bot.metrics import NO_METRICS, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,11 @@ TYPING_IN_FLIGHT_MAX = 32
 class _Draft:
     """One speech being streamed into a private chat: the latest text, sent at most every interval."""
 
-    def __init__(self, bot, chat_id: int, draft_id: int, budget: AsyncLimiter):
+    def __init__(self, bot, chat_id: int, draft_id: int, budget: AsyncLimiter, on_first_draft: Callable[[float], None]):
         self.bot, self.chat_id, self.draft_id, self.budget = bot, chat_id, draft_id, budget
+        self.on_first_draft = on_first_draft
+        self.started = time.monotonic()
+        self.drafts_sent = 0
         self.latest = ""
         self.sent_at = -math.inf
         self.sending = False
@@ -56,6 +60,9 @@ class _Draft:
         self.sending, self.sent_at = True, time.monotonic()
         try:
             await self.bot.send_message_draft(self.chat_id, self.draft_id, self.latest)
+            self.drafts_sent += 1
+            if self.drafts_sent == 1:
+                self.on_first_draft(time.monotonic() - self.started)
         except TelegramError as error:
             # Refused (an older API, a 429, a chat that takes none): the final message comes all the same.
             log.debug("Drafts stop for chat %s: %s", self.chat_id, error)
@@ -77,13 +84,15 @@ class _Draft:
 class Drafts:
     """sendMessageDraft for speeches in private chats (Bot API 9.5+)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_first_draft: Callable[[float], None]) -> None:
+        """`on_first_draft` is told how many seconds after its start each speech's first draft reached Telegram."""
         self.budget = AsyncLimiter(DRAFTS_PER_SECOND, 1)
         self._ids = itertools.count(1)  # draft_id must be non-zero; one per speech
+        self.on_first_draft = on_first_draft
 
     @contextlib.asynccontextmanager
     async def stream(self, bot, chat_id: int) -> AsyncIterator[Callable[[str], None]]:
-        draft = _Draft(bot, chat_id, next(self._ids), self.budget)
+        draft = _Draft(bot, chat_id, next(self._ids), self.budget, self.on_first_draft)
         try:
             yield draft.show
         finally:
@@ -93,8 +102,8 @@ class Drafts:
 class Progress:
     """The TypingIndicator of each speech: drafts in private chats, "typing…" elsewhere."""
 
-    def __init__(self) -> None:
-        self.drafts = Drafts()
+    def __init__(self, metrics: Metrics = NO_METRICS) -> None:
+        self.drafts = Drafts(metrics.first_draft)
         self._typing_slots = asyncio.Semaphore(TYPING_IN_FLIGHT_MAX)
         self._typing_tasks: set[asyncio.Task] = set()  # referenced until done, as asyncio asks
 

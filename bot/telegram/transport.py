@@ -1,6 +1,7 @@
 """How updates come in and requests go out: chats' updates in order and side by side
 (ChatOrderedUpdateProcessor), the overall sending rate with retries on 429, 5xx and network errors, and a
-cap on the requests on the wire (RetryingRateLimiter). Why these limits: docs/speed.md, "Many chats at once"."""
+cap on the requests on the wire (RetryingRateLimiter). Why these limits: docs/speed.md, "Many chats at once".
+Each of them, and every HTTP request (MeteredRequest), reports to the metrics (bot/metrics.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import logging
 from collections.abc import Awaitable
 
 from telegram import Update
-from telegram.error import BadRequest, NetworkError
+from telegram.error import BadRequest, NetworkError, RetryAfter, TimedOut
 from telegram.ext import AIORateLimiter, BaseUpdateProcessor
+from telegram.request import HTTPXRequest
 
 from bot.config import TELEGRAM_MESSAGES_PER_SECOND
+from bot.metrics import NO_METRICS, Metrics, api_outcome
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +32,13 @@ class RetryingRateLimiter(AIORateLimiter):
         retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
         max_retries: int = 3,
         messages_per_second: float = TELEGRAM_MESSAGES_PER_SECOND,
+        metrics: Metrics = NO_METRICS,
     ):
         super().__init__(overall_max_rate=messages_per_second, max_retries=max_retries)
         self.retry_delays = retry_delays
         self.in_flight_max = HTTP_IN_FLIGHT_MAX
         self._on_the_wire = asyncio.Semaphore(self.in_flight_max)
+        self.metrics = metrics
 
     async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):
         async def on_the_wire(*call_args, **call_kwargs):
@@ -45,9 +50,22 @@ class RetryingRateLimiter(AIORateLimiter):
             # Best effort, and it must not use up the 20-messages-a-minute budget of a group, nor hold up other
             # requests while a 429 is waited out (drafts have their own budget, bot/telegram/progress.py).
             return await on_the_wire(*args, **kwargs)
+        attempts = 0
+
+        async def metered(*call_args, **call_kwargs):
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                self.metrics.api_retry(endpoint)
+            try:
+                return await on_the_wire(*call_args, **call_kwargs)
+            except RetryAfter:
+                self.metrics.flood_wait(endpoint)  # AIORateLimiter waits it out, up to max_retries times
+                raise
+
         for delay in (*self.retry_delays, None):
             try:
-                return await super().process_request(on_the_wire, args, kwargs, endpoint, data, rate_limit_args)
+                return await super().process_request(metered, args, kwargs, endpoint, data, rate_limit_args)
             except BadRequest:
                 raise  # the request itself is wrong (BadRequest derives from NetworkError)
             except NetworkError as error:
@@ -56,6 +74,27 @@ class RetryingRateLimiter(AIORateLimiter):
                 log.warning("Bot API %s failed (%s); retrying in %.1f s", endpoint, error.message, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+
+class MeteredRequest(HTTPXRequest):
+    """python-telegram-bot's HTTP requests, each reported to the metrics by Bot API method and outcome."""
+
+    def __init__(self, metrics: Metrics = NO_METRICS, **options) -> None:
+        super().__init__(**options)
+        self.metrics = metrics
+
+    async def do_request(self, url: str, *args, **kwargs) -> tuple[int, bytes]:
+        method = url.rsplit("/", 1)[-1]
+        try:
+            status, payload = await super().do_request(url, *args, **kwargs)
+        except TimedOut:
+            self.metrics.api_call(method, "timeout")
+            raise
+        except NetworkError:
+            self.metrics.api_call(method, "network")
+            raise
+        self.metrics.api_call(method, api_outcome(status))
+        return status, payload
 
 
 class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
@@ -67,11 +106,13 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
     PTB takes the slot before do_process_update.
     """
 
-    def __init__(self, max_concurrent_updates: int):
+    def __init__(self, max_concurrent_updates: int, metrics: Metrics = NO_METRICS):
         super().__init__(max_concurrent_updates)
         self._latest: dict[int, asyncio.Future] = {}  # per chat with updates in process: the last one's end
+        self.metrics = metrics
 
     async def do_process_update(self, update: object, coroutine: Awaitable) -> None:
+        self.metrics.update_received(update)
         chat = update.effective_chat if isinstance(update, Update) else None
         if chat is None:
             await coroutine
