@@ -111,6 +111,15 @@ def test_console_offers_the_buttons_as_numbered_options(env, capsys):
     assert "[1] Another (0.8)   [2] Calmer (0.6)   [3] Wilder (1)" in out.split("Calmer (0.4)")[1], "3 picked Wilder"
 
 
+def test_console_offers_no_option_that_would_not_change_the_temperature(env, capsys):
+    env.setattr("sys.stdin", io.StringIO("/length 30\n/speech 2\n3\n/speech 2\n2\n"))
+    assert main(["console"]) == 0
+    out = capsys.readouterr().out
+    assert "[1] Another (2)   [2] Calmer (1.8)\n" in out, "no Wilder at the highest temperature"
+    assert "\n> 3" in out, "3 is no option there, so it is a prompt"
+    assert "[1] Another (1.8)   [2] Calmer (1.6)   [3] Wilder (2)" in out, "2 picked Calmer"
+
+
 async def test_run_serves_telegram_and_stops_gracefully_on_sigterm(tmp_path, model_path):
     async with TelegramEmulator(TOKEN) as emulator:
         environment = emulated_telegram_environment(
