@@ -115,13 +115,30 @@ class SamplingParams:
 
     @classmethod
     def from_args(cls, args: Any, base: SamplingParams | None = None) -> SamplingParams:
-        """`base` (default: plain) with each setting that `args` (parsed flags) has as an attribute."""
-        present = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return replace(base or cls(), **present)
+        """`base` (default: plain) with each setting that `args` (parsed flags) has as an attribute and
+        not None."""
+        present = {f.name: getattr(args, f.name, None) for f in fields(cls)}
+        return replace(base or cls(), **{name: value for name, value in present.items() if value is not None})
 
 
-# The bot's sampling, chosen by measurement (docs/quality.md, "Text statistics"; bench/text_stats.py).
+# The bot's sampling, chosen by measurement (docs/quality.md, "Text statistics"; bench/text_stats.py), at
+# its default temperature; bot_sampling gives it at any other.
 BOT_SAMPLING = SamplingParams(temperature=0.8, min_p=0.1, repetition_penalty=3.0, repeat_ngram=6)
+# Above this temperature the bot's min-p falls with the square of the temperature (bot_sampling).
+MIN_P_LOOSENS_ABOVE = 1.0
+
+
+def bot_sampling(temperature: float = BOT_SAMPLING.temperature) -> SamplingParams:
+    """The bot's sampling at `temperature`: BOT_SAMPLING, whose min-p loosens as the temperature rises
+    past MIN_P_LOOSENS_ABOVE (0.1 up to 1, 0.044 at 1.5, 0.025 at 2).
+
+    A fixed min-p lets a hot speech choose only among the characters it would have chosen among at
+    temperature 1, only more evenly, so 2 wrote much what 1.2 did; loosening it lets in the rarer
+    words that make a hot speech wild, while the real-word rate stays at least 0.95 (docs/quality.md,
+    "The temperature knob"). Every caller of the engine asks through this, so the bot has one sampling.
+    """
+    loosening = min(1.0, MIN_P_LOOSENS_ABOVE / temperature) ** 2 if temperature > 0 else 1.0
+    return BOT_SAMPLING.with_options(temperature=temperature, min_p=BOT_SAMPLING.min_p * loosening)
 
 
 def repetition_start(tokens: Sequence[int], pad: int) -> tuple[np.ndarray, np.ndarray]:

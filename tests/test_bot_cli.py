@@ -86,6 +86,16 @@ def test_generate_prints_a_speech(env, capsys):
     assert capsys.readouterr().out == first, "a seed repeats the speech"
 
 
+def test_generate_samples_as_the_bot_at_its_temperature(env, capsys):
+    def speech(*flags: str) -> str:
+        assert main(["generate", "--prompt", "We will", "--length", "60", "--seed", "4", *flags]) == 0
+        return capsys.readouterr().out
+
+    # At 2 the bot's min-p is 0.025 (model.sampling.bot_sampling), not BOT_SAMPLING's 0.1.
+    hot = speech("--temperature", "2")
+    assert hot == speech("--temperature", "2", "--min-p", "0.025") != speech("--temperature", "2", "--min-p", "0.1")
+
+
 def test_generate_rejects_a_bad_temperature(env, capsys):
     assert main(["generate", "--temperature", "0"]) == 2
     assert "temperature" in one_error_line(capsys).lower()

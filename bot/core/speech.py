@@ -9,7 +9,7 @@ from bot.core.bounds import MESSAGE_MAX, TEMPERATURE_STEP
 from bot.core.commands import ArgumentError, parse_temperature
 from bot.inference.api import Engine
 from db.store import ChatSettings
-from model.sampling import BOT_SAMPLING, TEMPERATURE_MAX, TEMPERATURE_MIN
+from model.sampling import TEMPERATURE_MAX, TEMPERATURE_MIN, bot_sampling
 
 CHOICE_PREFIX = "speech:"  # callback data of the buttons under a speech: CHOICE_PREFIX + temperature
 STALE_CHOICE = "That button no longer works. Send /speech for a new speech."
@@ -80,7 +80,7 @@ async def daily_speech(engine: Engine, settings: ChatSettings) -> Speech:
     continuation = await engine.agenerate(
         "",
         settings.length,
-        sampling=BOT_SAMPLING.with_options(temperature=settings.temperature),
+        sampling=bot_sampling(settings.temperature),
         end_sentence=True,
         max_chars=reply_room(""),
     )

@@ -33,7 +33,7 @@ from bot.inference.chunk_graph import SAMPLER_INPUTS
 from bot.inference.ending import Ending, settle
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.inference.runner import ModelRunner, usable_cores
-from model.sampling import BOT_SAMPLING, SamplingParams, paragraph_start, repetition_start
+from model.sampling import SamplingParams, bot_sampling, paragraph_start, repetition_start
 from model.text import CleaningOptions, Vocab, normalize_prompt
 
 log = logging.getLogger(__name__)
@@ -481,7 +481,7 @@ class GenerationEngine:
             raise InvalidSeed(f"seed must be a non-negative whole number or None, not {seed!r}")
         if self._closed:
             raise EngineClosed("the generation engine is closed")
-        params = ask.sampling or BOT_SAMPLING
+        params = ask.sampling or bot_sampling()
         if params.top_k >= len(self.vocab):
             params = params.with_options(top_k=0)  # no limit, and no top-k step in the graph
         ending = Ending(length, max_chars or MAX_LENGTH) if ask.end_sentence else None
