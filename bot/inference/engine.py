@@ -30,7 +30,7 @@ import numpy as np
 
 from bot.inference.api import MAX_LANES, PROVIDERS, EngineBusy, EngineClosed
 from bot.inference.chunk_graph import SAMPLER_INPUTS
-from bot.inference.ending import Ending, settle
+from bot.inference.ending import Ending, quote_is_open, settle
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.inference.runner import ModelRunner, usable_cores
 from model.sampling import SamplingParams, bot_sampling, paragraph_start, repetition_start
@@ -484,7 +484,8 @@ class GenerationEngine:
         params = ask.sampling or bot_sampling()
         if params.top_k >= len(self.vocab):
             params = params.with_options(top_k=0)  # no limit, and no top-k step in the graph
-        ending = Ending(length, max_chars or MAX_LENGTH) if ask.end_sentence else None
+        quoted = quote_is_open(normalize_prompt(prompt, self.cleaning))
+        ending = Ending(length, max_chars or MAX_LENGTH, quoted) if ask.end_sentence else None
         planned = ending.to_generate if ending else min(length, max_chars or length)
         request = _Request(
             prompt_ids=self.vocab.encode(normalize_prompt(prompt, self.cleaning)),
