@@ -34,7 +34,7 @@ from bot.inference.ending import Ending, quote_is_open, settle
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.inference.runner import ModelRunner, usable_cores
 from model.sampling import SamplingParams, bot_sampling, paragraph_start, repetition_start
-from model.text import CleaningOptions, Vocab, normalize_prompt
+from model.text import CleaningOptions, Vocab, normalize_prompt, prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,9 @@ class _Request:
     # Called from the worker with a text chunk, then once with None (done) or an exception.
     deliver: Callable[[str | BaseException | None], None]
     streaming: bool  # deliver chunks as they come, not only the whole text at the end
+    # Tokens the continuation begins with, read by the model with the prompt: the separator after a prompt
+    # that ends in characters the model does not know (model.text.prompt_tokens).
+    forced: list[int] = field(default_factory=list)
     generated: int = 0
     unread: list[np.ndarray] = field(default_factory=list)  # tokens not decoded yet
     text: str = ""  # decoded so far
@@ -223,7 +226,7 @@ class Lane:
         runner: Runner,
         share: int,
         source: queue.Queue,
-        start: Callable[[Runner, _Request], tuple],
+        start: Callable[[Runner, _Request], tuple | None],
         vocab: Vocab,
     ) -> None:
         self.index, self.runner, self.share, self.source = index, runner, share, source
@@ -295,8 +298,10 @@ class Lane:
                 target.source.put(request)
             else:
                 try:
-                    joined[request] = self._start(self.runner, request)
-                    self.rows = len(self.batch.requests) + len(joined)
+                    primed = self._start(self.runner, request)
+                    if primed is not None:  # None: priming alone finished it
+                        joined[request] = primed
+                        self.rows = len(self.batch.requests) + len(joined)
                 except Exception as exc:
                     log.exception("priming a prompt failed")
                     request.send(exc)
@@ -487,14 +492,17 @@ class GenerationEngine:
         quoted = quote_is_open(normalize_prompt(prompt, self.cleaning))
         ending = Ending(length, max_chars or MAX_LENGTH, quoted) if ask.end_sentence else None
         planned = ending.to_generate if ending else min(length, max_chars or length)
+        prompt_ids, separator = prompt_tokens(prompt, self.vocab, self.cleaning)
         request = _Request(
-            prompt_ids=self.vocab.encode(normalize_prompt(prompt, self.cleaning)),
+            prompt_ids=prompt_ids,
             params=params,
             planned=planned,
-            uniforms=np.random.default_rng(seed).random(-(-planned // CHUNK) * CHUNK, np.float32),
+            # A chunk past `planned`: forced tokens put a request's chunks off the multiples of CHUNK.
+            uniforms=np.random.default_rng(seed).random(planned + CHUNK, np.float32),
             ending=ending,
             deliver=deliver,
             streaming=streaming,
+            forced=self.vocab.encode(separator),
         )
         try:
             self._queue.put_nowait(request)
@@ -534,12 +542,16 @@ class GenerationEngine:
         logits, state = self.runner.prime(np.array([tokens], np.int64), state or self.runner.zero_state(1))
         return logits[0, -1], state
 
-    def _prime(self, runner: Runner, request: _Request) -> tuple:
-        """The request's next-character logits, its state after the prompt and its repetition history."""
-        if not request.prompt_ids:
+    def _prime(self, runner: Runner, request: _Request) -> tuple | None:
+        """The request's next-character logits, its state after the prompt (and any forced tokens) and its
+        repetition history; None if the forced tokens were all it had to write."""
+        tokens = request.prompt_ids + request.forced
+        if not tokens:
             return self._start_logits, self._start_state, *self._empty_history
-        logits, state = runner.prime(np.array([request.prompt_ids], np.int64), self._start_state)
-        return logits[0, -1], state, *repetition_start(request.prompt_ids, len(self.vocab))
+        logits, state = runner.prime(np.array([tokens], np.int64), self._start_state)
+        if request.forced and request.add(np.array(request.forced), self.vocab):
+            return None
+        return logits[0, -1], state, *repetition_start(tokens, len(self.vocab))
 
     def _fail_waiting(self) -> None:
         while True:
