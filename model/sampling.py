@@ -51,7 +51,7 @@ PARAGRAPH_OPENING_MAX_CHARS = 150
 # and 32 brought the first words of 200 speeches equally close to the training text's (docs/quality.md).
 PARAGRAPH_OPENINGS = 16
 PARAGRAPH_OPENINGS_SEED = 0
-PARAGRAPH_BREAK = "\n\n"  # how 83% of the training text's paragraphs end
+PARAGRAPH_BREAK = "\n\n"  # a blank line: how most of the training text's paragraphs end (docs/engine.md)
 
 
 class InvalidSampling(ValueError):
