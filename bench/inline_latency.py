@@ -42,7 +42,7 @@ from bot.core.speechbot import ChatRef, SpeechBot
 from bot.inference.engine import GenerationEngine
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.services import build_services
-from model.sampling import BOT_SAMPLING
+from model.sampling import bot_sampling
 
 QUERIES = ("", "We will", "Our jobs are", "Believe me, folks,", "Mexico", "The wall", "China is", "We're going to")
 USER_ID = 1
@@ -102,7 +102,7 @@ def inline_candidates(engine: GenerationEngine, core: SpeechBot) -> list[Candida
             await engine.agenerate(
                 query,
                 INLINE_LENGTH,
-                sampling=BOT_SAMPLING.with_options(temperature=temperature),
+                sampling=bot_sampling(temperature),
                 end_sentence=True,
                 max_chars=INLINE_LENGTH,
             )
@@ -113,7 +113,7 @@ def inline_candidates(engine: GenerationEngine, core: SpeechBot) -> list[Candida
             INLINE_LENGTH,
             end_sentence=True,
             max_chars=INLINE_LENGTH,
-            sampling=BOT_SAMPLING.with_options(temperature=0.9),
+            sampling=bot_sampling(0.9),
         )
 
     return [timed("batch", batch), timed("serial", serial), timed("single", single)]

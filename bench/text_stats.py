@@ -1,5 +1,5 @@
 """Text statistics of generated speeches, per temperature and sampling setting: are they words, do they
-repeat themselves, do they copy the training text?
+repeat themselves, do they copy the training text, how far does the temperature move them?
 
     python -m bench.text_stats --model bot/assets/speechbot.onnx --train data/speeches --write-docs docs/quality.md
 
@@ -8,10 +8,14 @@ For each sampling setting and temperature the bot's engine writes one sample of 
 - real-word rate: the share of the sample's words (letters with inner apostrophes, any case) that occur
   in the training text;
 - distinct 4-grams: the share of the sample's word 4-grams that are distinct (1: no 4-gram twice);
-- memorised: the share of the sample's 20-character substrings found verbatim in the training text.
---train is a prepared dataset folder (its train split) or text files (cleaned as the model's training
-text was). Prints a table, writes JSON, and with --write-docs replaces the table between the
-text-statistics markers of that Markdown file (adding the section if it has none).
+- memorised: the share of the sample's 20-character substrings found verbatim in the training text;
+- mean word length, in letters;
+- rare words: the share of the sample's words outside the training text's FREQUENT_WORDS most frequent.
+A setting is fixed (the same at every temperature) or, for the bot's, model.sampling.bot_sampling, whose
+min-p depends on the temperature; "bot, min-p fixed" is the bot's sampling as it was before that
+(issue 25), for comparison. --train is a prepared dataset folder (its train split) or text files (cleaned
+as the model's training text was). Prints the tables, writes JSON, and with --write-docs replaces the
+tables between the text-statistics markers of that Markdown file (adding the section if it has none).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import argparse
 import re
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +35,19 @@ from bot.inference.engine import GenerationEngine
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from model.cli import UsageError
 from model.dataset import load_dataset
-from model.sampling import BOT_SAMPLING, InvalidSampling, SamplingParams
+from model.sampling import BOT_SAMPLING, InvalidSampling, SamplingParams, bot_sampling
 from model.text import CleaningOptions, clean_text
 
-TEMPERATURES = (0.15, 0.5, 0.9, 1.2, 1.5, 2.0)
-# The issue's goals for the bot's default setting (docs/quality.md).
-GOALS = "real-word rate ≥ 0.98 up to 1.5 and ≥ 0.95 at 2.0; distinct 4-grams ≥ 0.95 from 0.9 and ≥ 0.7 at 0.15"
+TEMPERATURES = (0.15, 0.3, 0.5, 0.9, 1.2, 1.5, 2.0)
+# Issue 25's temperatures: the range from tame to unhinged, with its own table.
+RANGE_TEMPERATURES = (0.3, 0.9, 1.5, 2.0)
+# The issues' goals for the bot's default setting (docs/quality.md).
+GOALS = (
+    "real-word rate ≥ 0.98 up to 1.5 and ≥ 0.95 at 2.0; distinct 4-grams ≥ 0.95 from 0.9 and ≥ 0.7 at 0.15; "
+    "over 0.3, 0.9, 1.5 and 2.0, mean word length and rare words rising and memorised falling"
+)
 MEMORY_CHARS = 20
+FREQUENT_WORDS = 5000  # words outside the training text's this many most frequent count as rare
 _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
 DOCS_START = "<!-- text-stats:start (bench/text_stats.py writes this part) -->"
 DOCS_END = "<!-- text-stats:end -->"
@@ -43,23 +55,36 @@ DOCS_HEADING = "## Text statistics"  # bench/quality.py keeps this section when 
 _SETTING_FIELDS = ("top_k", "top_p", "min_p", "repetition_penalty", "repeat_ngram")
 
 
-def default_settings() -> dict[str, SamplingParams]:
-    """Plain sampling, each truncation and the penalty alone, and the bot's default."""
+# A sampling setting as a function of the temperature.
+Setting = Callable[[float], SamplingParams]
+BOT = "bot default"
+BOT_FIXED = "bot, min-p fixed"
+
+
+def fixed(params: SamplingParams) -> Setting:
+    """`params` at any temperature."""
+    return lambda temperature: params.with_options(temperature=temperature)
+
+
+def default_settings() -> dict[str, Setting]:
+    """Plain sampling, each truncation and the penalty alone, the bot's sampling before its min-p
+    schedule, and the bot's default."""
     bot = {name: getattr(BOT_SAMPLING, name) for name in _SETTING_FIELDS}
     return {
-        "plain": SamplingParams(),
-        "top_p=0.9": SamplingParams(top_p=0.9),
-        "min_p=0.05": SamplingParams(min_p=0.05),
-        "min_p=0.1": SamplingParams(min_p=0.1),
-        "min_p=0.2": SamplingParams(min_p=0.2),
-        f"penalty={BOT_SAMPLING.repetition_penalty:g}": SamplingParams(
-            repetition_penalty=BOT_SAMPLING.repetition_penalty, repeat_ngram=BOT_SAMPLING.repeat_ngram
+        "plain": fixed(SamplingParams()),
+        "top_p=0.9": fixed(SamplingParams(top_p=0.9)),
+        "min_p=0.05": fixed(SamplingParams(min_p=0.05)),
+        "min_p=0.1": fixed(SamplingParams(min_p=0.1)),
+        "min_p=0.2": fixed(SamplingParams(min_p=0.2)),
+        f"penalty={BOT_SAMPLING.repetition_penalty:g}": fixed(
+            SamplingParams(repetition_penalty=BOT_SAMPLING.repetition_penalty, repeat_ngram=BOT_SAMPLING.repeat_ngram)
         ),
-        "bot default": SamplingParams(**bot),
+        BOT_FIXED: fixed(SamplingParams(**bot)),
+        BOT: bot_sampling,
     }
 
 
-def parse_setting(text: str) -> tuple[str, SamplingParams]:
+def parse_setting(text: str) -> tuple[str, Setting]:
     """`min_p=0.1,repetition_penalty=1` -> that setting, named by its text."""
     values: dict[str, float | int] = {}
     for part in text.split(","):
@@ -74,7 +99,7 @@ def parse_setting(text: str) -> tuple[str, SamplingParams]:
         except ValueError:
             raise UsageError(f"--setting {name}={value!r} is not a number") from None
     try:
-        return text, SamplingParams(**values)
+        return text, fixed(SamplingParams(**values))
     except InvalidSampling as exc:
         raise UsageError(f"--setting: {exc}") from None
 
@@ -112,10 +137,13 @@ def substring_hashes(text: str, size: int = MEMORY_CHARS) -> np.ndarray:
 
 
 class TrainingIndex:
-    """What the statistics compare a sample with: the training text's words and 20-character substrings."""
+    """What the statistics compare a sample with: the training text's words, its FREQUENT_WORDS most
+    frequent ones, and its 20-character substrings."""
 
     def __init__(self, text: str) -> None:
-        self.words = set(words(text))
+        counts = Counter(words(text))
+        self.words = set(counts)
+        self.frequent = {word for word, _ in counts.most_common(FREQUENT_WORDS)}
         self.substrings = np.unique(substring_hashes(text))
 
     def stats(self, samples: list[str]) -> dict[str, float]:
@@ -126,32 +154,37 @@ class TrainingIndex:
             "real_word_rate": sum(w in self.words for w in sample_words) / max(1, len(sample_words)),
             "distinct_4grams": len(set(grams)) / max(1, len(grams)),
             "memorised_20": float(np.isin(hashes, self.substrings).mean()) if len(hashes) else 0.0,
+            "mean_word_length": sum(map(len, sample_words)) / max(1, len(sample_words)),
+            "rare_word_share": sum(w not in self.frequent for w in sample_words) / max(1, len(sample_words)),
             "words": len(sample_words),
         }
 
 
 def measure(
-    engine: GenerationEngine, index: TrainingIndex, settings: dict[str, SamplingParams], length: int, seeds: list[int]
+    engine: GenerationEngine,
+    index: TrainingIndex,
+    settings: dict[str, Setting],
+    length: int,
+    seeds: list[int],
+    temperatures: tuple[float, ...] = TEMPERATURES,
 ) -> list[dict]:
     """Every sample at once, as streams, so the engine batches them."""
-    jobs = [(name, t, seed) for name in settings for t in TEMPERATURES for seed in seeds]
-    streams = [
-        engine.stream("", length, sampling=settings[name].with_options(temperature=t), seed=seed)
-        for name, t, seed in jobs
-    ]
+    jobs = [(name, t, seed) for name in settings for t in temperatures for seed in seeds]
+    streams = [engine.stream("", length, sampling=settings[name](t), seed=seed) for name, t, seed in jobs]
     texts = ["".join(stream) for stream in streams]
     rows = []
     for name in settings:
-        for t in TEMPERATURES:
+        for t in temperatures:
             samples = [text for (n, tt, _), text in zip(jobs, texts, strict=True) if n == name and tt == t]
-            rows.append({"setting": name, **settings[name].to_dict(), "temperature": t, **index.stats(samples)})
+            rows.append({"setting": name, **settings[name](t).to_dict(), **index.stats(samples)})
     return rows
 
 
 def meets_goals(rows: list[dict], setting: str) -> list[str]:
     """The goals (GOALS) that `setting`'s rows miss, each as a short phrase."""
     missed = []
-    for row in (r for r in rows if r["setting"] == setting):
+    mine = [r for r in rows if r["setting"] == setting]
+    for row in mine:
         t = row["temperature"]
         real_goal = 0.98 if t <= 1.5 else 0.95
         if row["real_word_rate"] < real_goal:
@@ -159,25 +192,55 @@ def meets_goals(rows: list[dict], setting: str) -> list[str]:
         distinct_goal = 0.95 if t >= 0.9 else 0.7 if t == 0.15 else None
         if distinct_goal is not None and row["distinct_4grams"] < distinct_goal:
             missed.append(f"distinct 4-grams {row['distinct_4grams']:.2f} < {distinct_goal} at {t:g}")
+    knob = [r for r in mine if r["temperature"] in RANGE_TEMPERATURES]
+    for stat, rising in (("mean_word_length", True), ("rare_word_share", True), ("memorised_20", False)):
+        values = [r[stat] for r in knob]
+        if values != sorted(values, reverse=not rising):
+            missed.append(f"{stat} not {'rising' if rising else 'falling'} over {RANGE_TEMPERATURES}")
     return missed
 
 
-def markdown_table(rows: list[dict], settings: dict[str, SamplingParams]) -> str:
-    """Settings as row groups, temperatures as columns: one table per statistic."""
-    header = "| setting | " + " | ".join(f"{t:g}" for t in TEMPERATURES) + " |"
-    rule = "| --- |" + " --- |" * len(TEMPERATURES)
+STATS = (
+    ("real_word_rate", "Real-word rate"),
+    ("distinct_4grams", "Distinct word 4-grams"),
+    ("memorised_20", "Memorised (20-character substrings found in train)"),
+    ("mean_word_length", "Mean word length"),
+    ("rare_word_share", f"Rare words (outside the training text's {FREQUENT_WORDS:,} most frequent)"),
+)
+
+
+def markdown_table(rows: list[dict], settings: dict[str, Setting]) -> str:
+    """Settings as row groups, temperatures as columns: one table per statistic; then the bot's sampling
+    before and after its min-p schedule over RANGE_TEMPERATURES, if both were measured."""
+    temperatures = sorted({r["temperature"] for r in rows})
+    header = "| setting | " + " | ".join(f"{t:g}" for t in temperatures) + " |"
+    rule = "| --- |" + " --- |" * len(temperatures)
     tables = []
-    for stat, title in (
-        ("real_word_rate", "Real-word rate"),
-        ("distinct_4grams", "Distinct word 4-grams"),
-        ("memorised_20", "Memorised (20-character substrings found in train)"),
-    ):
+    for stat, title in STATS:
         lines = [f"**{title}**, by temperature", "", header, rule]
         for name in settings:
             values = {r["temperature"]: r[stat] for r in rows if r["setting"] == name}
-            lines.append(f"| {name} | " + " | ".join(f"{values[t]:.3f}" for t in TEMPERATURES) + " |")
+            lines.append(f"| {name} | " + " | ".join(f"{values[t]:.3f}" for t in temperatures) + " |")
         tables.append("\n".join(lines))
+    if {BOT, BOT_FIXED} <= settings.keys() and set(RANGE_TEMPERATURES) <= set(temperatures):
+        tables.append(range_table(rows))
     return "\n\n".join(tables)
+
+
+def range_table(rows: list[dict]) -> str:
+    """The temperature knob before (min-p fixed) and after (bot_sampling's schedule), a row per temperature."""
+    lines = [
+        "**The temperature knob**: the bot's sampling with min-p fixed (before issue 25) and with its schedule",
+        "",
+        "| temperature | sampling | min-p | " + " | ".join(title.split(" (")[0] for _, title in STATS) + " |",
+        "| --- | --- | --- |" + " --- |" * len(STATS),
+    ]
+    for t in RANGE_TEMPERATURES:
+        for name in (BOT_FIXED, BOT):
+            row = next(r for r in rows if r["setting"] == name and r["temperature"] == t)
+            values = " | ".join(f"{row[stat]:.3f}" for stat, _ in STATS)
+            lines.append(f"| {t:g} | {name} | {row['min_p']:.3f} | {values} |")
+    return "\n".join(lines)
 
 
 def write_docs(path: Path, section: str) -> None:
@@ -209,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         + ")",
     )
     p.add_argument("--only", action="store_true", help="measure only the --setting ones, not the defaults")
+    p.add_argument(
+        "--temperatures",
+        default=",".join(f"{t:g}" for t in TEMPERATURES),
+        help="comma-separated temperatures (default: %(default)s)",
+    )
     p.add_argument("--json", default="docs/bench/text_stats.json", help="where to write the results")
     p.add_argument("--write-docs", metavar="MARKDOWN", help="put the tables into this file (e.g. docs/quality.md)")
     return p
@@ -218,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
+        temperatures = tuple(SamplingParams(temperature=float(t)).temperature for t in args.temperatures.split(","))
         if args.length < 100:
             raise UsageError(f"--length must be at least 100 characters, not {args.length}")
         settings = {} if args.only else default_settings()
@@ -227,13 +296,13 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         with GenerationEngine(args.model, providers="cpu", threads=1, lanes=1, max_queue=1024) as engine:
             index = TrainingIndex(training_text(args.train, engine.cleaning))
-            rows = measure(engine, index, settings, args.length, seeds)
+            rows = measure(engine, index, settings, args.length, seeds, temperatures)
         seconds = time.perf_counter() - start
     except (UsageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = markdown_table(rows, settings)
-    bot = "bot default" if "bot default" in settings else None
+    bot = BOT if BOT in settings else None
     missed = meets_goals(rows, bot) if bot else []
     summary = (
         f"Model {args.model}; {args.length}-character samples (empty prompt), seeds {args.seeds}, pooled; "
@@ -241,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         f"`python -m bench.text_stats --model {args.model} --train {' '.join(args.train)}`"
         + (f" --length {args.length}" if args.length != 4000 else "")
         + (f" --seeds {args.seeds}" if args.seeds != "5,6,7" else "")
-        + f" in {seconds:.0f} s. The bot's default is {BOT_SAMPLING.to_dict()} (temperature: the chat's)."
+        + (f" --temperatures {args.temperatures}" if temperatures != TEMPERATURES else "")
+        + f" in {seconds:.0f} s. The bot's default is {BOT_SAMPLING.to_dict()} at temperature"
+        f" {BOT_SAMPLING.temperature:g}; at the chat's temperature its min-p follows model.sampling.bot_sampling"
+        " (the min-p column of the last table)."
     )
     if bot:
         summary += f" Goals: {GOALS}. " + (

@@ -24,7 +24,14 @@ from bot.inference.runner import ModelFileError
 from bot.logs import redact, setup_logging
 from bot.services import build_services, open_engine
 from db.database import DatabaseConfigError, create_db_engine, describe, migrate, one_process_per_sqlite_file
-from model.sampling import BOT_SAMPLING, TEMPERATURE_RANGE, InvalidSampling, SamplingParams
+from model.sampling import (
+    BOT_SAMPLING,
+    MIN_P_LOOSENS_ABOVE,
+    TEMPERATURE_RANGE,
+    InvalidSampling,
+    SamplingParams,
+    bot_sampling,
+)
 
 PROG = "python -m bot"
 CONSOLE_CHAT_ID = 0  # never a Telegram chat id, so the console's settings live beside real chats
@@ -112,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "generate",
         "print one speech from the model",
-        "Print the prompt and the speech continuing it, sampled as the bot samples (model/sampling.py "
-        "BOT_SAMPLING) unless flags say otherwise.",
+        "Print the prompt and the speech continuing it, sampled as the bot samples at --temperature "
+        "(model/sampling.py bot_sampling) unless flags say otherwise.",
     )
     generate.add_argument("--model", type=Path, help="ONNX model file (default: MODEL_PATH or the bundled one)")
     prompt = generate.add_mutually_exclusive_group()
@@ -135,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--min-p",
         type=float,
-        default=BOT_SAMPLING.min_p,
-        help="drop characters below min_p times the likeliest's (0: off)",
+        default=None,
+        help=f"drop characters below min_p times the likeliest's (0: off; default: the bot's, {BOT_SAMPLING.min_p:g} "
+        f"up to temperature {MIN_P_LOOSENS_ABOVE:g}, then less as it rises)",
     )
     generate.add_argument(
         "--repetition-penalty",
@@ -232,7 +240,7 @@ def generate(config: Config, args: argparse.Namespace) -> None:
     from bot.core.speech import compose_speech, reply_room
 
     try:
-        sampling = SamplingParams.from_args(args)
+        sampling = SamplingParams.from_args(args, base=bot_sampling(args.temperature))
     except InvalidSampling as exc:
         raise ConfigError(exc.as_flag()) from None
     prompt = args.prompt if args.prompt_file is None else read_prompt(args.prompt_file)

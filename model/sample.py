@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -13,10 +12,10 @@ from model.cli import UsageError, command_parser
 from model.ensemble import Ensemble, add_checkpoints_argument, load_models
 from model.model import CharRNN
 from model.sampling import (
-    BOT_SAMPLING,
     TEMPERATURE_RANGE,
     InvalidSampling,
     SamplingParams,
+    bot_sampling,
     paragraph_start,
     repeated_characters,
     repetition_start,
@@ -53,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bot-sampling",
         action="store_true",
-        help="the bot's min-p, top-p and repetition penalty (model/sampling.py BOT_SAMPLING) at --temperature",
+        help="the bot's min-p, top-p and repetition penalty at --temperature (model/sampling.py bot_sampling)",
     )
     p.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
@@ -86,7 +85,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     validate_length(args.length)
     try:
         if args.bot_sampling:
-            return replace(BOT_SAMPLING, temperature=args.temperature, top_k=args.top_k)
+            return bot_sampling(args.temperature).with_options(top_k=args.top_k)
         return SamplingParams.from_args(args)
     except InvalidSampling as exc:
         raise UsageError(exc.as_flag()) from None

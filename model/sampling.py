@@ -45,6 +45,13 @@ REPEAT_WINDOW = 1024
 SENTENCE_ENDERS = ".!?"
 # The greedy walk from a newline to the first sentence end (see paragraph_start).
 PARAGRAPH_START_MAX_CHARS = 300
+# The longest sentence paragraph_openings samples; the engine steps all its rows until the last one ends, at load.
+PARAGRAPH_OPENING_MAX_CHARS = 150
+# How many places unprompted speeches start from, and the seed that samples them (paragraph_openings): 16
+# and 32 brought the first words of 200 speeches equally close to the training text's (docs/quality.md).
+PARAGRAPH_OPENINGS = 16
+PARAGRAPH_OPENINGS_SEED = 0
+PARAGRAPH_BREAK = "\n\n"  # a blank line: how most of the training text's paragraphs end (docs/engine.md)
 
 
 class InvalidSampling(ValueError):
@@ -115,13 +122,30 @@ class SamplingParams:
 
     @classmethod
     def from_args(cls, args: Any, base: SamplingParams | None = None) -> SamplingParams:
-        """`base` (default: plain) with each setting that `args` (parsed flags) has as an attribute."""
-        present = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return replace(base or cls(), **present)
+        """`base` (default: plain) with each setting that `args` (parsed flags) has as an attribute and
+        not None."""
+        present = {f.name: getattr(args, f.name, None) for f in fields(cls)}
+        return replace(base or cls(), **{name: value for name, value in present.items() if value is not None})
 
 
-# The bot's sampling, chosen by measurement (docs/quality.md, "Text statistics"; bench/text_stats.py).
+# The bot's sampling, chosen by measurement (docs/quality.md, "Text statistics"; bench/text_stats.py), at
+# its default temperature; bot_sampling gives it at any other.
 BOT_SAMPLING = SamplingParams(temperature=0.8, min_p=0.1, repetition_penalty=3.0, repeat_ngram=6)
+# Above this temperature the bot's min-p falls with the square of the temperature (bot_sampling).
+MIN_P_LOOSENS_ABOVE = 1.0
+
+
+def bot_sampling(temperature: float = BOT_SAMPLING.temperature) -> SamplingParams:
+    """The bot's sampling at `temperature`: BOT_SAMPLING, whose min-p loosens as the temperature rises
+    past MIN_P_LOOSENS_ABOVE (0.1 up to 1, 0.044 at 1.5, 0.025 at 2).
+
+    A fixed min-p lets a hot speech choose only among the characters it would have chosen among at
+    temperature 1, only more evenly, so 2 wrote much what 1.2 did; loosening it lets in the rarer
+    words that make a hot speech wild, while the real-word rate stays at least 0.95 (docs/quality.md,
+    "The temperature knob"). Every caller of the engine asks through this, so the bot has one sampling.
+    """
+    loosening = min(1.0, MIN_P_LOOSENS_ABOVE / temperature) ** 2 if temperature > 0 else 1.0
+    return BOT_SAMPLING.with_options(temperature=temperature, min_p=BOT_SAMPLING.min_p * loosening)
 
 
 def repetition_start(tokens: Sequence[int], pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -213,3 +237,60 @@ def paragraph_start(step: Callable[[list[int], Any], tuple[Any, Any]], encode: C
             break
         previous = token
     return logits, state
+
+
+def paragraph_openings(
+    step: Callable[[np.ndarray, Any], tuple[np.ndarray, Any]],
+    take: Callable[[Any, int], Any],
+    encode: Callable[[str], list[int]],
+    count: int = PARAGRAPH_OPENINGS,
+    seed: int = PARAGRAPH_OPENINGS_SEED,
+) -> list[tuple[np.ndarray, Any]]:
+    """Where new paragraphs begin: the logits and state after each of up to `count` texts, each a
+    paragraph break, one sentence sampled at temperature 1 with the bot's min-p (seeded: the same every
+    time) and a paragraph break.
+
+    `step(tokens [count], state)` steps `count` rows of the network on one token each from `state` (None:
+    where paragraph_start left it, in every row) and returns their logits [count, vocab] and the new
+    state; `take(state, row)` is one row's part of a state. From paragraph_start's state alone every
+    unprompted speech would open in the context of its one greedy sentence, after which the model's
+    first word is mostly "We" (docs/quality.md, "Openings"); after sampled sentences of their own, the
+    openings spread like the training text's paragraph openings. A sentence needs a letter ("..." alone
+    is none); a row whose sentence is still unfinished after PARAGRAPH_OPENING_MAX_CHARS is left out.
+    """
+    paragraph_break = encode(PARAGRAPH_BREAK) or [0]
+    enders, breaks = set(encode(SENTENCE_ENDERS)), set(encode(" \n"))
+    letters = set(encode("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    params = [SamplingParams(temperature=1.0, min_p=BOT_SAMPLING.min_p)] * count
+    rng = np.random.default_rng(seed)
+    queued = [list(paragraph_break) for _ in range(count)]  # what each row reads next instead of a sample
+    closing = [False] * count  # reading the break after its sentence
+    worded = [False] * count
+    tokens = np.zeros(count, np.int64)
+    logits, state = None, None
+    openings: dict[int, tuple[np.ndarray, Any]] = {}
+    for _ in range(PARAGRAPH_OPENING_MAX_CHARS + 2 * len(paragraph_break)):
+        drawn = tokens if logits is None else _draw(sampling_distribution(logits, params), rng)
+        for row in range(count):
+            if queued[row]:
+                tokens[row] = queued[row].pop(0)
+            elif row not in openings and worded[row] and tokens[row] in enders and drawn[row] in breaks:
+                # The sentence ended: a paragraph break instead of the space or newline after it.
+                queued[row], closing[row] = list(paragraph_break), True
+                tokens[row] = queued[row].pop(0)
+            else:
+                tokens[row] = drawn[row]
+                worded[row] = worded[row] or int(drawn[row]) in letters
+        logits, state = step(tokens, state)
+        for row in range(count):
+            if closing[row] and not queued[row] and row not in openings:
+                openings[row] = (logits[row].copy(), take(state, row))
+        if len(openings) == count:
+            break
+    return [openings[row] for row in sorted(openings)]
+
+
+def _draw(probabilities: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One token per row [batch] of probabilities [batch, vocab], by inverse CDF as the chunk graph draws."""
+    cumulative = np.cumsum(probabilities, axis=1)
+    return np.minimum((cumulative < rng.random((len(cumulative), 1))).sum(axis=1), cumulative.shape[1] - 1)

@@ -199,6 +199,29 @@ def normalize_prompt(prompt: str, options: CleaningOptions) -> str:
     return text
 
 
+def prompt_tokens(prompt: str, vocab: Vocab, options: CleaningOptions) -> tuple[list[int], str]:
+    """The token ids the model reads for a user's prompt, and the separator its continuation must begin
+    with ("" but after a prompt whose end the model cannot see).
+
+    The prompt is normalised like the training text, its characters outside the vocabulary become what
+    the vocabulary's policy makes of them (an emoji nothing, a non-Latin letter a space) and, as in the
+    training text, runs of spaces one. When the prompt ends in such a character, the model would go on
+    from the visible text before it and its first word would run into the emoji ("Tremendous 😀problems.").
+    So the trailing whitespace comes off what it reads and becomes the separator instead: a space, or a
+    newline where the visible text ended a line or nothing of the prompt is visible.
+    """
+    text = normalize_prompt(prompt, options)
+    seen = vocab.decode(vocab.encode(text))
+    if options.collapse_whitespace:
+        seen = _SPACES.sub(" ", seen)
+    hidden_end = text[-1:].strip() and not vocab.decode(vocab.encode(text[-1])).strip()
+    if not hidden_end:
+        return vocab.encode(seen), ""
+    visible = seen.rstrip()
+    separator = "\n" if not visible or "\n" in seen[len(visible) :] else " "
+    return vocab.encode(visible), separator if separator in vocab.index else ""
+
+
 class Vocab:
     """Characters <-> token ids. Characters outside the vocabulary follow `unknown_policy`.
 

@@ -86,6 +86,16 @@ def test_generate_prints_a_speech(env, capsys):
     assert capsys.readouterr().out == first, "a seed repeats the speech"
 
 
+def test_generate_samples_as_the_bot_at_its_temperature(env, capsys):
+    def speech(*flags: str) -> str:
+        assert main(["generate", "--prompt", "We will", "--length", "60", "--seed", "4", *flags]) == 0
+        return capsys.readouterr().out
+
+    # At 2 the bot's min-p is 0.025 (model.sampling.bot_sampling), not BOT_SAMPLING's 0.1.
+    hot = speech("--temperature", "2")
+    assert hot == speech("--temperature", "2", "--min-p", "0.025") != speech("--temperature", "2", "--min-p", "0.1")
+
+
 def test_generate_rejects_a_bad_temperature(env, capsys):
     assert main(["generate", "--temperature", "0"]) == 2
     assert "temperature" in one_error_line(capsys).lower()
@@ -123,6 +133,15 @@ def test_console_shows_a_groups_chatter_quiet_stats_and_forget(env, capsys):
     assert "Quiet until" in out and "Send /forget yes" in out
     assert "Deleted what I stored about this chat" in out and "2 recent messages I held in memory" in out
     assert "privacy mode" not in out, "the console reads every line"
+
+
+def test_console_offers_no_option_that_would_not_change_the_temperature(env, capsys):
+    env.setattr("sys.stdin", io.StringIO("/length 30\n/speech 2\n3\n/speech 2\n2\n"))
+    assert main(["console"]) == 0
+    out = capsys.readouterr().out
+    assert "[1] Another (2)   [2] Calmer (1.8)\n" in out, "no Wilder at the highest temperature"
+    assert "\n> 3" in out, "3 is no option there, so it is a prompt"
+    assert "[1] Another (1.8)   [2] Calmer (1.6)   [3] Wilder (2)" in out, "2 picked Calmer"
 
 
 async def test_run_serves_telegram_and_stops_gracefully_on_sigterm(tmp_path, model_path):

@@ -128,6 +128,13 @@ async def test_speech_continues_the_prompt_at_the_given_temperature(tmp_path, en
         assert speech[-1] in ".!?\"”’'…"
 
 
+async def test_a_prompt_ending_in_an_emoji_is_followed_by_a_space(tmp_path, engine):
+    bot = make_bot(tmp_path, engine)
+    for prompt in ("Tremendous 😀", "Tremendous привет"):
+        reply = await bot.handle_text(PRIVATE, prompt)
+        assert reply.startswith(prompt + " ") and reply[len(prompt) + 1].strip(), reply
+
+
 @pytest.mark.parametrize(
     ("command", "expected"),
     [

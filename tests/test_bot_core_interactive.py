@@ -15,6 +15,7 @@ from bot.core.speech import STALE_CHOICE, Speech, parse_choice, speech_choices
 from bot.core.speechbot import NO_TEXT_TO_CONTINUE
 from bot.inference.ending import ELLIPSIS
 from bot.inference.engine import GenerationEngine
+from model.sampling import TEMPERATURE_MAX, TEMPERATURE_MIN
 from tests.test_bot_core import PRIVATE, make_bot
 
 
@@ -52,13 +53,23 @@ async def cancelled(recorder: RecordingEngine, count: int) -> None:
         await asyncio.sleep(0.001)
 
 
-@pytest.mark.parametrize("temperature", [0.001, 0.1, 0.25, 0.8, 1.0, 1.9, 2.0])
-def test_choices_step_within_the_valid_range_and_fit_callback_data(temperature):
-    another, calmer, wilder = speech_choices(temperature)
-    assert (another.label, calmer.label, wilder.label) == ("Another", "Calmer", "Wilder")
-    assert another.temperature == temperature
-    assert 0 < calmer.temperature <= temperature <= wilder.temperature <= 2
-    for choice in (another, calmer, wilder):
+@pytest.mark.parametrize(
+    ("temperature", "offered"),
+    [
+        (0.001, [("Another", 0.001), ("Wilder", 0.201)]),  # as calm as it gets: no Calmer
+        (0.1, [("Another", 0.1), ("Calmer", 0.001), ("Wilder", 0.3)]),  # a step would pass the lowest
+        (0.3, [("Another", 0.3), ("Calmer", 0.1), ("Wilder", 0.5)]),  # one step, not half
+        (0.8, [("Another", 0.8), ("Calmer", 0.6), ("Wilder", 1.0)]),
+        (1.9, [("Another", 1.9), ("Calmer", 1.7), ("Wilder", 2.0)]),
+        (2.0, [("Another", 2.0), ("Calmer", 1.8)]),  # as wild as it gets: no Wilder
+    ],
+)
+def test_choices_move_one_step_within_the_bounds_and_only_where_they_change_something(temperature, offered):
+    choices = speech_choices(temperature)
+    assert [(choice.label, choice.temperature) for choice in choices] == offered
+    assert len({choice.temperature for choice in choices}) == len(choices), "no two buttons do the same"
+    for choice in choices:
+        assert TEMPERATURE_MIN <= choice.temperature <= TEMPERATURE_MAX
         assert len(choice.data.encode()) <= 64
         assert parse_choice(choice.data) == choice.temperature
 

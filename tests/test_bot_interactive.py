@@ -116,6 +116,17 @@ async def test_each_button_sends_a_new_speech_at_its_temperature(bot, emulator):
     assert "Temperature is 0.8" in await emulator.ask(ALICE_CHAT, ALICE, "/temperature"), "settings unchanged"
 
 
+async def test_buttons_step_by_one_step_and_one_that_would_change_nothing_is_not_shown(bot, emulator):
+    wildest = await speech_message(emulator, ALICE_CHAT, ALICE, "/speech 2")
+    assert buttons(wildest) == [("Another", "speech:2"), ("Calmer", "speech:1.8")]
+    _, calmer = await press(emulator, wildest, ALICE, "speech:1.8")
+    assert buttons(calmer) == [("Another", "speech:1.8"), ("Calmer", "speech:1.6"), ("Wilder", "speech:2")]
+    calm = await speech_message(emulator, ALICE_CHAT, ALICE, "/speech 0.3")
+    assert buttons(calm) == [("Another", "speech:0.3"), ("Calmer", "speech:0.1"), ("Wilder", "speech:0.5")]
+    calmest = await speech_message(emulator, ALICE_CHAT, ALICE, "/speech 0.001")
+    assert buttons(calmest) == [("Another", "speech:0.001"), ("Wilder", "speech:0.201")]
+
+
 async def test_in_groups_anyone_may_press_and_settings_stay(bot, emulator):
     group = group_chat(-5001)
     emulator.admins[group["id"]] = [ALICE]

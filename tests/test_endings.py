@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from bot.inference.ending import ELLIPSIS, Ending, settle
+from bot.inference.ending import ELLIPSIS, Ending, quote_is_open, settle
 from tests.support.scripted_runner import SCRIPT, scripted_engine
 
 
@@ -104,6 +104,42 @@ def test_the_message_limit_is_hit_mid_sentence(tmp_path):
 )
 def test_settle(text, target, limit, exhausted, expected):
     assert settle(text, Ending(target, limit), exhausted) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "target", "limit", "quoted", "expected"),
+    [
+        ('He said "we win. We win big. And', 16, 100, False, (16, 'He said "we win."')),  # closed after its end
+        ('He said "we win. We win." And', 24, 100, False, (16, 'He said "we win. We win."')),  # the model closed it
+        ("we win. And we win big. And", 7, 100, True, (7, 'we win."')),  # the prompt opened it
+        ('He said "we go on and on and on', 20, 100, False, (0, 'He said "we go on and' + ELLIPSIS + '"')),
+        ("He said “we win. We win big. And", 16, 100, False, (16, "He said “we win.”")),  # typographic quotes
+        # At the limit there is no room for the quote after "win.", so the speech stops at a word before it.
+        ('He said "we win. And', 16, 16, False, (0, 'He said "we' + ELLIPSIS + '"')),
+    ],
+)
+def test_a_speech_that_would_end_inside_a_quotation_closes_it(text, target, limit, quoted, expected):
+    certain, speech = settle(text, Ending(target, limit, quoted), exhausted=True)
+    assert (certain, speech) == expected
+    assert not quote_is_open(speech, quoted) and len(speech) <= limit
+
+
+def test_speeches_and_prompts_that_open_a_quote_have_it_closed():
+    script = 'Then he said "we will win. We will build the wall. We will win big. '
+    engine, _ = scripted_engine(script, lanes=1)
+    with engine:
+        for prompt, length in (("", 26), ("", 50), ("", 66), ("He said", 26)):
+            speech = engine.generate(prompt, length=length, end_sentence=True)
+            assert speech.endswith('."') and (script * 2).startswith(speech[:-1]), speech
+            assert Ending(length, 4096).low <= len(speech) <= Ending(length, 4096).high
+            # Streamed, nothing is taken back: the quote only comes at the end.
+            assert "".join(engine.stream(prompt, length=length, end_sentence=True)) == speech
+    # The script's end only puts the quote into the vocabulary: these speeches end long before it.
+    engine, _ = scripted_engine('we will win. And we will win again. Then the end of it all. "', lanes=1)
+    with engine:
+        assert engine.generate('He said "', length=12, end_sentence=True) == 'we will win."'
+        assert engine.generate("He said “", length=12, end_sentence=True) == 'we will win."', "read as a straight quote"
+        assert engine.generate('He said "no"', length=12, end_sentence=True) == "we will win."
 
 
 # ---- `python -m model sample`: plain by default, the new settings on request ----

@@ -90,6 +90,17 @@ def test_different_seeds_differ_and_top_k_1_is_greedy(engine):
     assert len(greedy) == 1
 
 
+def test_a_prompt_ending_in_characters_the_model_lacks_is_continued_after_a_separator(engine):
+    for prompt in ("We will 😀", "We will😀", "We will 漢字", "Tremendous ❤️"):
+        text = engine.generate(prompt, length=40, seed=1)
+        assert len(text) == 40 and text[0] == " " and not text[1].isspace(), (prompt, text)
+        assert "".join(engine.stream(prompt, length=40, seed=1)) == text
+        speech = engine.generate(prompt, length=40, seed=1, end_sentence=True)
+        assert speech[0] == " " and not speech[1].isspace(), (prompt, speech)
+    assert engine.generate("😀", length=40, seed=1)[0] == "\n"  # nothing of it visible: a line of its own
+    assert engine.generate("We 😀", length=1, seed=1) == " ", "the separator alone, when that is all there is room for"
+
+
 def test_stream_yields_chunks_that_make_the_text(engine):
     chunks = list(engine.stream("We will", length=100, seed=3))
     assert len(chunks) > 1

@@ -7,7 +7,7 @@ import pytest
 
 from model.__main__ import main as model_main
 from model.dataset import load_dataset, split_sizes
-from model.text import CleaningOptions, Vocab, clean_text, is_shouted, normalize_prompt
+from model.text import CleaningOptions, Vocab, clean_text, is_shouted, normalize_prompt, prompt_tokens
 
 OFF = CleaningOptions(
     remove_headers=False,
@@ -71,6 +71,28 @@ def test_all_caps_policies():
 def test_prompt_normalisation_keeps_user_text():
     options = CleaningOptions()
     assert normalize_prompt("We\u2019ll  build (a wall)", options) == "We'll build (a wall)"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "read", "separator"),
+    [
+        ("We will", "We will", ""),
+        ("We will ", "We will ", ""),
+        ("café", "cafe", ""),  # folded to letters the model knows: it may go on with the word
+        ("Tremendous 😀", "Tremendous", " "),  # the model goes on after the visible word, after a space
+        ("Tremendous😀", "Tremendous", " "),
+        ("Tremendous ❤️", "Tremendous", " "),  # a variation selector is unknown too
+        ("Tremendous привет", "Tremendous", " "),  # each letter a space, then all of them trimmed
+        ("привет  world", " world", ""),  # the spaces the letters became are one, as in the training text
+        ("We will\n😀", "We will", "\n"),
+        ("😀", "", "\n"),  # nothing visible: the continuation starts on a line of its own
+        ("😀 ", " ", ""),  # the prompt ends in a space the model reads: no separator needed
+    ],
+)
+def test_a_prompt_ending_where_the_model_cannot_see_gets_a_separator(prompt, read, separator):
+    vocab = Vocab.from_text("Tremendous wilcafeW.\n")
+    ids, sep = prompt_tokens(prompt, vocab, CleaningOptions())
+    assert (vocab.decode(ids), sep) == (read, separator)
 
 
 def test_vocab_round_trip_and_unknown_policies():

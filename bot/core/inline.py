@@ -21,7 +21,7 @@ from bot.core.bounds import (
 )
 from bot.core.speech import compose_speech
 from bot.inference.api import Engine, EngineBusy
-from model.sampling import BOT_SAMPLING
+from model.sampling import bot_sampling
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class InlineSpeeches:
                 self.engine.agenerate(
                     prompt,
                     INLINE_LENGTH,
-                    sampling=BOT_SAMPLING.with_options(temperature=temperature),
+                    sampling=bot_sampling(temperature),
                     end_sentence=True,
                     max_chars=INLINE_LENGTH,
                 )

@@ -9,7 +9,7 @@ from bot.core.bounds import MESSAGE_MAX, TEMPERATURE_STEP
 from bot.core.commands import ArgumentError, parse_temperature
 from bot.inference.api import Engine
 from db.store import ChatSettings
-from model.sampling import BOT_SAMPLING, TEMPERATURE_MAX
+from model.sampling import TEMPERATURE_MAX, TEMPERATURE_MIN, bot_sampling
 
 CHOICE_PREFIX = "speech:"  # callback data of the buttons under a speech: CHOICE_PREFIX + temperature
 STALE_CHOICE = "That button no longer works. Send /speech for a new speech."
@@ -39,12 +39,14 @@ class Choice:
         return f"{CHOICE_PREFIX}{self.temperature:g}"
 
 
-def speech_choices(temperature: float) -> tuple[Choice, Choice, Choice]:
-    """Another (same temperature), Calmer and Wilder (one step down or up, staying within (0, 2])."""
-    calmer = max(round(temperature - TEMPERATURE_STEP, 2), round(temperature / 2, 3))
-    wilder = min(round(temperature + TEMPERATURE_STEP, 2), TEMPERATURE_MAX)
-    calmer = calmer if calmer > 0 else temperature  # already as calm as a rounded step allows
-    return Choice("Another", temperature), Choice("Calmer", calmer), Choice("Wilder", wilder)
+def speech_choices(temperature: float) -> tuple[Choice, ...]:
+    """Another (same temperature), then Calmer and Wilder: one TEMPERATURE_STEP down or up, stopping at
+    the bounds; one that would not change the temperature (already at a bound) is left out."""
+    # Rounded so that 0.8 - 0.2 is 0.6, not 0.6000000000000001: the label and callback data show it.
+    calmer = max(round(temperature - TEMPERATURE_STEP, 6), TEMPERATURE_MIN)
+    wilder = min(round(temperature + TEMPERATURE_STEP, 6), TEMPERATURE_MAX)
+    steps = (Choice("Calmer", calmer), Choice("Wilder", wilder))
+    return (Choice("Another", temperature), *(choice for choice in steps if choice.temperature != temperature))
 
 
 def parse_choice(data: str) -> float:
@@ -78,7 +80,7 @@ async def daily_speech(engine: Engine, settings: ChatSettings) -> Speech:
     continuation = await engine.agenerate(
         "",
         settings.length,
-        sampling=BOT_SAMPLING.with_options(temperature=settings.temperature),
+        sampling=bot_sampling(settings.temperature),
         end_sentence=True,
         max_chars=reply_room(""),
     )

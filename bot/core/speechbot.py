@@ -57,7 +57,7 @@ from bot.inference.api import Engine, EngineBusy
 from db.database import describe, is_read_only
 from db.models import utc_now
 from db.store import ChatSettings, ChatStore
-from model.sampling import BOT_SAMPLING, TEMPERATURE_RANGE, SamplingParams
+from model.sampling import TEMPERATURE_RANGE, SamplingParams, bot_sampling
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ class SpeechBot:
                     continuation = await self.engine.agenerate(
                         self.chatter.recent.prompt(chat.id),
                         min(settings.length, INTERJECTION_LENGTH),
-                        sampling=BOT_SAMPLING.with_options(temperature=settings.temperature),
+                        sampling=bot_sampling(settings.temperature),
                         end_sentence=True,
                         max_chars=reply_room(""),
                     )
@@ -309,9 +309,7 @@ class SpeechBot:
         temperature = settings.temperature if temperature is None else temperature
         try:
             async with show_typing() as on_text:
-                continuation = await self._continue(
-                    prompt, settings.length, BOT_SAMPLING.with_options(temperature=temperature), on_text
-                )
+                continuation = await self._continue(prompt, settings.length, bot_sampling(temperature), on_text)
         except EngineBusy:
             self.on_busy()
             if cooling:

@@ -31,7 +31,7 @@ class EngineClosed(RuntimeError):
 
 class Engine(Protocol):
     """What the core asks of bot.inference.engine.GenerationEngine: a continuation of `prompt`, whole or as
-    it is written, sampled with `sampling` (None: the bot's, model.sampling.BOT_SAMPLING). `end_sentence`
+    it is written, sampled with `sampling` (None: the bot's, model.sampling.bot_sampling()). `end_sentence`
     ends it as a speech ends (bot.inference.ending) at about `length` characters and at most `max_chars`."""
 
     @property

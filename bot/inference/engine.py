@@ -31,11 +31,18 @@ import numpy as np
 
 from bot.inference.api import MAX_LANES, PROVIDERS, EngineBusy, EngineClosed
 from bot.inference.chunk_graph import SAMPLER_INPUTS
-from bot.inference.ending import Ending, settle
+from bot.inference.ending import Ending, quote_is_open, settle
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.inference.runner import ModelRunner, usable_cores
-from model.sampling import BOT_SAMPLING, SamplingParams, paragraph_start, repetition_start
-from model.text import CleaningOptions, Vocab, normalize_prompt
+from model.sampling import (
+    PARAGRAPH_BREAK,
+    SamplingParams,
+    bot_sampling,
+    paragraph_openings,
+    paragraph_start,
+    repetition_start,
+)
+from model.text import CleaningOptions, Vocab, normalize_prompt, prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +95,14 @@ class _Ask:
     max_chars: int | None
 
 
+@dataclass(frozen=True)
+class _Opening:
+    """Where unprompted requests may start: the next-character logits and the state after a paragraph."""
+
+    logits: np.ndarray
+    state: list[np.ndarray]
+
+
 @dataclass(eq=False)
 class _Request:
     prompt_ids: list[int]
@@ -102,6 +117,10 @@ class _Request:
     deliver: Callable[[str | BaseException | None], None]
     streaming: bool  # deliver chunks as they come, not only the whole text at the end
     submitted: float = field(default_factory=time.monotonic)  # when it was queued
+    # Tokens the continuation begins with, read by the model with the prompt: the separator after a prompt
+    # that ends in characters the model does not know (model.text.prompt_tokens).
+    forced: list[int] = field(default_factory=list)
+    opening: int = 0  # without a prompt: which of the engine's openings it starts from (its seed's choice)
     generated: int = 0
     unread: list[np.ndarray] = field(default_factory=list)  # tokens not decoded yet
     text: str = ""  # decoded so far
@@ -225,7 +244,7 @@ class Lane:
         runner: Runner,
         share: int,
         source: queue.Queue,
-        start: Callable[[Runner, _Request], tuple],
+        start: Callable[[Runner, _Request], tuple | None],
         vocab: Vocab,
         on_queue_wait: Callable[[float], None] | None = None,
     ) -> None:
@@ -300,8 +319,10 @@ class Lane:
                 try:
                     if self._on_queue_wait is not None:  # inside the try: a failing callback must not end the lane
                         self._on_queue_wait(time.monotonic() - request.submitted)
-                    joined[request] = self._start(self.runner, request)
-                    self.rows = len(self.batch.requests) + len(joined)
+                    primed = self._start(self.runner, request)
+                    if primed is not None:  # None: priming alone finished it
+                        joined[request] = primed
+                        self.rows = len(self.batch.requests) + len(joined)
                 except Exception as exc:
                     log.exception("priming a prompt failed")
                     request.send(exc)
@@ -337,7 +358,8 @@ class GenerationEngine:
         self.vocab = Vocab(self.info.vocab, self.info.unknown_policy)
         self.cleaning = CleaningOptions.from_dict(self.info.cleaning)
         self.max_batch = max_batch
-        self._start_logits, self._start_state = paragraph_start(self._step_one, self.vocab.encode)
+        _, self._start_state = paragraph_start(self._step_one, self.vocab.encode)
+        self._openings = self._paragraph_openings()
         self._empty_history = repetition_start([], len(self.vocab))
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = False
@@ -506,19 +528,26 @@ class GenerationEngine:
             raise InvalidSeed(f"seed must be a non-negative whole number or None, not {seed!r}")
         if self._closed:
             raise EngineClosed("the generation engine is closed")
-        params = ask.sampling or BOT_SAMPLING
+        params = ask.sampling or bot_sampling()
         if params.top_k >= len(self.vocab):
             params = params.with_options(top_k=0)  # no limit, and no top-k step in the graph
-        ending = Ending(length, max_chars or MAX_LENGTH) if ask.end_sentence else None
+        quoted = quote_is_open(normalize_prompt(prompt, self.cleaning))
+        ending = Ending(length, max_chars or MAX_LENGTH, quoted) if ask.end_sentence else None
         planned = ending.to_generate if ending else min(length, max_chars or length)
+        prompt_ids, separator = prompt_tokens(prompt, self.vocab, self.cleaning)
+        rng = np.random.default_rng(seed)
         request = _Request(
-            prompt_ids=self.vocab.encode(normalize_prompt(prompt, self.cleaning)),
+            prompt_ids=prompt_ids,
             params=params,
             planned=planned,
-            uniforms=np.random.default_rng(seed).random(-(-planned // CHUNK) * CHUNK, np.float32),
+            # A chunk past `planned`: forced tokens put a request's chunks off the multiples of CHUNK.
+            uniforms=rng.random(planned + CHUNK, np.float32),
             ending=ending,
             deliver=deliver,
             streaming=streaming,
+            forced=self.vocab.encode(separator),
+            # Drawn after the uniforms, so that a prompt's text is what it was before openings existed.
+            opening=0 if prompt_ids else int(rng.integers(len(self._openings))),
         )
         try:
             self._queue.put_nowait(request)
@@ -558,12 +587,41 @@ class GenerationEngine:
         logits, state = self.runner.prime(np.array([tokens], np.int64), state or self.runner.zero_state(1))
         return logits[0, -1], state
 
-    def _prime(self, runner: Runner, request: _Request) -> tuple:
-        """The request's next-character logits, its state after the prompt and its repetition history."""
-        if not request.prompt_ids:
-            return self._start_logits, self._start_state, *self._empty_history
-        logits, state = runner.prime(np.array([request.prompt_ids], np.int64), self._start_state)
-        return logits[0, -1], state, *repetition_start(request.prompt_ids, len(self.vocab))
+    def _step_rows(self, tokens: np.ndarray, state: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        if state is None:
+            state = [np.repeat(part, len(tokens), axis=1) for part in self._start_state]
+        logits, state = self.runner.prime(tokens[:, None].astype(np.int64), state)
+        return logits[:, -1], state
+
+    def _paragraph_openings(self) -> list[_Opening]:
+        """Where unprompted requests start (model.sampling.paragraph_openings); after a paragraph break if
+        none came out (a model that never ends a sentence)."""
+        openings = [
+            _Opening(logits, state)
+            for logits, state in paragraph_openings(
+                self._step_rows, lambda state, row: [part[:, row : row + 1].copy() for part in state], self.vocab.encode
+            )
+        ]
+        if not openings:
+            logits, state = self.runner.prime(
+                np.array([self.vocab.encode(PARAGRAPH_BREAK) or [0]], np.int64), self._start_state
+            )
+            openings.append(_Opening(logits[0, -1], state))
+        return openings
+
+    def _prime(self, runner: Runner, request: _Request) -> tuple | None:
+        """The request's next-character logits, its state after the prompt (and any forced tokens) and its
+        repetition history; None if the forced tokens were all it had to write."""
+        opening = self._openings[request.opening]
+        tokens = request.prompt_ids + request.forced
+        if not tokens:
+            return opening.logits, opening.state, *self._empty_history
+        # A prompt is read after paragraph_start's sentence, as always; forced tokens alone after the opening.
+        start = self._start_state if request.prompt_ids else opening.state
+        logits, state = runner.prime(np.array([tokens], np.int64), start)
+        if request.forced and request.add(np.array(request.forced), self.vocab):
+            return None
+        return logits[0, -1], state, *repetition_start(tokens, len(self.vocab))
 
     def _fail_waiting(self) -> None:
         while True:
