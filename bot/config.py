@@ -58,6 +58,7 @@ class Config:
     cooldown_seconds: float = 10.0
     missed_post_grace_minutes: float = 60.0
     heartbeat_file: Path | None = None
+    inbox_sweep_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if self.webhook_url and not self.webhook_secret:
@@ -96,6 +97,7 @@ class Config:
                 "MISSED_POST_GRACE_MINUTES", cls.missed_post_grace_minutes, float, low=0, high=1440
             ),
             heartbeat_file=Path(path) if (path := reader.text("HEARTBEAT_FILE", "")) else None,
+            inbox_sweep_seconds=reader.number("INBOX_SWEEP_SECONDS", cls.inbox_sweep_seconds, float, low=1, high=3600),
         )
 
     def require_token(self) -> str:
@@ -134,6 +136,10 @@ VARIABLES = {
         f"how late a missed daily post may still go out, 0-1440 (default {Config.missed_post_grace_minutes:g})"
     ),
     "HEARTBEAT_FILE": f"a file the bot rewrites every {HEARTBEAT_SECONDS} s, for healthcheck (default: none)",
+    "INBOX_SWEEP_SECONDS": (
+        "advanced: how often a replica looks for requests of replicas that died, 1-3600 "
+        f"(default {Config.inbox_sweep_seconds:g})"
+    ),
 }
 
 

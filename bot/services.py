@@ -26,7 +26,7 @@ from bot.core.speechbot import SpeechBot
 from bot.heartbeat import HEARTBEAT_SECONDS, beat
 from bot.inference.engine import GenerationEngine
 from bot.telegram.admins import Admins
-from bot.telegram.answers import INBOX_SWEEP_SECONDS, Answers
+from bot.telegram.answers import Answers, Arrivals, RecordingQueue
 from bot.telegram.app import UPDATES_BEYOND_ENGINE, new_application, register
 from bot.telegram.daily import DailySpeeches
 from bot.telegram.handlers import Handlers
@@ -113,7 +113,9 @@ def build_application(
     token = config.require_token()
     database, store, engine, owns_engine = _open_storage_and_engine(config, engine)
     inbox = Inbox(store.database)
+    arrivals = Arrivals(inbox, clock)
     progress = Progress()
+    sweep_seconds = config.inbox_sweep_seconds
 
     # The hooks run once the Application starts, after everything below is built.
     async def start(application: Application) -> None:
@@ -123,9 +125,9 @@ def build_application(
         await answers.take_over(application)
         application.job_queue.run_repeating(
             answers.sweep,
-            interval=INBOX_SWEEP_SECONDS,
-            first=INBOX_SWEEP_SECONDS,
-            job_kwargs={"misfire_grace_time": INBOX_SWEEP_SECONDS},
+            interval=sweep_seconds,
+            first=sweep_seconds,
+            job_kwargs={"misfire_grace_time": max(1, int(sweep_seconds))},
         )
         if config.heartbeat_file is not None:
             # Proves to the container's healthcheck that the event loop is alive.
@@ -149,6 +151,8 @@ def build_application(
         post_shutdown=stop,
         retry_delays=retry_delays,
         read_timeout=read_timeout,
+        update_queue=RecordingQueue(arrivals.record),
+        processed=arrivals.processed,
     )
     daily = DailySpeeches(
         application.job_queue,
@@ -165,7 +169,7 @@ def build_application(
     )
     services = Services(database, store, engine, core, owns_engine)
     application.bot_data["core"] = core  # for whoever holds only the Application (tests, benches)
-    answers = Answers(inbox, daily, clock)
+    answers = Answers(inbox, arrivals, daily, clock)
     interactive = InteractiveHandlers(core, answers, progress, daily.chat_moved)
     register(application, Handlers(core, answers, progress, daily, Admins(), interactive), interactive)
     return application
