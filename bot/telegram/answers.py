@@ -175,15 +175,20 @@ class Answers:
         )
         try:
             text = await reply
-            if text is not None and await self._ours_to_send(claim, update.update_id):
-                await send(text)
+            if text is not None:
+                ours = await self._ours_to_send(claim, update.update_id)
+                if ours is None:
+                    return  # left open, for whichever process takes it over once this one has stopped
+                if ours:
+                    await send(text)
         except Exception:
             await self._close_entry(claim, update.update_id)  # the error handler's apology is the answer
             raise
         # Not reached when the task is cancelled at shutdown: the entry stays open for the next start.
         await self._close_entry(claim, update.update_id)
 
-    async def _ours_to_send(self, claim: asyncio.Task, update_id: int) -> bool:
+    async def _ours_to_send(self, claim: asyncio.Task, update_id: int) -> bool | None:
+        """True: send the reply; False: another process answers (or answered) it; None: the database could not say."""
         if not self.inbox.shared:
             # One process (SQLite): only a repeat of an answered update is not ours, and only when the inbox has
             # said so already: waiting for it would hold up replies that need no database.
@@ -202,7 +207,7 @@ class Answers:
                     update_id,
                     describe(error),
                 )
-                return False
+                return None
         if answered:
             log.info("Update %s is answered already or by another process; not answering it again", update_id)
         return not answered
