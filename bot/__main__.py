@@ -114,7 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         "sets (marked 'chiming in:')",
     )
     console_command.add_argument("--seed", type=int, default=None, help="for repeatable chatter choices")
-    _add_command(commands, "migrate", "create or update the database schema", "Create or update the database schema.")
+    migrate_command = _add_command(
+        commands,
+        "migrate",
+        "create or update the database schema",
+        "Create or update the database schema. A SQLite file that the bot created and that is now missing is "
+        "not made again unless --create says so.",
+    )
+    migrate_command.add_argument(
+        "--create",
+        action="store_true",
+        help="make an empty SQLite database even where the bot created one before that is now missing",
+    )
     generate = _add_command(
         commands,
         "generate",
@@ -291,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "console":
             asyncio.run(console(config, args.group, args.seed))
         elif command == "migrate":
-            migrate(create_db_engine(config.database_url))
+            migrate(create_db_engine(config.database_url), create=args.create)
             print("The database schema is up to date.")
         elif command == "generate":
             generate(config, args)

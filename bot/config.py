@@ -61,6 +61,7 @@ class Config:
     heartbeat_file: Path | None = None
     metrics_port: int | None = None  # None: no /metrics endpoint
     metrics_listen: str = "127.0.0.1"
+    inbox_sweep_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if self.webhook_url and not self.webhook_secret:
@@ -107,6 +108,7 @@ class Config:
             heartbeat_file=Path(path) if (path := reader.text("HEARTBEAT_FILE", "")) else None,
             metrics_port=reader.number("METRICS_PORT", None, int, low=1, high=65535),
             metrics_listen=reader.ip_address("METRICS_LISTEN", cls.metrics_listen),
+            inbox_sweep_seconds=reader.number("INBOX_SWEEP_SECONDS", cls.inbox_sweep_seconds, float, low=1, high=3600),
         )
 
     def require_token(self) -> str:
@@ -151,6 +153,10 @@ VARIABLES = {
     "HEARTBEAT_FILE": f"a file the bot rewrites every {HEARTBEAT_SECONDS} s, for healthcheck (default: none)",
     "METRICS_PORT": "port of the Prometheus /metrics endpoint, 1-65535 (default: none, no endpoint)",
     "METRICS_LISTEN": f"address the /metrics endpoint binds (default {Config.metrics_listen})",
+    "INBOX_SWEEP_SECONDS": (
+        "advanced: how often a replica looks for requests of replicas that died, 1-3600 "
+        f"(default {Config.inbox_sweep_seconds:g})"
+    ),
 }
 
 

@@ -28,7 +28,7 @@ from bot.heartbeat import HEARTBEAT_SECONDS, beat
 from bot.inference.engine import GenerationEngine
 from bot.metrics import NO_METRICS, Metrics, PrometheusMetrics
 from bot.telegram.admins import Admins
-from bot.telegram.answers import INBOX_SWEEP_SECONDS, Answers
+from bot.telegram.answers import Answers, Arrivals, RecordingQueue
 from bot.telegram.app import UPDATES_BEYOND_ENGINE, new_application, register
 from bot.telegram.daily import DailySpeeches
 from bot.telegram.handlers import Handlers
@@ -145,7 +145,9 @@ def build_application(
     metrics.watch_engine(engine)
     metered_engine = metrics.meter(engine)
     inbox = Inbox(store.database)
+    arrivals = Arrivals(inbox, clock)
     progress = Progress(metrics)
+    sweep_seconds = config.inbox_sweep_seconds
 
     def heartbeat(_context: object = None) -> None:
         if config.heartbeat_file is not None:
@@ -162,9 +164,9 @@ def build_application(
         await answers.take_over(application)
         application.job_queue.run_repeating(
             answers.sweep,
-            interval=INBOX_SWEEP_SECONDS,
-            first=INBOX_SWEEP_SECONDS,
-            job_kwargs={"misfire_grace_time": INBOX_SWEEP_SECONDS},
+            interval=sweep_seconds,
+            first=sweep_seconds,
+            job_kwargs={"misfire_grace_time": max(1, int(sweep_seconds))},
         )
         if config.heartbeat_file is not None or metrics.enabled:
             # Proves to the container's healthcheck (and to the metrics' heartbeat age) that the event loop is alive.
@@ -188,6 +190,8 @@ def build_application(
         retry_delays=retry_delays,
         read_timeout=read_timeout,
         metrics=metrics,
+        update_queue=RecordingQueue(arrivals.record),
+        processed=arrivals.processed,
     )
     daily = DailySpeeches(
         application.job_queue,
@@ -215,7 +219,7 @@ def build_application(
     )
     services = Services(database, store, engine, core, owns_engine)
     application.bot_data["core"] = core  # for whoever holds only the Application (tests, benches)
-    answers = Answers(inbox, daily, clock, metrics)
+    answers = Answers(inbox, arrivals, daily, clock, metrics)
     interactive = InteractiveHandlers(core, answers, progress, daily.chat_moved)
     register(application, Handlers(core, answers, progress, daily, Admins(), interactive), interactive)
     return application

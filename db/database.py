@@ -3,8 +3,11 @@ wrong, and running its blocking calls on threads of their own.
 
 Every way a database can be unusable at start (a bad URL, SQLite in memory, a missing driver, a folder
 that cannot be made, a file that is not a database, a read-only file, a full disk, a SQLite file another
-bot process runs on) becomes a DatabaseConfigError with one line naming it; `describe` turns errors met
-later, mid-session, into the same kind of line.
+bot process runs on, a SQLite file that the bot created and that is now missing) becomes a
+DatabaseConfigError with one line naming it; `describe` turns errors met later, mid-session, into the
+same kind of line. A SQLite file deleted or replaced while the bot runs is noticed at the next
+transaction (SqliteFileWatch), said at ERROR, and every transaction after it fails, so no save is
+confirmed that would be lost.
 
 Database work never runs on the event loop: a SQLite file locked by another process (or a slow
 PostgreSQL server) must hold up only the chat that needs it, not every chat. SQLAlchemy's asyncio
@@ -18,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit
@@ -34,10 +39,15 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+log = logging.getLogger(__name__)
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Beside a SQLite file the bot created: says it did, so a start that finds the file missing refuses to make
+# an empty one in its place (which would silently lose every chat's settings).
+CREATED_MARKER_SUFFIX = ".created"
 SQLITE_READONLY = 8  # sqlite3's primary result codes; extended codes keep them in the low byte
 SQLITE_FULL = 13  # "database or disk is full": the disk, or the file's max_page_count
 POSTGRES_READ_ONLY_TRANSACTION = "25006"
@@ -57,6 +67,10 @@ T = TypeVar("T")
 
 class DatabaseConfigError(ValueError):
     """A DATABASE_URL that cannot be used, with a message saying what would work."""
+
+
+class DatabaseFileGone(SQLAlchemyError):
+    """The SQLite file the bot runs on was deleted or replaced while it ran."""
 
 
 def _enable_sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -212,15 +226,61 @@ def is_disk_full(error: SQLAlchemyError) -> bool:
     return _is(error, SQLITE_FULL, POSTGRES_DISK_FULL)
 
 
+def is_transient(error: SQLAlchemyError) -> bool:
+    """Whether `error` is the database server out of reach (restarting, a dropped connection), which trying
+    again may cure, rather than something wrong with the request or a SQLite file."""
+    if not isinstance(error, DBAPIError):
+        return False
+    return error.connection_invalidated or (
+        isinstance(error, OperationalError) and not isinstance(error.orig, sqlite3.Error)
+    )
+
+
 def describe(error: SQLAlchemyError) -> str:
     """The driver's own reason, on one line, without SQLAlchemy's statement and parameters."""
     reason = str(error.orig) if isinstance(error, DBAPIError) else str(error)
     return " ".join(reason.split())
 
 
-def migrate(engine: Engine, revision: str = "head") -> None:
+def created_marker(database: Path) -> Path:
+    return database.with_name(database.name + CREATED_MARKER_SUFFIX)
+
+
+def _refuse_a_lost_file(engine: Engine, create: bool) -> Path | None:
+    """The SQLite file `engine` is on (None: another database); a DatabaseConfigError if it is missing although
+    the bot created it before, unless `create`."""
+    database = sqlite_file(engine.url) if not is_in_memory(engine.url) else None
+    if database is None:
+        return None
+    marker = created_marker(database)
+    if not create and not database.exists() and marker.exists():
+        raise DatabaseConfigError(
+            f"the SQLite database {str(database)!r} is missing, but the bot created it before ({str(marker)!r} "
+            "says when): it was deleted or moved. Put it back or restore a backup; to start afresh with an empty "
+            "database (every chat's settings and schedules gone), run `python -m bot migrate --create`"
+        )
+    return database
+
+
+def _mark_created(database: Path, create: bool) -> None:
+    marker = created_marker(database)
+    if marker.exists() and not create:
+        return
+    note = (
+        f"The bot created {database.name} in this folder on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. While this file is "
+        f"here, a start that finds {database.name} missing refuses to make an empty one in its place; "
+        "`python -m bot migrate --create` does.\n"
+    )
+    # A folder the bot may not write (a read-only mount with mode=ro) holds a file it cannot lose either.
+    with suppress(OSError):
+        marker.write_text(note, encoding="utf-8")
+
+
+def migrate(engine: Engine, revision: str = "head", create: bool = False) -> None:
     """Apply every Alembic migration up to `revision` not yet applied (idempotent); a DatabaseConfigError if the
-    database is unusable."""
+    database is unusable. A SQLite file that the bot created before (a marker beside it says so) and that is now
+    missing is refused, unless `create`: then an empty one is made."""
+    sqlite_database = _refuse_a_lost_file(engine, create)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     try:
@@ -245,6 +305,8 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         else:
             hint = "check that the server is up and DATABASE_URL's host, port, user, password and database name"
         raise DatabaseConfigError(f"the database at {where} cannot be used ({describe(error)}); {hint}") from None
+    if sqlite_database is not None:
+        _mark_created(sqlite_database, create)
 
 
 def insert_new(session: Session, model: type, **values) -> bool:
@@ -261,6 +323,43 @@ def insert_new(session: Session, model: type, **values) -> bool:
 OnCall = Callable[[float, BaseException | None], None]
 
 
+class SqliteFileWatch:
+    """Notices a SQLite file deleted or replaced under the running bot, which SQLite itself does not: its open
+    connections go on reading and writing the deleted file, every save is confirmed, and all of it vanishes
+    when the process ends (and the next start would make an empty database).
+
+    The file's identity (device and inode) is taken when it is first seen; the bot's open connections keep
+    that inode in use, so no new file can get it while the bot runs.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path.absolute()
+        self._identity: tuple[int, int] | None = None
+        self._gone: str | None = None
+
+    def check(self) -> None:
+        """Raise DatabaseFileGone (said at ERROR the first time) if the file is no longer the one first seen."""
+        if self._gone is None and (happened := self._what_happened()) is not None:
+            self._gone = (
+                f"the SQLite database {self.path} {happened} while the bot ran; nothing saved since is kept. "
+                "Stop the bot, put the file back or restore a backup, then start it again"
+            )
+            log.error("%s", self._gone[0].upper() + self._gone[1:])
+        if self._gone is not None:
+            raise DatabaseFileGone(self._gone)
+
+    def _what_happened(self) -> str | None:
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            # Not there yet is not gone: the first transaction on a new database creates it.
+            return None if self._identity is None else "was deleted"
+        identity = (status.st_dev, status.st_ino)
+        if self._identity is None:
+            self._identity = identity
+        return None if identity == self._identity else "was replaced by another file"
+
+
 class Database:
     """An engine plus the threads its calls run on; `await database.run(work)` is one transaction."""
 
@@ -270,9 +369,13 @@ class Database:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="database")
         self._on_call = on_call
+        database = sqlite_file(engine.url) if not is_in_memory(engine.url) else None
+        self._file_watch = None if database is None else SqliteFileWatch(database)
 
     def run_here(self, work: Callable[[Session], T]) -> T:
         """`work(session)` in one transaction, committed before this returns, on the calling thread."""
+        if self._file_watch is not None:
+            self._file_watch.check()
         with self._sessions.begin() as session:
             return work(session)
 

@@ -1,18 +1,14 @@
 """Shared fixtures: a tiny LSTM trained briefly on a tiny corpus and its exports, and the databases.
 
 `database_url` runs a test on SQLite and on a real PostgreSQL server, which one session fixture starts
-from the machine's PostgreSQL programs (found by tests/postgres_bin.py; as the `postgres` user when
-tests run as root, since initdb refuses root), on 127.0.0.1 with its data in a temporary folder; every
-test gets a database of its own.
+from the machine's PostgreSQL programs (tests/support/postgres_server.py: found by postgres_bin.py; as
+the `postgres` user when tests run as root, since initdb refuses root), on 127.0.0.1 with its data in a
+temporary folder; every test gets a database of its own. A test that restarts PostgreSQL gets a server of
+its own (`restartable_postgres`), so the others are not disturbed.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,7 +17,7 @@ import torch
 from bot.inference.engine import GenerationEngine
 from export.pipeline import export_checkpoint
 from tests.support.databases import new_postgres_database
-from tests.support.postgres_bin import find_postgres_bin, problem
+from tests.support.postgres_server import postgres_server as postgres_server_running
 from tests.support.tiny_model import TINY_CORPUS, train_tiny
 
 torch.set_num_threads(1)
@@ -63,31 +59,22 @@ def engine(request, tiny_onnx, tiny_int8):
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A throwaway PostgreSQL server; yields the URL of its maintenance database."""
-    postgres_bin = find_postgres_bin()
-    if (reason := problem(postgres_bin)) is not None:
-        pytest.fail(f"{reason} (apt-get install postgresql, or set POSTGRES_BIN)")
-    root = Path(tempfile.mkdtemp(prefix="speechbot-postgres-"))
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_postgres:
-        shutil.chown(root, "postgres", "postgres")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    data = root / "data"
-
-    def pg(tool: str, *args: str) -> None:
-        subprocess.run([*as_postgres, str(postgres_bin / tool), *args], check=True, capture_output=True)
-
-    pg("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-sync")
-    # fsync off: a test server's data need not survive a power cut, and syncing is most of its cost.
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c full_page_writes=off"
-    pg("pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "start")
+    """A throwaway PostgreSQL server shared by the session; yields the URL of its maintenance database."""
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        pg("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+        with postgres_server_running() as server:
+            yield server.url
+    except RuntimeError as error:
+        pytest.fail(str(error))
+
+
+@pytest.fixture
+def restartable_postgres():
+    """A PostgreSQL server of the test's own, which it may restart (tests/support/postgres_server.py)."""
+    try:
+        with postgres_server_running() as server:
+            yield server
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -4,8 +4,10 @@ the daily guard, the shared cooldown, group migration, and taking over what a cr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time, timedelta
 
 import pytest
@@ -242,6 +244,7 @@ async def test_inbox_hands_what_a_gone_process_left_to_the_next(stores):
     await crashed.mark(daily_key(-9, date(2026, 3, 1)), SENDING, NOW)
     crashed_store.close()  # kill -9: its connections are gone, nothing else happens
 
+    await survivor.open()  # only a process marked alive judges others gone (PostgreSQL; nothing on SQLite)
     taken = {entry.key: entry for entry in await survivor.take_over(NOW)}
     assert set(taken) == {update_key(5), daily_key(-8, date(2026, 3, 1))}, "answered and sending ones are not"
     assert (taken[update_key(5)].state, taken[update_key(5)].payload) == (QUEUED, message)
@@ -251,6 +254,7 @@ async def test_inbox_hands_what_a_gone_process_left_to_the_next(stores):
     assert not await survivor.claim_update(5, 7, message, NOW), "once"
     assert await survivor.take_over(NOW) == [], "nothing is left for a third process"
     assert await survivor.forget_answered(NOW + timedelta(seconds=1)) == 2
+    survivor.close()
 
 
 def stored_payloads(store: ChatStore) -> dict[str, str | None]:
@@ -315,19 +319,28 @@ async def test_forget_deletes_a_chats_settings_and_inbox_entries_and_nothing_els
     assert (await store.get(-8, "group")).temperature == 0.8, "a chat that speaks again starts with the defaults"
 
 
+@contextlib.asynccontextmanager
+async def two_live_processes(url: str) -> AsyncIterator[tuple[Inbox, Inbox]]:
+    """The inboxes of two processes on one PostgreSQL database, each marked alive; the first claims update 9."""
+    stores = [open_store(url), open_store(url)]
+    inboxes = [Inbox(store.database) for store in stores]
+    try:
+        for inbox in inboxes:
+            await inbox.open()
+        assert await inboxes[0].claim_update(9, 7, {"update_id": 9}, NOW)
+        yield inboxes[0], inboxes[1]
+    finally:
+        for inbox in inboxes:
+            inbox.close()
+        for store in stores:
+            store.close()
+
+
 async def test_postgresql_tells_a_live_process_from_a_gone_one(postgres_server):
-    url = new_postgres_database(postgres_server)
-    first_store, second_store = open_store(url), open_store(url)
-    first, second = Inbox(first_store.database), Inbox(second_store.database)
-    await first.open()
-    await second.open()
-    assert await first.claim_update(9, 7, {"update_id": 9}, NOW)
-    assert await second.take_over(NOW) == [], "the first process is alive: its work is not taken"
-    first.close()  # what the server sees when the process dies: its connections close
-    first_store.close()
-    assert [entry.key for entry in await second.take_over(NOW)] == [update_key(9)]
-    second.close()
-    second_store.close()
+    async with two_live_processes(new_postgres_database(postgres_server)) as (first, second):
+        assert await second.take_over(NOW) == [], "the first process is alive: its work is not taken"
+        first.close()  # what the server sees when the process dies: its session closes
+        assert [entry.key for entry in await second.take_over(NOW)] == [update_key(9)]
 
 
 @pytest.mark.parametrize(
@@ -384,3 +397,54 @@ def test_processes_opening_a_new_sqlite_file_at_once_all_switch_it_to_wal(tmp_pa
         for engine in engines:
             engine.dispose()
         assert errors == [], f"round {round_number}"
+
+
+async def test_an_update_recorded_on_arrival_is_owed_until_answered_or_dropped(stores):
+    crashed_store, next_store = stores(), stores()
+    crashed, survivor = Inbox(crashed_store.database, owner=11), Inbox(next_store.database, owner=22)
+    update = {"update_id": 5, "message": {"message_id": 1, "date": 0, "chat": {"id": 7, "type": "private"}}}
+    for update_id in (5, 6, 7):
+        assert await crashed.record_received(update_id, 7, update | {"update_id": update_id}, NOW)
+    assert not await crashed.record_received(5, 7, update, NOW), "a copy sent again is recorded once"
+    assert not await survivor.claim_update(5, 7, update, NOW), "another process's"
+    assert await crashed.claim_update(5, 7, update, NOW), "claimed by the handler of the process that recorded it"
+    await crashed.drop_unclaimed(5)
+    await crashed.drop_unclaimed(6)  # handled without a reply: nothing owed
+    assert set(stored_payloads(crashed_store)) == {update_key(5), update_key(7)}
+    assert await crashed.hand_over(update_key(5))
+    crashed_store.close()  # killed while the reply of 5 was on its way and 7 waited for its turn
+
+    await survivor.open()
+    taken = {entry.key: entry for entry in await survivor.take_over(NOW)}
+    assert set(taken) == {update_key(5), update_key(7)}, "a reply on its way is made again: at least once"
+    assert {entry.state for entry in taken.values()} == {QUEUED}
+    assert await survivor.claim_update(7, 7, update | {"update_id": 7}, NOW)
+    survivor.close()
+
+
+async def test_a_reply_is_sent_only_by_the_process_whose_entry_it_still_is(postgres_server):
+    async with two_live_processes(new_postgres_database(postgres_server)) as (first, second):
+        first.close()  # its liveness lock is lost while it still works on the update (a dropped connection)
+        assert [entry.key for entry in await second.take_over(NOW)] == [update_key(9)]
+        assert not await first.hand_over(update_key(9)), "taken over: the other process answers it"
+        assert await second.claim_update(9, 7, {"update_id": 9}, NOW)
+        assert await second.hand_over(update_key(9))
+        assert await first.hand_over(update_key(10)), "never recorded (the database was down): nobody else has it"
+
+
+async def test_after_a_server_restart_processes_take_their_locks_back_before_judging_others(
+    restartable_postgres, monkeypatch
+):
+    monkeypatch.setattr("db.inbox.TAKEOVER_GRACE_SECONDS", 1.0)
+    async with two_live_processes(new_postgres_database(restartable_postgres.url)) as (first, second):
+        restartable_postgres.restart()  # every session's locks are gone, the first's included
+        assert await second.take_over(NOW) == [], "its own lock gone or just taken back: it cannot tell who is alive"
+        async with asyncio.timeout(30):
+            while None in (*first.liveness(), *second.liveness()):  # each holds it again, having lost it
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # the grace
+        assert await second.take_over(NOW) == [], "the first took its lock back: alive"
+        assert await first.hand_over(update_key(9))
+
+        first.close()  # now it is gone
+        assert [entry.key for entry in await second.take_over(NOW)] == [update_key(9)]

@@ -4,6 +4,7 @@ one place, plus where the webhook server listens. The parts are built by the com
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlparse
 
@@ -37,9 +38,12 @@ def new_application(
     post_shutdown: Hook,
     retry_delays: tuple[float, ...],
     read_timeout: float,
+    update_queue: asyncio.Queue,
+    processed: Callable[[object], Awaitable[None]],
     metrics: Metrics = NO_METRICS,
 ) -> Application:
-    """An Application with no handlers yet: rate limits and retries, chats in order, the connection pool."""
+    """An Application with no handlers yet: rate limits and retries, chats in order, the connection pool.
+    `update_queue` is where fetched or posted updates go; `processed` is told of each once it was handled."""
     limiter = RetryingRateLimiter(
         retry_delays, messages_per_second=config.telegram_messages_per_second, metrics=metrics
     )
@@ -47,7 +51,8 @@ def new_application(
         ApplicationBuilder()
         .token(token)
         .rate_limiter(limiter)
-        .concurrent_updates(ChatOrderedUpdateProcessor(concurrent_updates, metrics))
+        .update_queue(update_queue)
+        .concurrent_updates(ChatOrderedUpdateProcessor(concurrent_updates, processed, metrics))
         .request(
             MeteredRequest(
                 metrics,

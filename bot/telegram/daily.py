@@ -177,8 +177,11 @@ class DailySpeeches:
         chat_id = settings.id
         async with self.show_typing(self.bot, chat_id):
             text = await self.write(settings)
-        # From here on the post is never made again, even after a crash: Telegram may have it.
-        await self.inbox.mark(key, SENDING, self.clock())
+        # From here on the post is never made again, even after a crash: Telegram may have it. A post that
+        # another process took over while this one was cut off from the database is that process's to send.
+        if not await self.inbox.mark(key, SENDING, self.clock()):
+            log.info("The daily speech of chat %s was taken over by another process; not posting it here", chat_id)
+            return False
         try:
             await send_text(self.bot, chat_id, text, self.chat_moved)
         except (Forbidden, BadRequest) as error:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from telegram import Update
 from telegram.error import BadRequest, NetworkError, RetryAfter, TimedOut
@@ -103,12 +103,19 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
     With PTB's plain concurrent processing a chat's `/length 600` and the `/speech` after it race, and
     without any, one chat's speech holds up every other chat. Updates without a chat (inline queries)
     run unordered. An update waiting for its chat's turn already holds one of max_concurrent_updates:
-    PTB takes the slot before do_process_update.
+    PTB takes the slot before do_process_update. `processed` is told of each update once its handlers
+    have run (not when they were cut short by a shutdown).
     """
 
-    def __init__(self, max_concurrent_updates: int, metrics: Metrics = NO_METRICS):
+    def __init__(
+        self,
+        max_concurrent_updates: int,
+        processed: Callable[[object], Awaitable[None]],
+        metrics: Metrics = NO_METRICS,
+    ):
         super().__init__(max_concurrent_updates)
         self._latest: dict[int, asyncio.Future] = {}  # per chat with updates in process: the last one's end
+        self._processed = processed
         self.metrics = metrics
 
     async def do_process_update(self, update: object, coroutine: Awaitable) -> None:
@@ -116,6 +123,7 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
         chat = update.effective_chat if isinstance(update, Update) else None
         if chat is None:
             await coroutine
+            await self._processed(update)
             return
         previous = self._latest.get(chat.id)
         finished = asyncio.get_running_loop().create_future()
@@ -128,6 +136,7 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
             finished.set_result(None)
             if self._latest.get(chat.id) is finished:
                 del self._latest[chat.id]
+        await self._processed(update)  # after the chat's next update may start: it need not wait for this
 
     async def initialize(self) -> None:
         pass

@@ -36,13 +36,21 @@ class BotProcess:
 
 @contextlib.asynccontextmanager
 async def killable_bot(
-    emulator: TelegramEmulator, database_url: str, folder: Path, name: str = "bot", **environment: str
+    emulator: TelegramEmulator,
+    database_url: str,
+    folder: Path,
+    name: str = "bot",
+    model: Path = DEFAULT_MODEL_PATH,
+    via: str | None = None,
+    **environment: str,
 ) -> AsyncIterator[BotProcess]:
-    """Start the bot and wait until it polls for updates; SIGTERM it afterwards unless it is gone already."""
+    """Start the bot and wait until it polls for updates (or, with WEBHOOK_URL, has set its webhook); SIGTERM it
+    afterwards unless it is gone already. `via`: talk to the emulator through base_url_via(via), so that its
+    calls can be told from other processes' (several replicas on one emulator)."""
     since = len(emulator.calls)
     settings = {
         "TELEGRAM_BOT_TOKEN": TOKEN,
-        "TELEGRAM_API_BASE_URL": emulator.base_url,
+        "TELEGRAM_API_BASE_URL": emulator.base_url if via is None else emulator.base_url_via(via),
         "DATABASE_URL": database_url,
         "DEFAULT_LENGTH": "40",  # short speeches keep the suite fast on two shared cores
         "COOLDOWN_SECONDS": "0",
@@ -55,13 +63,19 @@ async def killable_bot(
             "bot",
             "run",
             cwd=folder,  # away from any .env in the checkout
-            env=bot_environment(DEFAULT_MODEL_PATH, **settings),
+            env=bot_environment(model, **settings),
             stdout=output,
             stderr=asyncio.subprocess.STDOUT,
         )
     bot = BotProcess(process, log)
+    ready_call = "setWebhook" if "WEBHOOK_URL" in settings else "getUpdates"
+
+    def ready(call) -> bool:
+        # A webhook is set once the bot's server listens (python-telegram-bot starts it first).
+        return call.method == ready_call and call.via == via and (ready_call == "getUpdates" or call.status == 200)
+
     try:
-        polling = asyncio.ensure_future(emulator.wait_for(lambda call: call.method == "getUpdates", since, timeout=60))
+        polling = asyncio.ensure_future(emulator.wait_for(ready, since, timeout=60))
         exited = asyncio.ensure_future(process.wait())
         await asyncio.wait([polling, exited], return_when=asyncio.FIRST_COMPLETED)
         if not polling.done():

@@ -2,9 +2,13 @@
 
 It checks method names and parameters against the machine-readable Bot API spec, kept in
 tests/data/telegram-bot-api.json (MIT; its source and licence are in tests/data/), accepts form, JSON
-and multipart bodies, long-polls getUpdates with offsets, answers the calls the bot makes with
-plausible objects, records every call, and can inject 429s, 5xx answers, timeouts, refusals (400),
-blocked chats (403) and group-to-supergroup migrations. Objects inside parameters (inline results,
+and multipart bodies, long-polls getUpdates with offsets, or, once the bot calls setWebhook, posts
+updates to its webhook as Telegram does (JSON, the secret in X-Telegram-Bot-Api-Secret-Token, each
+update posted again until it is answered with a 2xx, a chat's updates one after another), answers the
+calls the bot makes with plausible objects, records every call, and can inject 429s, 5xx answers,
+timeouts, refusals (400), blocked chats (403) and group-to-supergroup migrations. Several bot processes
+can use it at once, each through a base URL of its own (`base_url_via`), so a test can tell their calls
+apart and aim faults at one of them. Objects inside parameters (inline results,
 keyboards, reply parameters) are checked field by field against the spec's types too. Tests can send
 inline queries, chosen inline results and button presses. Group privacy mode is on, as a new bot's is:
 text sent in a group reaches the bot only if it is a command, a reply to the bot or a mention of it;
@@ -23,10 +27,12 @@ import contextlib
 import itertools
 import json
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 # In the repository, so a plain clone checks calls as CI does: without the spec, form values (all
@@ -63,17 +69,39 @@ class Call:
     status: int | None = None  # None while the request is still being answered
     result: object = None
     failure: str | None = None
+    via: str | None = None  # the base_url_via label the bot used, if any
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 @dataclass
 class Fault:
     method: str
-    kind: str  # "429", "5xx", "timeout", "refused" (400)
+    kind: str  # "429", "5xx", "timeout", "refused" (400), "hold" (answered once release() is called)
     times: int
     status: int = 500
     retry_after: int = 1
     delay: float = 0.0
     chat_id: int | None = None
+    via: str | None = None  # only calls through base_url_via(via)
+    skip: int = 0  # matching calls that pass untouched before the fault starts
+
+
+@dataclass
+class Delivery:
+    """One POST of an update to the webhook: the HTTP status, or the connection error instead."""
+
+    update_id: int
+    status: int | None
+    error: str | None = None
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Webhook:
+    url: str
+    secret_token: str | None
+    allowed_updates: list[str] | None
+    max_connections: int
 
 
 @dataclass
@@ -147,17 +175,30 @@ class TelegramEmulator:
         self.commands: list[dict] = []
         self.withheld: list[dict] = []  # group messages privacy mode kept from the bot
         self._updates: list[dict] = []
+        self.pushed_at: dict[int, float] = {}  # update_id -> time.monotonic() when a test pushed it
+        self.webhook: Webhook | None = None
+        # Where webhook updates are really posted, if not to the registered URL: Telegram posts to an https://
+        # address, a test's reverse proxy listens on plain http on 127.0.0.1.
+        self.deliver_to: str | None = None
+        self.webhook_retry_delay = 0.2  # seconds before an update that was not answered with a 2xx is posted again
+        self.deliveries: list[Delivery] = []
+        self._deliveries: set[asyncio.Task] = set()
+        self._chat_turns: defaultdict[object, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._webhook_slots = asyncio.Semaphore(1)
+        self._client: aiohttp.ClientSession | None = None
         self._update_ids = itertools.count(first_update_id)
         self._message_ids = itertools.count(1000)
         self._query_ids = itertools.count(5000)
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self._closing = False
+        self._released = asyncio.Event()
         self.base_url = ""
 
     async def __aenter__(self) -> TelegramEmulator:
         app = web.Application()
         app.router.add_route("*", "/bot{token}/{method}", self._handle)
+        app.router.add_route("*", "/via/{via}/bot{token}/{method}", self._handle)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -166,21 +207,38 @@ class TelegramEmulator:
         self.base_url = f"http://127.0.0.1:{port}/bot"
         return self
 
+    def base_url_via(self, label: str) -> str:
+        """A base URL for one bot process among several: its calls are recorded with `via=label`."""
+        return self.base_url.removesuffix("/bot") + f"/via/{label}/bot"
+
     async def __aexit__(self, *_exc) -> None:
         self._closing = True
+        for delivery in list(self._deliveries):
+            delivery.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
         await self._notify()  # pending long polls answer now instead of at their timeout
         await self._runner.cleanup()
 
     # ---- what tests do to the emulated world ----
 
     def inject(self, method: str, kind: str, times: int = 1, **options) -> None:
-        """Make the next `times` calls of `method` fail as `kind`: 429, 5xx, timeout or forbidden."""
+        """Make the next `times` calls of `method` fail as `kind`: 429, 5xx, timeout or forbidden, or wait ("hold")."""
         self.faults.append(Fault(method=method, kind=kind, times=times, **options))
+
+    def release(self) -> None:
+        """Answer the calls held by a "hold" fault, and any held later."""
+        self._released.set()
 
     def push_update(self, payload: dict) -> int:
         """Queue an update (`payload` is everything but update_id); returns its update_id."""
         update_id = next(self._update_ids)
-        self._updates.append({"update_id": update_id, **payload})
+        update = {"update_id": update_id, **payload}
+        self._updates.append(update)
+        self.pushed_at[update_id] = time.monotonic()
+        if self.webhook is not None:
+            self._start_delivery(update)
         asyncio.get_running_loop().create_task(self._notify())
         return update_id
 
@@ -295,7 +353,7 @@ class TelegramEmulator:
     async def _handle(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         params = await self._read_params(request)
-        call = Call(method=method, params=params)
+        call = Call(method=method, params=params, via=request.match_info.get("via"))
         self.calls.append(call)  # recorded on arrival, so a test sees calls the client gave up on
         await self._notify()
         try:
@@ -323,6 +381,78 @@ class TelegramEmulator:
             for name, value in (await request.post()).items():
                 params[name] = value if isinstance(value, str) else value.file.read()
         return params
+
+    # ---- webhook delivery ----
+
+    def _start_delivery(self, update: dict) -> None:
+        task = asyncio.get_running_loop().create_task(self._deliver(update))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    @staticmethod
+    def _chat_of(update: dict) -> object:
+        for kind in ("message", "edited_message", "channel_post", "my_chat_member", "chat_member"):
+            if kind in update and "chat" in update[kind]:
+                return update[kind]["chat"]["id"]
+        query = update.get("callback_query", {})
+        if "message" in query:
+            return query["message"]["chat"]["id"]
+        return ("update", update["update_id"])  # no chat: nothing to keep in order with
+
+    def _allowed(self, update: dict, allowed: list[str] | None) -> bool:
+        return allowed is None or not allowed or any(kind in update for kind in allowed)
+
+    async def _deliver(self, update: dict) -> None:
+        """Post `update` to the webhook until it is answered with a 2xx or the webhook is deleted; a chat's
+        updates go one after another (Telegram keeps their order), different chats' side by side."""
+        async with self._chat_turns[self._chat_of(update)], self._webhook_slots:
+            while self.webhook is not None and not self._closing:
+                webhook = self.webhook
+                if not self._allowed(update, webhook.allowed_updates):
+                    break
+                headers = {"Content-Type": "application/json"}
+                if webhook.secret_token:
+                    headers["X-Telegram-Bot-Api-Secret-Token"] = webhook.secret_token
+                try:
+                    async with self._client.post(
+                        self.deliver_to or webhook.url, data=json.dumps(update), headers=headers
+                    ) as response:
+                        delivery = Delivery(update["update_id"], response.status)
+                except (aiohttp.ClientError, TimeoutError) as error:
+                    delivery = Delivery(update["update_id"], None, f"{type(error).__name__}: {error}")
+                self.deliveries.append(delivery)
+                if delivery.status is not None and 200 <= delivery.status < 300:
+                    self._updates = [other for other in self._updates if other is not update]
+                    break
+                await asyncio.sleep(self.webhook_retry_delay)
+        await self._notify()
+
+    def _set_webhook(self, params: dict) -> bool:
+        url = str(params["url"])
+        if not url:
+            return self._delete_webhook(params)
+        if not url.startswith("https://"):
+            raise ApiError(400, "Bad Request: bad webhook: An HTTPS URL must be provided for webhook")
+        connections = int(params.get("max_connections", 40))
+        if not 1 <= connections <= 100:
+            raise ApiError(400, "Bad Request: bad webhook: max_connections must be between 1 and 100")
+        if params.get("drop_pending_updates"):
+            self._updates = []
+        had_one = self.webhook is not None
+        self.webhook = Webhook(url, params.get("secret_token"), params.get("allowed_updates"), connections)
+        if self._client is None:
+            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        self._webhook_slots = asyncio.Semaphore(connections)
+        if not had_one:
+            for update in self._updates:
+                self._start_delivery(update)
+        return True
+
+    def _delete_webhook(self, params: dict) -> bool:
+        self.webhook = None
+        if params.get("drop_pending_updates"):
+            self._updates = []
+        return True
 
     def _check(self, method: str, params: dict) -> None:
         spec = self.spec.methods.get(method)
@@ -388,6 +518,11 @@ class TelegramEmulator:
                 continue
             if fault.chat_id is not None and int(call.params.get("chat_id", 0)) != fault.chat_id:
                 continue
+            if fault.via is not None and call.via != fault.via:
+                continue
+            if fault.skip > 0:
+                fault.skip -= 1
+                continue
             fault.times -= 1
             call.failure = fault.kind
             if fault.kind == "429":
@@ -400,6 +535,10 @@ class TelegramEmulator:
                 raise ApiError(fault.status, "Internal Server Error")
             if fault.kind == "refused":
                 raise ApiError(400, f"Bad Request: {call.method} is not available")
+            if fault.kind == "hold":
+                # Not answered until the test calls release(); then answered as usual.
+                await self._released.wait()
+                return
             if fault.kind == "timeout":
                 # Hold the connection past the client's read timeout; the client gives up first.
                 await asyncio.sleep(fault.delay)
@@ -410,7 +549,22 @@ class TelegramEmulator:
         if method == "getMe":
             return self.bot_user
         if method == "getUpdates":
+            if self.webhook is not None:
+                raise ApiError(
+                    409,
+                    "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete "
+                    "the webhook first",
+                )
             return await self._get_updates(params)
+        if method == "setWebhook":
+            return self._set_webhook(params)
+        if method == "deleteWebhook":
+            return self._delete_webhook(params)
+        if method == "getWebhookInfo":
+            info = {"url": "", "has_custom_certificate": False, "pending_update_count": len(self._updates)}
+            return info | (
+                {"url": self.webhook.url, "max_connections": self.webhook.max_connections} if self.webhook else {}
+            )
         if method == "sendMessage":
             return self._send_message(params)
         if method == "sendMessageDraft":
