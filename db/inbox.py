@@ -2,8 +2,9 @@
 
 Two kinds of entries, one table:
 - `update:<update_id>`: an update that may get a reply, recorded as it is received (`received`, before
-  Telegram is told it arrived), claimed as a handler takes it (`handling`), marked `sending` just before
-  the reply goes out and `answered` after. One that no handler claims is deleted once handled. A crash
+  Telegram is told it arrived; the process that recorded it needs nothing more to claim it), or claimed as
+  a handler takes it if it was not recorded so (`handling`), marked `sending` just before the reply goes
+  out and `answered` after. One that no handler takes is deleted once handled. A crash
   before the answer leaves it open; the next start (or a surviving replica) takes it over and handles it
   again: at least once across a crash, at most once otherwise. A crash after Telegram took the reply but
   before it was marked answered sends it twice. The update itself (names, user ids, message text) is
@@ -264,7 +265,8 @@ class Inbox:
         return session.execute(LOCK_HELD_BY, lock_key(self.owner) | {"pid": pid}).scalar_one()
 
     async def record_received(self, update_id: int, chat_id: int, payload: dict, now: datetime) -> bool:
-        """Record an update as it arrives, before Telegram is told it did; False if it is known already."""
+        """Record an update as it arrives, before Telegram is told it did; True: it is new, and this process's
+        to answer without claim_update; False: it is known already (a copy sent again, or a taken-over one)."""
         return await self.database.run(
             lambda session: add_entry(session, update_key(update_id), chat_id, self.owner, RECEIVED, now, payload)
         )
@@ -276,11 +278,12 @@ class Inbox:
         def work(session: Session) -> bool:
             if add_entry(session, key, chat_id, self.owner, HANDLING, now, payload):
                 return True
-            # Recorded on arrival, or taken over by take_over(): the first copy to get here handles it; a
-            # copy Telegram sent again finds it handling already.
+            # Taken over by take_over(): the first copy to get here handles it; a copy Telegram sent again
+            # finds it handling already, or `received` by a copy that this process is handling (whose
+            # record_received said so).
             taken = session.execute(
                 update(ENTRIES)
-                .where(ENTRIES.c.key == key, ENTRIES.c.owner == self.owner, ENTRIES.c.state.in_(UNCLAIMED))
+                .where(ENTRIES.c.key == key, ENTRIES.c.owner == self.owner, ENTRIES.c.state == QUEUED)
                 .values(state=HANDLING)
             )
             return taken.rowcount == 1

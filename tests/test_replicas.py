@@ -106,8 +106,8 @@ async def test_a_postgresql_restart_neither_repeats_a_reply_in_flight_nor_leaves
         await one.wait_for(lambda call: call.failure == "hold", timeout=SLOW)  # the reply is on the wire
 
         restartable_postgres.restart()
+        one.release()  # soon: a reply held past the client's read timeout would be sent again
         await until(lambda: liveness_locks(database_url) == 2, timeout=SLOW)  # both marked alive again
-        one.release()
         await until(lambda: open_entries(database_url) == [], timeout=SLOW)
 
         replies = [call for call in one.sent("sendMessage", alice["id"]) if call.params.get("reply_parameters")]
@@ -167,14 +167,14 @@ async def test_two_replicas_behind_nginx_answer_every_request_once_across_a_post
     ):
         await until(lambda: liveness_locks(database_url) == 2)
         # Replies of "a" wait on the wire across the restart: they were handed over before it, and must be
-        # neither made again by "b" nor lost.
+        # neither made again by "b" (whose sweeps run meanwhile) nor lost.
         emulator.inject("sendMessage", "hold", times=10**6, via="a", skip=ANSWERED_BEFORE_HOLD)
         before = burst(emulator, senders)
         await emulator.wait_for(lambda call: call.via == "a" and call.failure == "hold", timeout=SLOW)
         restartable_postgres.restart()
+        emulator.release()  # soon: a reply held past the client's read timeout would be sent again
         after = burst(emulator, senders)
         await until(lambda: liveness_locks(database_url) == 2, timeout=SLOW)  # both marked alive again
-        emulator.release()
 
         replies = await all_answered(emulator, before + after, timeout=SLOW)
         counts = {request.update_id: len(replies[request.message["message_id"]]) for request in before + after}

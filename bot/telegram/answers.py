@@ -90,6 +90,7 @@ class Arrivals:
         self.clock = clock
         self._claimed: set[int] = set()  # updates in process whose handler claimed them: nothing to drop
         self._recording: dict[int, asyncio.Task] = {}
+        self._recorded_here: set[int] = set()  # updates in process that this process recorded as new
         self._database_slow = False
 
     async def record(self, item: object) -> None:
@@ -112,7 +113,9 @@ class Arrivals:
 
     async def _record(self, update: Update) -> None:
         try:
-            await self.inbox.record_received(update.update_id, update.effective_chat.id, update.to_dict(), self.clock())
+            chat_id = update.effective_chat.id
+            if await self.inbox.record_received(update.update_id, chat_id, update.to_dict(), self.clock()):
+                self._recorded_here.add(update.update_id)
             self._database_slow = False
         except SQLAlchemyError as error:
             # Handled all the same; a crash before its handler claims it loses it (docs/operations.md).
@@ -122,12 +125,20 @@ class Arrivals:
     def claimed(self, update_id: int) -> None:
         self._claimed.add(update_id)
 
+    async def recorded_here(self, update_id: int) -> bool:
+        """Whether this process recorded the update as new on arrival (waiting for a record under way): then it
+        is this process's to answer, with no claim to write."""
+        if (recording := self._recording.get(update_id)) is not None:
+            await asyncio.wait({recording})
+        return update_id in self._recorded_here
+
     async def processed(self, item: object) -> None:
         update = _answerable(item)
         if update is None:
             return
         if (recording := self._recording.get(update.update_id)) is not None:
             await asyncio.wait({recording})  # a late record must not outlive the drop below
+        self._recorded_here.discard(update.update_id)
         if self._forget_claim(update.update_id):
             return
         try:
@@ -182,9 +193,7 @@ class Answers:
         self.arrivals.claimed(update.update_id)
         # Claimed beside the handling rather than before it, so a locked database holds up only the replies
         # that need it.
-        claim = asyncio.create_task(
-            self.inbox.claim_update(update.update_id, message.chat_id, update.to_dict(), self.clock())
-        )
+        claim = asyncio.create_task(self._claim(update, message.chat_id))
         try:
             text = await reply
             if text is not None:
@@ -199,6 +208,11 @@ class Answers:
             raise
         # Not reached when the task is cancelled at shutdown: the entry stays open for the next start.
         await self._close_entry(claim, update.update_id)
+
+    async def _claim(self, update: Update, chat_id: int) -> bool:
+        if await self.arrivals.recorded_here(update.update_id):
+            return True  # recorded as new on arrival by this process: ours, nothing more to write
+        return await self.inbox.claim_update(update.update_id, chat_id, update.to_dict(), self.clock())
 
     async def _ours_to_send(self, claim: asyncio.Task, update_id: int) -> bool | None:
         """True: send the reply; False: another process answers (or answered) it; None: the database could not say."""
