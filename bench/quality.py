@@ -40,6 +40,7 @@ from bot.inference.runner import ModelFileError, ModelRunner
 from export.evaluate import onnx_char_nats
 from model.cli import UsageError, fail
 from model.dataset import SPLITS, load_dataset, split_sizes
+from model.dynamic import DYNAMIC_DECAY, DYNAMIC_LR, DYNAMIC_SEGMENT, add_dynamic_arguments, dynamic_lr
 from model.prepare import read_utf8
 from model.text import clean_text, normalize_newlines
 
@@ -69,12 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--onnx", nargs="+", metavar="MODEL.onnx", help="exported models (the bot's file) to score on --data"
     )
-    p.add_argument(
-        "--dynamic-lr",
-        type=float,
-        default=0.0,
-        help="also score the first --checkpoint with dynamic evaluation at this step size (0: off; see model.evaluate)",
-    )
+    add_dynamic_arguments(p, "also score the first --checkpoint with dynamic evaluation")
     p.add_argument("--text", metavar="FILE", help="also score this raw text file")
     p.add_argument(
         "--text-train-only", nargs="+", default=[], metavar="FILE", help="raw files added to --text's training split"
@@ -164,8 +160,8 @@ def per_char_row(corpus: Corpus, name: str, kind: str, bits: dict[str, np.ndarra
     return row
 
 
-def model_bits(checkpoint: str, corpus: Corpus, dynamic_lr: float = 0.0) -> dict[str, np.ndarray]:
-    """Per-character bits of the checkpoint, static or (dynamic_lr > 0) with dynamic evaluation."""
+def model_bits(checkpoint: str, corpus: Corpus, lr: float = 0.0) -> dict[str, np.ndarray]:
+    """Per-character bits of the checkpoint, static or (lr > 0) with dynamic evaluation at step size lr."""
     import torch  # only the model rows need it
 
     from model.checkpoint import load_checkpoint
@@ -179,11 +175,10 @@ def model_bits(checkpoint: str, corpus: Corpus, dynamic_lr: float = 0.0) -> dict
         raise UsageError(f"{checkpoint} has a different vocabulary from the dataset")
     # One stream carrying its state: each character is predicted from its full left context,
     # exactly as `python -m model evaluate` scores it.
-    if dynamic_lr:
+    if lr:
         rms = gradient_rms(net, corpus.splits["train"])
         return {
-            split: dynamic_char_nats(net, corpus.splits[split], rms, dynamic_lr).numpy() / math.log(2)
-            for split in EVAL_SPLITS
+            split: dynamic_char_nats(net, corpus.splits[split], rms, lr).numpy() / math.log(2) for split in EVAL_SPLITS
         }
     return {split: char_nats(net, corpus.splits[split], seq_length=4096).numpy() / math.log(2) for split in EVAL_SPLITS}
 
@@ -223,8 +218,6 @@ def score(corpus: Corpus, args: argparse.Namespace) -> None:
         timings["model"] = time.perf_counter() - started
     if args.checkpoint and args.dynamic_lr and corpus.mode == "data":
         started = time.perf_counter()
-        from model.evaluate import DYNAMIC_DECAY, DYNAMIC_SEGMENT  # torch, only for the model rows
-
         bits = model_bits(args.checkpoint[0], corpus, args.dynamic_lr)
         # It keeps learning while it reads the split, as the compressors do: it is compared with them.
         # With an ensemble, dynamic evaluation runs on its first network only: the row says which.
@@ -339,6 +332,11 @@ def verdict(corpus: Corpus) -> str:
     return text + "."
 
 
+def dynamic_setting(corpora: list[Corpus]) -> float:
+    """The step size the dynamic evaluation rows were scored with (`--dynamic`'s when there are none)."""
+    return next((c.notes["dynamic_evaluation"]["lr"] for c in corpora if "dynamic_evaluation" in c.notes), DYNAMIC_LR)
+
+
 def markdown(corpora: list[Corpus], command: str) -> str:
     lines = [
         "# Quality in numbers: the model against classic baselines",
@@ -354,10 +352,12 @@ def markdown(corpora: list[Corpus], command: str) -> str:
         "  learning while they read the split, an advantage the static models do not have. zlib's window is 32 KB, so",
         "  it sees almost none of the training text: its number is effectively unconditional. A compressor gives",
         "  one size per split, so it has no by-case numbers.",
-        "- **LSTM, dynamic evaluation** (when `--dynamic-lr` is given): the (first) network, scoring each 50-character",
-        "  segment of the split and then taking one RMS-normalised gradient step on it (Krause et al., 2018), so it",
-        "  too learns from the split as it reads it: the like-for-like comparison with the compressors. The bot",
-        "  serves the static network.",
+        "- **LSTM, dynamic evaluation** (with `--dynamic`): the (first) `--checkpoint` network, scoring each",
+        f"  {DYNAMIC_SEGMENT}-character segment of the split and then taking one RMS-normalised gradient step on it",
+        f"  (Krause et al., 2018; step {dynamic_setting(corpora):g} of each weight's gradient RMS, "
+        f"decay {DYNAMIC_DECAY:g}),",
+        "  so it too learns from the split as it reads it: the like-for-like comparison with the compressors. The",
+        "  bot serves the static network.",
         "- **LSTM ensemble** (when several `--checkpoint`s are given): the mean of the networks' probabilities,",
         "  as `python -m export CKPT CKPT ...` builds it into one file (`model/ensemble.py`); each network alone too.",
         f"- **{OTHER_TEXT}** (rows marked *): an `--onnx` model trained on other text than this section's",
@@ -416,6 +416,12 @@ def main(argv: list[str] | None = None) -> None:
             raise UsageError(f"{flag} needs --data: the model reads cleaned text, not the raw --text file")
     if args.text_train_only and not args.text:
         raise UsageError("--text-train-only adds training text to --text's corpus; give --text too")
+    args.dynamic_lr = dynamic_lr(args)
+    if args.dynamic_lr and not (args.checkpoint and (args.data or not args.text)):
+        raise UsageError(
+            "dynamic evaluation trains a PyTorch network: give --checkpoint and --data (an ONNX file cannot "
+            "learn; `python -m export recover` rebuilds a checkpoint from one)"
+        )
     corpora = [
         dataset_corpus(data_dir, args.source) for data_dir in args.data or ([] if args.text else ["data/speeches"])
     ]
@@ -438,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
                 "test_shouted_share": None if c.shouted is None else float(c.shouted["test"].mean()),
                 "rows": sorted(c.rows, key=lambda r: r["val"]),
                 "kn_val_by_order": c.notes["kn_val_by_order"],
+                "dynamic_evaluation": c.notes.get("dynamic_evaluation"),
                 "seconds": c.notes["seconds"],
                 "verdict": verdict(c),
             }

@@ -1,9 +1,10 @@
 """`python -m model evaluate`: loss in nats and bits per character on a split or any text file.
 
-`--dynamic-lr` turns on dynamic evaluation (Krause et al., 2018, "Dynamic Evaluation of Neural
-Sequence Models", its RMS variant): the network scores a segment, then takes one gradient step on it,
-so it keeps learning from the text it has just read, as PPMd and the other compressors do. It
-changes a copy of the weights only; the checkpoint and the bot's model stay as trained.
+`--dynamic` turns on dynamic evaluation (Krause et al., 2018, "Dynamic Evaluation of Neural
+Sequence Models", its RMS variant) with the settings below; `--dynamic-lr`, `--dynamic-decay` and
+`--dynamic-segment` tune it. The network scores a segment, then takes one gradient step on it, so it
+keeps learning from the text it has just read, as PPMd and the other compressors do. It changes a
+copy of the weights only; the checkpoint and the bot's model stay as trained.
 """
 
 from __future__ import annotations
@@ -21,16 +22,12 @@ import torch.nn.functional as F
 from model.checkpoint import Checkpoint
 from model.cli import UsageError, command_parser
 from model.dataset import load_dataset
+from model.dynamic import DYNAMIC_DECAY, DYNAMIC_SEGMENT, DYNAMIC_STATS_CHARS, add_dynamic_arguments, dynamic_lr
 from model.ensemble import Ensemble, add_checkpoints_argument, load_models
 from model.model import CharRNN, detach_state, nats_to_bits
 from model.prepare import read_utf8
 from model.text import CleaningOptions, Vocab, text_to_ids
 
-# Dynamic evaluation settings, chosen on the first 20,000 characters of the speeches' val split
-# (docs/default-model.md); the gradient statistics come from the end of the training split.
-DYNAMIC_DECAY = 0.03
-DYNAMIC_SEGMENT = 50
-DYNAMIC_STATS_CHARS = 20_000
 RMS_FLOOR = 0.1  # share of the mean gradient RMS below which a weight's RMS is raised
 
 
@@ -48,13 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", metavar="FILE", help="score this text file instead (cleaned like the training text)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
     p.add_argument("--seq-length", type=int, default=512, help="characters per forward call (speed only)")
-    p.add_argument(
-        "--dynamic-lr",
-        type=float,
-        default=0.0,
-        help="dynamic evaluation: step size, in units of each weight's training-gradient RMS (0: off; 3e-4 "
-        "suits the speeches model); the dataset's training split gives the gradient statistics",
-    )
+    add_dynamic_arguments(p, "score with dynamic evaluation")
     p.add_argument(
         "--dynamic-decay",
         type=float,
@@ -202,14 +193,15 @@ def checkpoint_dataset(ckpt: Checkpoint, path: str, remedy: str = "give --data D
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.dynamic_lr < 0 or not 0 <= args.dynamic_decay <= 1 or args.dynamic_segment < 1:
-        raise UsageError("--dynamic-lr must be at least 0, --dynamic-decay from 0 to 1, --dynamic-segment at least 1")
-    if args.dynamic_lr and len(args.checkpoint) > 1:
-        raise UsageError("--dynamic-lr evaluates one network; give one --checkpoint")
+    lr = dynamic_lr(args)
+    if not 0 <= args.dynamic_decay <= 1 or args.dynamic_segment < 1:
+        raise UsageError("--dynamic-decay must be from 0 to 1 and --dynamic-segment at least 1")
+    if lr and len(args.checkpoint) > 1:
+        raise UsageError("dynamic evaluation trains one network; give one --checkpoint")
     net, (ckpt, *_) = load_models(args.checkpoint, args.device)
     vocab = Vocab(ckpt.vocab, ckpt.unknown_policy)
     dataset = None
-    if args.data or not args.text or args.dynamic_lr:
+    if args.data or not args.text or lr:
         data_dir = args.data or checkpoint_dataset(ckpt, args.checkpoint[0])
         dataset = load_dataset(data_dir)
         if dataset.vocab.chars != vocab.chars:
@@ -222,16 +214,11 @@ def main(args: argparse.Namespace) -> None:
         source = args.text
     else:
         ids, source = dataset.splits[args.split], f"{data_dir} ({args.split} split)"
-    if args.dynamic_lr:
+    if lr:
         rms = gradient_rms(net, dataset.splits["train"], args.dynamic_segment, args.device)
-        all_nats = dynamic_char_nats(
-            net, ids, rms, args.dynamic_lr, args.dynamic_decay, args.dynamic_segment, args.device
-        )
+        all_nats = dynamic_char_nats(net, ids, rms, lr, args.dynamic_decay, args.dynamic_segment, args.device)
         nats, count = float(all_nats.mean()), all_nats.numel()
-        how = (
-            f", dynamic evaluation (lr {args.dynamic_lr:g}, decay {args.dynamic_decay:g}, "
-            f"segment {args.dynamic_segment})"
-        )
+        how = f", dynamic evaluation (lr {lr:g}, decay {args.dynamic_decay:g}, segment {args.dynamic_segment})"
     else:
         nats, count = evaluate_ids(net, ids, streams=1, seq_length=args.seq_length, device=args.device)
         how = ""

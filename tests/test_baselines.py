@@ -13,6 +13,7 @@ from bench import quality
 from bench.baselines import KneserNey, compressors, conditional_bits, ppmd, shouted_mask, unigram_bits
 from model.checkpoint import load_checkpoint
 from model.dataset import load_dataset
+from model.dynamic import DYNAMIC_LR
 from model.evaluate import dynamic_char_nats, evaluate_ids, gradient_rms
 from model.prepare import prepare
 from model.text import CleaningOptions
@@ -144,8 +145,9 @@ def test_quality_script_scores_the_checkpoint_and_its_onnx_export_like_the_evalu
     prepare([tiny_dir / "corpus.txt"], data_dir, CleaningOptions(), batch_size=2, seq_length=16)
     out_json = tmp_path / "quality.json"
     args = ["--data", str(data_dir), "--checkpoint", str(tiny_checkpoint), "--onnx", str(tiny_onnx)]
-    args += ["--max-order", "3", "--ppmd-orders", "3", "--json", str(out_json), "--markdown", str(tmp_path / "q.md")]
-    quality.main([*args, "--dynamic-lr", "0.05"])
+    page = tmp_path / "q.md"
+    args += ["--max-order", "3", "--ppmd-orders", "3", "--json", str(out_json), "--markdown", str(page)]
+    quality.main([*args, "--dynamic"])
     corpus = json.loads(out_json.read_text())["corpora"][0]
     rows = {row["name"]: row for row in corpus["rows"]}
     net, _ = load_checkpoint(tiny_checkpoint)
@@ -155,10 +157,19 @@ def test_quality_script_scores_the_checkpoint_and_its_onnx_export_like_the_evalu
         expected = evaluate_ids(net, splits[split])[0] / math.log(2)
         assert rows["LSTM (this model)"][split] == pytest.approx(expected, rel=1e-6)
         assert rows[f"LSTM, ONNX fp32 ({tiny_onnx.name})"][split] == pytest.approx(expected, abs=1e-4)
-        dynamic = dynamic_char_nats(net, splits[split], rms, 0.05).mean().item() / math.log(2)
+        # --dynamic scores with the settings `python -m model evaluate --dynamic` uses.
+        dynamic = dynamic_char_nats(net, splits[split], rms, DYNAMIC_LR).mean().item() / math.log(2)
         assert rows["LSTM, dynamic evaluation"][split] == pytest.approx(dynamic, rel=1e-6)
     assert rows["LSTM, dynamic evaluation"]["kind"] == "adaptive"
+    assert corpus["dynamic_evaluation"]["lr"] == DYNAMIC_LR
     assert "With dynamic evaluation" in corpus["verdict"]
+    # The page shows the network static and adaptive, next to the compressors, with the step it used.
+    table = page.read_text()
+    assert "| LSTM (this model) | model |" in table and "| LSTM, dynamic evaluation | adaptive |" in table
+    assert "| PPMd order 3 | adaptive |" in table and f"step {DYNAMIC_LR:g} of each weight's gradient RMS" in table
+    # An ONNX file cannot learn from the text: asked for without a checkpoint, the bench says what to give.
+    with pytest.raises(quality.UsageError, match="give --checkpoint and --data"):
+        quality.main(["--data", str(data_dir), "--onnx", str(tiny_onnx), "--dynamic"])
 
 
 def test_quality_script_names_a_bad_onnx_file(tmp_path) -> None:

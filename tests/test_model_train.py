@@ -17,6 +17,7 @@ import torch
 from model.__main__ import main as model_main
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.dataset import load_dataset
+from model.dynamic import DYNAMIC_DECAY, DYNAMIC_LR, DYNAMIC_SEGMENT
 from model.evaluate import char_nats, dynamic_char_nats, evaluate_ids, gradient_rms
 from model.model import CharRNN, ModelConfig
 from model.novel import copied_share
@@ -384,6 +385,38 @@ def test_evaluate_text_reports_bpc_and_unknown(tiny_checkpoint, tiny_data, tmp_p
     assert f"{tiny_data} (val split)" in by_split and by_split == capsys.readouterr().out
     unknown = int(out.split("characters scored, ")[1].split(" outside")[0])
     assert unknown == sum(ch not in "We will make America great again. Believe me." for ch in "Zimbabwe")
+
+
+def test_evaluate_dynamic_switch_learns_a_repeated_text_with_the_chosen_settings(tiny_checkpoint, tmp_path, capsys):
+    # A sentence the tiny model never saw, in its vocabulary, said 30 times: adapting pays on the repeats.
+    text = tmp_path / "repeated.txt"
+    text.write_text("Wet mice ring a tall crew a leg. " * 30, encoding="utf-8")
+    evaluate = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--text", str(text)]
+
+    def bits(out: str) -> float:
+        return float(out.split("nats/char, ")[1].split(" bits/char")[0])
+
+    model_main(evaluate)
+    static = capsys.readouterr().out
+    model_main([*evaluate, "--dynamic"])
+    dynamic = capsys.readouterr().out
+    assert f"dynamic evaluation (lr {DYNAMIC_LR:g}, decay {DYNAMIC_DECAY:g}, segment {DYNAMIC_SEGMENT})" in dynamic
+    assert bits(dynamic) < bits(static) - 0.02
+    # --dynamic-lr tunes the step size, and given alone it turns dynamic evaluation on, as before.
+    model_main([*evaluate, "--dynamic", "--dynamic-lr", str(DYNAMIC_LR)])
+    assert capsys.readouterr().out == dynamic
+    model_main([*evaluate, "--dynamic-lr", str(DYNAMIC_LR)])
+    assert capsys.readouterr().out == dynamic
+    for flags, message in (
+        (
+            ["--dynamic", "--dynamic-lr", "0"],
+            f"--dynamic-lr must be above 0 (--dynamic alone uses {DYNAMIC_LR:g}), not 0",
+        ),
+        (["--dynamic-lr", "-1"], "--dynamic-lr must be above 0"),
+        (["--dynamic", "--checkpoint", str(tiny_checkpoint), str(tiny_checkpoint)], "trains one network"),
+    ):
+        err = run_cli_error([*evaluate, *flags], capsys)
+        assert err.startswith("error:") and message in err
 
 
 def test_lr_sweep_compares_runs_and_an_interrupted_sweep_keeps_finished_runs(tiny_data, tmp_path, capsys):
