@@ -354,10 +354,10 @@ def markdown(corpora: list[Corpus], command: str) -> str:
         "  one size per split, so it has no by-case numbers.",
         "- **LSTM, dynamic evaluation** (with `--dynamic`): the (first) `--checkpoint` network, scoring each",
         f"  {DYNAMIC_SEGMENT}-character segment of the split and then taking one RMS-normalised gradient step on it",
-        f"  (Krause et al., 2018; step {dynamic_setting(corpora):g} of each weight's gradient RMS, "
-        f"decay {DYNAMIC_DECAY:g}),",
-        "  so it too learns from the split as it reads it: the like-for-like comparison with the compressors. The",
-        "  bot serves the static network.",
+        f"  (Krause et al., 2018; step {dynamic_setting(corpora):g} of each weight's gradient RMS, decay "
+        f"{DYNAMIC_DECAY:g}), so it too",
+        "  learns from the split as it reads it: the like-for-like comparison with the compressors. The bot serves",
+        "  the static network.",
         "- **LSTM ensemble** (when several `--checkpoint`s are given): the mean of the networks' probabilities,",
         "  as `python -m export CKPT CKPT ...` builds it into one file (`model/ensemble.py`); each network alone too.",
         f"- **{OTHER_TEXT}** (rows marked *): an `--onnx` model trained on other text than this section's",
