@@ -41,5 +41,5 @@ def test_relative_links_resolve(page: Path):
 def test_readme_configuration_table_matches_config_variables():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("### Configuration", 1)[1].split("\n#", 1)[0]
-    listed = re.findall(r"^\| `([A-Z_]+)` \|", section, re.M)
+    listed = re.findall(r"^\| `([A-Z_0-9]+)` \|", section, re.M)
     assert listed == list(VARIABLES)
