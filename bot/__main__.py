@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from telegram.error import InvalidToken, TelegramError
 
 from bot import heartbeat
-from bot.config import VARIABLES, Config, ConfigError
+from bot.config import VARIABLES, Config, ConfigError, read_text
 from bot.inference.runner import ModelFileError
 from bot.logs import redact, setup_logging
 from bot.services import build_services, open_engine
@@ -165,6 +165,11 @@ async def console(config: Config) -> None:
     from bot.core.speech import Speech, speech_choices
     from bot.core.speechbot import ChatRef
 
+    if sys.stdin is None:  # started with stdin closed (`<&-`, some supervisors)
+        raise ConfigError(
+            "stdin is closed, and the console reads what you type from it; run it in a terminal "
+            "or give it lines to read (python -m bot console < lines.txt)"
+        )
     services = build_services(replace(config, cooldown_seconds=0))  # one person at a keyboard
     core = services.core
     chat = ChatRef(CONSOLE_CHAT_ID, "console")
@@ -197,12 +202,7 @@ async def console(config: Config) -> None:
 def read_prompt(path: Path) -> str:
     if str(path) == "-":
         return sys.stdin.read()
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"--prompt-file {path} is not UTF-8 text (byte {error.start} is not valid)") from None
-    except OSError as error:
-        raise ConfigError(f"--prompt-file {path} cannot be read ({error.strerror}); give a UTF-8 text file") from None
+    return read_text(path, f"--prompt-file {path}")
 
 
 def generate(config: Config, args: argparse.Namespace) -> None:
@@ -231,12 +231,9 @@ def generate(config: Config, args: argparse.Namespace) -> None:
 def healthcheck(config: Config, max_age: float) -> int:
     if config.heartbeat_file is None:
         raise ConfigError("HEARTBEAT_FILE is not set, so there is no heartbeat to check")
-    age = heartbeat.age(config.heartbeat_file)
-    if age is None:
-        print(f"unhealthy: no heartbeat file at {config.heartbeat_file}", file=sys.stderr)
-        return 1
-    if age > max_age:
-        print(f"unhealthy: last heartbeat {age:.0f} s ago", file=sys.stderr)
+    reason = heartbeat.unhealthy(config.heartbeat_file, max_age)
+    if reason is not None:
+        print(f"unhealthy: {reason}", file=sys.stderr)
         return 1
     return 0
 

@@ -24,6 +24,7 @@ from bot.core.commands import COMMANDS
 from bot.core.speech import daily_speech
 from bot.core.speechbot import SpeechBot
 from bot.heartbeat import HEARTBEAT_SECONDS, beat
+from bot.heartbeat import stop as stop_beating
 from bot.inference.engine import GenerationEngine
 from bot.telegram.admins import Admins
 from bot.telegram.answers import INBOX_SWEEP_SECONDS, Answers
@@ -138,6 +139,8 @@ def build_application(
         log.info("Bot @%s is up", application.bot.username)
 
     async def stop(_application: Application) -> None:
+        if config.heartbeat_file is not None:
+            stop_beating(config.heartbeat_file)  # a bot that no longer serves must not look healthy
         inbox.close()
         services.close()
 

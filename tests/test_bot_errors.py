@@ -300,3 +300,50 @@ def test_a_model_file_that_reads_the_bots_env_file_is_refused(tmp_path, tiny_onn
     ]:
         line = assert_one_error_line(run_bot(tmp_path, environment, *args), "crafted.onnx is refused: ")
         assert "tensor 'net.decoder.bias' keeps its data in another file ('.env')" in line, line
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("not UTF-8", "is not UTF-8 text (byte 18 is not valid)"),
+        ("unreadable", "cannot be read (Permission denied)"),
+    ],
+)
+def test_a_settings_file_that_cannot_be_read_is_named(tmp_path, kind, expected):
+    dotenv = tmp_path / ".env"
+    if kind == "unreadable":
+        dotenv.symlink_to(unreadable_file(tmp_path))
+    else:
+        dotenv.write_bytes(b"DEFAULT_LENGTH=40\n\xff\xfeCOOLDOWN_SECONDS=0\n")
+    line = assert_one_error_line(run_bot(tmp_path, bot_environment(DEFAULT_MODEL_PATH), "migrate"), expected)
+    assert f"the settings file {dotenv}" in line, line
+    assert not (tmp_path / "data").exists()
+    dotenv.unlink()
+    (tmp_path / ".env" / "bin").mkdir(parents=True)  # a virtualenv named .env is no settings file
+    result = run_bot(tmp_path, bot_environment(DEFAULT_MODEL_PATH), "migrate")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "healthcheck"])
+def test_a_heartbeat_file_name_too_long_for_the_system_is_named(tmp_path, command):
+    name = "h" * 300  # longer than a file name may be (255 bytes on Linux)
+    environment = bot_environment(DEFAULT_MODEL_PATH, TELEGRAM_BOT_TOKEN=TOKEN, HEARTBEAT_FILE=name)
+    result = run_bot(tmp_path, environment, command)
+    line = assert_one_error_line(result, "(File name too long)")
+    assert f"HEARTBEAT_FILE='{name[:50]}" in line
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_console_with_stdin_closed_says_so(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "console"],
+        cwd=tmp_path,
+        env=bot_environment(DEFAULT_MODEL_PATH),
+        stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: os.close(0),  # the child closes its stdin, as `<&-` does
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert_one_error_line(result, "stdin is closed")
+    assert not (tmp_path / "data").exists(), "refused before the database was opened"
