@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         "run the Telegram bot (the default)",
         "Run the Telegram bot: long polling, or a webhook server when WEBHOOK_URL is set. "
-        "Stops gracefully on Ctrl-C and SIGTERM. Exit code 2: bad configuration or Telegram could not be reached.",
+        "Stops gracefully on SIGTERM (exit code 0) and Ctrl-C (130). Exit code 2: bad configuration, Telegram "
+        "could not be reached at start, or it rejected the token while polling.",
     )
     _add_command(
         commands,
@@ -150,15 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_telegram(config: Config) -> None:
+def run_telegram(config: Config) -> int:
     from bot.services import build_application
-    from bot.telegram.app import serve
+    from bot.telegram.app import Stop, serve
 
     config.require_token()
     if config.heartbeat_file is not None:
         heartbeat.check_writable(config.heartbeat_file)
     with one_process_per_sqlite_file(config.database_url):  # a second would answer the first's requests again
-        serve(build_application(config), config)
+        stop = Stop()
+        return serve(build_application(config, on_token_rejected=stop.token_rejected), config, stop)
 
 
 async def console(config: Config) -> None:
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         level = config.log_level_number if command == "run" else max(config.log_level_number, logging.WARNING)
         setup_logging(level, secrets=[config.telegram_bot_token, config.webhook_secret])
         if command == "run":
-            run_telegram(config)
+            return run_telegram(config)
         elif command == "console":
             asyncio.run(console(config))
         elif command == "migrate":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import sqlalchemy
 from telegram import BotCommand
+from telegram.error import InvalidToken
 from telegram.ext import Application
 
 from bot.config import Config
@@ -104,12 +105,15 @@ def build_application(
     retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
     read_timeout: float = 10.0,
     concurrent_updates: int | None = None,
+    on_token_rejected: Callable[[InvalidToken], None] = lambda _error: None,
 ) -> Application:
     """The whole Telegram bot: services, inbox, daily posts, handlers. Does not start it.
 
     `engine` None opens the configured model (closed at shutdown). `concurrent_updates` None sizes the
     update processor by the engine: every request it can hold, generating or queued, plus
     UPDATES_BEYOND_ENGINE, so a speech past a full queue still reaches the engine and is told "busy".
+    `on_token_rejected` hears of a 401 or 404 on getUpdates, after which polling has ended for good
+    (bot.telegram.app.Stop.token_rejected stops the process).
     """
     token = config.require_token()
     database, store, engine, owns_engine = _open_storage_and_engine(config, engine)
@@ -152,6 +156,7 @@ def build_application(
         post_shutdown=stop,
         retry_delays=retry_delays,
         read_timeout=read_timeout,
+        on_token_rejected=on_token_rejected,
     )
     daily = DailySpeeches(
         application.job_queue,

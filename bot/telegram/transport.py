@@ -1,16 +1,18 @@
 """How updates come in and requests go out: chats' updates in order and side by side
 (ChatOrderedUpdateProcessor), the overall sending rate with retries on 429, 5xx and network errors, and a
-cap on the requests on the wire (RetryingRateLimiter). Why these limits: docs/speed.md, "Many chats at once"."""
+cap on the requests on the wire (RetryingRateLimiter), and polling that reports a token Telegram no longer
+accepts (PollingRequest). Why these limits: docs/speed.md, "Many chats at once"."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from telegram import Update
-from telegram.error import BadRequest, NetworkError
+from telegram.error import BadRequest, InvalidToken, NetworkError
 from telegram.ext import AIORateLimiter, BaseUpdateProcessor
+from telegram.request import HTTPXRequest
 
 from bot.config import TELEGRAM_MESSAGES_PER_SECOND
 
@@ -93,3 +95,23 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
 
     async def shutdown(self) -> None:
         pass
+
+
+class PollingRequest(HTTPXRequest):
+    """getUpdates' connection (one, as python-telegram-bot's own) that reports a token Telegram rejects.
+
+    A 401 (token revoked) or 404 (bot deleted) on getUpdates raises InvalidToken, which ends
+    python-telegram-bot's polling loop for good without calling start_polling's error_callback: the
+    process would stay up, answering nobody. `on_token_rejected` hears of it first.
+    """
+
+    def __init__(self, on_token_rejected: Callable[[InvalidToken], None]):
+        super().__init__(connection_pool_size=1)
+        self._on_token_rejected = on_token_rejected
+
+    async def post(self, *args, **kwargs):
+        try:
+            return await super().post(*args, **kwargs)
+        except InvalidToken as error:
+            self._on_token_rejected(error)
+            raise
