@@ -15,6 +15,7 @@ from telegram.ext import AIORateLimiter, BaseUpdateProcessor
 from telegram.request import HTTPXRequest
 
 from bot.config import TELEGRAM_MESSAGES_PER_SECOND
+from bot.logs import reason
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class RetryingRateLimiter(AIORateLimiter):
             except NetworkError as error:
                 if delay is None:
                     raise
-                log.warning("Bot API %s failed (%s); retrying in %.1f s", endpoint, error.message, delay)
+                log.warning("Bot API %s failed (%s); retrying in %.1f s", endpoint, reason(error), delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
