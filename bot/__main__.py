@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from telegram.error import InvalidToken, TelegramError
 
 from bot import heartbeat
-from bot.config import VARIABLES, Config, ConfigError
+from bot.config import VARIABLES, Config, ConfigError, read_text
 from bot.inference.runner import ModelFileError
 from bot.logs import redact, setup_logging
 from bot.services import build_services, open_engine
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         "run the Telegram bot (the default)",
         "Run the Telegram bot: long polling, or a webhook server when WEBHOOK_URL is set. "
-        "Stops gracefully on Ctrl-C and SIGTERM. Exit code 2: bad configuration or Telegram could not be reached.",
+        "Stops gracefully on SIGTERM (exit code 0) and Ctrl-C (130). Exit code 2: bad configuration, Telegram "
+        "could not be reached at start, or it rejected the token while polling.",
     )
     console_command = _add_command(
         commands,
@@ -177,21 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_telegram(config: Config) -> None:
+def run_telegram(config: Config) -> int:
     from bot.services import build_application
-    from bot.telegram.app import serve
+    from bot.telegram.app import Stop, serve
 
     config.require_token()
     if config.heartbeat_file is not None:
         heartbeat.check_writable(config.heartbeat_file)
     with one_process_per_sqlite_file(config.database_url):  # a second would answer the first's requests again
-        serve(build_application(config), config)
+        stop = Stop()
+        return serve(build_application(config, on_token_rejected=stop.token_rejected), config, stop)
 
 
 async def console(config: Config, group: bool = False, seed: int | None = None) -> None:
     from bot.core.speech import Speech, speech_choices
     from bot.core.speechbot import ChatRef
 
+    if sys.stdin is None:  # started with stdin closed (`<&-`, some supervisors)
+        raise ConfigError(
+            "stdin is closed, and the console reads what you type from it; run it in a terminal "
+            "or give it lines to read (python -m bot console < lines.txt)"
+        )
     # One person at a keyboard: no cooldown.
     services = build_services(replace(config, cooldown_seconds=0), rng=random.Random(seed))
     core = services.core
@@ -239,12 +246,7 @@ async def console(config: Config, group: bool = False, seed: int | None = None) 
 def read_prompt(path: Path) -> str:
     if str(path) == "-":
         return sys.stdin.read()
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"--prompt-file {path} is not UTF-8 text (byte {error.start} is not valid)") from None
-    except OSError as error:
-        raise ConfigError(f"--prompt-file {path} cannot be read ({error.strerror}); give a UTF-8 text file") from None
+    return read_text(path, f"--prompt-file {path}")
 
 
 def generate(config: Config, args: argparse.Namespace) -> None:
@@ -273,12 +275,9 @@ def generate(config: Config, args: argparse.Namespace) -> None:
 def healthcheck(config: Config, max_age: float) -> int:
     if config.heartbeat_file is None:
         raise ConfigError("HEARTBEAT_FILE is not set, so there is no heartbeat to check")
-    age = heartbeat.age(config.heartbeat_file)
-    if age is None:
-        print(f"unhealthy: no heartbeat file at {config.heartbeat_file}", file=sys.stderr)
-        return 1
-    if age > max_age:
-        print(f"unhealthy: last heartbeat {age:.0f} s ago", file=sys.stderr)
+    reason = heartbeat.unhealthy(config.heartbeat_file, max_age)
+    if reason is not None:
+        print(f"unhealthy: {reason}", file=sys.stderr)
         return 1
     return 0
 
@@ -298,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         level = config.log_level_number if command == "run" else max(config.log_level_number, logging.WARNING)
         setup_logging(level, secrets=[config.telegram_bot_token, config.webhook_secret])
         if command == "run":
-            run_telegram(config)
+            return run_telegram(config)
         elif command == "console":
             asyncio.run(console(config, args.group, args.seed))
         elif command == "migrate":

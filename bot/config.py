@@ -6,6 +6,7 @@ valid, so `python -m bot` can print one line and exit with code 2.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import os
@@ -77,7 +78,7 @@ class Config:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | Path = ".env") -> Config:
         """Read settings; variables in the environment win over the same names in `dotenv_path`."""
-        values = {key: value for key, value in dotenv_values(dotenv_path).items() if value is not None}
+        values = _read_dotenv(Path(dotenv_path))
         values.update(os.environ if environ is None else environ)
         reader = _Reader({key: value.strip() for key, value in values.items() if value.strip()})
         return cls(
@@ -123,6 +124,24 @@ class Config:
     @property
     def log_level_number(self) -> int:
         return logging.getLevelNamesMapping()[self.log_level]
+
+
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of `path`, or a ConfigError that names `what` was given and why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} is not UTF-8 text (byte {error.start} is not valid); save it as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"{what} cannot be read ({error.strerror}); give a UTF-8 text file") from None
+
+
+def _read_dotenv(path: Path) -> dict[str, str]:
+    # Like python-dotenv, a missing .env or anything but a file (a virtualenv folder named .env) is no settings.
+    if not path.is_file():
+        return {}
+    text = read_text(path, f"the settings file {path.absolute()}")
+    return {key: value for key, value in dotenv_values(stream=io.StringIO(text)).items() if value is not None}
 
 
 # Every variable Config.from_env reads, with what it means; `python -m bot CMD --help` lists the ones CMD uses.

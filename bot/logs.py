@@ -1,9 +1,12 @@
-"""Logging setup that never writes the bot token (or the webhook secret) anywhere.
+"""Logging setup that never writes the bot token (or the webhook secret) anywhere, and writes one line
+per failure of Telegram or the network.
 
 httpx logs every request URL, which carries the token, at INFO; exception texts carry it too.
 So the HTTP loggers are held at WARNING and every record passes a redaction filter on the way out.
 python-telegram-bot logs a full traceback for each failed network call (some 130 lines when
-Telegram cannot be reached at start); below DEBUG those records keep one line with the reason.
+Telegram cannot be reached at start) and each answer it cannot parse (an HTML error page, quoted
+whole); below DEBUG a record carrying a Bot API error keeps one line with the reason, and a record
+of an unparsable answer is dropped, since the failure it causes is logged where the request was made.
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ from telegram.error import TelegramError
 TOKEN_PATTERN = re.compile(r"\d{3,}:[A-Za-z0-9_-]{30,}")
 REDACTED = "[REDACTED]"
 QUIET_LOGGERS = ("httpx", "httpcore")
+REASON_MAX = 300  # characters of an error's text in one log line; a proxy's error page is quoted whole in it
+
+
+def reason(error: BaseException) -> str:
+    """An error's text for one log line: an error page quoted in it is cut short."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= REASON_MAX else f"{text[:REASON_MAX]}…"
 
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
@@ -55,11 +65,13 @@ class RedactSecrets(logging.Filter):
 
 
 class TelegramTracebacksAtDebug(logging.Filter):
-    """python-telegram-bot's network errors as one line: the traceback tells a user nothing the reason does not."""
+    """Bot API errors as one line: the traceback tells an operator nothing the reason does not."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("telegram") and record.exc_info and isinstance(record.exc_info[1], TelegramError):
-            record.msg, record.args = f"{record.getMessage()} ({record.exc_info[1]})", None
+        if record.name.startswith("telegram.request") and record.msg.startswith("Can not load invalid JSON data"):
+            return False  # the TelegramError it raises next is logged, once, by whoever made the request
+        if record.exc_info and isinstance(record.exc_info[1], TelegramError):
+            record.msg, record.args = f"{record.getMessage()} ({reason(record.exc_info[1])})", None
             record.exc_info = record.exc_text = None
         return True
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import sqlalchemy
 from telegram import BotCommand
+from telegram.error import InvalidToken
 from telegram.ext import Application
 
 from bot.config import Config
@@ -25,6 +26,7 @@ from bot.core.commands import COMMANDS
 from bot.core.speech import daily_speech
 from bot.core.speechbot import SpeechBot
 from bot.heartbeat import HEARTBEAT_SECONDS, beat
+from bot.heartbeat import stop as stop_beating
 from bot.inference.engine import GenerationEngine
 from bot.metrics import NO_METRICS, Metrics, PrometheusMetrics
 from bot.telegram.admins import Admins
@@ -128,6 +130,7 @@ def build_application(
     concurrent_updates: int | None = None,
     rng: random.Random | None = None,
     metrics: Metrics | None = None,
+    on_token_rejected: Callable[[InvalidToken], None] = lambda _error: None,
 ) -> Application:
     """The whole Telegram bot: services, inbox, daily posts, handlers. Does not start it.
 
@@ -138,6 +141,8 @@ def build_application(
     `metrics` None records them as the configuration says (new_metrics); they are served on METRICS_PORT
     while the bot runs. An engine opened elsewhere reports its queue waits only if it was opened with the
     same metrics (open_engine).
+    `on_token_rejected` hears of a 401 or 404 on getUpdates, after which polling has ended for good
+    (bot.telegram.app.Stop.token_rejected stops the process).
     """
     token = config.require_token()
     metrics = new_metrics(config) if metrics is None else metrics
@@ -178,6 +183,8 @@ def build_application(
 
     async def stop(_application: Application) -> None:
         metrics.close()
+        if config.heartbeat_file is not None:
+            stop_beating(config.heartbeat_file)  # a bot that no longer serves must not look healthy
         inbox.close()
         services.close()
 
@@ -192,6 +199,7 @@ def build_application(
         metrics=metrics,
         update_queue=RecordingQueue(arrivals.record),
         processed=arrivals.processed,
+        on_token_rejected=on_token_rejected,
     )
     daily = DailySpeeches(
         application.job_queue,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import sqlite3
 import sys
+import time
 
 import pytest
 
@@ -206,3 +208,15 @@ def test_generate_reads_a_long_prompt_from_a_file(env, tmp_path, capsys):
         assert reason in one_error_line(capsys)
     assert main(["generate", "--prompt", "x", "--prompt-file", "prompt.txt"]) == 2
     assert "not allowed with argument" in one_error_line(capsys)
+
+
+def test_a_heartbeat_dated_in_the_future_is_unhealthy(env, tmp_path, capsys):
+    heartbeat = tmp_path / "heartbeat"
+    heartbeat.write_text("0\n")
+    env.setenv("HEARTBEAT_FILE", str(heartbeat))
+    assert main(["healthcheck"]) == 0
+    capsys.readouterr()
+    in_an_hour = time.time() + 3600  # what a clock set back an hour after the last beat shows
+    os.utime(heartbeat, (in_an_hour, in_an_hour))
+    assert main(["healthcheck"]) == 1
+    assert "unhealthy: the last heartbeat is dated 3600 s in the future" in capsys.readouterr().err

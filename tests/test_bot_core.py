@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time
+from datetime import UTC, date, datetime, time
 
 import pytest
 
 from bot.config import Config
 from bot.core.bounds import LENGTH_MAX, MESSAGE_MAX
 from bot.core.commands import ArgumentError, parse_length, parse_temperature, split_command
-from bot.core.dailytime import latest_due, next_due, parse_daily_time, resolve_time_zone
+from bot.core.dailytime import latest_due, local_date, next_due, parse_daily_time, resolve_time_zone
 from bot.core.speech import compose_speech
 from bot.core.speechbot import ChatRef, SpeechBot
 from bot.services import build_services
@@ -99,8 +99,12 @@ def test_due_times_follow_daylight_saving():
     saturday = datetime(2026, 3, 28, 12, 0, tzinfo=UTC)
     assert latest_due(saturday, time(8, 30), "Europe/Berlin") == datetime(2026, 3, 28, 7, 30, tzinfo=UTC)
     assert next_due(saturday, time(8, 30), "Europe/Berlin") == datetime(2026, 3, 29, 6, 30, tzinfo=UTC)
-    # 02:30 does not exist that night; it lands one hour later, as the cron trigger does.
-    assert next_due(saturday, time(2, 30), "Europe/Berlin") == datetime(2026, 3, 29, 1, 30, tzinfo=UTC)
+    # 02:30 does not exist that night: it is due when the clocks land, at 03:00 local.
+    assert next_due(saturday, time(2, 30), "Europe/Berlin") == datetime(2026, 3, 29, 1, 0, tzinfo=UTC)
+    # In Santiago the change is at midnight: Sunday 6 September 2026 starts at 01:00 (UTC-3).
+    sunday = datetime(2026, 9, 6, 4, 10, tzinfo=UTC)
+    assert latest_due(sunday, time(0, 30), "America/Santiago") == datetime(2026, 9, 6, 4, 0, tzinfo=UTC)
+    assert local_date(latest_due(sunday, time(0, 30), "America/Santiago"), "America/Santiago") == date(2026, 9, 6)
 
 
 def test_compose_speech_keeps_the_prompt_as_sent():

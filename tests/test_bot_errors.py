@@ -7,9 +7,12 @@ and its server refuses forged updates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import select
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -177,17 +180,19 @@ def test_telegram_unreachable_at_start_is_one_line_without_a_traceback(tmp_path,
     assert len(result.stderr.splitlines()) <= 6, result.stderr  # the retry warnings and PTB's one line
 
 
+def webhook_environment(emulator: TelegramEmulator, folder: Path, model_path: Path, port: int, **settings) -> dict:
+    """`python -m bot run` in webhook mode on 127.0.0.1:`port`, logging at DEBUG unless `settings` say otherwise."""
+    environment = emulated_telegram_environment(
+        emulator, folder / "bot.db", model_path, WEBHOOK_URL="https://bot.example.org/telegram/hook"
+    )
+    return environment | {"WEBHOOK_PORT": str(port)} | settings
+
+
 async def test_webhook_without_a_configured_secret_refuses_forged_updates(tmp_path, model_path):
     port = free_port()
     group = group_chat(-4242)
     async with TelegramEmulator(TOKEN) as emulator:
-        environment = emulated_telegram_environment(
-            emulator,
-            tmp_path / "bot.db",
-            model_path,
-            WEBHOOK_URL="https://bot.example.org/telegram/hook",
-            WEBHOOK_PORT=str(port),
-        )
+        environment = webhook_environment(emulator, tmp_path, model_path, port)
         async with bot_process(tmp_path, environment) as process:
             registered = await emulator.wait_for(lambda call: call.method == "setWebhook", timeout=300)
             secret = registered.params["secret_token"]
@@ -222,7 +227,7 @@ async def test_webhook_without_a_configured_secret_refuses_forged_updates(tmp_pa
             assert len(emulator.sent()) == 2
     output = (tmp_path / "bot.log").read_text()
     assert process.returncode == 0, output[-3000:]
-    assert "Request did not include the secret token" in output  # python-telegram-bot's refusal, at DEBUG
+    assert "Refused a webhook request from 127.0.0.1 without the secret token" in output  # at DEBUG
     assert secret not in output, "the made-up secret is redacted from the logs like a configured one"
 
 
@@ -294,3 +299,144 @@ def test_a_model_file_that_reads_the_bots_env_file_is_refused(tmp_path, tiny_onn
     ]:
         line = assert_one_error_line(run_bot(tmp_path, environment, *args), "crafted.onnx is refused: ")
         assert "tensor 'net.decoder.bias' keeps its data in another file ('.env')" in line, line
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("not UTF-8", "is not UTF-8 text (byte 18 is not valid)"),
+        ("unreadable", "cannot be read (Permission denied)"),
+    ],
+)
+def test_a_settings_file_that_cannot_be_read_is_named(tmp_path, kind, expected):
+    dotenv = tmp_path / ".env"
+    if kind == "unreadable":
+        dotenv.symlink_to(unreadable_file(tmp_path))
+    else:
+        dotenv.write_bytes(b"DEFAULT_LENGTH=40\n\xff\xfeCOOLDOWN_SECONDS=0\n")
+    line = assert_one_error_line(run_bot(tmp_path, bot_environment(DEFAULT_MODEL_PATH), "migrate"), expected)
+    assert f"the settings file {dotenv}" in line, line
+    assert not (tmp_path / "data").exists()
+    dotenv.unlink()
+    (tmp_path / ".env" / "bin").mkdir(parents=True)  # a virtualenv named .env is no settings file
+    result = run_bot(tmp_path, bot_environment(DEFAULT_MODEL_PATH), "migrate")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "healthcheck"])
+def test_a_heartbeat_file_name_too_long_for_the_system_is_named(tmp_path, command):
+    name = "h" * 300  # longer than a file name may be (255 bytes on Linux)
+    environment = bot_environment(DEFAULT_MODEL_PATH, TELEGRAM_BOT_TOKEN=TOKEN, HEARTBEAT_FILE=name)
+    result = run_bot(tmp_path, environment, command)
+    line = assert_one_error_line(result, "(File name too long)")
+    assert f"HEARTBEAT_FILE='{name[:50]}" in line
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_console_with_stdin_closed_says_so(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "console"],
+        cwd=tmp_path,
+        env=bot_environment(DEFAULT_MODEL_PATH),
+        stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: os.close(0),  # the child closes its stdin, as `<&-` does
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert_one_error_line(result, "stdin is closed")
+    assert not (tmp_path / "data").exists(), "refused before the database was opened"
+
+
+@pytest.mark.parametrize(("fault", "reason"), [("unauthorized", "Unauthorized"), ("not found", "Not Found")])
+async def test_a_token_rejected_while_polling_ends_the_bot_with_one_error_line(tmp_path, fault, reason):
+    """A token revoked with @BotFather (401) or a deleted bot (404): PTB's polling loop ends for good on it."""
+    heartbeat = tmp_path / "heartbeat"
+    async with TelegramEmulator(TOKEN) as emulator:
+        database = f"sqlite:///{tmp_path / 'bot.db'}"
+        async with killable_bot(emulator, database, tmp_path, HEARTBEAT_FILE=str(heartbeat)) as bot:
+            for _ in range(2):  # a few good polls
+                assert "/schedule" in await emulator.ask(private_chat(ALICE), ALICE, "/help", timeout=60)
+            assert heartbeat.exists()
+            emulator.inject("getUpdates", fault, times=1000)
+            emulator.send_text(private_chat(ALICE), ALICE, "/help")  # ends the long poll in progress
+            code = await asyncio.wait_for(bot.process.wait(), 60)  # a safety net: it exits at once
+    output = bot.log.read_text()
+    assert code == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == [output.strip().splitlines()[-1]], output[-3000:]
+    assert f"Telegram rejected TELEGRAM_BOT_TOKEN while the bot was running ({reason})" in errors[0]
+    assert "@BotFather" in errors[0] and TOKEN not in output
+    assert not heartbeat.exists(), "no heartbeat, so the healthcheck fails at once"
+    rejected = [call for call in emulator.calls if call.failure == fault]
+    assert len(rejected) <= 2, "polling stopped (the last call marks fetched updates read)"
+
+
+def resident_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)[1]) / 1024
+
+
+def post_body(port: int, size: int, headers: dict[str, str]) -> tuple[int, int]:
+    """POST `size` bytes to the webhook, reading whenever the answer comes; returns its status and the bytes
+    sent before it came (all of them for a server that reads a body before looking at it).
+
+    A plain socket, as curl's: a server that answers without reading closes a connection with data unread,
+    which resets it, and only a client that reads what arrived before the reset sees the answer.
+    """
+    head = {"Host": "bot.example.org", "Content-Type": "application/json", "Content-Length": str(size)} | headers
+    lines = ["POST /telegram/hook HTTP/1.1", *(f"{name}: {value}" for name, value in head.items()), "", ""]
+    sent, chunk, answer = 0, b" " * (1 << 16), b""
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.sendall("\r\n".join(lines).encode())
+        connection.setblocking(False)
+        while b"\r\n" not in answer:
+            sending = [connection] if sent < size else []
+            readable, writable, _ = select.select([connection], sending, [], 120)  # a safety net
+            assert readable or writable, "no answer in 120 s"
+            if readable:
+                answer += connection.recv(4096) or b"closed without an answer\r\n"
+            else:
+                try:
+                    sent += connection.send(chunk[: size - sent])
+                except (BrokenPipeError, ConnectionResetError):
+                    size = sent  # the server closed; what it answered before is still to be read
+    return int(answer.split()[1]), sent
+
+
+async def post_update(port: int, update: dict, secret: str) -> int:
+    url = f"http://127.0.0.1:{port}/telegram/hook"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": secret}) as response,
+    ):
+        return response.status
+
+
+async def test_large_webhook_posts_are_refused_unread(tmp_path, model_path):
+    """Issue 26: six unauthenticated 90 MB posts took the process from 175 MB to 607 MB."""
+    port, secret, size = free_port(), "s3cret-Value", 90 * 1024 * 1024
+    async with TelegramEmulator(TOKEN) as emulator:
+        environment = webhook_environment(emulator, tmp_path, model_path, port, WEBHOOK_SECRET=secret, LOG_LEVEL="INFO")
+        async with bot_process(tmp_path, environment) as process:
+            await emulator.wait_for(lambda call: call.method == "setWebhook", timeout=300)
+            for _ in range(100):  # the server starts listening just after setWebhook
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    assert await post_update(port, {}, "guessed") == 403
+                    break
+                await asyncio.sleep(0.1)
+            before = resident_mib(process.pid)
+            for _ in range(6):
+                status, let_through = await asyncio.to_thread(post_body, port, size, {})
+                assert status == 403 and let_through < 8 * 1024 * 1024, (status, let_through)
+            genuine = {"X-Telegram-Bot-Api-Secret-Token": secret}
+            status, let_through = await asyncio.to_thread(post_body, port, size, genuine)
+            assert status == 413 and let_through < 8 * 1024 * 1024, (status, let_through)
+            grown = resident_mib(process.pid) - before
+            assert grown < 30, f"the bot grew by {grown:.0f} MiB"
+            message = emulator.message(private_chat(ALICE), ALICE, "/temperature")
+            assert await post_update(port, {"update_id": 1, "message": message}, secret) == 200
+            shown = await emulator.wait_for(lambda call: call.method == "sendMessage", timeout=120)
+            assert "Temperature is" in shown.params["text"], "updates of the usual size still come in"
+    assert process.returncode == 0

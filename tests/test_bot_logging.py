@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 
 import pytest
 
 from bot.logs import REDACTED, RedactSecrets, setup_logging
+from bot.telegram.handlers import SORRY
 from tests.support.bot_harness import ALICE, TOKEN, Clock, bot_config, private_chat, running_bot
 from tests.support.telegram_emulator import TelegramEmulator
 
@@ -63,3 +65,34 @@ async def test_a_debug_session_never_logs_the_token(root_logging, engine, tmp_pa
     assert "DEBUG" in output and "sendMessage" in output
     assert TOKEN not in output
     assert TOKEN.split(":")[1] not in output
+
+
+async def test_bot_api_failures_log_one_warning_line_each(root_logging, engine, emulator, tmp_path):
+    """A proxy's error pages and cut-off answers, while polling and while replying: one line per failure."""
+    output = io.StringIO()
+    setup_logging(logging.INFO, secrets=[TOKEN], stream=output)
+    chat = private_chat(ALICE)
+    async with running_bot(emulator, engine, bot_config(emulator, tmp_path / "bot.db"), Clock()):
+        assert "/schedule" in await emulator.ask(chat, ALICE, "/help")
+        before = len(output.getvalue().splitlines())
+        emulator.inject("getUpdates", "page", status=502)
+        emulator.inject("getUpdates", "malformed")
+        await emulator.wait_for(lambda call: call.method == "getUpdates" and call.failure == "malformed")
+        emulator.inject("sendMessage", "page", status=502, times=3)  # the reply fails through every retry
+        assert await emulator.ask(chat, ALICE, "/help") == SORRY
+        emulator.inject("sendMessage", "malformed")
+        assert await emulator.ask(chat, ALICE, "/help") == SORRY
+        failures = sum(call.failure is not None for call in emulator.calls)
+        assert failures == 6
+        lines = output.getvalue().splitlines()[before:]
+        assert "Traceback" not in output.getvalue()
+        assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ", line) for line in lines), lines
+        loud = [line for line in lines if " INFO " not in line]
+        assert len(loud) == failures, "\n".join(lines)
+        assert all(" WARNING " in line for line in loud), "\n".join(loud)
+        assert any("502" in line and "Bad Gateway" in line for line in loud), "\n".join(loud)
+
+        setup_logging(logging.DEBUG, secrets=[TOKEN], stream=output)
+        emulator.inject("sendMessage", "malformed")
+        assert await emulator.ask(chat, ALICE, "/help") == SORRY
+        assert "Traceback" in output.getvalue(), "the traceback is there at DEBUG"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from bot.core.speechbot import ChatRef
 from bot.telegram.daily import job_name
 from tests.support.bot_harness import ALICE, Clock, bot_config, group_chat, private_chat, running_bot
@@ -27,20 +29,51 @@ def posts(emulator, chat_id: int = CHAT["id"]) -> int:
     return sum("reply_parameters" not in call.params for call in emulator.sent(chat_id=chat_id))
 
 
+def fire_times(job, since: datetime, count: int = 3) -> list[datetime]:
+    """The next `count` instants APScheduler will run `job` at, as its scheduler asks the trigger."""
+    times, previous = [], None
+    for _ in range(count):
+        previous = job.job.trigger.get_next_fire_time(previous, previous or since)
+        times.append(previous.astimezone(UTC))
+    return times
+
+
+def minutes(instants: list[datetime]) -> list[str]:
+    return [instant.replace(tzinfo=None).isoformat(timespec="minutes") for instant in instants]
+
+
 async def test_job_uses_local_time_across_daylight_saving(emulator, engine, tmp_path):
     clock = Clock(datetime(2026, 3, 27, 12, 0, tzinfo=UTC))
     async with running_bot(emulator, engine, bot_config(emulator, tmp_path / "bot.db"), clock) as app:
         await emulator.ask(CHAT, ALICE, "/schedule 08:30 Europe/Berlin")
         job = daily_job(app, CHAT["id"])
-        trigger = job.job.trigger
-        fire_times = []
-        previous = None
-        for _ in range(3):
-            previous = trigger.get_next_fire_time(previous, previous or clock.now)
-            fire_times.append(previous.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="minutes"))
         # Berlin is UTC+1 until Sunday 29 March 2026, then UTC+2.
-        assert fire_times == ["2026-03-28T07:30", "2026-03-29T06:30", "2026-03-30T06:30"]
+        assert minutes(fire_times(job, clock.now)) == ["2026-03-28T07:30", "2026-03-29T06:30", "2026-03-30T06:30"]
         assert job.job.misfire_grace_time == 3600, "set explicitly: APScheduler's default is 1 s"
+
+
+@pytest.mark.parametrize(
+    ("zone", "day_before", "expected"),
+    [
+        # Santiago goes from UTC-4 to UTC-3 as Saturday 5 September 2026 ends: Sunday starts at 01:00.
+        ("America/Santiago", datetime(2026, 9, 5, 12, 0, tzinfo=UTC), ["2026-09-06T04:00", "2026-09-07T03:30"]),
+        # Havana goes from UTC-5 to UTC-4 as Saturday 7 March 2026 ends.
+        ("America/Havana", datetime(2026, 3, 7, 12, 0, tzinfo=UTC), ["2026-03-08T05:00", "2026-03-09T04:30"]),
+    ],
+)
+async def test_a_daily_time_the_clocks_skip_at_midnight_is_posted_when_they_land(
+    emulator, engine, tmp_path, zone, day_before, expected
+):
+    clock = Clock(day_before)
+    async with running_bot(emulator, engine, bot_config(emulator, tmp_path / "bot.db"), clock) as app:
+        assert "next on Sun" in await emulator.ask(CHAT, ALICE, f"/schedule 00:30 {zone}")
+        job = daily_job(app, CHAT["id"])
+        due = fire_times(job, clock.now, count=2)
+        assert minutes(due) == expected, "01:00 local on the day of the change, then 00:30 again"
+        for day, instant in enumerate(due, 1):
+            clock.now = instant
+            await job.run(app)
+            assert posts(emulator) == day, f"the once-a-day claim takes the post at {instant}"
 
 
 async def test_daily_speech_fires_once_per_day_even_across_a_restart(emulator, engine, tmp_path, database_url):

@@ -14,7 +14,7 @@ import pytest
 from bot.core.commands import COMMANDS
 from bot.core.commands import help_text as commands_help_text
 from bot.services import build_application
-from bot.telegram.app import webhook_options
+from bot.telegram.app import serving
 from tests.support.bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, group_chat, private_chat, running_bot
 from tests.support.telegram_emulator import ANONYMOUS_ADMIN, SPEC_PATH
 
@@ -261,29 +261,22 @@ async def test_webhook_mode_checks_the_secret_and_answers(emulator, engine, tmp_
         webhook_secret="s3cret-Value",
     )
     application = build_application(config, engine, clock=Clock())
-    async with application:
-        await application.post_init(application)
-        await application.updater.start_webhook(**webhook_options(config) | {"listen": "127.0.0.1"})
-        await application.start()
-        try:
-            registered = emulator.sent("setWebhook")[-1].params
-            assert registered["url"] == "https://bot.example.org/telegram/hook"
-            assert registered["secret_token"] == "s3cret-Value"
-            message = emulator.message(ALICE_CHAT, ALICE, "/temperature")
-            url = f"http://127.0.0.1:{port}/telegram/hook"
-            async with aiohttp.ClientSession() as session:
-                forged = {"X-Telegram-Bot-Api-Secret-Token": "wrong"}
-                async with session.post(url, json={"update_id": 1, "message": message}, headers=forged) as response:
-                    assert response.status == 403
-                genuine = {"X-Telegram-Bot-Api-Secret-Token": "s3cret-Value"}
-                async with session.post(url, json={"update_id": 2, "message": message}, headers=genuine) as response:
-                    assert response.status == 200
-            answer = await emulator.wait_for(lambda call: call.method == "sendMessage" and call.status == 200)
-            assert "Temperature is 0.8" in answer.params["text"]
-            assert len(emulator.sent()) == 1, "the forged update was not handled"
-        finally:
-            await application.updater.stop()
-            await application.stop()
+    async with serving(application, config):
+        registered = emulator.sent("setWebhook")[-1].params
+        assert registered["url"] == "https://bot.example.org/telegram/hook"
+        assert registered["secret_token"] == "s3cret-Value"
+        message = emulator.message(ALICE_CHAT, ALICE, "/temperature")
+        url = f"http://127.0.0.1:{port}/telegram/hook"
+        async with aiohttp.ClientSession() as session:
+            forged = {"X-Telegram-Bot-Api-Secret-Token": "wrong"}
+            async with session.post(url, json={"update_id": 1, "message": message}, headers=forged) as response:
+                assert response.status == 403
+            genuine = {"X-Telegram-Bot-Api-Secret-Token": "s3cret-Value"}
+            async with session.post(url, json={"update_id": 2, "message": message}, headers=genuine) as response:
+                assert response.status == 200
+        answer = await emulator.wait_for(lambda call: call.method == "sendMessage" and call.status == 200)
+        assert "Temperature is 0.8" in answer.params["text"]
+        assert len(emulator.sent()) == 1, "the forged update was not handled"
 
 
 async def test_a_failing_database_is_reported_and_the_bot_keeps_running(bot, emulator, tmp_path, caplog):

@@ -38,10 +38,22 @@ def resolve_time_zone(name: str) -> str | None:
     return canonical
 
 
+def _exists(wall: datetime) -> bool:
+    """Whether clocks in wall's zone show `wall` at all (not on a time a spring-forward change skips)."""
+    return wall.astimezone(UTC).astimezone(wall.tzinfo).replace(tzinfo=None) == wall.replace(tzinfo=None)
+
+
 def _due_on(day: date, daily_time: time, zone: ZoneInfo) -> datetime:
-    # A wall time that does not exist on a spring-forward day (02:30) is normalised through UTC,
-    # landing an hour later, as the scheduler's cron trigger does.
-    return datetime.combine(day, daily_time, tzinfo=zone).astimezone(UTC)
+    """The instant `daily_time` is due on `day`: the first valid local time at or after it that day.
+
+    A time the clocks skip (02:30 in Berlin on the last Sunday of March, 00:30 in Santiago when the day
+    itself starts at 01:00) is due when they land, so no day goes without its post. A time shown twice
+    (fall back) is due the first time.
+    """
+    wall = datetime.combine(day, daily_time, tzinfo=zone)
+    while not _exists(wall):  # skipped times come in whole minutes, at most a day of them (Samoa, 2011)
+        wall += timedelta(minutes=1)
+    return wall.astimezone(UTC)
 
 
 def latest_due(now: datetime, daily_time: time, zone_name: str) -> datetime:

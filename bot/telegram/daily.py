@@ -23,13 +23,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import date, datetime, timedelta
-from zoneinfo import ZoneInfo
+from datetime import date, datetime, time, timedelta
 
+from apscheduler.triggers.base import BaseTrigger
 from telegram.error import BadRequest, Forbidden
 from telegram.ext import ContextTypes, JobQueue
 
-from bot.core.dailytime import latest_due, local_date
+from bot.core.dailytime import latest_due, local_date, next_due
 from bot.core.groups import quiet_at
 from bot.metrics import NO_METRICS, Metrics
 from bot.telegram.replies import send_text
@@ -45,6 +45,27 @@ ShowTyping = Callable[[object, int], contextlib.AbstractAsyncContextManager]  # 
 
 def job_name(chat_id: int) -> str:
     return f"daily:{chat_id}"
+
+
+class DailyTrigger(BaseTrigger):
+    """APScheduler's trigger for a daily time in a zone, due when bot.core.dailytime says it is.
+
+    JobQueue.run_daily's cron trigger skips a day whose time the clocks jump over at midnight (00:30 in
+    Santiago or Havana on the spring-forward day); this one fires when the clocks land, the same instant
+    the once-a-day claim (DailySpeeches.due_day) counts as that day's.
+    """
+
+    __slots__ = ("daily_time", "zone_name")
+
+    def __init__(self, daily_time: time, zone_name: str):
+        self.daily_time = daily_time
+        self.zone_name = zone_name
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime:
+        return next_due(previous_fire_time or now, self.daily_time, self.zone_name)
+
+    def __str__(self) -> str:
+        return f"daily at {self.daily_time:%H:%M} {self.zone_name}"
 
 
 class DailySpeeches:
@@ -95,12 +116,11 @@ class DailySpeeches:
         """Make the chat's job match its row: replaced when scheduled, removed when not."""
         self.remove(settings.id)
         if settings.schedule_enabled and settings.daily_time is not None:
-            self.job_queue.run_daily(
+            self.job_queue.run_custom(
                 self._run,
-                time=settings.daily_time.replace(tzinfo=ZoneInfo(settings.time_zone)),
                 chat_id=settings.id,
                 name=job_name(settings.id),
-                job_kwargs=self._job_kwargs,
+                job_kwargs={"trigger": DailyTrigger(settings.daily_time, settings.time_zone), **self._job_kwargs},
             )
 
     async def chat_moved(self, old_id: int, new_id: int) -> None:

@@ -15,6 +15,7 @@ from telegram.ext import ContextTypes
 
 from bot.core.commands import split_command
 from bot.core.speechbot import ChatRef, SpeechBot
+from bot.logs import reason
 from bot.telegram.admins import Admins
 from bot.telegram.answers import Answers
 from bot.telegram.daily import DailySpeeches
@@ -127,11 +128,20 @@ class Handlers:
                 self.daily.remove(change.chat.id)
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if isinstance(context.error, Forbidden):
+        """Failed handlers, and failed getUpdates calls (`update` None)."""
+        error = context.error
+        if isinstance(error, Forbidden):
             # The user blocked the bot or it left the chat: nothing to answer, nothing to fix.
-            log.info("Cannot write to the chat: %s", context.error.message)
+            log.info("Cannot write to the chat: %s", error.message)
             return
-        log.error("Error while handling an update", exc_info=context.error)
+        if isinstance(error, TelegramError):
+            # Telegram or the network failed (an error page, a cut-off answer, a timeout): no bug of ours, so one
+            # line per failure, as docs/operations.md promises; the traceback only for LOG_LEVEL=DEBUG.
+            doing = "polling for updates" if update is None else "answering an update"
+            log.warning("The Bot API failed while %s: %s", doing, reason(error))
+            log.debug("The Bot API failure's traceback", exc_info=error)
+        else:
+            log.error("Error while handling an update", exc_info=error)
         if isinstance(update, Update) and update.message is not None:
             with contextlib.suppress(TelegramError):
                 await send_text(context.bot, update.message.chat_id, SORRY, self.daily.chat_moved)

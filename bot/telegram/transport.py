@@ -1,7 +1,8 @@
 """How updates come in and requests go out: chats' updates in order and side by side
 (ChatOrderedUpdateProcessor), the overall sending rate with retries on 429, 5xx and network errors, and a
-cap on the requests on the wire (RetryingRateLimiter). Why these limits: docs/speed.md, "Many chats at once".
-Each of them, and every HTTP request (MeteredRequest), reports to the metrics (bot/metrics.py)."""
+cap on the requests on the wire (RetryingRateLimiter), and polling that reports a token Telegram no longer
+accepts (PollingRequest). Why these limits: docs/speed.md, "Many chats at once". Each of them, and every
+HTTP request (MeteredRequest), reports to the metrics (bot/metrics.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from telegram import Update
-from telegram.error import BadRequest, NetworkError, RetryAfter, TimedOut
+from telegram.error import BadRequest, InvalidToken, NetworkError, RetryAfter, TimedOut
 from telegram.ext import AIORateLimiter, BaseUpdateProcessor
 from telegram.request import HTTPXRequest
 
 from bot.config import TELEGRAM_MESSAGES_PER_SECOND
+from bot.logs import reason
 from bot.metrics import NO_METRICS, Metrics, api_outcome
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class RetryingRateLimiter(AIORateLimiter):
             except NetworkError as error:
                 if delay is None:
                     raise
-                log.warning("Bot API %s failed (%s); retrying in %.1f s", endpoint, error.message, delay)
+                log.warning("Bot API %s failed (%s); retrying in %.1f s", endpoint, reason(error), delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -143,3 +145,23 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
 
     async def shutdown(self) -> None:
         pass
+
+
+class PollingRequest(MeteredRequest):
+    """getUpdates' connection (one, as python-telegram-bot's own) that reports a token Telegram rejects.
+
+    A 401 (token revoked) or 404 (bot deleted) on getUpdates raises InvalidToken, which ends
+    python-telegram-bot's polling loop for good without calling start_polling's error_callback: the
+    process would stay up, answering nobody. `on_token_rejected` hears of it first.
+    """
+
+    def __init__(self, on_token_rejected: Callable[[InvalidToken], None], metrics: Metrics = NO_METRICS):
+        super().__init__(metrics, connection_pool_size=1)
+        self._on_token_rejected = on_token_rejected
+
+    async def post(self, *args, **kwargs):
+        try:
+            return await super().post(*args, **kwargs)
+        except InvalidToken as error:
+            self._on_token_rejected(error)
+            raise

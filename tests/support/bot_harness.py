@@ -24,6 +24,7 @@ from bot.config import VARIABLES, Config
 from bot.inference.engine import GenerationEngine
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.services import build_application
+from bot.telegram.app import serving
 from tests.support.telegram_emulator import TelegramEmulator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,19 +126,11 @@ async def bot_process(cwd: Path, environment: dict[str, str]) -> AsyncIterator[a
 async def running_bot(
     emulator: TelegramEmulator, engine, config: Config, clock: Clock, **build_options
 ) -> AsyncIterator[Application]:
-    """Start the bot as run_polling would (post_init included), polling the emulator; stop it after."""
+    """Start the bot as `python -m bot run` does (bot.telegram.app.serving), polling the emulator; stop it after."""
     build_options = {"retry_delays": (0.05, 0.1), "read_timeout": 2.0} | build_options
     application = build_application(config, engine, clock=clock, **build_options)
-    async with application:
-        await application.post_init(application)
-        await application.updater.start_polling(poll_interval=0, timeout=1)
-        await application.start()
-        try:
-            yield application
-        finally:
-            await application.updater.stop()
-            await application.stop()
-            await application.post_shutdown(application)
+    async with serving(application, config, poll_timeout=1):  # a short long-poll stops the bot sooner
+        yield application
 
 
 @pytest.fixture(scope="session")

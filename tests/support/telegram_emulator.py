@@ -6,8 +6,9 @@ and multipart bodies, long-polls getUpdates with offsets, or, once the bot calls
 updates to its webhook as Telegram does (JSON, the secret in X-Telegram-Bot-Api-Secret-Token, each
 update posted again until it is answered with a 2xx, a chat's updates one after another), answers the
 calls the bot makes with plausible objects, records every call, and can inject 429s, 5xx answers,
-timeouts, refusals (400), blocked chats (403) and group-to-supergroup migrations. Several bot processes
-can use it at once, each through a base URL of its own (`base_url_via`), so a test can tell their calls
+a proxy's HTML error pages, malformed (cut-off) answers, timeouts, refusals (400), a revoked token (401),
+a deleted bot (404), blocked chats (403) and group-to-supergroup migrations. Several bot processes can use
+it at once, each through a base URL of its own (`base_url_via`), so a test can tell their calls
 apart and aim faults at one of them. Objects inside parameters (inline results,
 keyboards, reply parameters) are checked field by field against the spec's types too. Tests can send
 inline queries, chosen inline results and button presses. Group privacy mode is on, as a new bot's is:
@@ -30,6 +31,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 
 import aiohttp
@@ -76,7 +78,10 @@ class Call:
 @dataclass
 class Fault:
     method: str
-    kind: str  # "429", "5xx", "timeout", "refused" (400), "hold" (answered once release() is called)
+    # "429", "5xx", "page" (an HTML error page, as a proxy in front of the API sends), "malformed" (200 with a
+    # cut-off JSON body), "timeout", "refused" (400), "unauthorized" (401: a revoked token), "not found" (404:
+    # a deleted bot), "hold" (answered once release() is called)
+    kind: str
     times: int
     status: int = 500
     retry_after: int = 1
@@ -121,6 +126,14 @@ class ApiError(Exception):
     def __init__(self, status: int, description: str, parameters: dict | None = None):
         super().__init__(description)
         self.status, self.description, self.parameters = status, description, parameters
+
+
+class RawAnswer(Exception):
+    """An answer that is not the Bot API's JSON: what a proxy or a broken connection gives."""
+
+    def __init__(self, status: int, body: str, content_type: str):
+        super().__init__(body)
+        self.status, self.body, self.content_type = status, body, content_type
 
 
 def _decode(value, types: list[str]):
@@ -224,7 +237,7 @@ class TelegramEmulator:
     # ---- what tests do to the emulated world ----
 
     def inject(self, method: str, kind: str, times: int = 1, **options) -> None:
-        """Make the next `times` calls of `method` fail as `kind`: 429, 5xx, timeout or forbidden, or wait ("hold")."""
+        """Make the next `times` calls of `method` fail as `kind` (Fault.kind lists them)."""
         self.faults.append(Fault(method=method, kind=kind, times=times, **options))
 
     def release(self) -> None:
@@ -314,6 +327,7 @@ class TelegramEmulator:
             for call in self.calls
             if call.method == method
             and call.status == 200
+            and call.failure is None  # a malformed answer is 200 too
             and (chat_id is None or int(call.params.get("chat_id", 0)) == chat_id)
         ]
 
@@ -333,7 +347,10 @@ class TelegramEmulator:
         self.send_text(chat, sender, text, **extra)
         answer = await self.wait_for(
             lambda call: (
-                call.method == "sendMessage" and call.status == 200 and int(call.params["chat_id"]) == chat["id"]
+                call.method == "sendMessage"
+                and call.status == 200
+                and call.failure is None
+                and int(call.params["chat_id"]) == chat["id"]
             ),
             since,
             timeout,
@@ -369,6 +386,9 @@ class TelegramEmulator:
             body = {"ok": False, "error_code": error.status, "description": error.description}
             if error.parameters:
                 body["parameters"] = error.parameters
+        except RawAnswer as answer:
+            call.status = answer.status
+            return web.Response(text=answer.body, status=answer.status, content_type=answer.content_type)
         finally:
             await self._notify()
         return web.json_response(body, status=call.status)
@@ -539,6 +559,19 @@ class TelegramEmulator:
                 # Not answered until the test calls release(); then answered as usual.
                 await self._released.wait()
                 return
+            if fault.kind == "page":
+                title = f"{fault.status} {HTTPStatus(fault.status).phrase}"
+                raise RawAnswer(
+                    fault.status,
+                    f"<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>",
+                    "text/html",
+                )
+            if fault.kind == "malformed":
+                raise RawAnswer(200, '{"ok": true, "result": [{"update_id": ', "application/json")
+            if fault.kind == "unauthorized":
+                raise ApiError(401, "Unauthorized")
+            if fault.kind == "not found":
+                raise ApiError(404, "Not Found")
             if fault.kind == "timeout":
                 # Hold the connection past the client's read timeout; the client gives up first.
                 await asyncio.sleep(fault.delay)
