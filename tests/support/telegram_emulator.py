@@ -519,8 +519,9 @@ class TelegramEmulator:
             if fault.kind == "refused":
                 raise ApiError(400, f"Bad Request: {call.method} is not available")
             if fault.kind == "hold":
-                # Not answered until the test calls release(); then answered as usual.
+                # Not answered until the test calls release(); then answered as usual: late, but no failure.
                 await self._released.wait()
+                call.failure = None
                 return
             if fault.kind == "timeout":
                 # Hold the connection past the client's read timeout; the client gives up first.
