@@ -556,8 +556,9 @@ class TelegramEmulator:
             if fault.kind == "refused":
                 raise ApiError(400, f"Bad Request: {call.method} is not available")
             if fault.kind == "hold":
-                # Not answered until the test calls release(); then answered as usual.
+                # Not answered until the test calls release(); then answered as usual: late, but no failure.
                 await self._released.wait()
+                call.failure = None
                 return
             if fault.kind == "page":
                 title = f"{fault.status} {HTTPStatus(fault.status).phrase}"
