@@ -14,7 +14,6 @@ import onnxruntime as ort
 import pytest
 
 from bot.config import Config
-from bot.inference.engine import GenerationEngine
 from bot.inference.int8_weights import (
     DESCRIPTIONS,
     INT8,
@@ -33,18 +32,10 @@ from export.__main__ import main as export_main
 from export.evaluate import onnx_char_nats
 from export.int8_lstm import int8_matmul_model
 from model.prepare import read_utf8
-from model.sampling import SamplingParams
 
 # This VM's flags (AMD EPYC, AVX2, no AVX512, no VNNI), abridged.
 EPYC_AVX2 = frozenset({"fpu", "sse", "sse2", "ssse3", "sse4_1", "sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"})
 AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"})
-# The bundled model's speech at 0.9, plain sampling, seed 5, as an Intel Xeon with AMX wrote it from the file's
-# int8 weights (docs/results.md): exact arithmetic there, so every CPU must write it.
-XEON_SEED_5 = (
-    "Now they were trying to see what's happening.\nAnd we're going to have friends, but in this country, I'm not "
-    "going to do a good job. Do you think they take care of it. So if you've got to read a woman, I felt -- but we "
-    "don't hit it.\n\nAnd to say we're being going to spend their money, we are going to "
-)
 # The CPU the running tests are on: where it picks uint8 for want of VNNI, int8 weights must saturate here.
 HERE = choose_layout(cpu_flags())
 
@@ -203,13 +194,6 @@ def test_export_evaluate_and_the_bot_agree(old_int8, tiny_dir, capsys):
     assert reported == pytest.approx(bits, abs=1e-4)
     export_main(["evaluate", str(old_int8), "--text", text, "--no-progress", "--int8-weights", "uint8"])
     assert "(uint8 weights)" in capsys.readouterr().out
-
-
-def test_the_bundled_model_writes_on_this_cpu_what_it_wrote_on_a_xeon():
-    """Exact arithmetic on every CPU: the same seed, the same text. Served with int8 weights on a CPU without
-    VNNI (as before the layout followed the CPU) it departed after 132 characters."""
-    with GenerationEngine(DEFAULT_MODEL_PATH, providers="cpu", threads=1, lanes=1) as engine:
-        assert engine.generate("", len(XEON_SEED_5), sampling=SamplingParams(temperature=0.9), seed=5) == XEON_SEED_5
 
 
 def test_a_file_whose_weights_cannot_be_converted_is_refused_in_one_line(old_int8, tmp_path):
