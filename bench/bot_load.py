@@ -135,7 +135,7 @@ async def one_row(
         config = Config(
             telegram_bot_token=TOKEN,
             database_url=f"sqlite:///{tmp}/bot.db",
-            model_path=model,
+            model_paths=(model,),
             default_length=length,
             telegram_messages_per_second=rate,
             metrics_port=free_port() if metrics_on else None,

@@ -39,6 +39,7 @@ from bench.report import write_json
 from bot.config import Config
 from bot.core.bounds import INLINE_LENGTH, INLINE_STYLES
 from bot.core.speechbot import ChatRef, SpeechBot
+from bot.core.voices import Voices
 from bot.inference.engine import GenerationEngine
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.services import build_services
@@ -157,7 +158,7 @@ def main() -> None:
             default_length=args.first_text_length,
             cooldown_seconds=0,
         )
-        services = build_services(config, engine)
+        services = build_services(config, Voices.of(engine))
         try:
             inline = asyncio.run(rounds(args, inline_candidates(engine, services.core), args.pause))
             first_text = asyncio.run(rounds(args, first_text_candidates(services.core), 0.0))

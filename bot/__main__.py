@@ -20,9 +20,10 @@ from telegram.error import InvalidToken, TelegramError
 
 from bot import heartbeat
 from bot.config import VARIABLES, Config, ConfigError, read_text
+from bot.inference.engine import GenerationEngine
 from bot.inference.runner import ModelFileError
 from bot.logs import redact, setup_logging
-from bot.services import build_services, open_engine
+from bot.services import build_services, close_engines, open_engine, open_voices
 from db.database import DatabaseConfigError, create_db_engine, describe, migrate, one_process_per_sqlite_file
 from model.sampling import (
     BOT_SAMPLING,
@@ -134,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Print the prompt and the speech continuing it, sampled as the bot samples at --temperature "
         "(model/sampling.py bot_sampling) unless flags say otherwise.",
     )
-    generate.add_argument("--model", type=Path, help="ONNX model file (default: MODEL_PATH or the bundled one)")
+    model = generate.add_mutually_exclusive_group()
+    model.add_argument("--model", type=Path, help="ONNX model file (default: the default voice's)")
+    model.add_argument("--voice", help="one of the voices MODEL_PATH serves, by name (default: the first)")
     prompt = generate.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text the speech continues")
     prompt.add_argument(
@@ -249,6 +252,16 @@ def read_prompt(path: Path) -> str:
     return read_text(path, f"--prompt-file {path}")
 
 
+def voice_engine(config: Config, name: str) -> GenerationEngine:
+    """The engine of MODEL_PATH's voice called `name` (the others are closed again)."""
+    voices = open_voices(config)
+    wanted = voices.find(name)
+    close_engines(voice for voice in voices if voice is not wanted)
+    if wanted is None:
+        raise ConfigError(f"--voice {name!r} is not one of the voices MODEL_PATH serves: {', '.join(voices.names)}")
+    return wanted.engine
+
+
 def generate(config: Config, args: argparse.Namespace) -> None:
     from bot.core.speech import compose_speech, reply_room
 
@@ -257,7 +270,7 @@ def generate(config: Config, args: argparse.Namespace) -> None:
     except InvalidSampling as exc:
         raise ConfigError(exc.as_flag()) from None
     prompt = args.prompt if args.prompt_file is None else read_prompt(args.prompt_file)
-    engine = open_engine(config, args.model)
+    engine = open_engine(config, args.model) if args.voice is None else voice_engine(config, args.voice)
     try:
         text = engine.generate(
             prompt,

@@ -21,7 +21,7 @@ from dotenv import dotenv_values
 
 from bot.heartbeat import HEARTBEAT_SECONDS
 from bot.inference.api import INT8_WEIGHT_CHOICES, MAX_LANES, PROVIDER_CHOICES
-from bot.inference.modelfile import DEFAULT_MODEL_PATH
+from bot.inference.modelfile import DEFAULT_MODEL_PATHS, is_cuda_twin
 from model.sampling import BOT_SAMPLING, TEMPERATURE_MAX, TEMPERATURE_MIN, TEMPERATURE_RANGE
 
 TOKEN_FORMAT = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
@@ -45,7 +45,7 @@ class Config:
     telegram_api_base_url: str | None = None
     telegram_messages_per_second: float = TELEGRAM_MESSAGES_PER_SECOND
     database_url: str = "sqlite:///data/bot.db"
-    model_path: Path = DEFAULT_MODEL_PATH
+    model_paths: tuple[Path, ...] = DEFAULT_MODEL_PATHS  # one voice each, the default first
     onnx_providers: str = "auto"
     onnx_threads: int | None = None
     onnx_lanes: int | None = None
@@ -88,7 +88,7 @@ class Config:
                 "TELEGRAM_MESSAGES_PER_SECOND", cls.telegram_messages_per_second, float, low=1, high=100_000
             ),
             database_url=reader.text("DATABASE_URL", cls.database_url),
-            model_path=Path(reader.text("MODEL_PATH", str(DEFAULT_MODEL_PATH))),
+            model_paths=model_files(raw) if (raw := reader.text("MODEL_PATH", "")) else cls.model_paths,
             onnx_providers=reader.choice("ONNX_PROVIDERS", PROVIDER_CHOICES, cls.onnx_providers, str.lower),
             onnx_threads=reader.number("ONNX_THREADS", None, int, low=1, high=256),
             onnx_lanes=reader.number("ONNX_LANES", None, int, low=1, high=MAX_LANES),
@@ -126,6 +126,29 @@ class Config:
         return logging.getLevelNamesMapping()[self.log_level]
 
 
+def model_files(value: str) -> tuple[Path, ...]:
+    """The model files MODEL_PATH names: files and folders separated by `os.pathsep` (":" on Linux), a
+    folder standing for the .onnx files in it by name (CUDA twins left out: runner.serving_path picks them)."""
+    files: list[Path] = []
+    for entry in filter(None, (part.strip() for part in value.split(os.pathsep))):
+        path = Path(entry)
+        if not path.is_dir():
+            files.append(path)  # a missing or unreadable file is reported when it is opened, with the reason
+            continue
+        found = sorted(file for file in path.glob("*.onnx") if file.is_file() and not is_cuda_twin(file))
+        if not found:
+            raise ConfigError(f"MODEL_PATH names the folder {entry}, which holds no .onnx model files")
+        files.extend(found)
+    if not files:
+        raise ConfigError(
+            f"MODEL_PATH={value!r} names no model file; give .onnx files or folders separated by {os.pathsep!r}"
+        )
+    duplicates = sorted({str(file) for file in files if files.count(file) > 1})
+    if duplicates:
+        raise ConfigError(f"MODEL_PATH names {', '.join(duplicates)} more than once; name each model file once")
+    return tuple(files)
+
+
 def read_text(path: Path, what: str) -> str:
     """The UTF-8 text of `path`, or a ConfigError that names `what` was given and why it cannot be read."""
     try:
@@ -150,7 +173,10 @@ VARIABLES = {
     "TELEGRAM_API_BASE_URL": "a self-hosted Bot API server, e.g. http://localhost:8081/bot",
     "TELEGRAM_MESSAGES_PER_SECOND": f"overall sending rate, 1-100000 (default {Config.telegram_messages_per_second:g})",
     "DATABASE_URL": f"SQLAlchemy URL (default {Config.database_url})",
-    "MODEL_PATH": "the ONNX model to serve (default: the bundled one, or its fp32 twin on CUDA)",
+    "MODEL_PATH": (
+        f"the ONNX models to serve, one voice each, the default first: files or folders separated by {os.pathsep!r} "
+        "(default: the bundled voices, or their fp32 twins on CUDA)"
+    ),
     "ONNX_PROVIDERS": f"{', '.join(PROVIDER_CHOICES)} (default {Config.onnx_providers})",
     "ONNX_THREADS": "onnxruntime threads per lane, 1-256 (default 1)",
     "ONNX_LANES": f"generation workers, 1-{MAX_LANES} (default: from the CPU count)",

@@ -35,6 +35,7 @@ from bot.inference.api import Engine
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
+    from bot.core.voices import Voices
     from bot.inference.engine import GenerationEngine
 
 PREFIX = "speechbot"
@@ -79,8 +80,8 @@ class Metrics:
     def close(self) -> None:
         """Stop serving."""
 
-    def watch_engine(self, engine: GenerationEngine) -> None:
-        """Read the engine's model, queue and lanes whenever the metrics are scraped."""
+    def watch_voices(self, voices: Voices) -> None:
+        """Read each voice's model, queue and lanes (its GenerationEngine's) whenever the metrics are scraped."""
 
     def meter(self, engine: Engine) -> Engine:
         """`engine` as the core should call it: counting the speeches it writes when metrics are on."""
@@ -195,29 +196,35 @@ class PrometheusMetrics(Metrics):
             thread.join()
             self._server = None
 
-    def watch_engine(self, engine: GenerationEngine) -> None:
-        Info(f"{PREFIX}_model", "The model file served and how", registry=self.registry).info(
-            {
-                "file": engine.runner.path.name,
-                "precision": engine.info.precision,
-                "weights": engine.info.weight_storage,
-                "provider": engine.provider,
-            }
-        )
-        depth = Gauge(f"{PREFIX}_engine_queue_depth", "Requests waiting for a lane", registry=self.registry)
-        depth.set_function(lambda: engine.queued)
-        Gauge(f"{PREFIX}_engine_queue_capacity", "Requests the queue holds", registry=self.registry).set(
-            engine.capacity - engine.max_batch
-        )
+    def watch_voices(self, voices: Voices) -> None:
+        per_voice = {"labelnames": ("voice",), "registry": self.registry}
+        model = Info(f"{PREFIX}_model", "Each voice's model file and how it is served", **per_voice)
+        depth = Gauge(f"{PREFIX}_engine_queue_depth", "Requests waiting for a lane", **per_voice)
+        capacity = Gauge(f"{PREFIX}_engine_queue_capacity", "Requests the queue holds", **per_voice)
         rows = Gauge(
-            f"{PREFIX}_engine_batch_requests", "Requests each lane holds now", ("lane",), registry=self.registry
+            f"{PREFIX}_engine_batch_requests", "Requests each lane holds now", ("voice", "lane"), registry=self.registry
         )
         shares = Gauge(
-            f"{PREFIX}_engine_batch_capacity", "Requests each lane holds at most", ("lane",), registry=self.registry
+            f"{PREFIX}_engine_batch_capacity",
+            "Requests each lane holds at most",
+            ("voice", "lane"),
+            registry=self.registry,
         )
-        for lane, share in enumerate(engine.lane_shares):
-            rows.labels(str(lane)).set_function(lambda lane=lane: engine.lane_rows[lane])
-            shares.labels(str(lane)).set(share)
+        for voice in voices:
+            engine: GenerationEngine = voice.engine  # type: ignore[assignment]  # what open_voices opens
+            model.labels(voice.name).info(
+                {
+                    "file": engine.runner.path.name,
+                    "precision": engine.info.precision,
+                    "weights": engine.info.weight_storage,
+                    "provider": engine.provider,
+                }
+            )
+            depth.labels(voice.name).set_function(lambda engine=engine: engine.queued)
+            capacity.labels(voice.name).set(engine.capacity - engine.max_batch)
+            for lane, share in enumerate(engine.lane_shares):
+                rows.labels(voice.name, str(lane)).set_function(lambda engine=engine, lane=lane: engine.lane_rows[lane])
+                shares.labels(voice.name, str(lane)).set(share)
 
     def meter(self, engine: Engine) -> Engine:
         return MeteredEngine(engine, self.speech_generated)

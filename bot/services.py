@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import partial
 from pathlib import Path
 
 import sqlalchemy
@@ -21,13 +20,15 @@ from telegram import BotCommand
 from telegram.error import InvalidToken
 from telegram.ext import Application
 
-from bot.config import Config
+from bot.config import Config, ConfigError
 from bot.core.commands import COMMANDS
 from bot.core.speech import daily_speech
 from bot.core.speechbot import SpeechBot
+from bot.core.voices import Voice, Voices
 from bot.heartbeat import HEARTBEAT_SECONDS, beat
 from bot.heartbeat import stop as stop_beating
 from bot.inference.engine import GenerationEngine
+from bot.inference.modelfile import voice_name_from_file
 from bot.metrics import NO_METRICS, Metrics, PrometheusMetrics
 from bot.telegram.admins import Admins
 from bot.telegram.answers import Answers, Arrivals, RecordingQueue
@@ -45,14 +46,44 @@ log = logging.getLogger(__name__)
 
 
 def open_engine(config: Config, model_path: Path | None = None, metrics: Metrics = NO_METRICS) -> GenerationEngine:
+    """An engine serving `model_path` (default: the default voice's file) as the configuration says."""
     return GenerationEngine(
-        model_path or config.model_path,
+        model_path or config.model_paths[0],
         providers=config.onnx_providers,
         threads=config.onnx_threads,
         lanes=config.onnx_lanes,
         int8_weights=config.onnx_int8_weights,
         on_queue_wait=metrics.queue_wait if metrics.enabled else None,
     )
+
+
+def open_voices(config: Config, metrics: Metrics = NO_METRICS) -> Voices:
+    """One engine per model file of MODEL_PATH, named by its metadata (or its file name); the caller closes them.
+
+    Each engine has the configured lanes: an idle one costs only memory, and busy ones share the cores
+    through the operating system (docs/voices.md)."""
+    opened: list[Voice] = []
+    files: dict[str, Path] = {}  # each voice's file, by name
+    try:
+        for path in config.model_paths:
+            engine = open_engine(config, path, metrics)
+            name = engine.info.voice_name or voice_name_from_file(path)
+            opened.append(Voice(name, engine.info.voice_description, engine))
+            if name in files:
+                raise ConfigError(
+                    f"MODEL_PATH serves two voices named {name!r} ({files[name]} and {path}); "
+                    "rename one with python -m export voice FILE --name NEW"
+                )
+            files[name] = path
+        return Voices(opened)
+    except BaseException:
+        close_engines(opened)
+        raise
+
+
+def close_engines(voices: Iterable[Voice]) -> None:
+    for voice in voices:
+        voice.engine.close()
 
 
 def new_metrics(config: Config) -> Metrics:
@@ -66,63 +97,57 @@ class Services:
 
     database: sqlalchemy.Engine
     store: ChatStore
-    engine: GenerationEngine
+    voices: Voices  # each with its GenerationEngine
     core: SpeechBot
-    owns_engine: bool  # opened here, so closed here; a shared engine (tests) is closed by its owner
+    owns_engines: bool  # opened here, so closed here; shared engines (tests) are closed by their owner
 
     def close(self) -> None:
-        if self.owns_engine:
-            self.engine.close()
+        if self.owns_engines:
+            close_engines(self.voices)
         self.store.close()  # its database threads, then the engine's connections
 
 
-def _open_storage_and_engine(
-    config: Config, engine: GenerationEngine | None, metrics: Metrics = NO_METRICS
-) -> tuple[sqlalchemy.Engine, ChatStore, GenerationEngine, bool]:
-    """The migrated database, its store and the engine (`engine` None opens the configured model, which the
+def _open_storage_and_voices(
+    config: Config, voices: Voices | None, metrics: Metrics = NO_METRICS
+) -> tuple[sqlalchemy.Engine, ChatStore, Voices, bool]:
+    """The migrated database, its store and the voices (`voices` None opens the configured models, which the
     caller then owns)."""
     database = create_db_engine(config.database_url)
     try:
         migrate(database)
         on_call = metrics.database_call if metrics.enabled else None
         store = ChatStore(database, config.default_temperature, config.default_length, on_database_call=on_call)
-        return database, store, engine or open_engine(config, metrics=metrics), engine is None
+        return database, store, voices or open_voices(config, metrics), voices is None
     except BaseException:
         database.dispose()
         raise
 
 
-def voice_of(config: Config) -> str:
-    """What /stats names as the voice: the served model file, the same for every chat."""
-    return f"{config.model_path.name} (the same model for every chat)"
-
-
 def build_services(
     config: Config,
-    engine: GenerationEngine | None = None,
+    voices: Voices | None = None,
     *,
     clock: Callable[[], datetime] = utc_now,
     on_schedule_change: Callable[[ChatSettings], None] | None = None,
     rng: random.Random | None = None,
 ) -> Services:
-    """Migrate the database and wire store, engine and core; `engine` None opens the configured model.
+    """Migrate the database and wire store, voices and core; `voices` None opens the configured models.
     `rng` draws the chatter's choices (a seeded one repeats them)."""
-    database, store, engine, owns_engine = _open_storage_and_engine(config, engine)
+    database, store, voices, owns_engines = _open_storage_and_voices(config, voices)
     core = SpeechBot(
         store,
-        engine,
+        voices,
         cooldown_seconds=config.cooldown_seconds,
         clock=clock,
         on_schedule_change=on_schedule_change,
         rng=rng,
-        voice=voice_of(config),
     )
-    return Services(database, store, engine, core, owns_engine)
+    return Services(database, store, voices, core, owns_engines)
 
 
 def build_application(
     config: Config,
-    engine: GenerationEngine | None = None,
+    voices: Voices | None = None,
     *,
     clock: Callable[[], datetime] = utc_now,
     retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
@@ -134,21 +159,21 @@ def build_application(
 ) -> Application:
     """The whole Telegram bot: services, inbox, daily posts, handlers. Does not start it.
 
-    `engine` None opens the configured model (closed at shutdown). `concurrent_updates` None sizes the
-    update processor by the engine: every request it can hold, generating or queued, plus
+    `voices` None opens the configured models (closed at shutdown). `concurrent_updates` None sizes the
+    update processor by the engines: every request they can hold, generating or queued, plus
     UPDATES_BEYOND_ENGINE, so a speech past a full queue still reaches the engine and is told "busy".
     `rng` draws the chatter's choices, as in build_services.
     `metrics` None records them as the configuration says (new_metrics); they are served on METRICS_PORT
-    while the bot runs. An engine opened elsewhere reports its queue waits only if it was opened with the
-    same metrics (open_engine).
+    while the bot runs. Engines opened elsewhere report their queue waits only if they were opened with the
+    same metrics (open_voices).
     `on_token_rejected` hears of a 401 or 404 on getUpdates, after which polling has ended for good
     (bot.telegram.app.Stop.token_rejected stops the process).
     """
     token = config.require_token()
     metrics = new_metrics(config) if metrics is None else metrics
-    database, store, engine, owns_engine = _open_storage_and_engine(config, engine, metrics)
-    metrics.watch_engine(engine)
-    metered_engine = metrics.meter(engine)
+    database, store, voices, owns_engines = _open_storage_and_voices(config, voices, metrics)
+    metrics.watch_voices(voices)
+    metered = voices.with_engines(metrics.meter)
     inbox = Inbox(store.database)
     arrivals = Arrivals(inbox, clock)
     progress = Progress(metrics)
@@ -191,7 +216,7 @@ def build_application(
     application = new_application(
         config,
         token,
-        concurrent_updates or engine.capacity + UPDATES_BEYOND_ENGINE,
+        concurrent_updates or sum(voice.engine.capacity for voice in voices) + UPDATES_BEYOND_ENGINE,
         post_init=start,
         post_shutdown=stop,
         retry_delays=retry_delays,
@@ -206,7 +231,7 @@ def build_application(
         application.bot,
         store,
         inbox,
-        write=partial(daily_speech, metered_engine),
+        write=lambda settings: daily_speech(metered.pick(settings.voice).engine, settings),
         show_typing=progress.typing,
         grace=timedelta(minutes=config.missed_post_grace_minutes),
         clock=clock,
@@ -214,18 +239,17 @@ def build_application(
     )
     core = SpeechBot(
         store,
-        metered_engine,
+        metered,
         cooldown_seconds=config.cooldown_seconds,
         clock=clock,
         on_schedule_change=daily.sync,
         rng=rng,
-        voice=voice_of(config),
         # Known once the Application has started (getMe): privacy mode off lets the bot read every message.
         reads_all_group_messages=lambda: bool(application.bot.can_read_all_group_messages),
         on_forget=daily.remove,
         on_busy=metrics.busy_refusal,
     )
-    services = Services(database, store, engine, core, owns_engine)
+    services = Services(database, store, voices, core, owns_engines)
     application.bot_data["core"] = core  # for whoever holds only the Application (tests, benches)
     answers = Answers(inbox, arrivals, daily, clock, metrics)
     interactive = InteractiveHandlers(core, answers, progress, daily.chat_moved)

@@ -1,5 +1,5 @@
-"""The ORM schema: one row per chat (settings, daily schedule, cooldown, chatter, quiet, speech counts) and
-the durable inbox."""
+"""The ORM schema: one row per chat (settings, voice, daily schedule, cooldown, chatter, quiet, speech
+counts) and the durable inbox."""
 
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ class Chat(Base):
     speeches_total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     speeches_day: Mapped[date | None] = mapped_column(Date, default=None)
     speeches_today: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # /voice: the name of the chat's voice (one of the served model files); None: the bot's default voice.
+    voice: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, onupdate=utc_now)
 

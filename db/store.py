@@ -37,6 +37,7 @@ class ChatSettings:
     speeches_total: int
     speeches_day: date | None  # UTC
     speeches_today: int  # speeches on speeches_day
+    voice: str | None  # None: the default voice
 
     @classmethod
     def from_row(cls, row: Chat) -> ChatSettings:
@@ -57,6 +58,7 @@ class ChatSettings:
             speeches_total=row.speeches_total,
             speeches_day=row.speeches_day,
             speeches_today=row.speeches_today,
+            voice=row.voice,
         )
 
     def speeches_on(self, day: date) -> int:

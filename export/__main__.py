@@ -1,5 +1,5 @@
 """Command line: `python -m export CHECKPOINT -o model.onnx [--int8|--fp16|--fp16-weights]`,
-`python -m export evaluate` and `python -m export recover`."""
+`python -m export evaluate`, `python -m export recover` and `python -m export voice`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from model.cli import fail
 
-SUBCOMMANDS = ("evaluate", "recover")
+SUBCOMMANDS = ("evaluate", "recover", "voice")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> None:
             from export import evaluate as command
         elif argv[:1] == ["recover"]:
             from export import recover as command
+        elif argv[:1] == ["voice"]:
+            from export import voice as command
         else:
             from export import pipeline as command
         command.main(command.build_parser().parse_args(argv[1:] if argv[:1] in ([c] for c in SUBCOMMANDS) else argv))

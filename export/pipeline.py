@@ -18,7 +18,17 @@ import onnx
 import onnxruntime as ort
 
 from bot.inference.modelcheck import MAX_MODEL_BYTES, contract_problem
-from bot.inference.modelfile import FP16_WEIGHTS, INT8_UNSIGNED_WEIGHTS, INT8_WEIGHTS, WEIGHT_STORAGE_KEY, ModelInfo
+from bot.inference.modelfile import (
+    FP16_WEIGHTS,
+    INT8_UNSIGNED_WEIGHTS,
+    INT8_WEIGHTS,
+    VOICE_DESCRIPTION_KEY,
+    VOICE_NAME_KEY,
+    WEIGHT_STORAGE_KEY,
+    MetadataError,
+    ModelInfo,
+    check_voice,
+)
 from export.int8_lstm import build_int8_lstm
 from export.torch_graph import fp16_graph, fp16_weights_graph, fp32_graph
 from export.verify import SAMPLE_TEXT, Verification, verify
@@ -54,7 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="text for the corpus inputs of the check and for the bits/char change (e.g. the validation text); "
         "an ensemble's val_bpc metadata is its bits/char on this text",
     )
+    add_voice_arguments(p, "the file's name, made typeable")
     return p
+
+
+def add_voice_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
+    parser.add_argument(
+        "--voice-name",
+        metavar="NAME",
+        help=f"what users type after /voice to pick this model when the bot serves several (default: {default_name})",
+    )
+    parser.add_argument("--voice-description", metavar="TEXT", help="one line that /voice shows beside the name")
+
+
+def voice_props(name: str | None, description: str | None) -> dict[str, str]:
+    """The metadata that names a voice (nothing for what is None), checked as the bot checks it when it loads
+    the file: a UsageError that says what is valid otherwise."""
+    try:
+        check_voice(name, description or "")
+    except MetadataError as error:
+        flag = "--voice-name" if VOICE_NAME_KEY in str(error) else "--voice-description"
+        raise UsageError(f"{flag}: {str(error).removeprefix('its ')}") from None
+    props = {VOICE_NAME_KEY: name} if name is not None else {}
+    if description is not None:
+        props[VOICE_DESCRIPTION_KEY] = description
+    return props
 
 
 class ExportError(ValueError):
@@ -155,12 +189,16 @@ def export_checkpoint(
     output: str | Path,
     precision: str = "fp32",
     text: str | None = None,
+    voice_name: str | None = None,
+    voice_description: str | None = None,
 ):
     paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
     # Checked before the minutes of building and verifying, and never over an input.
     output = check_output_file(output, "output", [*paths, *([text] if text else [])])
+    voice = voice_props(voice_name, voice_description)  # checked before the minutes of work below
     net, ckpts = load_models(paths)
     info = info_from_checkpoints(ckpts, precision)
+    info = dataclasses.replace(info, extra=info.extra | voice)
     graph = build_graph(net, precision)
     data = serialize(graph, info)
     check = None
@@ -177,7 +215,9 @@ def export_checkpoint(
 
 def main(args: argparse.Namespace) -> None:
     precision = "int8" if args.int8 else "fp16" if args.fp16 else FP16_WEIGHTS if args.fp16_weights else "fp32"
-    result = export_checkpoint(args.checkpoints, args.output, precision, args.text)
+    result = export_checkpoint(
+        args.checkpoints, args.output, precision, args.text, args.voice_name, args.voice_description
+    )
     print(f"wrote {result.path} ({result.precision}, {result.size_bytes / 1e6:.2f} MB, one file)")
     if result.check is None:
         print("not verified: fp16 runs on the CUDA provider only and none is available here")

@@ -50,6 +50,23 @@ def tiny_int8(tiny_dir, tiny_checkpoint) -> Path:
     return tiny_dir / "tiny-int8.onnx"
 
 
+# The second voice's whole corpus: owls, whose few letters show what it wrote (tests/test_voices.py).
+HOOTING_CORPUS = "Boo! Woo. Bow wow, boo hoo. Oh wow! Hoo hoo.\n" * 40
+
+
+@pytest.fixture(scope="session")
+def hooting_voice(tiny_dir) -> Path:
+    """A second voice: a tiny network of HOOTING_CORPUS, exported with a voice name and description (the
+    first, tiny_int8, has none: its file name names it)."""
+    corpus = tiny_dir / "hooting.txt"
+    corpus.write_text(HOOTING_CORPUS, encoding="utf-8")
+    checkpoint = train_tiny(tiny_dir / "hooting.pt", text=HOOTING_CORPUS, seed=1)
+    path = tiny_dir / "voices" / "hooting.onnx"
+    path.parent.mkdir()
+    export_checkpoint(checkpoint, path, "int8", str(corpus), voice_name="hoot", voice_description="Owls only.")
+    return path
+
+
 @pytest.fixture(scope="module", params=["fp32", "int8"])
 def engine(request, tiny_onnx, tiny_int8):
     path = tiny_onnx if request.param == "fp32" else tiny_int8

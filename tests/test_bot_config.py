@@ -11,7 +11,7 @@ import pytest
 
 from bot.config import VARIABLES, Config, ConfigError
 from bot.heartbeat import HeartbeatError, check_writable
-from bot.inference.modelfile import DEFAULT_MODEL_PATH
+from bot.inference.modelfile import DEFAULT_MODEL_PATHS
 
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
 
@@ -19,7 +19,7 @@ TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijkl"
 def test_defaults_without_anything(tmp_path):
     config = Config.from_env({}, dotenv_path=tmp_path / "missing.env")
     assert config.database_url == "sqlite:///data/bot.db"
-    assert config.model_path == DEFAULT_MODEL_PATH
+    assert config.model_paths == DEFAULT_MODEL_PATHS
     assert (config.onnx_providers, config.log_level, config.webhook_url) == ("auto", "INFO", None)
     assert config.telegram_messages_per_second == 30, "Telegram's documented overall limit"
     with pytest.raises(ConfigError, match=r"TELEGRAM_BOT_TOKEN is not set.*@BotFather"):
@@ -35,7 +35,7 @@ def test_dotenv_is_read_and_environment_wins(tmp_path):
     config = Config.from_env({"DEFAULT_LENGTH": "120", "MODEL_PATH": "m.onnx"}, dotenv_path=dotenv)
     assert config.require_token() == TOKEN
     assert (config.log_level, config.onnx_providers, config.default_length) == ("DEBUG", "cpu", 120)
-    assert config.model_path == Path("m.onnx")
+    assert config.model_paths == (Path("m.onnx"),)
     assert config.telegram_messages_per_second == 1000
 
 

@@ -12,6 +12,7 @@ from bot.core.commands import ArgumentError, parse_length, parse_temperature, sp
 from bot.core.dailytime import latest_due, local_date, next_due, parse_daily_time, resolve_time_zone
 from bot.core.speech import compose_speech
 from bot.core.speechbot import ChatRef, SpeechBot
+from bot.core.voices import Voices
 from bot.services import build_services
 from tests.support.bot_harness import Clock
 
@@ -21,7 +22,7 @@ GROUP = ChatRef(-70, "group")
 
 def make_bot(tmp_path, engine, clock=None, cooldown=0.0) -> SpeechBot:
     config = Config(database_url=f"sqlite:///{tmp_path / 'bot.db'}", default_length=40, cooldown_seconds=cooldown)
-    return build_services(config, engine, clock=clock or Clock()).core
+    return build_services(config, Voices.of(engine), clock=clock or Clock()).core
 
 
 async def refuse() -> bool:

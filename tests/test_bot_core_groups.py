@@ -15,6 +15,7 @@ from bot.core.bounds import CHATTER_CONTEXT_MESSAGES, CHATTER_DAILY_CAP, CHATTER
 from bot.core.groups import parse_chatter_rate, parse_quiet
 from bot.core.speech import Speech
 from bot.core.speechbot import ChatRef, SpeechBot
+from bot.core.voices import Voices
 from bot.inference.engine import GenerationEngine
 from bot.services import build_services
 from tests.support.bot_harness import Clock
@@ -39,7 +40,7 @@ def make_bot(tmp_path, engine, database_url):
 
     def make(clock: Clock, seed: int = 1, cooldown: float = 0.0):
         config = Config(database_url=database_url, default_length=40, cooldown_seconds=cooldown)
-        opened.append(build_services(config, engine, clock=clock, rng=random.Random(seed)))
+        opened.append(build_services(config, Voices.of(engine), clock=clock, rng=random.Random(seed)))
         return opened[-1].core
 
     yield make
@@ -202,10 +203,10 @@ async def test_changing_group_commands_need_an_admin_and_showing_ones_do_not(mak
 
 async def test_the_privacy_mode_note_comes_where_the_bot_cannot_read_the_group(engine, tmp_path):
     config = Config(database_url=f"sqlite:///{tmp_path / 'bot.db'}")
-    services = build_services(config, engine)
+    services = build_services(config, Voices.of(engine))
     try:
         assert "privacy mode" not in await services.core.handle_text(GROUP, "/chatter 1/20"), "the console reads all"
-        core = SpeechBot(services.store, engine, reads_all_group_messages=lambda: False)
+        core = SpeechBot(services.store, Voices.of(engine), reads_all_group_messages=lambda: False)
         for command in ("/chatter 1/20", "/chatter"):
             assert "Group Privacy" in await core.handle_text(GROUP, command)
         private = await core.handle_text(PRIVATE, "/chatter 1/20")
@@ -250,7 +251,7 @@ async def test_stats_count_the_chats_speeches_today_and_in_all(make_bot):
     assert await bot.overheard(GROUP, "Chatting.") is not None  # Random(1)'s first draw is a hit
     stats = await bot.handle_text(GROUP, "/stats")
     assert "speeches today (UTC): 3\nspeeches in all: 3\n" in stats
-    assert "voice: speechbot.onnx" in stats
+    assert "voice: default\n" in stats
     assert "chatter: about 1 message in 2 (50%); 1 of at most 20 today" in stats
     assert "quiet: no" in stats and "daily speech: off" in stats
     clock.advance(days=1)

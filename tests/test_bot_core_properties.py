@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from bot.core.bounds import MESSAGE_MAX
 from bot.core.commands import COMMANDS, split_command
 from bot.core.speechbot import ChatRef, SpeechBot
+from bot.core.voices import Voices
 from bot.inference.engine import GenerationEngine
 from db.database import create_db_engine, migrate
 from db.store import ChatStore
@@ -62,7 +63,7 @@ def core(tmp_path_factory, tiny_onnx):
     engine = GenerationEngine(tiny_onnx, providers="cpu", threads=1)
     # The shortest allowed speeches keep a few hundred examples fast.
     store = ChatStore(db, 0.8, 20)
-    yield SpeechBot(store, engine, cooldown_seconds=0)
+    yield SpeechBot(store, Voices.of(engine), cooldown_seconds=0)
     engine.close()
     store.close()
 

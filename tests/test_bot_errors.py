@@ -231,9 +231,10 @@ async def test_webhook_without_a_configured_secret_refuses_forged_updates(tmp_pa
     assert secret not in output, "the made-up secret is redacted from the logs like a configured one"
 
 
-def test_a_model_path_that_is_a_directory_is_named_as_one(tmp_path):
-    environment = bot_environment(tmp_path)  # MODEL_PATH is the folder itself
-    line = assert_one_error_line(run_bot(tmp_path, environment, "generate", "--length", "20"), "is a directory")
+def test_a_model_path_folder_without_models_is_named_as_one(tmp_path):
+    environment = bot_environment(tmp_path)  # MODEL_PATH is a folder (of voices) with no model in it
+    result = run_bot(tmp_path, environment, "generate", "--length", "20")
+    line = assert_one_error_line(result, "which holds no .onnx model files")
     assert str(tmp_path) in line
 
 

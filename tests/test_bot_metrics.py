@@ -135,9 +135,11 @@ async def test_a_speech_a_flood_wait_a_5xx_and_a_timeout_move_the_counters(emula
         assert drafts and value(after, "speechbot_first_draft_seconds_count") == len(drafts)
         assert value(after, "speechbot_busy_refusals_total") == 0
         model = {"file": "tiny-int8.onnx", "precision": "int8", "weights": "int8", "provider": "CPUExecutionProvider"}
+        model["voice"] = "default"
         assert value(after, "speechbot_model_info", **model) == 1
-        assert value(after, "speechbot_engine_batch_capacity", lane="0") == engine.lane_shares[0]
-        assert ("speechbot_engine_queue_depth", ()) in after and ("speechbot_heartbeat_age_seconds", ()) in after
+        assert value(after, "speechbot_engine_batch_capacity", voice="default", lane="0") == engine.lane_shares[0]
+        assert ("speechbot_engine_queue_depth", (("voice", "default"),)) in after
+        assert ("speechbot_heartbeat_age_seconds", ()) in after
         assert ("process_resident_memory_bytes", ()) in after
 
         emulator.inject("sendMessage", "429", retry_after=1)
@@ -186,10 +188,10 @@ async def test_busy_refusals_queue_waits_and_lanes(emulator, model_path, tmp_pat
     assert value(samples, "speechbot_speeches_generated_total") == 2
     assert value(samples, "speechbot_replies_sent_total", kind="speech") == 2
     assert value(samples, "speechbot_replies_sent_total", kind="text") == 2, "/length's answer and busy"
-    assert value(samples, "speechbot_engine_batch_capacity", lane="0") == 1
-    assert value(samples, "speechbot_engine_queue_capacity") == 1
-    assert value(samples, "speechbot_engine_batch_requests", lane="0") == 0
-    assert value(samples, "speechbot_engine_queue_depth") == 0
+    assert value(samples, "speechbot_engine_batch_capacity", voice="default", lane="0") == 1
+    assert value(samples, "speechbot_engine_queue_capacity", voice="default") == 1
+    assert value(samples, "speechbot_engine_batch_requests", voice="default", lane="0") == 0
+    assert value(samples, "speechbot_engine_queue_depth", voice="default") == 0
 
 
 async def test_python_m_bot_run_serves_metrics_and_a_port_in_use_is_one_error_line(emulator, tmp_path, tiny_int8):

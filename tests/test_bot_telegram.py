@@ -13,6 +13,7 @@ import pytest
 
 from bot.core.commands import COMMANDS
 from bot.core.commands import help_text as commands_help_text
+from bot.core.voices import Voices
 from bot.services import build_application
 from bot.telegram.app import serving
 from tests.support.bot_harness import ALICE, BOB, TOKEN, Clock, bot_config, group_chat, private_chat, running_bot
@@ -260,7 +261,7 @@ async def test_webhook_mode_checks_the_secret_and_answers(emulator, engine, tmp_
         webhook_port=port,
         webhook_secret="s3cret-Value",
     )
-    application = build_application(config, engine, clock=Clock())
+    application = build_application(config, Voices.of(engine), clock=Clock())
     async with serving(application, config):
         registered = emulator.sent("setWebhook")[-1].params
         assert registered["url"] == "https://bot.example.org/telegram/hook"

@@ -19,7 +19,7 @@ from db.store import ChatStore
 from tests.support.databases import new_postgres_database
 
 NOW = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
-HEAD = "0004"  # the newest migration
+HEAD = "0005"  # the newest migration
 
 
 def open_store(url: str) -> ChatStore:

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from bot.core.voices import Voices
 from bot.inference.ending import ELLIPSIS, Ending, quote_is_open, settle
 from tests.support.scripted_runner import SCRIPT, scripted_engine
 
@@ -66,7 +67,7 @@ def test_the_message_limit_is_hit_mid_sentence(tmp_path):
     engine, _ = scripted_engine(sentence + "Next. " * 200, lanes=1)
     db = create_db_engine(f"sqlite:///{tmp_path / 'bot.db'}")
     migrate(db)
-    bot = SpeechBot(ChatStore(db, 0.8, 3000), engine, cooldown_seconds=0)
+    bot = SpeechBot(ChatStore(db, 0.8, 3000), Voices.of(engine), cooldown_seconds=0)
     with engine:
         short = asyncio.run(bot.prompt(ChatRef(1, "private"), "We will"))
         assert short == "We will" + sentence[:3100]

@@ -135,7 +135,7 @@ def test_an_old_file_serves_exactly_on_this_cpu(old_int8, tiny_int8, caplog):
     # The chunk graph, built from the served graph, writes the same text from the old file and the new.
     texts = []
     for path in (old_int8, tiny_int8):
-        with open_engine(Config(model_path=path, onnx_providers="cpu", onnx_threads=1, onnx_lanes=1)) as engine:
+        with open_engine(Config(model_paths=(path,), onnx_providers="cpu", onnx_threads=1, onnx_lanes=1)) as engine:
             texts.append(engine.generate("We will", length=200, seed=4))
     assert texts[0] == texts[1]
 
@@ -188,7 +188,7 @@ def test_export_evaluate_and_the_bot_agree(old_int8, tiny_dir, capsys):
     out = capsys.readouterr().out
     assert f"int8 model ({HERE.layout} weights) on CPUExecutionProvider" in out
     reported = float(out.split("nats/char, ")[1].split(" bits/char")[0])
-    with open_engine(Config(model_path=old_int8, onnx_providers="cpu", onnx_threads=1, onnx_lanes=1)) as engine:
+    with open_engine(Config(model_paths=(old_int8,), onnx_providers="cpu", onnx_threads=1, onnx_lanes=1)) as engine:
         ids, _ = engine.runner.info.text_ids(read_utf8(tiny_dir / "corpus.txt")[0])
         bits = onnx_char_nats(engine.runner.session, engine.runner.info, ids).mean() / math.log(2)
     assert reported == pytest.approx(bits, abs=1e-4)

@@ -21,13 +21,14 @@ COMMANDS = {
     "quiet": "no chatter or daily speech for a while: /quiet 2h, /quiet off",
     "settings": "this chat's settings",
     "stats": "this chat's speeches, chatter, quiet time and next daily speech",
+    "voice": "list the voices, or pick this chat's: /voice NAME",
     "forget": "delete what I store about this chat",
     "help": "what this bot does and how to use it",
     "start": "say hello",
 }
 # Commands that change a chat: in groups only administrators may use them with arguments, and those in
 # CHANGING_WITHOUT_ARGUMENTS bare too (/quiet is quiet for an hour, /forget begins a deletion).
-CHANGING_COMMANDS = {"temperature", "length", "schedule", "unschedule", "chatter", "quiet", "forget"}
+CHANGING_COMMANDS = {"temperature", "length", "schedule", "unschedule", "chatter", "quiet", "voice", "forget"}
 CHANGING_WITHOUT_ARGUMENTS = {"unschedule", "quiet", "forget"}
 
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]+)(?:@\S+)?(?:\s+(.*))?$", re.DOTALL)
@@ -88,6 +89,7 @@ def help_text() -> str:
         f"/quiet 2h - no chatter and no daily speech for two hours (30m, 1d, up to {QUIET_MAX_DAYS}d; /quiet off)\n"
         "/settings - this chat's settings\n"
         "/stats - this chat's speeches, chatter, quiet time and next daily speech\n"
+        "/voice - the voices I speak in (models trained on different speeches); /voice NAME picks this chat's\n"
         "/forget - delete everything I store about this chat (asks first)\n\n"
         "In a private chat, any text you send is a prompt. In a group, reply to one of my "
         "messages or mention me. In groups only administrators can change settings. "

@@ -34,21 +34,20 @@ class InlineSpeech:
 class InlineSpeeches:
     """Each user's latest inline query, answered with one speech per INLINE_STYLES."""
 
-    def __init__(self, engine: Engine, on_busy: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, on_busy: Callable[[], None] = lambda: None) -> None:
         """`on_busy` is told when a query gets no speeches because the engine's queue is full."""
-        self.engine = engine
         self.on_busy = on_busy
         self._running: dict[int, asyncio.Task] = {}  # each user's batch still running
         self._limits: OrderedDict[int, AsyncLimiter] = OrderedDict()
 
-    async def answer(self, user_id: int, query: str) -> list[InlineSpeech] | None:
-        """One speech per INLINE_STYLES, continuing `query`, at most INLINE_LENGTH characters after it and
+    async def answer(self, user_id: int, query: str, engine: Engine) -> list[InlineSpeech] | None:
+        """One speech per INLINE_STYLES by `engine`, continuing `query`, at most INLINE_LENGTH characters after it and
         ending on a sentence, made in one engine batch. None when a newer query of the same user superseded
         this one (its engine requests are cancelled); [] when the engine is too busy."""
         previous = self._running.get(user_id)
         if previous is not None:
             previous.cancel()  # the engine drops its requests at their next chunk
-        task = asyncio.ensure_future(self._batch(user_id, query.strip()[:PROMPT_MAX]))
+        task = asyncio.ensure_future(self._batch(user_id, query.strip()[:PROMPT_MAX], engine))
         self._running[user_id] = task
         try:
             await asyncio.wait([task])
@@ -58,12 +57,12 @@ class InlineSpeeches:
                 del self._running[user_id]
         return None if task.cancelled() else task.result()
 
-    async def _batch(self, user_id: int, prompt: str) -> list[InlineSpeech]:
+    async def _batch(self, user_id: int, prompt: str, engine: Engine) -> list[InlineSpeech]:
         await self._limit(user_id).acquire()
         # Submitted together, the three requests join one batch of the engine.
         requests = [
             asyncio.ensure_future(
-                self.engine.agenerate(
+                engine.agenerate(
                     prompt,
                     INLINE_LENGTH,
                     sampling=bot_sampling(temperature),

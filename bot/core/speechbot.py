@@ -2,8 +2,9 @@
 
 Telegram (bot/telegram/), the terminal (`python -m bot console`) and the tests all drive this one class.
 It parses and validates arguments (bot.core.commands), reads and writes chat settings, enforces the
-per-chat cooldown (kept in the database, so replicas share it) and asks the generation engine for
-speeches. It never sends anything itself. Every store call is awaited: the database runs off the loop.
+per-chat cooldown (kept in the database, so replicas share it) and asks the chat's voice (bot.core.voices:
+a generation engine per served model) for speeches. It never sends anything itself. Every store call is
+awaited: the database runs off the loop.
 Beside commands: the choices offered under each speech (Another, Calmer, Wilder), /speech in reply
 to a message, inline mode's three short speeches (bot.core.inline, docs/interactive.md), and in groups
 the unprompted interjections of /chatter (bot.core.groups, docs/groups.md).
@@ -53,6 +54,7 @@ from bot.core.groups import (
 )
 from bot.core.inline import InlineSpeech, InlineSpeeches
 from bot.core.speech import Speech, compose_speech, daily_speech, parse_choice, reply_room
+from bot.core.voices import Voice, Voices
 from bot.inference.api import Engine, EngineBusy
 from db.database import describe, is_read_only
 from db.models import utc_now
@@ -100,31 +102,29 @@ class SpeechBot:
     def __init__(
         self,
         store: ChatStore,
-        engine: Engine,
+        voices: Voices,
         cooldown_seconds: float = 10.0,
         clock: Callable[[], datetime] = utc_now,
         on_schedule_change: Callable[[ChatSettings], None] | None = None,
         *,
         rng: random.Random | None = None,
-        voice: str = "the bundled model",
         reads_all_group_messages: Callable[[], bool] = _reads_all_group_messages,
         on_forget: Callable[[int], None] | None = None,
         on_busy: Callable[[], None] = _nothing,
     ):
-        """`rng` draws the chatter's choices (a seeded one repeats them); `voice` is what /stats names as the
-        model speaking; `reads_all_group_messages` says whether the transport shows the bot ordinary group
+        """`voices` are the models it speaks with, the first by default; `rng` draws the chatter's choices (a
+        seeded one repeats them); `reads_all_group_messages` says whether the transport shows the bot ordinary group
         messages (Telegram's privacy mode off); `on_forget` is told a chat id whose data /forget deleted;
         `on_busy` is told of every speech refused because the engine's queue is full (for the metrics)."""
         self.store = store
-        self.engine = engine
+        self.voices = voices
         self.cooldown = timedelta(seconds=cooldown_seconds)
         self.clock = clock
         self.on_schedule_change = on_schedule_change
-        self.voice = voice
         self.reads_all_group_messages = reads_all_group_messages
         self.on_forget = on_forget
         self.on_busy = on_busy
-        self.inline = InlineSpeeches(engine, on_busy)
+        self.inline = InlineSpeeches(on_busy)
         self.chatter = Chatter(store, rng or random.Random(), clock)
         # The commands that answer with text, by name; /speech is dispatched on its own (it shows progress).
         self._commands: dict[str, Callable[[ChatRef, str], Awaitable[str]]] = {
@@ -138,6 +138,7 @@ class SpeechBot:
             "chatter": self._chatter,
             "quiet": self._quiet,
             "stats": self._stats,
+            "voice": self._voice,
             "forget": self._forget,
         }
 
@@ -241,19 +242,26 @@ class SpeechBot:
             return self._database_failed(error)
 
     async def inline_speeches(self, user_id: int, query: str) -> list[InlineSpeech] | None:
-        """Inline mode's three speeches for `query` (bot.core.inline.InlineSpeeches.answer)."""
-        return await self.inline.answer(user_id, query)
+        """Inline mode's three speeches for `query` (bot.core.inline.InlineSpeeches.answer), in the voice the
+        user chose in their private chat with the bot (Telegram's private chat id is the user's id)."""
+        voice = self.voices.default
+        if len(self.voices) > 1:
+            try:
+                voice = self._voice_of(await self.store.find(user_id))
+            except SQLAlchemyError as error:  # a speech in the default voice beats none
+                log.warning("Inline speeches in the default voice: the database failed: %s", describe(error))
+        return await self.inline.answer(user_id, query, voice.engine)
 
     async def daily_speech(self, settings: ChatSettings) -> Speech:
-        """The chat's scheduled post (bot.core.speech.daily_speech)."""
-        return await daily_speech(self.engine, settings)
+        """The chat's scheduled post (bot.core.speech.daily_speech), in its voice."""
+        return await daily_speech(self._voice_of(settings).engine, settings)
 
     async def overheard(self, chat: ChatRef, text: str, show_typing: TypingIndicator = _no_typing) -> Speech | None:
         """An ordinary message in a group that nobody addressed to the bot (nor a bot sent): mostly None; now
         and then, by the chat's /chatter rate and limits, a short speech that replies to it, primed with the
         chat's last few messages. Never an error message: nobody asked."""
         try:
-            if not await self.chatter.wants_to_speak(chat.id, text) or self.engine.full:
+            if not await self.chatter.wants_to_speak(chat.id, text) or self.voices.all_full:
                 return None
             now = self.clock()
             settings = await self.store.claim_interjection(chat.id, now, CHATTER_GAP, CHATTER_DAILY_CAP, self.cooldown)
@@ -261,7 +269,7 @@ class SpeechBot:
                 return None  # within the gap, over today's cap, cooling down, quiet or off after all
             try:
                 async with show_typing():
-                    continuation = await self.engine.agenerate(
+                    continuation = await self._voice_of(settings).engine.agenerate(
                         self.chatter.recent.prompt(chat.id),
                         min(settings.length, INTERJECTION_LENGTH),
                         sampling=bot_sampling(settings.temperature),
@@ -288,10 +296,10 @@ class SpeechBot:
                 f"That prompt has {len(prompt)} characters; the most I take is {PROMPT_MAX}. "
                 "Send the first few sentences and I'll continue from there."
             )
-        if self.engine.full:
+        if self.voices.all_full:
             # Told at once, without the database: in a crowd of a thousand chats, the writes that start and
-            # cancel a cooldown held "busy" up for seconds (docs/speed.md). A queue that fills after this
-            # still raises EngineBusy below.
+            # cancel a cooldown held "busy" up for seconds (docs/speed.md). A queue that is full or fills
+            # after this (the chat's voice's, when another voice has room) still raises EngineBusy below.
             self.on_busy()
             return ENGINE_BUSY_REPLY
         now = self.clock()
@@ -309,7 +317,9 @@ class SpeechBot:
         temperature = settings.temperature if temperature is None else temperature
         try:
             async with show_typing() as on_text:
-                continuation = await self._continue(prompt, settings.length, bot_sampling(temperature), on_text)
+                continuation = await self._continue(
+                    self._voice_of(settings).engine, prompt, settings.length, bot_sampling(temperature), on_text
+                )
         except EngineBusy:
             self.on_busy()
             if cooling:
@@ -318,15 +328,20 @@ class SpeechBot:
         return Speech(compose_speech(prompt, continuation), temperature)
 
     async def _continue(
-        self, prompt: str, length: int, sampling: SamplingParams, on_text: Callable[[str], object] | None
+        self,
+        engine: Engine,
+        prompt: str,
+        length: int,
+        sampling: SamplingParams,
+        on_text: Callable[[str], object] | None,
     ) -> str:
         """The engine's continuation of `prompt`, ended as a speech ends within one message; with `on_text`,
         streamed: it is called with the speech so far after every chunk the engine makes."""
         room = reply_room(prompt)
         if on_text is None:
-            return await self.engine.agenerate(prompt, length, sampling=sampling, end_sentence=True, max_chars=room)
+            return await engine.agenerate(prompt, length, sampling=sampling, end_sentence=True, max_chars=room)
         parts: list[str] = []
-        async for chunk in self.engine.astream(prompt, length, sampling=sampling, end_sentence=True, max_chars=room):
+        async for chunk in engine.astream(prompt, length, sampling=sampling, end_sentence=True, max_chars=room):
             parts.append(chunk)
             so_far = "".join(parts)
             if (prompt + so_far).strip():  # never a draft of nothing
@@ -352,6 +367,7 @@ class SpeechBot:
                 f"temperature: {settings.temperature:g} (change with /temperature, {TEMPERATURE_RANGE})",
                 f"length: {settings.length} characters (change with /length, {LENGTH_MIN} to {LENGTH_MAX})",
                 f"daily speech: {self._schedule_text(settings)}",
+                f"voice: {self._voice_text(settings)}" + (" (change with /voice)" if len(self.voices) > 1 else ""),
                 f"cooldown between speeches: {self.cooldown.total_seconds():g} seconds",
             ]
         )
@@ -432,6 +448,43 @@ class SpeechBot:
         local = upcoming.astimezone(ZoneInfo(settings.time_zone))
         return f"{settings.daily_time:%H:%M} {settings.time_zone}, next on {local:%a %d %b %Y}"
 
+    # ---- voices (bot.core.voices) ----
+
+    def _voice_of(self, settings: ChatSettings | None) -> Voice:
+        return self.voices.pick(None if settings is None else settings.voice)
+
+    def _voice_text(self, settings: ChatSettings) -> str:
+        """The chat's voice as /settings and /stats show it, saying so when its chosen one is no longer served."""
+        voice = self._voice_of(settings)
+        if settings.voice and self.voices.find(settings.voice) is None:
+            return f"{voice.name} (its voice {settings.voice} is no longer served)"
+        return voice.name
+
+    async def _voice(self, chat: ChatRef, args: str) -> str:
+        settings = await self.store.get(chat.id, chat.type)
+        current = self._voice_of(settings)
+        if not args:
+            lines = [f"This chat's voice: {self._voice_text(settings)}."]
+            if len(self.voices) == 1:
+                return lines[0] + " It is the only voice I have."
+            for voice in self.voices:
+                mark = "•" if voice is current else "◦"
+                lines.append(f"{mark} {voice.name}" + (f": {voice.description}" if voice.description else ""))
+            lines.append(f"Change it with /voice NAME, e.g. /voice {self.voices.names[-1]}.")
+            return "\n".join(lines)
+        wanted = self.voices.find(args)
+        if wanted is None:
+            raise ArgumentError(
+                f"I have no voice called {shown(args)}. "
+                + (
+                    f"My voices: {', '.join(self.voices.names)}; e.g. /voice {self.voices.names[-1]}."
+                    if len(self.voices) > 1
+                    else f"I have one voice, {self.voices.default.name}."
+                )
+            )
+        await self.store.update(chat.id, voice=wanted.name)
+        return f"Voice set to {wanted.name}." + (f" {wanted.description}" if wanted.description else "")
+
     # ---- groups: chatter, quiet, stats, forget (bot.core.groups) ----
 
     def _privacy_note(self, chat: ChatRef) -> str:
@@ -482,7 +535,7 @@ class SpeechBot:
 
     async def _stats(self, chat: ChatRef, _args: str) -> str:
         settings = await self.store.get(chat.id, chat.type)
-        return stats_text(settings, self.clock(), self.voice, self._schedule_text(settings))
+        return stats_text(settings, self.clock(), self._voice_text(settings), self._schedule_text(settings))
 
     async def _forget(self, chat: ChatRef, args: str) -> str:
         if not args:

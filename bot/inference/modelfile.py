@@ -10,6 +10,7 @@ Everything the bot needs to turn a prompt into token ids and back travels inside
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +18,13 @@ import numpy as np
 
 from model.text import CleaningOptions, Vocab, text_to_ids
 
-# The bundled model, twice: int8 for the CPU provider, and the same network dequantized to fp32 for the
-# CUDA provider, whose LSTM kernels have no int8 (docs/default-model.md). runner.serving_path picks one.
-DEFAULT_MODEL_PATH = Path(__file__).parent.parent / "assets" / "speechbot.onnx"
-CUDA_MODEL_PATH = DEFAULT_MODEL_PATH.with_name("speechbot-cuda.onnx")
+# The bundled voices (docs/voices.md), the default one first. Each comes twice: int8 for the CPU provider,
+# and the same network dequantized to fp32 as its CUDA twin, for the CUDA provider, whose LSTM kernels have
+# no int8 (docs/default-model.md). runner.serving_path picks one.
+ASSETS = Path(__file__).parent.parent / "assets"
+DEFAULT_MODEL_PATH = ASSETS / "speechbot.onnx"
+DEFAULT_MODEL_PATHS = (DEFAULT_MODEL_PATH, ASSETS / "speeches.onnx")
+CUDA_TWIN_SUFFIX = "-cuda"  # X-cuda.onnx beside X.onnx is X's network for the CUDA provider
 FORMAT_VERSION = "1"
 PRECISIONS = ("fp32", "int8", "fp16")
 # An fp32 file may store its recurrent weights as fp16 (`python -m export --fp16-weights`), cast back to
@@ -40,6 +44,34 @@ INT8_WEIGHTS = "int8_weights"
 INT8_UNSIGNED_WEIGHTS = "uint8-zero-128"
 INT8_WEIGHT_ZERO = 128
 INT8_WEIGHT_ZERO_NAME = "weight_zero"
+
+
+def cuda_twin(path: Path) -> Path:
+    """Where the CUDA twin of the model file `path` would be (it need not exist)."""
+    return path.with_name(path.stem + CUDA_TWIN_SUFFIX + path.suffix)
+
+
+CUDA_MODEL_PATH = cuda_twin(DEFAULT_MODEL_PATH)
+
+
+def is_cuda_twin(path: Path) -> bool:
+    """Whether `path` is the CUDA twin of a model file beside it."""
+    base = path.stem.removesuffix(CUDA_TWIN_SUFFIX)
+    return base != path.stem and path.with_name(base + path.suffix).is_file()
+
+
+# A voice's name, as users type it after /voice (and metadata keys that give it and a one-line description).
+VOICE_NAME_KEY = "voice_name"
+VOICE_DESCRIPTION_KEY = "voice_description"
+VOICE_NAME_FORMAT = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+VOICE_NAME_RULE = "1-32 of a-z 0-9 _ -, starting with a letter or digit"
+VOICE_DESCRIPTION_MAX = 200
+
+
+def voice_name_from_file(path: Path) -> str:
+    """The voice name of a model file whose metadata gives none: its file name, made typeable."""
+    name = re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-_")[:32]
+    return name or "voice"
 
 
 def state_names(is_lstm: bool) -> tuple[list[str], list[str]]:
@@ -101,6 +133,16 @@ class ModelInfo:
         """How the weights are stored in the file: as its precision says, or fp16 in an fp32 file."""
         return self.extra.get(WEIGHT_STORAGE_KEY, self.precision)
 
+    @property
+    def voice_name(self) -> str | None:
+        """The voice name its exporter gave it (`python -m export --voice-name`), if any."""
+        return self.extra.get(VOICE_NAME_KEY)
+
+    @property
+    def voice_description(self) -> str:
+        """Its one-line description for /voice; empty if its exporter gave none."""
+        return self.extra.get(VOICE_DESCRIPTION_KEY, "")
+
     def state_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of each recurrent-state input and output: [layers of all members, batch, hidden]."""
         return (self.num_layers * self.members, batch, self.rnn_size)
@@ -137,6 +179,16 @@ def _json_field(props: dict[str, str], key: str, kind: type):
     return value
 
 
+def check_voice(name: str | None, description: str) -> None:
+    """A MetadataError unless `name` (None: none given) and `description` can name a voice."""
+    if name is not None and not VOICE_NAME_FORMAT.fullmatch(name):
+        raise MetadataError(f"its {VOICE_NAME_KEY} {name!r} is not valid: use {VOICE_NAME_RULE}")
+    if len(description) > VOICE_DESCRIPTION_MAX or "\n" in description:
+        raise MetadataError(
+            f"its {VOICE_DESCRIPTION_KEY} must be one line of at most {VOICE_DESCRIPTION_MAX} characters"
+        )
+
+
 def parse_props(props: dict[str, str]) -> ModelInfo:
     """Validate metadata_props read from a file and turn them into a ModelInfo."""
     if "speechbot_format" not in props:
@@ -169,6 +221,7 @@ def parse_props(props: dict[str, str]) -> ModelInfo:
         raise MetadataError(
             f"its {WEIGHT_STORAGE_KEY} {storage!r} is not valid: only an fp32 file stores 'fp16' weights"
         )
+    check_voice(props.get(VOICE_NAME_KEY), props.get(VOICE_DESCRIPTION_KEY, ""))
     try:
         val_bpc = float(props["val_bpc"]) if props["val_bpc"] else None
     except ValueError as exc:

@@ -23,10 +23,11 @@ from bot.inference.int8_weights import Int8WeightsError, serving_layout, stored_
 from bot.inference.modelcheck import external_data_problem, operator_problem, parse_model, read_model_bytes
 from bot.inference.modelfile import (
     CUDA_MODEL_PATH,
-    DEFAULT_MODEL_PATH,
+    CUDA_TWIN_SUFFIX,
     MetadataError,
     ModelFileError,
     ModelInfo,
+    cuda_twin,
     parse_props,
     state_names,
 )
@@ -39,18 +40,19 @@ class ProviderError(ValueError):
 
 
 def serving_path(path: str | Path, choice: str, available: Sequence[str] | None = None) -> Path:
-    """The file to serve for `path` under the provider choice: `path` itself, except the bundled model.
+    """The file to serve for `path` under the provider choice: `path` itself, or its CUDA twin.
 
-    The bundled model (DEFAULT_MODEL_PATH, what MODEL_PATH defaults to) is int8, which only the CPU
-    provider runs, so where the CUDA provider will serve (`cuda`, or `auto` with CUDA among the
-    `available` providers, onnxruntime's by default) it is served as CUDA_MODEL_PATH: the same network,
-    dequantized to fp32. Any other file is served as it is, and choose_provider judges it.
+    The bundled voices are int8, which only the CPU provider runs, so each comes with a CUDA twin
+    (modelfile.cuda_twin: `X-cuda.onnx` beside `X.onnx`, the same network as fp32). Where the CUDA provider
+    will serve (`cuda`, or `auto` with CUDA among the `available` providers, onnxruntime's by default), a
+    file with a twin beside it is served as the twin; any other file is served as it is, and
+    choose_provider judges it.
     """
     path = Path(path)
     available = ort.get_available_providers() if available is None else available
     wants_cuda = choice == "cuda" or (choice == "auto" and PROVIDERS["cuda"] in available)
-    if wants_cuda and path.resolve() == DEFAULT_MODEL_PATH.resolve():
-        return CUDA_MODEL_PATH
+    if wants_cuda and cuda_twin(path).is_file():
+        return cuda_twin(path)
     return path
 
 
@@ -67,7 +69,8 @@ def choose_provider(choice: str, precision: str) -> str:
     if precision == "int8" and choice == "cuda":
         raise ProviderError(
             "int8 models run on the CPU provider; use an fp32 or fp16 export with 'cuda' "
-            f"(the bundled model's is {CUDA_MODEL_PATH.name}, served on CUDA when MODEL_PATH is unset)"
+            f"(a file's is served on CUDA when it lies beside it as NAME{CUDA_TWIN_SUFFIX}.onnx, as the bundled "
+            f"voices' do, e.g. {CUDA_MODEL_PATH.name})"
         )
     use_cuda = choice == "cuda" or (choice == "auto" and has_cuda and precision != "int8")
     if precision == "fp16" and not use_cuda:
@@ -174,7 +177,7 @@ class ModelRunner:
         picks the one this CPU multiplies exactly and fastest (bot.inference.int8_weights)."""
         self.path = serving_path(path, providers)
         if self.path != Path(path):
-            log.info("the bundled model is int8, which CUDA cannot run: serving its fp32 twin %s", self.path)
+            log.info("%s has a CUDA twin beside it: serving %s on CUDA", path, self.path)
         path = self.path
         data, self.info = read_model_info(path)
         self._options = session_options(threads)

@@ -21,6 +21,7 @@ import pytest
 from telegram.ext import Application
 
 from bot.config import VARIABLES, Config
+from bot.core.voices import Voices
 from bot.inference.engine import GenerationEngine
 from bot.inference.modelfile import DEFAULT_MODEL_PATH
 from bot.services import build_application
@@ -124,11 +125,13 @@ async def bot_process(cwd: Path, environment: dict[str, str]) -> AsyncIterator[a
 
 @contextlib.asynccontextmanager
 async def running_bot(
-    emulator: TelegramEmulator, engine, config: Config, clock: Clock, **build_options
+    emulator: TelegramEmulator, engine: GenerationEngine | Voices, config: Config, clock: Clock, **build_options
 ) -> AsyncIterator[Application]:
-    """Start the bot as `python -m bot run` does (bot.telegram.app.serving), polling the emulator; stop it after."""
+    """Start the bot as `python -m bot run` does (bot.telegram.app.serving), polling the emulator; stop it after.
+    One engine is one voice."""
     build_options = {"retry_delays": (0.05, 0.1), "read_timeout": 2.0} | build_options
-    application = build_application(config, engine, clock=clock, **build_options)
+    voices = engine if isinstance(engine, Voices) else Voices.of(engine)
+    application = build_application(config, voices, clock=clock, **build_options)
     async with serving(application, config, poll_timeout=1):  # a short long-poll stops the bot sooner
         yield application
 
