@@ -132,7 +132,7 @@ def model_files(value: str) -> tuple[Path, ...]:
     files: list[Path] = []
     for entry in filter(None, (part.strip() for part in value.split(os.pathsep))):
         path = Path(entry)
-        if not path.is_dir():
+        if not os.path.isdir(path):  # False for what cannot be looked at (a name too long), as for a file
             files.append(path)  # a missing or unreadable file is reported when it is opened, with the reason
             continue
         found = sorted(file for file in path.glob("*.onnx") if file.is_file() and not is_cuda_twin(file))

@@ -39,6 +39,7 @@ from tests.test_bot_scheduling import daily_job
 ALICE_CHAT, BOB_CHAT = private_chat(ALICE), private_chat(BOB)
 NOON = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 BUNDLED_MODEL = {"file": "speechbot.onnx", "precision": "int8", "weights": "int8", "provider": "CPUExecutionProvider"}
+BUNDLED_MODEL["voice"] = "rally"  # the default voice; the second, "classic", has its own sample
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

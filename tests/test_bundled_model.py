@@ -14,7 +14,7 @@ from bot.config import Config
 from bot.core.speech import compose_speech, reply_room
 from bot.inference.ending import SENTENCE_END, SLACK, quote_is_open
 from bot.inference.engine import GenerationEngine
-from bot.inference.modelfile import CUDA_MODEL_PATH, DEFAULT_MODEL_PATH
+from bot.inference.modelfile import CUDA_MODEL_PATH, DEFAULT_MODEL_PATH, DEFAULT_MODEL_PATHS, cuda_twin
 from bot.inference.runner import ModelRunner, read_model_info, serving_path
 from model.sampling import BOT_SAMPLING, bot_sampling
 
@@ -121,16 +121,19 @@ def test_unprompted_speeches_open_like_speeches_and_close_their_quotes():
     assert not [speech for speech in speeches if quote_is_open(speech)]
 
 
-def test_the_bundled_model_is_served_on_cuda_as_its_fp32_twin():
+def test_the_bundled_voices_are_served_on_cuda_as_their_fp32_twins():
     # The choice is made from the provider asked for and onnxruntime's available providers, so it is
-    # tested here without a GPU; a file named by MODEL_PATH is never replaced.
+    # tested here without a GPU; a file without a twin beside it is never replaced.
     cuda, cpu = ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]
     assert serving_path(DEFAULT_MODEL_PATH, "cuda", cuda) == CUDA_MODEL_PATH
     assert serving_path(DEFAULT_MODEL_PATH, "auto", cuda) == CUDA_MODEL_PATH
     assert serving_path(DEFAULT_MODEL_PATH, "auto", cpu) == DEFAULT_MODEL_PATH
     assert serving_path(DEFAULT_MODEL_PATH, "cpu", cuda) == DEFAULT_MODEL_PATH
     relative = Path(os.path.relpath(DEFAULT_MODEL_PATH))
-    assert serving_path(relative, "cuda", cuda) == CUDA_MODEL_PATH
+    assert serving_path(relative, "cuda", cuda).resolve() == CUDA_MODEL_PATH
+    for path in DEFAULT_MODEL_PATHS:
+        twin = serving_path(path, "cuda", cuda)
+        assert twin == cuda_twin(path) and read_model_info(twin)[1].precision == "fp32", path
     assert serving_path(Path("mine.onnx"), "cuda", cuda) == Path("mine.onnx")
 
 
