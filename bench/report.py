@@ -44,3 +44,11 @@ def write_json(path: str | Path, results: dict, quiet: bool = False) -> Path:
     if not quiet:
         print(f"wrote {out}")
     return out
+
+
+def ratio_text(value: float | None, base: float | None, width: int) -> str:
+    """`value ÷ base` as "1.23×", right-aligned in `width` characters; blank where there is nothing to compare
+    (a missing number, or a base of 0)."""
+    if value is None or not base:
+        return " " * width
+    return f"{value / base:>{width - 1}.2f}×"
