@@ -4,8 +4,8 @@
 #   docker run -d --name speechbot -e TELEGRAM_BOT_TOKEN=... -v speechbot-data:/data speechbot
 #
 # GPU inference: build on a CUDA base with onnxruntime-gpu and run with --gpus all. With MODEL_PATH unset the
-# bot then serves bot/assets/speechbot-cuda.onnx, the bundled network in fp32 (the int8 file has no CUDA
-# kernel). Not yet built or run on a GPU (docs/operations.md, "A GPU image"):
+# bot then serves the bundled voices' CUDA twins, bot/assets/*-cuda.onnx, their networks in fp32 (the int8
+# files have no CUDA kernel). Not yet built or run on a GPU (docs/operations.md, "A GPU image"):
 #   docker build -t speechbot:gpu --build-arg ONNXRUNTIME=gpu \
 #     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 .
 #   docker run -d --gpus all -e ONNX_PROVIDERS=cuda -e TELEGRAM_BOT_TOKEN=... -v speechbot-data:/data speechbot:gpu
@@ -37,8 +37,9 @@ COPY model/__init__.py model/text.py model/sampling.py ./model/
 # onnxruntime and onnxruntime-gpu provide the same module, so the GPU build swaps one for the other.
 RUN pip install '.[postgres]' \
     && if [ "$ONNXRUNTIME" = "gpu" ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.20,<2"; fi \
-    && test -s /opt/venv/lib/python3*/site-packages/bot/assets/speechbot.onnx \
-    && test -s /opt/venv/lib/python3*/site-packages/bot/assets/speechbot-cuda.onnx
+    && for voice in speechbot speechbot-cuda speeches speeches-cuda; do \
+           test -s /opt/venv/lib/python3*/site-packages/bot/assets/$voice.onnx || exit 1; \
+       done
 
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin speechbot \
     && mkdir -p /data && chown speechbot /data
