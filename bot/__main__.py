@@ -7,12 +7,9 @@ and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import math
-import random
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,10 +17,11 @@ from telegram.error import InvalidToken, TelegramError
 
 from bot import heartbeat
 from bot.config import VARIABLES, Config, ConfigError, read_text
+from bot.console import DEFAULT_HISTORY, HISTORY_LENGTH, console
 from bot.inference.engine import GenerationEngine
 from bot.inference.runner import ModelFileError
 from bot.logs import redact, setup_logging
-from bot.services import build_services, close_engines, open_engine, open_voices
+from bot.services import close_engines, open_engine, open_voices
 from db.database import DatabaseConfigError, create_db_engine, describe, migrate, one_process_per_sqlite_file
 from model.sampling import (
     BOT_SAMPLING,
@@ -35,7 +33,6 @@ from model.sampling import (
 )
 
 PROG = "python -m bot"
-CONSOLE_CHAT_ID = 0  # never a Telegram chat id, so the console's settings live beside real chats
 MODEL_VARIABLES = ("MODEL_PATH", "ONNX_PROVIDERS", "ONNX_THREADS", "ONNX_LANES", "ONNX_INT8_WEIGHTS")
 CHAT_VARIABLES = ("DATABASE_URL", *MODEL_VARIABLES, "DEFAULT_TEMPERATURE", "DEFAULT_LENGTH")
 # The environment variables each command reads (all of them come from .env too); its --help lists them.
@@ -107,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "console",
         "talk to the bot in this terminal, without Telegram",
         "Talk to the bot in this terminal: the same commands, core and database as in Telegram, no token. "
-        "/quit or Ctrl-D ends.",
+        "/quit or Ctrl-D ends (exit code 0); Ctrl-C ends at once, in the middle of a speech too (130). At a "
+        "terminal, lines can be edited, and the arrow keys and Ctrl-R find earlier ones (kept in --history).",
     )
     console_command.add_argument(
         "--group",
@@ -116,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sets (marked 'chiming in:')",
     )
     console_command.add_argument("--seed", type=int, default=None, help="for repeatable chatter choices")
+    console_command.add_argument(
+        "--history",
+        metavar="FILE",
+        default=DEFAULT_HISTORY,
+        help=f"where the lines typed at a terminal are kept, the last {HISTORY_LENGTH}; '' keeps none",
+    )
     migrate_command = _add_command(
         commands,
         "migrate",
@@ -193,59 +197,6 @@ def run_telegram(config: Config) -> int:
         return serve(build_application(config, on_token_rejected=stop.token_rejected), config, stop)
 
 
-async def console(config: Config, group: bool = False, seed: int | None = None) -> None:
-    from bot.core.speech import Speech, speech_choices
-    from bot.core.speechbot import ChatRef
-
-    if sys.stdin is None:  # started with stdin closed (`<&-`, some supervisors)
-        raise ConfigError(
-            "stdin is closed, and the console reads what you type from it; run it in a terminal "
-            "or give it lines to read (python -m bot console < lines.txt)"
-        )
-    # One person at a keyboard: no cooldown.
-    services = build_services(replace(config, cooldown_seconds=0), rng=random.Random(seed))
-    core = services.core
-    chat = ChatRef(CONSOLE_CHAT_ID, "console")
-    if group:
-        print(
-            "A group's chatter: plain lines are what its members say, and the bot chimes in on its own as "
-            "/chatter sets (try /chatter 1/2); commands work as in Telegram. /quit or Ctrl-D ends."
-        )
-    else:
-        print(
-            "Talk to the bot: commands such as /speech 0.9 We will or plain text as a prompt; after a speech, "
-            "a number picks one of the choices under it. /quit or Ctrl-D ends."
-        )
-    choices = {}  # the numbered options under the last speech, as Telegram's buttons
-    try:
-        while True:
-            try:
-                line = (await asyncio.to_thread(input, "> ")).strip()
-            except EOFError:
-                break
-            if line in ("/quit", "/exit"):
-                break
-            if not line:
-                continue
-            picked = choices.get(line)
-            if picked:
-                reply = await core.choice(chat, picked.data)
-            elif group and not line.startswith("/"):
-                reply = await core.overheard(chat, line)
-                if reply is None:
-                    continue  # the bot keeps listening
-                print("chiming in: ", end="")
-            else:
-                reply = await core.handle_text(chat, line)
-            print(reply or "", flush=True)
-            if isinstance(reply, Speech):
-                choices = {str(number): choice for number, choice in enumerate(speech_choices(reply.temperature), 1)}
-                options = (f"[{number}] {c.label} ({c.temperature:g})" for number, c in choices.items())
-                print("   ".join(options), flush=True)
-    finally:
-        services.close()
-
-
 def read_prompt(path: Path) -> str:
     if str(path) == "-":
         return sys.stdin.read()
@@ -312,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "run":
             return run_telegram(config)
         elif command == "console":
-            asyncio.run(console(config, args.group, args.seed))
+            console(config, args.group, args.seed, args.history)
         elif command == "migrate":
             migrate(create_db_engine(config.database_url), create=args.create)
             print("The database schema is up to date.")

@@ -1,4 +1,5 @@
-"""`python -m bot`: one-line errors with exit code 2, migrate, generate, console, and a real run stopped by SIGTERM."""
+"""`python -m bot`: one-line errors with exit code 2, migrate, generate, console (piped and at a terminal), and a
+real run stopped by SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,13 +10,23 @@ import os
 import sqlite3
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from bot.__main__ import main
 from bot.config import VARIABLES
-from tests.support.bot_harness import ALICE, TOKEN, bot_process, emulated_telegram_environment, private_chat
+from tests.support.bot_harness import (
+    ALICE,
+    TOKEN,
+    bot_environment,
+    bot_process,
+    emulated_telegram_environment,
+    private_chat,
+    run_bot,
+)
 from tests.support.telegram_emulator import TelegramEmulator
+from tests.support.terminal import CTRL_C, CTRL_D, CTRL_P, Terminal
 
 
 @pytest.fixture
@@ -146,6 +157,94 @@ def test_console_offers_no_option_that_would_not_change_the_temperature(env, cap
     assert "[1] Another (1.8)   [2] Calmer (1.6)   [3] Wilder (2)" in out, "2 picked Calmer"
 
 
+@pytest.fixture
+def at_a_terminal(tmp_path, model_path) -> dict[str, str]:
+    """The environment of a console at a terminal: a database and a home (where the history goes) of its own,
+    short speeches, and readline's default keys (no inputrc; TERM=dumb, so no escape sequences either)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    database_url = f"sqlite:///{tmp_path / 'bot.db'}"
+    return bot_environment(
+        model_path, DATABASE_URL=database_url, DEFAULT_LENGTH="30", HOME=str(home), INPUTRC=os.devnull, TERM="dumb"
+    )
+
+
+def assert_ended_by_ctrl_c(terminal: Terminal) -> None:
+    assert terminal.end() == 130, terminal.shown
+    assert "Traceback" not in terminal.shown, terminal.shown
+    assert terminal.shown.endswith("\r\n"), "the shell's prompt starts a line of its own"
+
+
+def test_ctrl_c_at_the_prompt_ends_the_console_with_130(tmp_path, at_a_terminal):
+    history = tmp_path / "typed"
+    with Terminal(tmp_path, at_a_terminal, "console", "--history", str(history)) as terminal:
+        terminal.wait_for_prompt()
+        terminal.type(b"We will\n")
+        terminal.wait_for_prompt("Wilder (1)\r\n> ")  # the speech, its options and the next prompt
+        terminal.type(CTRL_C)
+        assert_ended_by_ctrl_c(terminal)
+    assert history.read_text().splitlines() == ["We will"], "kept where --history says, on Ctrl-C too"
+    assert not (tmp_path / "home" / ".speechbot_history").exists()
+
+
+def test_ctrl_c_right_after_asking_for_a_speech_ends_the_console_with_130(tmp_path, at_a_terminal):
+    # The longest speech takes the bundled model about a second, so Ctrl-C lands while it is written (or, on a
+    # machine too busy to type it that soon, at the next prompt): either way the console ends at once.
+    with Terminal(tmp_path, at_a_terminal, "console") as terminal:
+        terminal.wait_for_prompt()
+        terminal.type(b"/length 3000\n")
+        terminal.wait_for_prompt("Speech length set to 3000 characters.\r\n> ")
+        terminal.type(b"/speech\n")
+        terminal.wait_for("/speech\r\n")  # readline has the line
+        terminal.type(CTRL_C)
+        assert_ended_by_ctrl_c(terminal)
+
+
+def test_lines_typed_at_a_terminal_are_recalled_in_the_next_session(tmp_path, at_a_terminal):
+    history = Path(at_a_terminal["HOME"]) / ".speechbot_history"
+    piped = run_bot(tmp_path, at_a_terminal, "console", stdin="/length 33\n")
+    assert piped.returncode == 0 and "Speech length set to 33 characters." in piped.stdout, piped.stderr
+    assert "\x1b" not in piped.stdout and not history.exists(), "piped lines are neither edited nor kept"
+    with Terminal(tmp_path, at_a_terminal, "console") as terminal:
+        terminal.wait_for_prompt()
+        terminal.type(b"/length 44\n")
+        terminal.wait_for_prompt("Speech length set to 44 characters.\r\n> ")
+        terminal.type(CTRL_D)
+        assert terminal.end() == 0, terminal.shown
+    assert history.read_text().splitlines() == ["/length 44"]
+    with Terminal(tmp_path, at_a_terminal, "console") as terminal:
+        terminal.wait_for_prompt()
+        terminal.type(b"/length 55\n")
+        terminal.wait_for_prompt("Speech length set to 55 characters.\r\n> ")
+        terminal.type(CTRL_P + CTRL_P + b"\n")  # two lines back: the last session's
+        terminal.wait_for_prompt("Speech length set to 44 characters.\r\n> ")
+        terminal.type(b"/quit\n")
+        assert terminal.end() == 0, terminal.shown
+    assert history.read_text().splitlines() == ["/length 44", "/length 55", "/length 44", "/quit"]
+
+
+def test_a_console_with_no_home_to_keep_its_history_in_still_works(tmp_path, at_a_terminal):
+    # A file cannot be a home, whoever runs the test: root may write anywhere, and onnxruntime makes a missing home
+    # (for a telemetry id of its own).
+    not_a_home = tmp_path / "file"
+    not_a_home.touch()
+    at_a_terminal["HOME"] = str(not_a_home)
+    with Terminal(tmp_path, at_a_terminal, "console") as terminal:
+        terminal.wait_for_prompt()
+        terminal.type(b"/length 44\n")
+        terminal.wait_for_prompt("Speech length set to 44 characters.\r\n> ")
+        terminal.type(CTRL_P + b"\n")  # what the session typed is still recalled
+        terminal.wait_for_prompt(
+            "Speech length set to 44 characters.\r\n> /length 44\r\nSpeech length set to 44 characters.\r\n> "
+        )
+        terminal.type(CTRL_D)
+        assert terminal.end() == 0, terminal.shown
+    assert "Traceback" not in terminal.shown
+    assert (
+        f"note: no history is kept: {not_a_home}/.speechbot_history cannot be used (Not a directory)" in terminal.shown
+    )
+
+
 async def test_run_serves_telegram_and_stops_gracefully_on_sigterm(tmp_path, model_path):
     async with TelegramEmulator(TOKEN) as emulator:
         environment = emulated_telegram_environment(
@@ -190,6 +289,7 @@ def test_each_command_help_lists_its_options_defaults_and_environment(env, capsy
         main(["console", "--help"])
     out = capsys.readouterr().out
     assert "DATABASE_URL" in out and "MODEL_PATH" in out and "TELEGRAM_BOT_TOKEN" not in out
+    assert "--history FILE" in out and "(default: ~/.speechbot_history)" in " ".join(out.split())
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     out = " ".join(capsys.readouterr().out.split())
