@@ -39,7 +39,7 @@ from tests.test_bot_scheduling import daily_job
 ALICE_CHAT, BOB_CHAT = private_chat(ALICE), private_chat(BOB)
 NOON = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 BUNDLED_MODEL = {"file": "speechbot.onnx", "precision": "int8", "weights": "int8", "provider": "CPUExecutionProvider"}
-BUNDLED_MODEL["voice"] = "rally"  # the default voice; the second, "classic", has its own sample
+BUNDLED_MODEL["voice"] = "rally"  # the default voice
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -204,6 +204,8 @@ async def test_python_m_bot_run_serves_metrics_and_a_port_in_use_is_one_error_li
         assert value(samples, "speechbot_updates_total", kind="message") == 1
         assert value(samples, "speechbot_bot_api_calls_total", method="setMyCommands", outcome="ok") == 1
         assert value(samples, "speechbot_model_info", **BUNDLED_MODEL) == 1
+        classic = BUNDLED_MODEL | {"voice": "classic", "file": "speeches.onnx"}
+        assert value(samples, "speechbot_model_info", **classic) == 1, "each voice has its own"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

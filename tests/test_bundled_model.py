@@ -137,18 +137,34 @@ def test_the_bundled_voices_are_served_on_cuda_as_their_fp32_twins():
     assert serving_path(Path("mine.onnx"), "cuda", cuda) == Path("mine.onnx")
 
 
-def test_the_cuda_twin_is_the_bundled_network_in_fp32_and_runs_on_cpu(caplog):
-    caplog.set_level(logging.INFO, logger="bot.inference.runner")
-    _, int8 = read_model_info(DEFAULT_MODEL_PATH)
-    _, twin = read_model_info(CUDA_MODEL_PATH)
-    assert (twin.precision, twin.weight_storage) == ("fp32", "fp16")  # fp32 arithmetic: CUDA's LSTM runs it
-    for field in ("vocab", "cleaning", "unknown_policy", "model_config", "corpus_sha256"):
-        assert getattr(twin, field) == getattr(int8, field), field
-    assert twin.val_bpc is not None and twin.val_bpc < 1.35
+# Each bundled voice (docs/voices.md): its name, the texts it was trained on, and the val bits/char its
+# metadata must stay below (docs/default-model.md, docs/voices.md).
+BUNDLED_VOICES = {
+    "rally": ([SPEECHES_SHA256, RALLIES_SHA256], 1.35),
+    "classic": ([SPEECHES_SHA256], 1.52),
+}
+
+
+def test_the_package_ships_its_voices_in_25_mb():
+    names = [read_model_info(path)[1].voice_name for path in DEFAULT_MODEL_PATHS]
+    assert names == list(BUNDLED_VOICES), "rally is the default"
     # Issue 25: every model the package ships, together.
     assert sum(p.stat().st_size for p in DEFAULT_MODEL_PATH.parent.glob("*.onnx")) <= 25 * 1024 * 1024
+
+
+@pytest.mark.parametrize("path", DEFAULT_MODEL_PATHS, ids=lambda path: path.stem)
+def test_each_bundled_voice_has_a_cuda_twin_that_is_its_network_in_fp32(path, caplog):
+    caplog.set_level(logging.INFO, logger="bot.inference.runner")
+    _, int8 = read_model_info(path)
+    _, twin = read_model_info(cuda_twin(path))
+    corpora, val_bpc_max = BUNDLED_VOICES[int8.voice_name]
+    assert int8.corpus_sha256 == corpora and int8.voice_description
+    assert (twin.precision, twin.weight_storage) == ("fp32", "fp16")  # fp32 arithmetic: CUDA's LSTM runs it
+    for field in ("vocab", "cleaning", "unknown_policy", "model_config", "corpus_sha256", "voice_name"):
+        assert getattr(twin, field) == getattr(int8, field), field
+    assert int8.val_bpc is not None and twin.val_bpc is not None and max(int8.val_bpc, twin.val_bpc) < val_bpc_max
     # The same network: on one text, the two files' bits per character agree within the int8 rounding.
-    runners = [ModelRunner(path, "cpu", threads=1) for path in (DEFAULT_MODEL_PATH, CUDA_MODEL_PATH)]
+    runners = [ModelRunner(file, "cpu", threads=1) for file in (path, cuda_twin(path))]
     ids, _ = int8.text_ids(TEXT)
     scores = []
     for runner in runners:
@@ -156,8 +172,8 @@ def test_the_cuda_twin_is_the_bundled_network_in_fp32_and_runs_on_cpu(caplog):
         log_probs = logits[0] - np.log(np.exp(logits[0]).sum(axis=1, keepdims=True))
         scores.append(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean() / np.log(2))
     # The log says which file and which provider serve.
-    assert f"loaded {CUDA_MODEL_PATH} (lstm, fp32, fp16 weights) on CPUExecutionProvider" in caplog.text
+    assert f"loaded {cuda_twin(path)} (lstm, fp32, fp16 weights) on CPUExecutionProvider" in caplog.text
     assert abs(scores[0] - scores[1]) < 0.01, scores
-    with GenerationEngine(CUDA_MODEL_PATH, providers="cpu", threads=1, lanes=1) as engine:
+    with GenerationEngine(cuda_twin(path), providers="cpu", threads=1, lanes=1) as engine:
         text = engine.generate("We will", length=200, seed=1)
     assert len(text) == 200 and len(text.split()) > 20
