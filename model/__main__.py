@@ -1,4 +1,4 @@
-"""`python -m model <command>`: prepare, train, sample, evaluate, novel, lr-sweep, plot."""
+"""`python -m model <command>`: prepare, train, sample, evaluate, average, novel, lr-sweep, plot."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("model.train", "train a model on a prepared dataset"),
     "sample": ("model.sample", "generate text from a checkpoint"),
     "evaluate": ("model.evaluate", "loss and bits per character on a split or a text file"),
+    "average": ("model.average", "one checkpoint whose weights are the mean of several of one run"),
     "novel": ("model.novel", "how much of a sample is copied verbatim from the training text"),
     "lr-sweep": ("model.sweep", "compare learning rates / schedules (the article's experiment)"),
     "plot": ("model.plot", "PNG plots of a run's metrics"),

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ class Checkpoint:
     rnn_state: State | None = None
     rng: dict | None = None
     train_config: dict = field(default_factory=dict)
+    # The checkpoints whose weights `python -m model average` took the mean of (path, iteration, val_bpc
+    # each, oldest first); empty for a checkpoint that training wrote.
+    averaged_from: list[dict] = field(default_factory=list)
 
     def save(self, path: str | Path) -> None:
         """Write atomically, so that a kill during the save never leaves a half-written checkpoint."""
@@ -121,6 +125,29 @@ class Checkpoint:
         net = CharRNN(ModelConfig(**{**self.model_config, **config_changes}))
         net.load_state_dict(self.model)
         return net.to(device).eval()
+
+
+def _difference(ours: Any, first: Any) -> str:
+    """The keys on which two config dicts differ, as " (key ours vs first, ...)"; nothing for other values."""
+    if not (isinstance(ours, dict) and isinstance(first, dict)):
+        return ""
+    keys = sorted(key for key in ours.keys() | first.keys() if ours.get(key) != first.get(key))
+    return " (" + ", ".join(f"{key} {ours.get(key)} vs {first.get(key)}" for key in keys) + ")"
+
+
+def check_same_fields(
+    paths: Sequence[str | Path], ckpts: Sequence[Checkpoint], fields: Sequence[str], consequence: str
+) -> None:
+    """Raise CheckpointError naming the first checkpoint, and its field, that differs from the first one;
+    `consequence` ends the message (what the command does not do with them)."""
+    for path, ckpt in zip(paths[1:], ckpts[1:], strict=True):
+        for name in fields:
+            ours, first = getattr(ckpt, name), getattr(ckpts[0], name)
+            if ours != first:
+                raise CheckpointError(
+                    f"{path} has a different {name.replace('_', ' ')}{_difference(ours, first)} from {paths[0]}; "
+                    f"{consequence}"
+                )
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CharRNN, Checkpoint]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from model.checkpoint import Checkpoint, CheckpointError, check_same_fields, load_checkpoint
 from model.model import CharRNN, State
 
 # For the --checkpoint help of every command that takes several checkpoints.
@@ -93,10 +93,7 @@ def load_models(
         net, ckpt = loaded[0]
         return net, [ckpt]
     ckpts = [ckpt for _, ckpt in loaded]
-    for path, ckpt in zip(paths[1:], ckpts[1:], strict=True):
-        for key in SHARED_FIELDS:
-            if getattr(ckpt, key) != getattr(ckpts[0], key):
-                raise CheckpointError(f"{path} has a different {key.replace('_', ' ')} from {paths[0]}; not averaged")
+    check_same_fields(paths, ckpts, SHARED_FIELDS, "not averaged")
     try:
         net = Ensemble([net for net, _ in loaded])
     except ValueError as exc:

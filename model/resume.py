@@ -73,6 +73,11 @@ def resumed_config(
 
     Raises UsageError naming every chosen setting that differs from the run's and may not change.
     """
+    if source.optimizer is None or source.rng is None:
+        raise UsageError(
+            f"{config.resume} holds weights only (no optimizer or RNG state: an averaged or recovered checkpoint) "
+            "and no run goes on from it; start a new run from its weights with --init-from"
+        )
     chosen = chosen_settings(config, given)
     saved = saved_settings(source)
     changes, refused = [], []

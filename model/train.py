@@ -174,13 +174,19 @@ def holds_run(out: Path) -> bool:
     return out.is_dir() and (any((out / name).exists() for name in RUN_FILES) or any(out.glob("ckpt_iter*.pt")))
 
 
+def numbered_checkpoints(out: Path) -> list[Path]:
+    """The run's ckpt_iterN_valV.pt files, by iteration N, oldest first."""
+    numbered = [(int(m.group(1)), p) for p in out.glob("ckpt_iter*_val*.pt") if (m := CKPT_ITER.match(p.name))]
+    return [path for _, path in sorted(numbered)]
+
+
 def newest_checkpoint(out: Path) -> Path | None:
     """The checkpoint a run in `out` would continue from: last.pt, else its latest ckpt_iterN (None if it has
     none, as a run stopped before its first save)."""
     if (out / "last.pt").is_file():
         return out / "last.pt"
-    numbered = [(int(m.group(1)), p) for p in out.glob("ckpt_iter*_val*.pt") if (m := CKPT_ITER.match(p.name))]
-    return max(numbered)[1] if numbered else None
+    numbered = numbered_checkpoints(out)
+    return numbered[-1] if numbered else None
 
 
 def prepare_run_folder(config: TrainConfig) -> Path:
