@@ -114,7 +114,8 @@ class Checkpoint:
             data["train_config"] = data.pop("train_args")
             data.setdefault("dataset", None)
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in data]
+        required = [f for f in dataclasses.fields(cls) if dataclasses.MISSING is f.default is f.default_factory]
+        missing = [f.name for f in required if f.name not in data]
         if missing or set(data) - names:
             fields = ", ".join(missing or sorted(set(data) - names))
             raise CheckpointError(f"{path} is not a speechbot checkpoint of this version (fields: {fields})")

@@ -157,3 +157,12 @@ def test_an_average_cannot_be_resumed_but_starts_a_new_run(run, dataset, tmp_pat
     argv = ["train", "--data", str(dataset), "--out", str(tuned), "--init-from", str(out), "--max-iters", "2"]
     model_main([*argv, *TINY])
     assert Checkpoint.load(tuned / "last.pt").iteration == 2
+
+
+def test_a_checkpoint_written_before_averaging_existed_still_loads(run, tmp_path):
+    # Checkpoints saved before the averaged_from field have no such key; they must load as they always did.
+    raw = torch.load(numbered(run)[0], weights_only=False)
+    del raw["averaged_from"]
+    old = tmp_path / "old.pt"
+    torch.save(raw, old)
+    assert Checkpoint.load(old).averaged_from == []
