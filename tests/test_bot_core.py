@@ -137,7 +137,8 @@ async def test_a_prompt_ending_in_an_emoji_is_followed_by_a_space(tmp_path, engi
     bot = make_bot(tmp_path, engine)
     for prompt in ("Tremendous 😀", "Tremendous привет"):
         reply = await bot.handle_text(PRIVATE, prompt)
-        assert reply.startswith(prompt + " ") and reply[len(prompt) + 1].strip(), reply
+        # The space is forced; the model may then begin a new line, as after any space of the training text.
+        assert reply.startswith(prompt + " ") and reply[len(prompt) :].strip(), reply
 
 
 @pytest.mark.parametrize(

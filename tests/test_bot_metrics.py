@@ -7,6 +7,7 @@ tests/test_crash_recovery.py.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from sqlalchemy import text
 from bot.config import Config, ConfigError
 from bot.core.speechbot import ENGINE_BUSY_REPLY
 from bot.inference.engine import GenerationEngine
+from bot.inference.modelfile import DEFAULT_MODEL_PATHS
 from bot.metrics import MetricsError, PrometheusMetrics
 from db.database import Database, create_db_engine
 from tests.support.bot_harness import (
@@ -198,7 +200,8 @@ async def test_busy_refusals_queue_waits_and_lanes(emulator, model_path, tmp_pat
 async def test_python_m_bot_run_serves_metrics_and_a_port_in_use_is_one_error_line(emulator, tmp_path, tiny_int8):
     port = free_port()
     url = f"sqlite:///{tmp_path / 'bot.db'}"
-    async with killable_bot(emulator, url, tmp_path, METRICS_PORT=str(port)):
+    bundled_voices = os.pathsep.join(str(path) for path in DEFAULT_MODEL_PATHS)  # MODEL_PATH's default
+    async with killable_bot(emulator, url, tmp_path, METRICS_PORT=str(port), MODEL_PATH=bundled_voices):
         assert "/schedule" in await emulator.ask(ALICE_CHAT, ALICE, "/help", timeout=60)
         samples = await scrape_until(port, lambda s: value(s, "speechbot_replies_sent_total", kind="text") == 1)
         assert value(samples, "speechbot_updates_total", kind="message") == 1
