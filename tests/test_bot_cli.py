@@ -200,6 +200,20 @@ def test_ctrl_c_right_after_asking_for_a_speech_ends_the_console_with_130(tmp_pa
         assert_ended_by_ctrl_c(terminal)
 
 
+def test_ctrl_c_twice_during_a_speech_still_ends_with_130_and_no_abort(tmp_path, at_a_terminal):
+    # Issue 24: a second Ctrl-C while the first one's cleanup ran (the engine's lanes stopping) aborted the
+    # process (SIGABRT) and left exit codes to chance.
+    with Terminal(tmp_path, at_a_terminal, "console") as terminal:
+        terminal.wait_for_prompt()
+        terminal.type(b"/length 3000\n")
+        terminal.wait_for_prompt("Speech length set to 3000 characters.\r\n> ")
+        terminal.type(b"/speech\n")
+        terminal.wait_for("/speech\r\n")
+        terminal.type(CTRL_C)
+        terminal.type(CTRL_C)
+        assert_ended_by_ctrl_c(terminal)
+
+
 def test_lines_typed_at_a_terminal_are_recalled_in_the_next_session(tmp_path, at_a_terminal):
     history = Path(at_a_terminal["HOME"]) / ".speechbot_history"
     piped = run_bot(tmp_path, at_a_terminal, "console", stdin="/length 33\n")
