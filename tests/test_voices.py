@@ -21,9 +21,10 @@ from bot.core.speech import Speech
 from bot.core.speechbot import ChatRef
 from bot.inference.modelfile import cuda_twin, voice_name_from_file
 from bot.inference.runner import read_model_info, serving_path
-from bot.services import Services, build_services, open_voices
+from bot.services import Services, build_services, close_engines, open_voices
 from export.__main__ import main as export_main
 from tests.conftest import HOOTING_CORPUS
+from tests.support.bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat, running_bot
 
 PRIVATE = ChatRef(7, "private")
 OTHER = ChatRef(8, "private")
@@ -191,6 +192,20 @@ async def test_forget_deletes_the_voice_with_the_chat(two_voices):
     await core.handle_text(PRIVATE, "/voice hoot")
     await core.handle_text(PRIVATE, "/forget yes")
     assert "voice: tiny-int8" in await core.handle_text(PRIVATE, "/stats")
+
+
+async def test_voice_over_telegram_admins_pick_and_everyone_hears_it(emulator, tmp_path, tiny_int8, hooting_voice):
+    voices = open_voices(config_for(tmp_path, tiny_int8, hooting_voice))
+    group = group_chat(-500)
+    emulator.admins[group["id"]] = [ALICE]
+    try:
+        async with running_bot(emulator, voices, bot_config(emulator, tmp_path / "tg.db"), Clock()):
+            assert "only this group's administrators" in await emulator.ask(group, BOB, "/voice hoot")
+            assert await emulator.ask(group, ALICE, "/voice hoot") == "Voice set to hoot. Owls only."
+            assert hooted(await emulator.ask(group, BOB, "/speech"))
+            assert not hooted(await emulator.ask(private_chat(BOB), BOB, "/speech")), "Bob's own chat: the default"
+    finally:
+        close_engines(voices)
 
 
 # ---- the command lines ----
