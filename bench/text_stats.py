@@ -66,9 +66,9 @@ def fixed(params: SamplingParams) -> Setting:
     return lambda temperature: params.with_options(temperature=temperature)
 
 
-def default_settings() -> dict[str, Setting]:
+def default_settings(min_p_floor: float = 0.0) -> dict[str, Setting]:
     """Plain sampling, each truncation and the penalty alone, the bot's sampling before its min-p
-    schedule, and the bot's default."""
+    schedule, and the bot's default for a model whose min-p floor is `min_p_floor` (docs/voices.md)."""
     bot = {name: getattr(BOT_SAMPLING, name) for name in _SETTING_FIELDS}
     return {
         "plain": fixed(SamplingParams()),
@@ -80,7 +80,7 @@ def default_settings() -> dict[str, Setting]:
             SamplingParams(repetition_penalty=BOT_SAMPLING.repetition_penalty, repeat_ngram=BOT_SAMPLING.repeat_ngram)
         ),
         BOT_FIXED: fixed(SamplingParams(**bot)),
-        BOT: bot_sampling,
+        BOT: lambda temperature: bot_sampling(temperature, min_p_floor),
     }
 
 
@@ -289,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         temperatures = tuple(SamplingParams(temperature=float(t)).temperature for t in args.temperatures.split(","))
         if args.length < 100:
             raise UsageError(f"--length must be at least 100 characters, not {args.length}")
-        settings = {} if args.only else default_settings()
-        settings |= dict(parse_setting(s) for s in args.setting)
-        if not settings:
+        if args.only and not args.setting:
             raise UsageError("--only needs at least one --setting")
         start = time.perf_counter()
         with GenerationEngine(args.model, providers="cpu", threads=1, lanes=1, max_queue=1024) as engine:
+            settings = {} if args.only else default_settings(engine.info.min_p_floor)
+            settings |= dict(parse_setting(s) for s in args.setting)
             index = TrainingIndex(training_text(args.train, engine.cleaning))
             rows = measure(engine, index, settings, args.length, seeds, temperatures)
         seconds = time.perf_counter() - start

@@ -216,13 +216,14 @@ def voice_engine(config: Config, name: str) -> GenerationEngine:
 def generate(config: Config, args: argparse.Namespace) -> None:
     from bot.core.speech import compose_speech, reply_room
 
-    try:
-        sampling = SamplingParams.from_args(args, base=bot_sampling(args.temperature))
-    except InvalidSampling as exc:
-        raise ConfigError(exc.as_flag()) from None
     prompt = args.prompt if args.prompt_file is None else read_prompt(args.prompt_file)
     engine = open_engine(config, args.model) if args.voice is None else voice_engine(config, args.voice)
     try:
+        try:
+            base = bot_sampling(args.temperature, engine.info.min_p_floor)  # as the bot samples this model
+            sampling = SamplingParams.from_args(args, base=base)
+        except InvalidSampling as exc:
+            raise ConfigError(exc.as_flag()) from None
         text = engine.generate(
             prompt,
             args.length,

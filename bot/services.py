@@ -68,7 +68,7 @@ def open_voices(config: Config, metrics: Metrics = NO_METRICS) -> Voices:
         for path in config.model_paths:
             engine = open_engine(config, path, metrics)
             name = engine.info.voice_name or voice_name_from_file(path)
-            opened.append(Voice(name, engine.info.voice_description, engine))
+            opened.append(Voice(name, engine.info.voice_description, engine, engine.info.min_p_floor))
             if name in files:
                 raise ConfigError(
                     f"MODEL_PATH serves two voices named {name!r} ({files[name]} and {path}); "
@@ -231,7 +231,7 @@ def build_application(
         application.bot,
         store,
         inbox,
-        write=lambda settings: daily_speech(metered.pick(settings.voice).engine, settings),
+        write=lambda settings: daily_speech(metered.pick(settings.voice), settings),
         show_typing=progress.typing,
         grace=timedelta(minutes=config.missed_post_grace_minutes),
         clock=clock,

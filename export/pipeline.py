@@ -22,6 +22,8 @@ from bot.inference.modelfile import (
     FP16_WEIGHTS,
     INT8_UNSIGNED_WEIGHTS,
     INT8_WEIGHTS,
+    MIN_P_FLOOR_KEY,
+    MIN_P_FLOOR_MAX,
     VOICE_DESCRIPTION_KEY,
     VOICE_NAME_KEY,
     WEIGHT_STORAGE_KEY,
@@ -75,20 +77,35 @@ def add_voice_arguments(parser: argparse.ArgumentParser, default_name: str) -> N
         help=f"what users type after /voice to pick this model when the bot serves several (default: {default_name})",
     )
     parser.add_argument("--voice-description", metavar="TEXT", help="one line that /voice shows beside the name")
+    parser.add_argument(
+        "--min-p-floor",
+        type=float,
+        metavar="P",
+        help=f"the least min-p the bot samples this model with at high temperatures, 0 to {MIN_P_FLOOR_MAX:g}: for a "
+        "network that writes too few real words at temperature 2 (docs/voices.md; default: "
+        f"{'unchanged' if default_name == 'unchanged' else 'none, the bot schedule alone'})",
+    )
 
 
-def voice_props(name: str | None, description: str | None) -> dict[str, str]:
-    """The metadata that names a voice (nothing for what is None), checked as the bot checks it when it loads
-    the file: a UsageError that says what is valid otherwise."""
+def voice_props(name: str | None, description: str | None, min_p_floor: float | None = None) -> dict[str, str]:
+    """The metadata that describes a voice (nothing for what is None), checked as the bot checks it when it
+    loads the file: a UsageError that says what is valid otherwise."""
+    given = {VOICE_NAME_KEY: name, VOICE_DESCRIPTION_KEY: description, MIN_P_FLOOR_KEY: min_p_floor}
+    props = {key: str(value) for key, value in given.items() if value is not None}
     try:
-        check_voice(name, description or "")
+        check_voice(props.get(VOICE_NAME_KEY), props.get(VOICE_DESCRIPTION_KEY, ""), props.get(MIN_P_FLOOR_KEY))
     except MetadataError as error:
-        flag = "--voice-name" if VOICE_NAME_KEY in str(error) else "--voice-description"
+        flag = next(flag for key, flag in VOICE_FLAGS.items() if key in str(error))
         raise UsageError(f"{flag}: {str(error).removeprefix('its ')}") from None
-    props = {VOICE_NAME_KEY: name} if name is not None else {}
-    if description is not None:
-        props[VOICE_DESCRIPTION_KEY] = description
     return props
+
+
+# The flag that sets each voice metadata key, to name it in an error.
+VOICE_FLAGS = {
+    VOICE_NAME_KEY: "--voice-name",
+    VOICE_DESCRIPTION_KEY: "--voice-description",
+    MIN_P_FLOOR_KEY: "--min-p-floor",
+}
 
 
 class ExportError(ValueError):
@@ -191,11 +208,12 @@ def export_checkpoint(
     text: str | None = None,
     voice_name: str | None = None,
     voice_description: str | None = None,
+    min_p_floor: float | None = None,
 ):
     paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
     # Checked before the minutes of building and verifying, and never over an input.
     output = check_output_file(output, "output", [*paths, *([text] if text else [])])
-    voice = voice_props(voice_name, voice_description)  # checked before the minutes of work below
+    voice = voice_props(voice_name, voice_description, min_p_floor)  # checked before the minutes of work below
     net, ckpts = load_models(paths)
     info = info_from_checkpoints(ckpts, precision)
     info = dataclasses.replace(info, extra=info.extra | voice)
@@ -216,7 +234,7 @@ def export_checkpoint(
 def main(args: argparse.Namespace) -> None:
     precision = "int8" if args.int8 else "fp16" if args.fp16 else FP16_WEIGHTS if args.fp16_weights else "fp32"
     result = export_checkpoint(
-        args.checkpoints, args.output, precision, args.text, args.voice_name, args.voice_description
+        args.checkpoints, args.output, precision, args.text, args.voice_name, args.voice_description, args.min_p_floor
     )
     print(f"wrote {result.path} ({result.precision}, {result.size_bytes / 1e6:.2f} MB, one file)")
     if result.check is None:

@@ -1,4 +1,4 @@
-"""`python -m export voice MODEL.onnx --voice-name NAME`: name (and describe) the voice of an exported model file.
+"""`python -m export voice MODEL.onnx --voice-name NAME`: name and describe the voice of an exported model file.
 
 Rewrites the file's metadata only, graph and weights untouched, so a model exported before it was meant as
 a voice, or two files that would share a name, can be served side by side (docs/voices.md). The file is
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from bot.inference.modelfile import VOICE_NAME_KEY, voice_name_from_file
+from bot.inference.modelfile import MIN_P_FLOOR_KEY, VOICE_NAME_KEY, voice_name_from_file
 from bot.inference.runner import read_model_info
 from export.pipeline import add_voice_arguments, voice_props, write_atomically
 from model.cli import UsageError, check_output_file
@@ -30,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def rename_voice(path: Path, output: Path, name: str | None, description: str | None) -> None:
-    props = voice_props(name, description)
+def rename_voice(
+    path: Path, output: Path, name: str | None, description: str | None, min_p_floor: float | None = None
+) -> None:
+    props = voice_props(name, description, min_p_floor)
     data, _ = read_model_info(path)  # a ModelFileError unless the bot would serve it
     model = onnx.load_model_from_string(data)
     kept = {prop.key: prop.value for prop in model.metadata_props} | props
@@ -42,17 +44,18 @@ def rename_voice(path: Path, output: Path, name: str | None, description: str | 
 
 def main(args: argparse.Namespace) -> None:
     path = Path(args.model)
-    if args.voice_name is None and args.voice_description is None:
+    if args.voice_name is None and args.voice_description is None and args.min_p_floor is None:
         _, info = read_model_info(path)
         name = info.voice_name or f"{voice_name_from_file(path)} (from the file's name: it has no {VOICE_NAME_KEY})"
-        print(f"voice: {name}\ndescription: {info.voice_description or '(none)'}")
+        floor = f"{info.min_p_floor:g}" if MIN_P_FLOOR_KEY in info.extra else "(none: the bot's schedule alone)"
+        print(f"voice: {name}\ndescription: {info.voice_description or '(none)'}\nmin-p floor: {floor}")
         return
     output = Path(args.output) if args.output else path
     if args.output:
         check_output_file(output, "--output", [path])
     elif not path.is_file():
         raise UsageError(f"{path} is not a file; give a model written by `python -m export`")
-    rename_voice(path, output, args.voice_name, args.voice_description)
+    rename_voice(path, output, args.voice_name, args.voice_description, args.min_p_floor)
     _, info = read_model_info(output)
     name = info.voice_name or voice_name_from_file(output)
     print(f"wrote {output}: voice {name}, {info.voice_description or 'no description'}")

@@ -135,17 +135,19 @@ BOT_SAMPLING = SamplingParams(temperature=0.8, min_p=0.1, repetition_penalty=3.0
 MIN_P_LOOSENS_ABOVE = 1.0
 
 
-def bot_sampling(temperature: float = BOT_SAMPLING.temperature) -> SamplingParams:
+def bot_sampling(temperature: float = BOT_SAMPLING.temperature, min_p_floor: float = 0.0) -> SamplingParams:
     """The bot's sampling at `temperature`: BOT_SAMPLING, whose min-p loosens as the temperature rises
-    past MIN_P_LOOSENS_ABOVE (0.1 up to 1, 0.044 at 1.5, 0.025 at 2).
+    past MIN_P_LOOSENS_ABOVE (0.1 up to 1, 0.044 at 1.5, 0.025 at 2), never below `min_p_floor`.
 
     A fixed min-p lets a hot speech choose only among the characters it would have chosen among at
     temperature 1, only more evenly, so 2 wrote much what 1.2 did; loosening it lets in the rarer
     words that make a hot speech wild, while the real-word rate stays at least 0.95 (docs/quality.md,
     "The temperature knob"). Every caller of the engine asks through this, so the bot has one sampling.
+    A weaker network writes fewer real words at a given min-p, so a voice may stop the loosening sooner
+    (its model file's min_p_floor, bot.core.voices.Voice.sampling; docs/voices.md).
     """
     loosening = min(1.0, MIN_P_LOOSENS_ABOVE / temperature) ** 2 if temperature > 0 else 1.0
-    return BOT_SAMPLING.with_options(temperature=temperature, min_p=BOT_SAMPLING.min_p * loosening)
+    return BOT_SAMPLING.with_options(temperature=temperature, min_p=max(min_p_floor, BOT_SAMPLING.min_p * loosening))
 
 
 def repetition_start(tokens: Sequence[int], pad: int) -> tuple[np.ndarray, np.ndarray]:

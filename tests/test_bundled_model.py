@@ -137,11 +137,12 @@ def test_the_bundled_voices_are_served_on_cuda_as_their_fp32_twins():
     assert serving_path(Path("mine.onnx"), "cuda", cuda) == Path("mine.onnx")
 
 
-# Each bundled voice (docs/voices.md): its name, the texts it was trained on, and the val bits/char its
-# metadata must stay below (docs/default-model.md, docs/voices.md).
+# Each bundled voice (docs/voices.md): its name, the texts it was trained on, the val bits/char its metadata
+# must stay below (docs/default-model.md, docs/voices.md) and its min-p floor (docs/voices.md: the least that
+# keeps its real-word rate at 0.95 at temperature 2).
 BUNDLED_VOICES = {
-    "rally": ([SPEECHES_SHA256, RALLIES_SHA256], 1.35),
-    "classic": ([SPEECHES_SHA256], 1.52),
+    "rally": ([SPEECHES_SHA256, RALLIES_SHA256], 1.35, 0.0),
+    "classic": ([SPEECHES_SHA256], 1.52, 0.05),
 }
 
 
@@ -157,10 +158,10 @@ def test_each_bundled_voice_has_a_cuda_twin_that_is_its_network_in_fp32(path, ca
     caplog.set_level(logging.INFO, logger="bot.inference.runner")
     _, int8 = read_model_info(path)
     _, twin = read_model_info(cuda_twin(path))
-    corpora, val_bpc_max = BUNDLED_VOICES[int8.voice_name]
-    assert int8.corpus_sha256 == corpora and int8.voice_description
+    corpora, val_bpc_max, min_p_floor = BUNDLED_VOICES[int8.voice_name]
+    assert int8.corpus_sha256 == corpora and int8.voice_description and int8.min_p_floor == min_p_floor
     assert (twin.precision, twin.weight_storage) == ("fp32", "fp16")  # fp32 arithmetic: CUDA's LSTM runs it
-    for field in ("vocab", "cleaning", "unknown_policy", "model_config", "corpus_sha256", "voice_name"):
+    for field in ("vocab", "cleaning", "unknown_policy", "model_config", "corpus_sha256", "voice_name", "min_p_floor"):
         assert getattr(twin, field) == getattr(int8, field), field
     assert int8.val_bpc is not None and twin.val_bpc is not None and max(int8.val_bpc, twin.val_bpc) < val_bpc_max
     # The same network: on one text, the two files' bits per character agree within the int8 rounding.

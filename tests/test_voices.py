@@ -19,10 +19,11 @@ from bot.__main__ import main as bot_main
 from bot.config import Config, ConfigError, model_files
 from bot.core.speech import Speech
 from bot.core.speechbot import ChatRef
-from bot.inference.modelfile import cuda_twin, voice_name_from_file
+from bot.inference.modelfile import MetadataError, cuda_twin, parse_props, voice_name_from_file
 from bot.inference.runner import read_model_info, serving_path
 from bot.services import Services, build_services, close_engines, open_voices
 from export.__main__ import main as export_main
+from model.sampling import bot_sampling
 from tests.conftest import HOOTING_CORPUS
 from tests.support.bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat, running_bot
 
@@ -208,6 +209,25 @@ async def test_voice_over_telegram_admins_pick_and_everyone_hears_it(emulator, t
         close_engines(voices)
 
 
+def test_a_voice_can_keep_its_hot_speeches_readable_with_a_min_p_floor(tmp_path, tiny_int8, capsys):
+    assert bot_sampling(2.0).min_p == pytest.approx(0.025), "the bot's own schedule"
+    assert bot_sampling(2.0, 0.05).min_p == 0.05 and bot_sampling(0.9, 0.05).min_p == 0.1, "a floor, not a ceiling"
+    floored = tmp_path / "floored.onnx"
+    export_main(["voice", str(tiny_int8), "--min-p-floor", "0.05", "-o", str(floored)])
+    assert read_model_info(floored)[1].min_p_floor == 0.05 and read_model_info(tiny_int8)[1].min_p_floor == 0.0
+    voices = open_voices(config_for(tmp_path, tiny_int8, floored))
+    try:
+        assert [voice.min_p_floor for voice in voices] == [0.0, 0.05]
+        assert [voice.sampling(2.0).min_p for voice in voices] == [pytest.approx(0.025), 0.05]
+    finally:
+        close_engines(voices)
+    with pytest.raises(SystemExit):
+        export_main(["voice", str(floored), "--min-p-floor", "0.5"])
+    assert "--min-p-floor: min_p_floor '0.5' is not a number from 0 to 0.1" in capsys.readouterr().err
+    with pytest.raises(MetadataError, match="min_p_floor 'high' is not a number"):
+        parse_props(read_model_info(floored)[1].to_props() | {"min_p_floor": "high"})
+
+
 # ---- the command lines ----
 
 
@@ -219,7 +239,7 @@ def test_export_voice_names_a_model_file_and_refuses_bad_names(tmp_path, tiny_in
     assert (info.voice_name, info.voice_description) == ("calm", "Slow.")
     assert info.vocab == read_model_info(tiny_int8)[1].vocab, "the network is the same"
     export_main(["voice", str(renamed)])
-    assert capsys.readouterr().out == "voice: calm\ndescription: Slow.\n"
+    assert capsys.readouterr().out == "voice: calm\ndescription: Slow.\nmin-p floor: (none: the bot's schedule alone)\n"
     with pytest.raises(SystemExit) as exit_info:
         export_main(["voice", str(renamed), "--voice-name", "Big Voice"])
     assert exit_info.value.code == 2

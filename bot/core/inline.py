@@ -20,8 +20,8 @@ from bot.core.bounds import (
     PROMPT_MAX,
 )
 from bot.core.speech import compose_speech
-from bot.inference.api import Engine, EngineBusy
-from model.sampling import bot_sampling
+from bot.core.voices import Voice
+from bot.inference.api import EngineBusy
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,14 @@ class InlineSpeeches:
         self._running: dict[int, asyncio.Task] = {}  # each user's batch still running
         self._limits: OrderedDict[int, AsyncLimiter] = OrderedDict()
 
-    async def answer(self, user_id: int, query: str, engine: Engine) -> list[InlineSpeech] | None:
-        """One speech per INLINE_STYLES by `engine`, continuing `query`, at most INLINE_LENGTH characters after it and
+    async def answer(self, user_id: int, query: str, voice: Voice) -> list[InlineSpeech] | None:
+        """One speech per INLINE_STYLES in `voice`, continuing `query`, at most INLINE_LENGTH characters after it and
         ending on a sentence, made in one engine batch. None when a newer query of the same user superseded
         this one (its engine requests are cancelled); [] when the engine is too busy."""
         previous = self._running.get(user_id)
         if previous is not None:
             previous.cancel()  # the engine drops its requests at their next chunk
-        task = asyncio.ensure_future(self._batch(user_id, query.strip()[:PROMPT_MAX], engine))
+        task = asyncio.ensure_future(self._batch(user_id, query.strip()[:PROMPT_MAX], voice))
         self._running[user_id] = task
         try:
             await asyncio.wait([task])
@@ -57,15 +57,15 @@ class InlineSpeeches:
                 del self._running[user_id]
         return None if task.cancelled() else task.result()
 
-    async def _batch(self, user_id: int, prompt: str, engine: Engine) -> list[InlineSpeech]:
+    async def _batch(self, user_id: int, prompt: str, voice: Voice) -> list[InlineSpeech]:
         await self._limit(user_id).acquire()
         # Submitted together, the three requests join one batch of the engine.
         requests = [
             asyncio.ensure_future(
-                engine.agenerate(
+                voice.engine.agenerate(
                     prompt,
                     INLINE_LENGTH,
-                    sampling=bot_sampling(temperature),
+                    sampling=voice.sampling(temperature),
                     end_sentence=True,
                     max_chars=INLINE_LENGTH,
                 )

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from bot.core.bounds import MESSAGE_MAX, TEMPERATURE_STEP
 from bot.core.commands import ArgumentError, parse_temperature
-from bot.inference.api import Engine
+from bot.core.voices import Voice
 from db.store import ChatSettings
-from model.sampling import TEMPERATURE_MAX, TEMPERATURE_MIN, bot_sampling
+from model.sampling import TEMPERATURE_MAX, TEMPERATURE_MIN
 
 CHOICE_PREFIX = "speech:"  # callback data of the buttons under a speech: CHOICE_PREFIX + temperature
 STALE_CHOICE = "That button no longer works. Send /speech for a new speech."
@@ -75,12 +75,13 @@ def reply_room(prompt: str) -> int:
     return max(1, MESSAGE_MAX - len(prompt))
 
 
-async def daily_speech(engine: Engine, settings: ChatSettings) -> Speech:
-    """A chat's scheduled post, at its length and temperature; no cooldown, since the schedule limits it."""
-    continuation = await engine.agenerate(
+async def daily_speech(voice: Voice, settings: ChatSettings) -> Speech:
+    """A chat's scheduled post in `voice`, at its length and temperature; no cooldown, since the schedule
+    limits it."""
+    continuation = await voice.engine.agenerate(
         "",
         settings.length,
-        sampling=bot_sampling(settings.temperature),
+        sampling=voice.sampling(settings.temperature),
         end_sentence=True,
         max_chars=reply_room(""),
     )

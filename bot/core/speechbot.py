@@ -59,7 +59,7 @@ from bot.inference.api import Engine, EngineBusy
 from db.database import describe, is_read_only
 from db.models import utc_now
 from db.store import ChatSettings, ChatStore
-from model.sampling import TEMPERATURE_RANGE, SamplingParams, bot_sampling
+from model.sampling import TEMPERATURE_RANGE, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +250,11 @@ class SpeechBot:
                 voice = self._voice_of(await self.store.find(user_id))
             except SQLAlchemyError as error:  # a speech in the default voice beats none
                 log.warning("Inline speeches in the default voice: the database failed: %s", describe(error))
-        return await self.inline.answer(user_id, query, voice.engine)
+        return await self.inline.answer(user_id, query, voice)
 
     async def daily_speech(self, settings: ChatSettings) -> Speech:
         """The chat's scheduled post (bot.core.speech.daily_speech), in its voice."""
-        return await daily_speech(self._voice_of(settings).engine, settings)
+        return await daily_speech(self._voice_of(settings), settings)
 
     async def overheard(self, chat: ChatRef, text: str, show_typing: TypingIndicator = _no_typing) -> Speech | None:
         """An ordinary message in a group that nobody addressed to the bot (nor a bot sent): mostly None; now
@@ -268,11 +268,12 @@ class SpeechBot:
             if settings is None:
                 return None  # within the gap, over today's cap, cooling down, quiet or off after all
             try:
+                voice = self._voice_of(settings)
                 async with show_typing():
-                    continuation = await self._voice_of(settings).engine.agenerate(
+                    continuation = await voice.engine.agenerate(
                         self.chatter.recent.prompt(chat.id),
                         min(settings.length, INTERJECTION_LENGTH),
-                        sampling=bot_sampling(settings.temperature),
+                        sampling=voice.sampling(settings.temperature),
                         end_sentence=True,
                         max_chars=reply_room(""),
                     )
@@ -317,8 +318,9 @@ class SpeechBot:
         temperature = settings.temperature if temperature is None else temperature
         try:
             async with show_typing() as on_text:
+                voice = self._voice_of(settings)
                 continuation = await self._continue(
-                    self._voice_of(settings).engine, prompt, settings.length, bot_sampling(temperature), on_text
+                    voice.engine, prompt, settings.length, voice.sampling(temperature), on_text
                 )
         except EngineBusy:
             self.on_busy()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from bot.inference.api import Engine
+from model.sampling import SamplingParams, bot_sampling
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,11 @@ class Voice:
     name: str  # as users type it after /voice (bot.inference.modelfile.VOICE_NAME_FORMAT)
     description: str  # one line, may be empty
     engine: Engine
+    min_p_floor: float = 0.0  # its model file's (bot.inference.modelfile.MIN_P_FLOOR_KEY)
+
+    def sampling(self, temperature: float) -> SamplingParams:
+        """The bot's sampling at `temperature` for this voice (model.sampling.bot_sampling)."""
+        return bot_sampling(temperature, self.min_p_floor)
 
 
 class Voices:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.sampling import BOT_SAMPLING
 from model.text import CleaningOptions, Vocab, text_to_ids
 
 # The bundled voices (docs/voices.md), the default one first. Each comes twice: int8 for the CPU provider,
@@ -66,6 +67,10 @@ VOICE_DESCRIPTION_KEY = "voice_description"
 VOICE_NAME_FORMAT = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 VOICE_NAME_RULE = "1-32 of a-z 0-9 _ -, starting with a letter or digit"
 VOICE_DESCRIPTION_MAX = 200
+# The least min-p the bot's sampling loosens to for this model at high temperatures (model.sampling.bot_sampling):
+# a voice that writes too few real words at temperature 2 with the bot's own schedule gets a higher one.
+MIN_P_FLOOR_KEY = "min_p_floor"
+MIN_P_FLOOR_MAX = BOT_SAMPLING.min_p  # the schedule starts there: a higher floor would tighten the bot's default
 
 
 def voice_name_from_file(path: Path) -> str:
@@ -139,6 +144,11 @@ class ModelInfo:
         return self.extra.get(VOICE_NAME_KEY)
 
     @property
+    def min_p_floor(self) -> float:
+        """The least min-p the bot samples this model with (0: the bot's schedule alone); see MIN_P_FLOOR_KEY."""
+        return float(self.extra.get(MIN_P_FLOOR_KEY, 0.0))
+
+    @property
     def voice_description(self) -> str:
         """Its one-line description for /voice; empty if its exporter gave none."""
         return self.extra.get(VOICE_DESCRIPTION_KEY, "")
@@ -179,14 +189,23 @@ def _json_field(props: dict[str, str], key: str, kind: type):
     return value
 
 
-def check_voice(name: str | None, description: str) -> None:
-    """A MetadataError unless `name` (None: none given) and `description` can name a voice."""
+def check_voice(name: str | None, description: str, min_p_floor: str | None = None) -> None:
+    """A MetadataError unless `name` (None: none given), `description` and `min_p_floor` (None: none) can
+    describe a voice."""
     if name is not None and not VOICE_NAME_FORMAT.fullmatch(name):
         raise MetadataError(f"its {VOICE_NAME_KEY} {name!r} is not valid: use {VOICE_NAME_RULE}")
     if len(description) > VOICE_DESCRIPTION_MAX or "\n" in description:
         raise MetadataError(
             f"its {VOICE_DESCRIPTION_KEY} must be one line of at most {VOICE_DESCRIPTION_MAX} characters"
         )
+    if min_p_floor is None:
+        return
+    try:
+        floor = float(min_p_floor)
+    except ValueError:
+        floor = -1.0
+    if not 0 <= floor <= MIN_P_FLOOR_MAX:
+        raise MetadataError(f"its {MIN_P_FLOOR_KEY} {min_p_floor!r} is not a number from 0 to {MIN_P_FLOOR_MAX:g}")
 
 
 def parse_props(props: dict[str, str]) -> ModelInfo:
@@ -221,7 +240,7 @@ def parse_props(props: dict[str, str]) -> ModelInfo:
         raise MetadataError(
             f"its {WEIGHT_STORAGE_KEY} {storage!r} is not valid: only an fp32 file stores 'fp16' weights"
         )
-    check_voice(props.get(VOICE_NAME_KEY), props.get(VOICE_DESCRIPTION_KEY, ""))
+    check_voice(props.get(VOICE_NAME_KEY), props.get(VOICE_DESCRIPTION_KEY, ""), props.get(MIN_P_FLOOR_KEY))
     try:
         val_bpc = float(props["val_bpc"]) if props["val_bpc"] else None
     except ValueError as exc:
