@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import shutil
-from datetime import time
+from datetime import time, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from export.__main__ import main as export_main
 from model.sampling import bot_sampling
 from tests.conftest import HOOTING_CORPUS
 from tests.support.bot_harness import ALICE, BOB, Clock, bot_config, group_chat, private_chat, running_bot
+from tests.test_bot_scheduling import daily_job
 
 PRIVATE = ChatRef(7, "private")
 OTHER = ChatRef(8, "private")
@@ -205,6 +206,22 @@ async def test_voice_over_telegram_admins_pick_and_everyone_hears_it(emulator, t
             assert await emulator.ask(group, ALICE, "/voice hoot") == "Voice set to hoot. Owls only."
             assert hooted(await emulator.ask(group, BOB, "/speech"))
             assert not hooted(await emulator.ask(private_chat(BOB), BOB, "/speech")), "Bob's own chat: the default"
+    finally:
+        close_engines(voices)
+
+
+async def test_a_daily_post_over_telegram_is_in_the_chats_voice(emulator, tmp_path, tiny_int8, hooting_voice):
+    voices = open_voices(config_for(tmp_path, tiny_int8, hooting_voice))
+    chat, clock = private_chat(ALICE), Clock()
+    try:
+        async with running_bot(emulator, voices, bot_config(emulator, tmp_path / "tg.db"), clock) as application:
+            await emulator.ask(chat, ALICE, "/voice hoot")
+            await emulator.ask(chat, ALICE, f"/schedule {clock.now + timedelta(minutes=30):%H:%M}")
+            clock.advance(minutes=30)
+            before = len(emulator.sent(chat_id=chat["id"]))
+            await daily_job(application, chat["id"]).run(application)
+            post = emulator.sent(chat_id=chat["id"])[before:]
+            assert len(post) == 1 and hooted(post[0].params["text"]), post
     finally:
         close_engines(voices)
 
