@@ -207,8 +207,8 @@ async def test_python_m_bot_run_serves_metrics_and_a_port_in_use_is_one_error_li
         assert value(samples, "speechbot_updates_total", kind="message") == 1
         assert value(samples, "speechbot_bot_api_calls_total", method="setMyCommands", outcome="ok") == 1
         assert value(samples, "speechbot_model_info", **BUNDLED_MODEL) == 1
-        classic = BUNDLED_MODEL | {"voice": "classic", "file": "speeches.onnx"}
-        assert value(samples, "speechbot_model_info", **classic) == 1, "each voice has its own"
+        speeches_voice = BUNDLED_MODEL | {"voice": "speeches", "file": "speeches.onnx"}
+        assert value(samples, "speechbot_model_info", **speeches_voice) == 1, "each voice has its own"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

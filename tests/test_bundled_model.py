@@ -142,7 +142,7 @@ def test_the_bundled_voices_are_served_on_cuda_as_their_fp32_twins():
 # keeps its real-word rate at 0.95 at temperature 2).
 BUNDLED_VOICES = {
     "rally": ([SPEECHES_SHA256, RALLIES_SHA256], 1.35, 0.0),
-    "classic": ([SPEECHES_SHA256], 1.52, 0.05),
+    "speeches": ([SPEECHES_SHA256], 1.52, 0.05),
 }
 
 
