@@ -17,7 +17,7 @@ from model.checkpoint import Checkpoint
 from model.dataset import load_dataset
 from model.evaluate import evaluate_ids
 from model.model import nats_to_bits
-from tests.support.tiny_model import TINY_CORPUS, train_tiny
+from tests.support.tiny_model import TINY_CORPUS, prepare_tiny, train_tiny
 from tests.test_model_inputs import TINY, one_line_error
 
 ITERATIONS = (40, 60, 80)
@@ -25,10 +25,7 @@ ITERATIONS = (40, 60, 80)
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("average")
-    (root / "corpus.txt").write_text(TINY_CORPUS, encoding="utf-8")
-    model_main(["prepare", "--input", str(root / "corpus.txt"), "--out", str(root / "ds"), "--batch-size", "2"])
-    return root / "ds"
+    return prepare_tiny(tmp_path_factory.mktemp("average"), batch_size=2)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from model.config import TrainConfig
 from model.dataset import load_dataset
 from model.plot import read_metrics
 from model.train import build_parser
-from tests.support.tiny_model import TINY_CORPUS
+from tests.support.tiny_model import TINY_CORPUS, prepare_tiny
 
 torch.set_num_threads(1)
 
@@ -33,10 +33,7 @@ TINY += ["--warmup-iters", "2", "--sample-every", "0", "--no-tensorboard", "--no
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("inputs")
-    (root / "corpus.txt").write_text(TINY_CORPUS, encoding="utf-8")
-    model_main(["prepare", "--input", str(root / "corpus.txt"), "--out", str(root / "ds"), "--batch-size", "4"])
-    return root / "ds"
+    return prepare_tiny(tmp_path_factory.mktemp("inputs"), batch_size=4)
 
 
 @pytest.fixture(scope="module")

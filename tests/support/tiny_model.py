@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from model.__main__ import main as model_main
 from model.checkpoint import Checkpoint
 from model.model import CharRNN, ModelConfig
 from model.text import CleaningOptions, Vocab, clean_text
@@ -18,6 +19,14 @@ TINY_CORPUS = (
     "We will win so much, you'll get tired of winning. Believe me, folks. Who pays for the wall? Mexico.\n"
     "Our jobs are leaving; our trade deals are terrible. It’s true. We're going to bring them back.\n"
 ) * 8
+
+
+def prepare_tiny(root: Path, batch_size: int) -> Path:
+    """TINY_CORPUS prepared by `python -m model prepare` (checked for `batch_size` streams) into root/ds."""
+    corpus, out = root / "corpus.txt", root / "ds"
+    corpus.write_text(TINY_CORPUS, encoding="utf-8")
+    model_main(["prepare", "--input", str(corpus), "--out", str(out), "--batch-size", str(batch_size)])
+    return out
 
 
 def train_tiny(
