@@ -55,11 +55,11 @@ from bot.core.groups import (
 from bot.core.inline import InlineSpeech, InlineSpeeches
 from bot.core.speech import Speech, compose_speech, daily_speech, parse_choice, reply_room
 from bot.core.voices import Voice, Voices
-from bot.inference.api import Engine, EngineBusy
+from bot.inference.api import EngineBusy
 from db.database import describe, is_read_only
 from db.models import utc_now
 from db.store import ChatSettings, ChatStore
-from model.sampling import TEMPERATURE_RANGE, SamplingParams
+from model.sampling import TEMPERATURE_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -318,9 +318,8 @@ class SpeechBot:
         temperature = settings.temperature if temperature is None else temperature
         try:
             async with show_typing() as on_text:
-                voice = self._voice_of(settings)
                 continuation = await self._continue(
-                    voice.engine, prompt, settings.length, voice.sampling(temperature), on_text
+                    self._voice_of(settings), prompt, settings.length, temperature, on_text
                 )
         except EngineBusy:
             self.on_busy()
@@ -330,16 +329,11 @@ class SpeechBot:
         return Speech(compose_speech(prompt, continuation), temperature)
 
     async def _continue(
-        self,
-        engine: Engine,
-        prompt: str,
-        length: int,
-        sampling: SamplingParams,
-        on_text: Callable[[str], object] | None,
+        self, voice: Voice, prompt: str, length: int, temperature: float, on_text: Callable[[str], object] | None
     ) -> str:
-        """The engine's continuation of `prompt`, ended as a speech ends within one message; with `on_text`,
+        """`voice`'s continuation of `prompt`, ended as a speech ends within one message; with `on_text`,
         streamed: it is called with the speech so far after every chunk the engine makes."""
-        room = reply_room(prompt)
+        engine, sampling, room = voice.engine, voice.sampling(temperature), reply_room(prompt)
         if on_text is None:
             return await engine.agenerate(prompt, length, sampling=sampling, end_sentence=True, max_chars=room)
         parts: list[str] = []
