@@ -15,7 +15,7 @@ import onnx
 from bot.inference.modelfile import MIN_P_FLOOR_KEY, VOICE_NAME_KEY, voice_name_from_file
 from bot.inference.runner import read_model_info
 from export.pipeline import add_voice_arguments, voice_props, write_atomically
-from model.cli import UsageError, check_output_file
+from model.cli import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +53,6 @@ def main(args: argparse.Namespace) -> None:
     output = Path(args.output) if args.output else path
     if args.output:
         check_output_file(output, "--output", [path])
-    elif not path.is_file():
-        raise UsageError(f"{path} is not a file; give a model written by `python -m export`")
     rename_voice(path, output, args.voice_name, args.voice_description, args.min_p_floor)
     _, info = read_model_info(output)
     name = info.voice_name or voice_name_from_file(output)
