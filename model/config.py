@@ -35,6 +35,12 @@ class TrainConfig:
     wordvec_size: int = option(64, "character embedding size", MODEL)
     dropout: float = option(0.4, "dropout between layers and before the decoder, in [0, 1)", MODEL)
     weight_drop: float = option(0.3, "DropConnect on the recurrent matrices while training, in [0, 1)", MODEL)
+    embed_drop: float = option(
+        0.0, "embedding dropout while training: whole characters' vectors dropped per batch, in [0, 1)", MODEL
+    )
+    input_drop: float = option(
+        0.0, "variational dropout on the embedded input while training (one mask per stream), in [0, 1)", MODEL
+    )
     init: str = option("default", "weight initialisation", MODEL, choices=INIT_SCHEMES)
     init_std: float = option(0.05, "standard deviation for --init normal", MODEL)
     batch_size: int = option(32, "parallel streams per batch", OPTIM)
@@ -106,6 +112,8 @@ class TrainConfig:
         in_range = {  # name: (low, high, whether high itself is allowed)
             "dropout": (0.0, 1.0, False),
             "weight_drop": (0.0, 1.0, False),
+            "embed_drop": (0.0, 1.0, False),
+            "input_drop": (0.0, 1.0, False),
             "min_lr_frac": (0.0, 1.0, True),
             "lr_decay_factor": (0.0, 1.0, True),
             "momentum": (0.0, 1.0, False),
@@ -139,6 +147,8 @@ class TrainConfig:
             wordvec_size=self.wordvec_size,
             dropout=self.dropout,
             weight_drop=self.weight_drop,
+            embed_drop=self.embed_drop,
+            input_drop=self.input_drop,
         )
 
     def to_dict(self) -> dict:

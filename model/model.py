@@ -27,6 +27,12 @@ class ModelConfig:
     # DropConnect on the hidden-to-hidden matrices while training (AWD-LSTM's weight drop). It
     # regularises the recurrence itself, which plain dropout between layers leaves untouched.
     weight_drop: float = 0.0
+    # AWD-LSTM's embedding dropout: whole characters' vectors dropped for a batch, so the network
+    # cannot lean on any one character's embedding.
+    embed_drop: float = 0.0
+    # Variational ("locked") dropout on the LSTM's input: one mask per stream, the same at every time
+    # step, which regularises without the step-to-step noise that plain dropout adds to a recurrence.
+    input_drop: float = 0.0
 
     def __post_init__(self) -> None:
         if self.model_type not in RNN_TYPES:
@@ -34,7 +40,7 @@ class ModelConfig:
         for name in ("vocab_size", "rnn_size", "num_layers", "wordvec_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer")
-        for name in ("dropout", "weight_drop"):
+        for name in ("dropout", "weight_drop", "embed_drop", "input_drop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name.replace('_', '-')} must be in [0, 1), not {getattr(self, name)}")
 
@@ -69,8 +75,21 @@ class CharRNN(nn.Module):
     def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         if state is None:
             state = self.initial_state(tokens.shape[0], tokens.device)
-        output, state = self._recur(self.embedding(tokens), state)
+        output, state = self._recur(self._embed(tokens), state)
         return self.decoder(self.drop(output)), state
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.embedding(tokens)
+        weight = self.embedding.weight
+        if self.config.embed_drop > 0:
+            keep = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - self.config.embed_drop)
+            weight = weight * keep / (1 - self.config.embed_drop)
+        vectors = F.embedding(tokens, weight)
+        if self.config.input_drop > 0:
+            keep = vectors.new_empty(vectors.shape[0], 1, vectors.shape[2]).bernoulli_(1 - self.config.input_drop)
+            vectors = vectors * keep / (1 - self.config.input_drop)
+        return vectors
 
     def _recur(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         if not (self.training and self.config.weight_drop > 0):

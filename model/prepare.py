@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from model.cli import UsageError, command_parser, read_utf8_text, writable_dir
-from model.dataset import split_sizes, write_dataset
+from model.dataset import load_dataset, split_sizes, write_dataset
 from model.text import CAPS_POLICIES, UNKNOWN_POLICIES, CleaningOptions, Vocab, clean_text
 
 DEFAULT_BATCH_SIZE = 32
@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         "nearest ASCII character, replace with a space, or skip",
     )
     p.add_argument(
+        "--vocab-from",
+        metavar="DIR",
+        help="use this prepared dataset's vocabulary (and its --unknown-policy) instead of the text's own, so "
+        "that a model trained on DIR can be fine-tuned on this text with `train --init-from`",
+    )
+    p.add_argument(
         "--batch-size",
         type=int,
         default=DEFAULT_BATCH_SIZE,
@@ -92,12 +98,16 @@ def read_utf8(path: Path) -> tuple[str, str]:
     return text, hashlib.sha256(data).hexdigest()
 
 
-def read_cleaned(paths: list[Path], options: CleaningOptions, role: str) -> tuple[str, list[dict]]:
-    """The files' cleaned texts joined by newlines, and a provenance record for each (meta.json's sources)."""
+def read_cleaned(
+    paths: list[Path], options: CleaningOptions, role: str, vocab: Vocab | None = None
+) -> tuple[str, list[dict]]:
+    """The files' cleaned texts joined by newlines, and a provenance record for each (meta.json's sources);
+    with `vocab`, characters outside it already folded by its unknown-character policy."""
     documents, sources = [], []
     for path in paths:
         raw, digest = read_utf8(path)
-        documents.append(clean_text(raw, options))
+        cleaned = clean_text(raw, options)
+        documents.append(vocab.decode(vocab.encode(cleaned)) if vocab else cleaned)
         sources.append({"path": path.name, "sha256": digest, "bytes": path.stat().st_size, "role": role})
     return "\n".join(doc for doc in documents if doc.strip()), sources
 
@@ -112,6 +122,7 @@ def prepare(
     batch_size: int = DEFAULT_BATCH_SIZE,
     seq_length: int = DEFAULT_SEQ_LENGTH,
     train_only: list[Path] = (),
+    vocab_from: Path | None = None,
 ) -> dict:
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise UsageError("--val-frac and --test-frac must be in [0, 1) and add up to less than 1")
@@ -119,12 +130,15 @@ def prepare(
         if value < 1:
             raise UsageError(f"{name} must be at least 1, not {value}")
     writable_dir(out_dir, "--out")
-    text, sources = read_cleaned(inputs, options, "train+val+test")
+    # A borrowed vocabulary folds the text's other characters by its policy first, so that the split
+    # sizes below count the characters that will be stored.
+    vocab = Vocab.from_meta(load_dataset(vocab_from).meta) if vocab_from else None
+    text, sources = read_cleaned(inputs, options, "train+val+test", vocab)
     if not text.strip():
         raise UsageError("the input is empty after cleaning; check the files or turn cleaning steps off")
     sizes = split_sizes(len(text), val_frac, test_frac)
     if train_only:
-        extra, extra_sources = read_cleaned(list(train_only), options, "train")
+        extra, extra_sources = read_cleaned(list(train_only), options, "train", vocab)
         if not extra.strip():
             raise UsageError("the --train-only files are empty after cleaning; check them")
         # The extra text follows the main train part, so val and test remain exactly the main input's tail.
@@ -139,7 +153,7 @@ def prepare(
             f"the training split has {sizes['train']:,} characters, fewer than one batch needs "
             f"({batch_size} x ({seq_length} + 1) = {needed:,}); add text or lower --batch-size / --seq-length"
         )
-    vocab = Vocab.from_text(text, unknown_policy)
+    vocab = vocab or Vocab.from_text(text, unknown_policy)
     ids = np.array(vocab.encode(text), dtype=np.int64)
     write_dataset(
         writable_dir(out_dir, "--out"), ids, vocab, {"cleaning": options.to_dict(), "sources": sources}, sizes
@@ -166,6 +180,7 @@ def main(args: argparse.Namespace) -> None:
         args.batch_size,
         args.seq_length,
         [Path(p) for p in args.train_only],
+        Path(args.vocab_from) if args.vocab_from else None,
     )
     sizes = summary["split_sizes"]
     print(f"wrote {args.out}: {summary['chars']:,} characters, vocabulary of {summary['vocab_size']}")

@@ -276,7 +276,8 @@ def build_network(
     source = Checkpoint.load(config.init_from, device)
     check_vocab(source, dataset, config.init_from)
     # Fine-tuning may change regularisation.
-    return source.build_model(device, dropout=config.dropout, weight_drop=config.weight_drop), source
+    regularisers = ("dropout", "weight_drop", "embed_drop", "input_drop")
+    return source.build_model(device, **{name: getattr(config, name) for name in regularisers}), source
 
 
 def setup(config: TrainConfig, given: Collection[str] | None = None) -> Run:

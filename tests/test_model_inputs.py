@@ -275,6 +275,27 @@ def test_prepare_writes_the_split_texts(dataset):
     assert len((dataset / "val.txt").read_text(encoding="utf-8")) == loaded.meta["split_sizes"]["val"]
 
 
+def test_a_dataset_prepared_with_another_vocabulary_fine_tunes_a_model_of_it(trained_run, dataset, tmp_path, capsys):
+    # Text with fewer characters than the model's corpus, and two it never saw (é folds to e, ✓ is dropped).
+    other = tmp_path / "other.txt"
+    other.write_text("We are going to win. We will win so much, café ✓ believe me.\n" * 12, encoding="utf-8")
+    own, borrowed = tmp_path / "own", tmp_path / "borrowed"
+    model_main(["prepare", "--input", str(other), "--out", str(own), "--batch-size", "4"])
+    argv = ["train", "--out", str(tmp_path / "tuned"), "--max-iters", "3", *TINY]
+    argv += ["--init-from", str(trained_run / "last.pt")]
+    assert "different vocabulary" in one_line_error(capsys, model_main, [*argv, "--data", str(own)])
+    model_main(["prepare", "--input", str(other), "--vocab-from", str(dataset), "--out", str(borrowed)])
+    tuned_on, model_of = load_dataset(borrowed), load_dataset(dataset)
+    assert tuned_on.vocab.chars == model_of.vocab.chars
+    text = "".join((borrowed / f"{split}.txt").read_text(encoding="utf-8") for split in ("train", "val", "test"))
+    assert "cafe  believe" in text and "✓" not in text and "é" not in text
+    assert sum(tuned_on.meta["split_sizes"].values()) == len(text)
+    model_main([*argv, "--data", str(borrowed)])
+    assert Checkpoint.load(tmp_path / "tuned" / "last.pt").vocab == model_of.vocab.chars
+    missing = ["prepare", "--input", str(other), "--vocab-from", str(tmp_path), "--out", str(tmp_path / "x")]
+    assert "is not a prepared dataset" in one_line_error(capsys, model_main, missing)
+
+
 def test_progress_is_labelled_and_checkpoints_carry_their_own_val(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--data", str(dataset), "--out", str(out), *TINY, "--max-iters", "12", "--checkpoint-every", "4"]

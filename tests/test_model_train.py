@@ -122,6 +122,31 @@ def test_weight_drop_masks_recurrent_matrices_in_training_only():
         ModelConfig(vocab_size=20, weight_drop=1.0)
 
 
+def test_embedding_and_input_dropout_share_masks_as_awd_lstm_does():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=20, rnn_size=16, num_layers=2, wordvec_size=32, embed_drop=0.5, input_drop=0.5)
+    net, plain = CharRNN(config), CharRNN(ModelConfig(**{**config.to_dict(), "embed_drop": 0.0, "input_drop": 0.0}))
+    plain.load_state_dict(net.state_dict())
+    tokens = torch.randint(0, 20, (6, 40))
+    net.config.input_drop = 0.0
+    dropped_rows = (net._embed(tokens) == 0).all(dim=2)
+    # Embedding dropout removes whole characters: every occurrence of a character in the batch alike.
+    for char in tokens.unique():
+        assert dropped_rows[tokens == char].unique().numel() == 1
+    assert 0 < dropped_rows.float().mean() < 1
+    net.config.embed_drop, net.config.input_drop = 0.0, 0.5
+    zeros = net._embed(tokens) == 0
+    # Input dropout is locked: one mask per stream, the same at every time step, and streams differ.
+    assert torch.equal(zeros, zeros[:, :1, :].expand_as(zeros))
+    assert not torch.equal(zeros[0, 0], zeros[1, 0]) and 0.3 < zeros.float().mean() < 0.7
+    net.config.embed_drop = 0.5
+    net.eval(), plain.eval()
+    assert torch.equal(net(tokens)[0], plain(tokens)[0])  # evaluation uses the whole embedding
+    for name in ("embed-drop", "input-drop"):
+        with pytest.raises(ValueError, match=f"{name} must be in"):
+            ModelConfig(vocab_size=20, **{name.replace("-", "_"): 1.0})
+
+
 def test_resume_gives_the_same_losses_as_uninterrupted_training(tiny_data, tmp_path):
     common = ["--data", str(tiny_data), "--dropout", "0.2", "--weight-drop", "0.3", "--checkpoint-every", "12", *TINY]
     model_main(["train", "--out", str(tmp_path / "straight"), "--max-iters", "24", *common])
