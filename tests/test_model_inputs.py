@@ -280,11 +280,12 @@ def test_a_dataset_prepared_with_another_vocabulary_fine_tunes_a_model_of_it(tra
     other = tmp_path / "other.txt"
     other.write_text("We are going to win. We will win so much, café ✓ believe me.\n" * 12, encoding="utf-8")
     own, borrowed = tmp_path / "own", tmp_path / "borrowed"
-    model_main(["prepare", "--input", str(other), "--out", str(own), "--batch-size", "4"])
+    small = ["--batch-size", "4"]
+    model_main(["prepare", "--input", str(other), "--out", str(own), *small])
     argv = ["train", "--out", str(tmp_path / "tuned"), "--max-iters", "3", *TINY]
     argv += ["--init-from", str(trained_run / "last.pt")]
     assert "different vocabulary" in one_line_error(capsys, model_main, [*argv, "--data", str(own)])
-    model_main(["prepare", "--input", str(other), "--vocab-from", str(dataset), "--out", str(borrowed)])
+    model_main(["prepare", "--input", str(other), "--vocab-from", str(dataset), "--out", str(borrowed), *small])
     tuned_on, model_of = load_dataset(borrowed), load_dataset(dataset)
     assert tuned_on.vocab.chars == model_of.vocab.chars
     text = "".join((borrowed / f"{split}.txt").read_text(encoding="utf-8") for split in ("train", "val", "test"))
