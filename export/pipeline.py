@@ -187,7 +187,7 @@ def info_from_checkpoints(ckpts: list[Checkpoint], precision: str = "fp32") -> M
         cleaning=dict(ckpt.cleaning),
         unknown_policy=ckpt.unknown_policy,
         model_config=config,
-        corpus_sha256=list(ckpt.dataset_sha256),
+        corpus_sha256=ckpt.corpora_sha256,
         val_bpc=ckpt.val_bpc if len(ckpts) == 1 else None,
         exporter_version=EXPORTER_VERSION,
         # fp16-weights is an fp32 file (fp32 arithmetic, any provider) whose weights are stored as fp16.

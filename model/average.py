@@ -24,7 +24,7 @@ from model.model import nats_to_bits
 from model.train import CKPT_ITER, numbered_checkpoints
 
 # What must agree for the mean of the weights to be a network of the same run.
-SAME_RUN_FIELDS = ("model_config", "vocab", "unknown_policy", "cleaning", "dataset_sha256")
+SAME_RUN_FIELDS = ("model_config", "vocab", "unknown_policy", "cleaning", "dataset_sha256", "earlier_sha256")
 SAME_RUN = "only checkpoints of one run (one network, one dataset) are averaged"
 
 
@@ -128,6 +128,7 @@ def main(args: argparse.Namespace) -> None:
         unknown_policy=newest.unknown_policy,
         cleaning=newest.cleaning,
         dataset_sha256=newest.dataset_sha256,
+        earlier_sha256=newest.earlier_sha256,
         dataset=str(Path(data_dir).resolve()),
         # The run's position and settings are the newest input's; the optimizer and RNG states are left
         # out: no run goes on from a mean of weights (train --init-from starts one from it).

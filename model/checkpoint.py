@@ -69,6 +69,9 @@ class Checkpoint:
     unknown_policy: str = "nearest"
     cleaning: dict = field(default_factory=dict)
     dataset_sha256: list[str] = field(default_factory=list)
+    # The corpora (sha256) of the checkpoints this one was fine-tuned from (`train --init-from`), oldest
+    # first, so that a model tuned last on one text still names every text it learned from.
+    earlier_sha256: list[str] = field(default_factory=list)
     # The prepared dataset's folder (absolute), so `evaluate --split` needs no --data.
     dataset: str | None = None
     val_bpc: float | None = None
@@ -83,6 +86,11 @@ class Checkpoint:
     # The checkpoints whose weights `python -m model average` took the mean of (path, iteration, val_bpc
     # each, oldest first); empty for a checkpoint that training wrote.
     averaged_from: list[dict] = field(default_factory=list)
+
+    @property
+    def corpora_sha256(self) -> list[str]:
+        """Every corpus the network learned from: those it was tuned from, then its own dataset's."""
+        return list(dict.fromkeys([*self.earlier_sha256, *self.dataset_sha256]))
 
     def save(self, path: str | Path) -> None:
         """Write atomically, so that a kill during the save never leaves a half-written checkpoint."""

@@ -244,6 +244,7 @@ class Run:
     val_bpc: float | None = None
     val_iter: int | None = None  # the iteration val_bpc was measured at
     elapsed_before: float = 0.0  # seconds of training before a resume
+    earlier_sha256: list[str] = field(default_factory=list)  # Checkpoint.earlier_sha256
     resume_note: str | None = None  # printed by the banner
     started: float = field(default_factory=time.perf_counter)
 
@@ -343,8 +344,11 @@ def setup(config: TrainConfig, given: Collection[str] | None = None) -> Run:
         run.elapsed_before = resumed.elapsed
         set_rng_state(resumed.rng)
         run.resume_note = resume_note(run, resumed, resume_changes)
-    elif source and not config.reset_iterations:
-        run.iteration = source.iteration
+        run.earlier_sha256 = resumed.earlier_sha256
+    elif source:
+        run.earlier_sha256 = source.corpora_sha256
+        if not config.reset_iterations:
+            run.iteration = source.iteration
     if run.is_main:
         run.log = MetricsLog(out_dir, config.tensorboard, run.iteration if config.resume else None)
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -457,6 +461,7 @@ def make_checkpoint(run: Run) -> Checkpoint:
         unknown_policy=dataset.vocab.unknown_policy,
         cleaning=dataset.cleaning.to_dict(),
         dataset_sha256=dataset.sha256,
+        earlier_sha256=run.earlier_sha256,
         dataset=str(Path(run.config.data).resolve()),
         val_bpc=run.val_bpc if run.val_iter == run.iteration else None,
         iteration=run.iteration,

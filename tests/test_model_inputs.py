@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from bot.inference.runner import ModelRunner
+from bot.inference.runner import ModelRunner, read_model_info
 from export.__main__ import main as export_main
 from export.evaluate import onnx_char_nats
 from model.__main__ import main as model_main
@@ -292,7 +292,11 @@ def test_a_dataset_prepared_with_another_vocabulary_fine_tunes_a_model_of_it(tra
     assert "cafe  believe" in text and "✓" not in text and "é" not in text
     assert sum(tuned_on.meta["split_sizes"].values()) == len(text)
     model_main([*argv, "--data", str(borrowed)])
-    assert Checkpoint.load(tmp_path / "tuned" / "last.pt").vocab == model_of.vocab.chars
+    tuned = Checkpoint.load(tmp_path / "tuned" / "last.pt")
+    assert tuned.vocab == model_of.vocab.chars and tuned.dataset_sha256 == tuned_on.sha256
+    # The exported model names both texts the network learned from, the first one first.
+    export_main([str(tmp_path / "tuned" / "last.pt"), "-o", str(tmp_path / "tuned.onnx")])
+    assert read_model_info(tmp_path / "tuned.onnx")[1].corpus_sha256 == [*model_of.sha256, *tuned_on.sha256]
     missing = ["prepare", "--input", str(other), "--vocab-from", str(tmp_path), "--out", str(tmp_path / "x")]
     assert "is not a prepared dataset" in one_line_error(capsys, model_main, missing)
 
