@@ -71,14 +71,19 @@ class Terminal:
         """wait_for(text), which ends in a prompt, then until the process sleeps waiting for a key."""
         self.wait_for(text)
         deadline = time.monotonic() + PATIENCE
-        while self._state() != "S":  # R, running: on its way from showing the prompt to waiting
+        while not self._waits_for_a_key():
             assert time.monotonic() < deadline, f"never waited for a key after {text!r}:\n{self.shown}"
             time.sleep(0.01)
 
-    def _state(self) -> str:
+    def _waits_for_a_key(self) -> bool:
         # Linux's state of the main thread, which reads the keys: /proc/PID/stat is "PID (NAME) STATE ...".
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0]
+        # Asleep (S) is not enough: on a busy machine the main thread also sleeps waiting for the GIL (a
+        # futex) on its way to readline, and a Ctrl-C then would wait for the next key. readline waits for
+        # keys in select(), which Linux shows as the thread's wait channel (wchan), where it shows them.
+        proc = Path(f"/proc/{self.process.pid}")
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        channel = (proc / "wchan").read_text()
+        return state == "S" and (channel in ("", "0") or "poll" in channel or "select" in channel)
 
     def end(self) -> int:
         """Read to the end of the output; the return code. Fails if the process does not end."""
