@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -30,6 +31,10 @@ PATIENCE = 300
 def _take_the_terminal() -> None:
     # In the child, after setsid: its stdin, the pseudo-terminal, becomes its controlling terminal.
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    # As a shell at a terminal starts it: with Ctrl-C's SIGINT at its default. pytest started in the
+    # background (`nohup ... &`) ignores SIGINT, an ignored signal stays ignored across exec, and Python
+    # then installs no handler, so Ctrl-C would do nothing.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Terminal:
