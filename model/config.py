@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from model.cli import UsageError, option
-from model.model import INIT_SCHEMES, RNN_TYPES, ModelConfig
+from model.model import INIT_SCHEMES, REGULARISERS, RNN_TYPES, ModelConfig
 from model.sample import validate_sampling
 from model.sampling import TEMPERATURE_RANGE
 from model.schedule import SCHEDULES, parse_piecewise
@@ -110,10 +110,7 @@ class TrainConfig:
             if getattr(self, name) < low:
                 raise UsageError(f"{flag(name)} must be at least {low}, not {getattr(self, name)}")
         in_range = {  # name: (low, high, whether high itself is allowed)
-            "dropout": (0.0, 1.0, False),
-            "weight_drop": (0.0, 1.0, False),
-            "embed_drop": (0.0, 1.0, False),
-            "input_drop": (0.0, 1.0, False),
+            **dict.fromkeys(REGULARISERS, (0.0, 1.0, False)),
             "min_lr_frac": (0.0, 1.0, True),
             "lr_decay_factor": (0.0, 1.0, True),
             "momentum": (0.0, 1.0, False),

@@ -12,6 +12,9 @@ from torch.func import functional_call
 
 RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 INIT_SCHEMES = ("default", "xavier", "normal")
+# The ModelConfig fields that only act while training, each a probability in [0, 1); `train --init-from`
+# may change them.
+REGULARISERS = ("dropout", "weight_drop", "embed_drop", "input_drop")
 
 State = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
@@ -40,7 +43,7 @@ class ModelConfig:
         for name in ("vocab_size", "rnn_size", "num_layers", "wordvec_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer")
-        for name in ("dropout", "weight_drop", "embed_drop", "input_drop"):
+        for name in REGULARISERS:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name.replace('_', '-')} must be in [0, 1), not {getattr(self, name)}")
 
@@ -81,14 +84,15 @@ class CharRNN(nn.Module):
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.embedding(tokens)
+        # Each mask is dropout applied to ones of a smaller shape, broadcast: one per character (all of its
+        # occurrences alike), one per stream and feature (all of its time steps alike).
         weight = self.embedding.weight
         if self.config.embed_drop > 0:
-            keep = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - self.config.embed_drop)
-            weight = weight * keep / (1 - self.config.embed_drop)
+            weight = weight * F.dropout(weight.new_ones(weight.shape[0], 1), self.config.embed_drop)
         vectors = F.embedding(tokens, weight)
         if self.config.input_drop > 0:
-            keep = vectors.new_empty(vectors.shape[0], 1, vectors.shape[2]).bernoulli_(1 - self.config.input_drop)
-            vectors = vectors * keep / (1 - self.config.input_drop)
+            batch, _, width = vectors.shape
+            vectors = vectors * F.dropout(vectors.new_ones(batch, 1, width), self.config.input_drop)
         return vectors
 
     def _recur(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

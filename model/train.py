@@ -40,7 +40,7 @@ from model.cli import UsageError, dataclass_parser, from_namespace, writable_dir
 from model.config import TrainConfig
 from model.dataset import Dataset, load_dataset
 from model.evaluate import evaluate_ids
-from model.model import CharRNN, State, detach_state, nats_to_bits
+from model.model import REGULARISERS, CharRNN, State, detach_state, nats_to_bits
 from model.resume import resumed_config, saved_settings
 from model.sample import sample_text
 from model.schedule import make_schedule
@@ -277,8 +277,7 @@ def build_network(
     source = Checkpoint.load(config.init_from, device)
     check_vocab(source, dataset, config.init_from)
     # Fine-tuning may change regularisation.
-    regularisers = ("dropout", "weight_drop", "embed_drop", "input_drop")
-    return source.build_model(device, **{name: getattr(config, name) for name in regularisers}), source
+    return source.build_model(device, **{name: getattr(config, name) for name in REGULARISERS}), source
 
 
 def setup(config: TrainConfig, given: Collection[str] | None = None) -> Run:
